@@ -1,0 +1,336 @@
+//! A top image and its backing files, seen as one disk.
+//!
+//! [`Chain::open`] opens the top image, then follows each layer's
+//! [`BackingSpec`] down: names resolved by the [`OpenPolicy`] against the
+//! naming image's directory, format from the image or detected, loops and
+//! absurd depths refused, VMDK parentCID checked against the parent's CID.
+//!
+//! [`Chain::read_at`] is the one place where bytes move on the read path: it
+//! asks each layer's driver for the mapping of a run and then reads host
+//! files, fills zeros, decodes compressed blocks through the shared block
+//! cache, or descends to the backing layer. Reads past the end of a shorter
+//! backing layer are zeros.
+
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::cache::Caches;
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::{self, CompressedBlock, Format, Layer, Mapping, OpenCtx};
+use crate::policy::OpenPolicy;
+
+/// Default bound on the number of layers in a chain.
+pub const DEFAULT_MAX_DEPTH: usize = 64;
+
+/// Largest decompressed block a driver may describe (qcow2's 2 MiB clusters
+/// are the largest real case).
+const MAX_BLOCK: u64 = 16 << 20;
+
+/// How to open a chain.
+#[derive(Debug, Clone)]
+pub struct ChainOptions {
+    /// Force the top image's format instead of detecting it.
+    pub format: Option<Format>,
+    /// Policy for backing, extent and data files.
+    pub policy: OpenPolicy,
+    /// Refuse chains with more layers than this.
+    pub max_depth: usize,
+    /// Open only the top layer; unallocated ranges read as zeros.
+    pub single_link: bool,
+    /// Accept a VMDK parent whose CID differs from the child's parentCID.
+    pub ignore_cid: bool,
+    /// Open the top layer for writing.
+    pub writable: bool,
+}
+
+impl Default for ChainOptions {
+    fn default() -> Self {
+        ChainOptions {
+            format: None,
+            policy: OpenPolicy::default(),
+            max_depth: DEFAULT_MAX_DEPTH,
+            single_link: false,
+            ignore_cid: false,
+            writable: false,
+        }
+    }
+}
+
+/// Whether a run of the disk holds data or reads as zeros without being stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Some layer stores data for the run (possibly compressed).
+    Data,
+    /// No layer stores data; the run reads as zeros.
+    Hole,
+}
+
+/// A chain of layers, top first.
+pub struct Chain {
+    layers: Vec<Arc<dyn Layer>>,
+    caches: Arc<Caches>,
+}
+
+impl Chain {
+    /// Opens the image at `path` and its whole backing chain.
+    pub fn open(path: &Path, opts: &ChainOptions, caches: &Arc<Caches>) -> Result<Chain> {
+        let mut policy = opts.policy.clone();
+        if policy.untrusted && policy.root.is_none() {
+            policy.root = Some(path.parent().unwrap_or(Path::new(".")).to_path_buf());
+        }
+        let top_file = policy.open_path(path, opts.writable)?;
+        let top_format = match opts.format {
+            Some(f) => f,
+            None => format::detect(&top_file)?,
+        };
+        let top_ctx = OpenCtx {
+            caches,
+            policy: &policy,
+            writable: opts.writable,
+        };
+        let top = format::open_layer_on(top_file, top_format, &top_ctx)?;
+        let mut seen = HashSet::new();
+        let mut layers = vec![top];
+        record_identity(&layers[0], &mut seen)?;
+        let ro_ctx = OpenCtx {
+            caches,
+            policy: &policy,
+            writable: false,
+        };
+        while !opts.single_link {
+            let child = layers.last().expect("chain has a top layer").clone();
+            let Some(spec) = child.backing() else { break };
+            if layers.len() >= opts.max_depth {
+                return Err(Error::new(
+                    ErrorKind::ChainTooDeep,
+                    format!("backing chain is deeper than {} layers", opts.max_depth),
+                )
+                .with_path(path));
+            }
+            let parent = open_backing(&child, &spec, &policy, &ro_ctx)?;
+            if !record_identity(&parent, &mut seen)? {
+                return Err(Error::new(
+                    ErrorKind::ChainLoop,
+                    format!(
+                        "backing file {:?} is already part of the chain (loop)",
+                        spec.name
+                    ),
+                )
+                .with_path(child.path()));
+            }
+            if let (Some(expected), Some(actual)) = (spec.parent_cid, parent.cid()) {
+                if expected != actual && !opts.ignore_cid {
+                    return Err(Error::new(
+                        ErrorKind::CidMismatch,
+                        format!(
+                            "parentCID {expected:08x} does not match CID {actual:08x} of parent {:?} \
+                             (the parent changed after the snapshot; --ignore-cid overrides)",
+                            spec.name
+                        ),
+                    )
+                    .with_path(child.path()));
+                }
+            }
+            layers.push(parent);
+        }
+        Ok(Chain {
+            layers,
+            caches: caches.clone(),
+        })
+    }
+
+    /// A chain over layers opened elsewhere (tests, overlays).
+    pub fn from_layers(layers: Vec<Arc<dyn Layer>>, caches: Arc<Caches>) -> Result<Chain> {
+        if layers.is_empty() {
+            return Err(Error::invalid("a chain needs at least one layer"));
+        }
+        Ok(Chain { layers, caches })
+    }
+
+    /// The guest size: the top layer's virtual size.
+    pub fn size(&self) -> u64 {
+        self.layers[0].virtual_size()
+    }
+
+    /// The layers, top first.
+    pub fn layers(&self) -> &[Arc<dyn Layer>] {
+        &self.layers
+    }
+
+    /// The shared caches.
+    pub fn caches(&self) -> &Arc<Caches> {
+        &self.caches
+    }
+
+    /// Reads `buf.len()` bytes at guest `offset`. The range must lie inside the disk.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.size())
+            .ok_or_else(|| {
+                Error::new(ErrorKind::OutOfRange, "read beyond the end of the disk").at(offset)
+            })?;
+        let _ = end;
+        self.read_layer(0, buf, offset)
+    }
+
+    fn read_layer(&self, idx: usize, buf: &mut [u8], offset: u64) -> Result<()> {
+        let Some(layer) = self.layers.get(idx) else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let size = layer.virtual_size();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            if pos >= size {
+                // A backing layer shorter than the one above reads as zeros.
+                buf[done..].fill(0);
+                break;
+            }
+            let want = ((buf.len() - done) as u64).min(size - pos);
+            let (mapping, n) = layer.map(pos, want).map_err(|e| e.with_path(layer.path()))?;
+            if n == 0 || n > want {
+                return Err(Error::corrupt(format!(
+                    "driver mapped a run of {n} bytes where 1..={want} were asked"
+                ))
+                .at(pos)
+                .with_path(layer.path()));
+            }
+            let chunk = &mut buf[done..done + n as usize];
+            match mapping {
+                Mapping::Data { file, offset } => file.read_zero_fill_at(chunk, offset)?,
+                Mapping::Zero => chunk.fill(0),
+                Mapping::Backing => self.read_layer(idx + 1, chunk, pos)?,
+                Mapping::Compressed(block) => self.read_compressed(layer, &block, chunk, pos)?,
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    fn read_compressed(
+        &self,
+        layer: &Arc<dyn Layer>,
+        block: &CompressedBlock,
+        out: &mut [u8],
+        pos: u64,
+    ) -> Result<()> {
+        let bad = |what: &str| {
+            Err(Error::corrupt(format!("compressed block {what}"))
+                .at(pos)
+                .with_path(layer.path()))
+        };
+        if block.len == 0 || block.len > MAX_BLOCK {
+            return bad("has an impossible size");
+        }
+        let start = match pos.checked_sub(block.guest_start) {
+            Some(s) if s + out.len() as u64 <= block.len => s as usize,
+            _ => return bad("does not cover the mapped range"),
+        };
+        let key = (layer.cache_id(), block.key);
+        let data = match self.caches.blocks.get(key) {
+            Some(d) if d.len() as u64 == block.len => d,
+            _ => {
+                let mut d = vec![0u8; block.len as usize];
+                layer
+                    .decompress(block, &mut d)
+                    .map_err(|e| e.at(block.host_offset).with_path(layer.path()))?;
+                let d: Arc<[u8]> = d.into();
+                self.caches.blocks.insert(key, d.clone());
+                d
+            }
+        };
+        out.copy_from_slice(&data[start..start + out.len()]);
+        Ok(())
+    }
+
+    /// Whether the run at `offset` (at most `max_len` bytes) holds data in
+    /// any layer, and the run's length.
+    pub fn status(&self, offset: u64, max_len: u64) -> Result<(Status, u64)> {
+        self.status_layer(0, offset, max_len)
+    }
+
+    fn status_layer(&self, idx: usize, offset: u64, max_len: u64) -> Result<(Status, u64)> {
+        let Some(layer) = self.layers.get(idx) else {
+            return Ok((Status::Hole, max_len));
+        };
+        let size = layer.virtual_size();
+        if offset >= size {
+            return Ok((Status::Hole, max_len));
+        }
+        let want = max_len.min(size - offset);
+        let (mapping, n) = layer.map(offset, want).map_err(|e| e.with_path(layer.path()))?;
+        let n = n.clamp(1, want);
+        Ok(match mapping {
+            Mapping::Data { .. } | Mapping::Compressed(_) => (Status::Data, n),
+            Mapping::Zero => (Status::Hole, n),
+            Mapping::Backing => self.status_layer(idx + 1, offset, n)?,
+        })
+    }
+
+    /// Guest bytes that layer `idx` itself stores (data or compressed).
+    pub fn layer_allocated(&self, idx: usize) -> Result<u64> {
+        let layer = &self.layers[idx];
+        let size = layer.virtual_size();
+        let mut pos = 0;
+        let mut total = 0;
+        while pos < size {
+            let (m, n) = layer.map(pos, size - pos).map_err(|e| e.with_path(layer.path()))?;
+            let n = n.clamp(1, size - pos);
+            if matches!(m, Mapping::Data { .. } | Mapping::Compressed(_)) {
+                total += n;
+            }
+            pos += n;
+        }
+        Ok(total)
+    }
+}
+
+/// Records the (device, inode) of each host file of `layer`; false if one
+/// was already seen.
+fn record_identity(layer: &Arc<dyn Layer>, seen: &mut HashSet<(u64, u64)>) -> Result<bool> {
+    let mut fresh = true;
+    for f in layer.host_files().iter().take(1) {
+        let m = f
+            .file()
+            .metadata()
+            .map_err(|e| Error::io("cannot stat", e).with_path(f.path()))?;
+        fresh &= seen.insert((m.dev(), m.ino()));
+    }
+    Ok(fresh)
+}
+
+fn open_backing(
+    child: &Arc<dyn Layer>,
+    spec: &crate::format::BackingSpec,
+    policy: &OpenPolicy,
+    ctx: &OpenCtx<'_>,
+) -> Result<Arc<dyn Layer>> {
+    let path: PathBuf = policy.resolve(child.path(), &spec.name)?;
+    let wrap = |e: Error| {
+        Error::new(
+            e.kind(),
+            format!("backing file {:?} cannot be opened: {e}", spec.name),
+        )
+        .with_path(child.path())
+    };
+    let file = policy.open_path(&path, false).map_err(wrap)?;
+    let fmt = match spec.format {
+        Some(f) => f,
+        None if policy.untrusted => {
+            return Err(Error::new(
+                ErrorKind::Policy,
+                format!(
+                    "backing file {:?} has no recorded format and untrusted mode does not probe",
+                    spec.name
+                ),
+            )
+            .with_path(child.path()))
+        }
+        None => format::detect(&file).map_err(wrap)?,
+    };
+    format::open_layer_on(file, fmt, ctx).map_err(wrap)
+}

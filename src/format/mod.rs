@@ -1,0 +1,292 @@
+//! Format drivers: one per image format, each answering one question —
+//! *where does guest range X of this layer live?*
+//!
+//! A driver parses its headers and tables and implements [`Layer`]. It knows
+//! nothing about the layers above or below it: when a range is not allocated
+//! it answers [`Mapping::Backing`], and [`crate::chain`] asks the next layer.
+//! Moving bytes (reads from host files, decompressed-block caching, zero
+//! fill) happens in one place, [`crate::chain::Chain`].
+//!
+//! Format detection ([`detect`]) is by content only, never by file name.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::cache::Caches;
+use crate::error::{Error, Result};
+use crate::host::HostFile;
+use crate::policy::OpenPolicy;
+
+pub mod qcow;
+pub mod qcow2;
+pub mod raw;
+pub mod vmdk;
+
+/// An image format vdiskfs can open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// A plain raw image.
+    Raw,
+    /// qcow2, version 2 or 3.
+    Qcow2,
+    /// The original qcow (version 1).
+    Qcow,
+    /// VMDK, any subformat (descriptor file or sparse extent).
+    Vmdk,
+}
+
+impl Format {
+    /// The name used on the command line and in qcow2 backing-format fields.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+            Format::Qcow => "qcow",
+            Format::Vmdk => "vmdk",
+        }
+    }
+
+    /// Parses a format name as qemu spells it.
+    pub fn from_name(name: &str) -> Result<Format> {
+        match name {
+            "raw" | "file" | "host_device" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            "qcow" => Ok(Format::Qcow),
+            "vmdk" => Ok(Format::Vmdk),
+            other => Err(Error::unsupported(format!(
+                "unsupported format '{other}' (supported: raw, qcow2, qcow, vmdk)"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where a run of guest bytes lives in one layer.
+#[derive(Debug, Clone)]
+pub enum Mapping {
+    /// The bytes are stored in `file` starting at `offset`.
+    Data {
+        /// The host file holding the data.
+        file: Arc<HostFile>,
+        /// Byte offset in `file` of the run's first byte.
+        offset: u64,
+    },
+    /// The run reads as zeros (and hides anything below).
+    Zero,
+    /// Not allocated in this layer: the layer below answers (zeros if none).
+    Backing,
+    /// The run lies inside one compressed block; see [`Layer::decompress`].
+    Compressed(CompressedBlock),
+}
+
+/// A compressed block as a driver describes it.
+#[derive(Debug, Clone)]
+pub struct CompressedBlock {
+    /// Guest offset of the block's first decompressed byte.
+    pub guest_start: u64,
+    /// Decompressed length of the block.
+    pub len: u64,
+    /// Identifies the block within its layer (usually its host offset);
+    /// the decompressed-block cache is keyed by `(layer id, key)`.
+    pub key: u64,
+    /// Host offset of the compressed bytes.
+    pub host_offset: u64,
+    /// Length of the compressed bytes (an upper bound for some formats).
+    pub host_len: u64,
+}
+
+/// What a layer says about the image it is backed by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackingSpec {
+    /// The name as written in the image (resolved by [`OpenPolicy::resolve`]).
+    pub name: String,
+    /// The backing format recorded in the image, if any.
+    pub format: Option<Format>,
+    /// For VMDK delta links: the parent's CID this child expects.
+    pub parent_cid: Option<u32>,
+}
+
+/// One internal snapshot (qcow2).
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotInfo {
+    /// Snapshot id string.
+    pub id: String,
+    /// Snapshot name.
+    pub name: String,
+    /// Guest disk size at the time of the snapshot.
+    pub virtual_size: u64,
+    /// Seconds since the epoch when it was taken.
+    pub date_sec: u64,
+    /// VM state size saved with it.
+    pub vm_state_size: u64,
+}
+
+/// Format-specific facts for `vdiskfs info`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerInfo {
+    /// The format.
+    pub format: Format,
+    /// The subformat or version: `v2`, `v3`, `monolithicSparse`, …
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subformat: Option<String>,
+    /// Guest disk size in bytes.
+    pub virtual_size: u64,
+    /// Cluster or grain size in bytes, where the format has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_size: Option<u64>,
+    /// Format features in use (`compression_type=zstd`, `extended_l2`, `dirty`, …).
+    pub features: Vec<String>,
+    /// Internal snapshots.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotInfo>,
+    /// Further format-specific fields (VMDK: createType, CID, adapter type,
+    /// geometry, extents, ddb keys…), shown under their own names.
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    pub details: serde_json::Map<String, serde_json::Value>,
+}
+
+impl LayerInfo {
+    /// A minimal info record; drivers fill in the rest.
+    pub fn new(format: Format, virtual_size: u64) -> Self {
+        LayerInfo {
+            format,
+            subformat: None,
+            virtual_size,
+            cluster_size: None,
+            features: Vec::new(),
+            snapshots: Vec::new(),
+            details: serde_json::Map::new(),
+        }
+    }
+}
+
+/// One layer of a chain: a format driver over its host file(s).
+pub trait Layer: Send + Sync {
+    /// The path the layer was opened from.
+    fn path(&self) -> &Path;
+
+    /// The layer's format.
+    fn format(&self) -> Format;
+
+    /// The guest size in bytes.
+    fn virtual_size(&self) -> u64;
+
+    /// Maps the run starting at guest `offset`, at most `max_len` bytes
+    /// long. Returns the mapping and the run's length, which is at least 1
+    /// and at most `max_len`. The caller guarantees `max_len >= 1` and
+    /// `offset + max_len <= virtual_size()`. Errors concern only this run:
+    /// a damaged table entry fails the reads that need it, nothing else.
+    fn map(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)>;
+
+    /// Decodes a block this layer returned as [`Mapping::Compressed`] into
+    /// `out` (exactly `block.len` bytes).
+    fn decompress(&self, block: &CompressedBlock, out: &mut [u8]) -> Result<()> {
+        let _ = (block, out);
+        Err(Error::unsupported("this format has no compressed blocks").with_path(self.path()))
+    }
+
+    /// The backing file this layer names, if any.
+    fn backing(&self) -> Option<BackingSpec>;
+
+    /// The content id that VMDK children check against their parentCID.
+    fn cid(&self) -> Option<u32> {
+        None
+    }
+
+    /// Facts for `vdiskfs info`.
+    fn info(&self) -> LayerInfo;
+
+    /// Every host file the layer reads (image, extents, data file).
+    fn host_files(&self) -> Vec<Arc<HostFile>>;
+
+    /// The id this layer uses in the shared caches.
+    fn cache_id(&self) -> u64;
+}
+
+/// What a driver needs to open a layer.
+#[derive(Clone)]
+pub struct OpenCtx<'a> {
+    /// Caches shared by every layer of the mount.
+    pub caches: &'a Arc<Caches>,
+    /// Policy for files named inside the image (extents, data files).
+    pub policy: &'a OpenPolicy,
+    /// Open for writing.
+    pub writable: bool,
+}
+
+/// Detects the format of `file` from its first bytes.
+pub fn detect(file: &HostFile) -> Result<Format> {
+    let mut head = [0u8; 4096];
+    let n = file.read_at_most(&mut head, 0)?;
+    Ok(detect_bytes(&head[..n]))
+}
+
+/// Detects a format from an image's first bytes (up to 4 KiB). Anything
+/// unrecognised is raw.
+pub fn detect_bytes(head: &[u8]) -> Format {
+    if head.len() >= 8 && &head[0..4] == b"QFI\xfb" {
+        let version = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+        return if version == 1 {
+            Format::Qcow
+        } else {
+            // Versions 2 and 3 are qcow2; others are refused by its driver.
+            Format::Qcow2
+        };
+    }
+    if vmdk::probe(head) {
+        return Format::Vmdk;
+    }
+    Format::Raw
+}
+
+/// Opens `path` as a `format` layer.
+pub fn open_layer(path: &Path, format: Format, ctx: &OpenCtx<'_>) -> Result<Arc<dyn Layer>> {
+    let file = ctx.policy.open_path(path, ctx.writable)?;
+    open_layer_on(file, format, ctx)
+}
+
+/// Opens an already open host file as a `format` layer.
+pub fn open_layer_on(
+    file: Arc<HostFile>,
+    format: Format,
+    ctx: &OpenCtx<'_>,
+) -> Result<Arc<dyn Layer>> {
+    let layer: Arc<dyn Layer> = match format {
+        Format::Raw => Arc::new(raw::Raw::open(file, ctx)?),
+        Format::Qcow2 => qcow2::open(file, ctx)?,
+        Format::Qcow => qcow::open(file, ctx)?,
+        Format::Vmdk => vmdk::open(file, ctx)?,
+    };
+    Ok(layer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detection_is_by_content() {
+        assert_eq!(detect_bytes(b"QFI\xfb\0\0\0\x03rest"), Format::Qcow2);
+        assert_eq!(detect_bytes(b"QFI\xfb\0\0\0\x02rest"), Format::Qcow2);
+        assert_eq!(detect_bytes(b"QFI\xfb\0\0\0\x01rest"), Format::Qcow);
+        assert_eq!(detect_bytes(b"hello world"), Format::Raw);
+        assert_eq!(detect_bytes(b""), Format::Raw);
+    }
+
+    #[test]
+    fn format_names_round_trip() {
+        for f in [Format::Raw, Format::Qcow2, Format::Qcow, Format::Vmdk] {
+            assert_eq!(Format::from_name(f.name()).unwrap(), f);
+        }
+        assert!(Format::from_name("vpc").is_err());
+    }
+}

@@ -1,0 +1,64 @@
+//! The raw driver: guest offset X lives at host offset X.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::{BackingSpec, Format, Layer, LayerInfo, Mapping, OpenCtx};
+use crate::error::Result;
+use crate::host::HostFile;
+
+/// A raw image: the file is the disk.
+pub struct Raw {
+    file: Arc<HostFile>,
+    cache_id: u64,
+}
+
+impl Raw {
+    /// Opens `file` as a raw layer; its size is the virtual size.
+    pub fn open(file: Arc<HostFile>, ctx: &OpenCtx<'_>) -> Result<Raw> {
+        Ok(Raw {
+            file,
+            cache_id: ctx.caches.new_layer_id(),
+        })
+    }
+}
+
+impl Layer for Raw {
+    fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.file.len()
+    }
+
+    fn map(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)> {
+        Ok((
+            Mapping::Data {
+                file: self.file.clone(),
+                offset,
+            },
+            max_len,
+        ))
+    }
+
+    fn backing(&self) -> Option<BackingSpec> {
+        None
+    }
+
+    fn info(&self) -> LayerInfo {
+        LayerInfo::new(Format::Raw, self.file.len())
+    }
+
+    fn host_files(&self) -> Vec<Arc<HostFile>> {
+        vec![self.file.clone()]
+    }
+
+    fn cache_id(&self) -> u64 {
+        self.cache_id
+    }
+}

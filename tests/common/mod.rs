@@ -1,0 +1,148 @@
+//! Helpers shared by the integration tests: the qemu-img oracle, image
+//! building, and reading through the library.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use vdiskfs::cache::Caches;
+use vdiskfs::chain::{Chain, ChainOptions};
+
+/// Fails the test (never skips) when a tool is missing, saying what to install.
+pub fn require_tool(tool: &str, package: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{tool} is missing: install it (apt-get install {package}); this test does not skip"
+    );
+}
+
+/// Runs a command, panicking with its stderr when it fails.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `qemu-img` with arguments.
+pub fn qemu_img(args: &[&str]) -> String {
+    require_tool("qemu-img", "qemu-utils");
+    run(Command::new("qemu-img").args(args))
+}
+
+/// `qemu-io -f FMT IMAGE -c CMD...`.
+pub fn qemu_io(fmt: &str, image: &Path, cmds: &[&str]) {
+    require_tool("qemu-io", "qemu-utils");
+    let mut c = Command::new("qemu-io");
+    c.arg("-f").arg(fmt);
+    for cmd in cmds {
+        c.arg("-c").arg(cmd);
+    }
+    c.arg(image);
+    run(&mut c);
+}
+
+/// The oracle: `qemu-img convert -O raw` of `image`, as bytes.
+pub fn qemu_raw(image: &Path, fmt: Option<&str>) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("oracle.raw");
+    let mut args = vec!["convert"];
+    if let Some(f) = fmt {
+        args.push("-f");
+        args.push(f);
+    }
+    let img = image.to_str().unwrap();
+    let o = out.to_str().unwrap();
+    args.extend(["-O", "raw", img, o]);
+    qemu_img(&args);
+    std::fs::read(&out).unwrap()
+}
+
+/// Opens `image` with default options.
+pub fn open_chain(image: &Path) -> vdiskfs::Result<Chain> {
+    Chain::open(image, &ChainOptions::default(), &Caches::new(64 << 20))
+}
+
+/// Reads the whole disk through the library, in `piece`-sized reads.
+pub fn read_all(chain: &Chain, piece: usize) -> vdiskfs::Result<Vec<u8>> {
+    let size = chain.size() as usize;
+    let mut out = vec![0u8; size];
+    let mut pos = 0;
+    while pos < size {
+        let n = piece.min(size - pos);
+        chain.read_at(&mut out[pos..pos + n], pos as u64)?;
+        pos += n;
+    }
+    Ok(out)
+}
+
+/// Asserts that reading `image` through the library equals the qemu oracle,
+/// with whole-disk and odd-sized piecewise reads.
+pub fn assert_matches_qemu(image: &Path) {
+    let expected = qemu_raw(image, None);
+    let chain = open_chain(image).unwrap_or_else(|e| panic!("open {}: {e}", image.display()));
+    assert_eq!(chain.size() as usize, expected.len(), "virtual size of {}", image.display());
+    for piece in [1 << 20, 4096 + 512, 65536 * 3 + 7] {
+        let got = read_all(&chain, piece).unwrap();
+        assert_same(&got, &expected, image, piece);
+    }
+}
+
+/// Compares two disks, reporting the first differing offset.
+pub fn assert_same(got: &[u8], expected: &[u8], image: &Path, piece: usize) {
+    assert_eq!(got.len(), expected.len(), "size of {}", image.display());
+    if got != expected {
+        let first = got.iter().zip(expected).position(|(a, b)| a != b).unwrap();
+        panic!(
+            "{}: differs from qemu-img convert at offset {first:#x} (read size {piece})",
+            image.display()
+        );
+    }
+}
+
+/// A scratch directory for one test.
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+/// The shared testdata directory (../shared/testdata from the repo root).
+pub fn testdata() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let candidates = [
+        root.join("../shared/testdata"),
+        root.join("../../shared/testdata"),
+    ];
+    for c in &candidates {
+        if c.join("MANIFEST.tsv").exists() {
+            return c.clone();
+        }
+    }
+    panic!(
+        "../shared/testdata/MANIFEST.tsv not found next to the repository; tests need it"
+    );
+}
+
+/// sha256 of bytes as lowercase hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(data);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Keeps an `Arc` import used in every test crate.
+pub fn caches() -> Arc<Caches> {
+    Caches::new(64 << 20)
+}
