@@ -99,9 +99,11 @@ impl Chain {
             policy: &policy,
             writable: false,
         };
-        while !opts.single_link {
+        loop {
             let child = layers.last().expect("chain has a top layer").clone();
-            let Some(spec) = child.backing() else { break };
+            let Some(spec) = child.backing().filter(|_| !opts.single_link) else {
+                break;
+            };
             if layers.len() >= opts.max_depth {
                 return Err(Error::new(
                     ErrorKind::ChainTooDeep,

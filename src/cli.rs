@@ -1,1 +1,548 @@
-//! placeholder
+//! The command line: `mount`, `unmount`, `info`, `list`.
+//!
+//! Flags are parsed by clap into plain structs, then turned into validated
+//! settings (image names, the mount point's kind, chain options) before
+//! anything is opened. Errors travel up as [`Error`] and are printed once,
+//! on one line, by [`main`].
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use log::{info, LevelFilter};
+
+use crate::cache::Caches;
+use crate::chain::{Chain, ChainOptions, DEFAULT_MAX_DEPTH};
+use crate::daemon::{self, MountState, Notifier, StateFile};
+use crate::error::{Error, Result};
+use crate::format::Format;
+use crate::fs::{Access, Disk, VdiskFs};
+use crate::info;
+use crate::policy::OpenPolicy;
+
+/// Mount virtual-disk images (qcow2, qcow, VMDK, raw, and chains of them) as raw files.
+#[derive(Debug, Parser)]
+#[command(name = "vdiskfs", version, about, propagate_version = true)]
+pub struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only errors in the log.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Mount images: each IMAGE appears in MOUNTPOINT as <name>.raw.
+    Mount(MountArgs),
+    /// Flush and unmount a vdiskfs mount; its daemon exits.
+    #[command(alias = "umount")]
+    Unmount(UnmountArgs),
+    /// Show an image's format, size, features and backing chain.
+    Info(InfoArgs),
+    /// List active vdiskfs mounts.
+    List(ListArgs),
+}
+
+/// `vdiskfs mount`.
+#[derive(Debug, Args, Clone)]
+pub struct MountArgs {
+    /// The images, then the mount point (a directory; or, with one image, a
+    /// regular file that becomes the raw view itself).
+    #[arg(required = true, num_args = 2.., value_name = "IMAGE... MOUNTPOINT")]
+    pub paths: Vec<PathBuf>,
+    /// Stay in the foreground instead of detaching.
+    #[arg(short, long)]
+    pub foreground: bool,
+    /// Format of the top image(s) (raw, qcow2, qcow, vmdk); detected from content if absent.
+    #[arg(long, value_parser = parse_format)]
+    pub format: Option<Format>,
+    /// Cache size for metadata and decompressed blocks (e.g. 64M, 1G).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub cache_size: u64,
+    /// Log level of the daemon: error, warn, info, debug, trace.
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<LevelFilter>,
+    /// Log file of the detached daemon (default: syslog).
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+    /// Write into the top image in place (not implemented yet).
+    #[arg(long, conflicts_with_all = ["overlay", "snapshot"])]
+    pub rw: bool,
+    /// Send writes to a qcow2 overlay FILE (not implemented yet).
+    #[arg(long, value_name = "FILE", conflicts_with = "snapshot")]
+    pub overlay: Option<PathBuf>,
+    /// Send writes to a temporary overlay discarded at unmount (not implemented yet).
+    #[arg(long)]
+    pub snapshot: bool,
+    /// Let other users reach the mount (needs user_allow_other in /etc/fuse.conf for non-root).
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Owner of the exposed files (default: the mounting user).
+    #[arg(long)]
+    pub uid: Option<u32>,
+    /// Group of the exposed files (default: the mounting user's group).
+    #[arg(long)]
+    pub gid: Option<u32>,
+    /// Permission bits of the exposed files, in octal (default 0400, 0600 when writable).
+    #[arg(long, value_parser = parse_mode)]
+    pub mode: Option<u16>,
+    /// Expose only the top layer: unallocated ranges read as zeros.
+    #[arg(long)]
+    pub single_link: bool,
+    /// Treat the image as hostile: confine backing and extent files to its directory, never probe their formats.
+    #[arg(long)]
+    pub untrusted: bool,
+    /// Allow backing/extent files that are devices, FIFOs or under /proc, /sys, /dev.
+    #[arg(long)]
+    pub allow_devices: bool,
+    /// Accept a VMDK parent whose CID differs from the child's parentCID.
+    #[arg(long)]
+    pub ignore_cid: bool,
+    /// Refuse backing chains longer than this.
+    #[arg(long, default_value_t = DEFAULT_MAX_DEPTH)]
+    pub max_depth: usize,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = default_threads())]
+    pub threads: usize,
+    /// Internal: the pipe to report readiness on when started detached.
+    #[arg(long, hide = true)]
+    pub notify_fd: Option<i32>,
+}
+
+/// `vdiskfs unmount`.
+#[derive(Debug, Args)]
+pub struct UnmountArgs {
+    /// The mount point.
+    pub mountpoint: PathBuf,
+    /// Detach now even if busy; the daemon exits once the last user is gone.
+    #[arg(short = 'l', long)]
+    pub lazy: bool,
+}
+
+/// `vdiskfs info`.
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// The image.
+    pub image: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Format of the image; detected from content if absent.
+    #[arg(long, value_parser = parse_format)]
+    pub format: Option<Format>,
+    /// Confine backing and extent files as for an untrusted mount.
+    #[arg(long)]
+    pub untrusted: bool,
+    /// Accept a VMDK parent whose CID differs from the child's parentCID.
+    #[arg(long)]
+    pub ignore_cid: bool,
+}
+
+/// `vdiskfs list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| (n.get() * 2).clamp(4, 16))
+        .unwrap_or(4)
+}
+
+fn parse_format(s: &str) -> std::result::Result<Format, String> {
+    Format::from_name(s).map_err(|e| e.message().to_string())
+}
+
+/// Parses sizes such as `512`, `64K`, `256M`, `1G`, `1GiB`.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
+    let mult: u64 = match unit.to_ascii_lowercase().trim_end_matches("ib").trim_end_matches('b') {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        _ => return Err(format!("bad size unit in {s:?} (use K, M, G or T)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+fn parse_mode(s: &str) -> std::result::Result<u16, String> {
+    u16::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("bad mode {s:?} (octal, e.g. 0640)"))
+}
+
+/// The exposed name of an image: its file name without its last extension, plus `.raw`.
+pub fn exposed_name(image: &Path) -> Result<OsString> {
+    let stem = image
+        .file_stem()
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| Error::invalid("has no file name").with_path(image))?;
+    let mut name = stem.to_os_string();
+    name.push(".raw");
+    Ok(name)
+}
+
+/// Entry point: parses arguments, runs the command, prints any error on one line.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli, detached_log_target(&cli));
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "vdiskfs: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn level(cli: &Cli, explicit: Option<LevelFilter>) -> LevelFilter {
+    if let Some(l) = explicit {
+        return l;
+    }
+    if cli.quiet {
+        return LevelFilter::Error;
+    }
+    match cli.verbose {
+        0 => LevelFilter::Warn,
+        1 => LevelFilter::Info,
+        2 => LevelFilter::Debug,
+        _ => LevelFilter::Trace,
+    }
+}
+
+/// Where a detached daemon logs: the `--log-file`, else syslog (its
+/// terminal is gone). `None` for everything else (stderr).
+fn detached_log_target(cli: &Cli) -> Option<env_logger::Target> {
+    let Command::Mount(m) = &cli.command else {
+        return None;
+    };
+    m.notify_fd?;
+    if let Some(p) = &m.log_file {
+        match std::fs::OpenOptions::new().create(true).append(true).open(p) {
+            Ok(f) => return Some(env_logger::Target::Pipe(Box::new(f))),
+            Err(e) => crate::daemon::Syslog::new()
+                .line(&format!("cannot open log file {}: {e}; logging to syslog", p.display())),
+        }
+    }
+    Some(env_logger::Target::Pipe(Box::new(crate::daemon::Syslog::new())))
+}
+
+fn init_logging(cli: &Cli, target: Option<env_logger::Target>) {
+    let explicit = match &cli.command {
+        Command::Mount(m) => m.log_level,
+        _ => None,
+    };
+    let mut b = env_logger::Builder::new();
+    b.filter_level(level(cli, explicit));
+    if let Ok(spec) = std::env::var("RUST_LOG") {
+        b.parse_filters(&spec);
+    }
+    if let Some(t) = target {
+        b.target(t);
+    }
+    let _ = b.try_init();
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Mount(m) => mount(m),
+        Command::Unmount(u) => daemon::unmount(&u.mountpoint, u.lazy),
+        Command::Info(i) => info_cmd(&i),
+        Command::List(l) => list_cmd(&l),
+    }
+}
+
+fn info_cmd(args: &InfoArgs) -> Result<()> {
+    let opts = ChainOptions {
+        format: args.format,
+        policy: OpenPolicy {
+            untrusted: args.untrusted,
+            ..Default::default()
+        },
+        ignore_cid: args.ignore_cid,
+        ..Default::default()
+    };
+    let chain = Chain::open(&args.image, &opts, &Caches::new(64 << 20))?;
+    let report = info::gather(&chain)?;
+    let text = if args.json {
+        info::to_json(&report) + "\n"
+    } else {
+        info::to_text(&report)
+    };
+    let _ = std::io::stdout().write_all(text.as_bytes());
+    Ok(())
+}
+
+fn list_cmd(args: &ListArgs) -> Result<()> {
+    let entries = daemon::list_states();
+    if args.json {
+        let v: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|(m, st)| {
+                serde_json::json!({
+                    "mountpoint": m.mountpoint,
+                    "images": st.as_ref().map(|s| s.images.clone()).unwrap_or_else(|| vec![PathBuf::from(&m.source)]),
+                    "mode": st.as_ref().map(|s| s.mode.clone()).unwrap_or_else(|| "unknown".into()),
+                    "pid": st.as_ref().map(|s| s.pid),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+        return Ok(());
+    }
+    println!("{:<30} {:<8} {:>8}  IMAGES", "MOUNTPOINT", "MODE", "PID");
+    for (m, st) in entries {
+        let (mode, pid, images) = match st {
+            Some(s) => (
+                s.mode,
+                s.pid.to_string(),
+                s.images
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
+            None => ("?".into(), "-".into(), m.source.clone()),
+        };
+        println!("{:<30} {:<8} {:>8}  {}", m.mountpoint.display(), mode, pid, images);
+    }
+    Ok(())
+}
+
+/// Validated mount settings.
+struct MountPlan {
+    images: Vec<(PathBuf, OsString)>,
+    mountpoint: PathBuf,
+    single_file: bool,
+    chain_opts: ChainOptions,
+}
+
+fn plan(args: &MountArgs) -> Result<MountPlan> {
+    if args.rw || args.overlay.is_some() || args.snapshot {
+        return Err(Error::unsupported(
+            "writing (--rw, --overlay, --snapshot) is not implemented yet; mount read-only",
+        ));
+    }
+    let (mountpoint, images) = args
+        .paths
+        .split_last()
+        .ok_or_else(|| Error::invalid("give at least one image and a mount point"))?;
+    if images.is_empty() {
+        return Err(Error::invalid("give at least one image and a mount point"));
+    }
+    let mountpoint = mountpoint
+        .canonicalize()
+        .map_err(|e| Error::io("mount point", e).with_path(mountpoint))?;
+    let meta = std::fs::metadata(&mountpoint)
+        .map_err(|e| Error::io("mount point", e).with_path(&mountpoint))?;
+    let single_file = if meta.is_file() {
+        if images.len() != 1 {
+            return Err(Error::invalid(
+                "a regular file as mount point takes exactly one image",
+            )
+            .with_path(&mountpoint));
+        }
+        true
+    } else if meta.is_dir() {
+        false
+    } else {
+        return Err(
+            Error::invalid("mount point must be a directory or a regular file")
+                .with_path(&mountpoint),
+        );
+    };
+    let mut named: Vec<(PathBuf, OsString)> = Vec::new();
+    for img in images {
+        let abs = img
+            .canonicalize()
+            .map_err(|e| Error::io("cannot open", e).with_path(img))?;
+        let name = exposed_name(img)?;
+        if let Some((other, _)) = named.iter().find(|(_, n)| *n == name) {
+            return Err(Error::invalid(format!(
+                "{} and {} would both appear as {}",
+                other.display(),
+                img.display(),
+                name.to_string_lossy()
+            )));
+        }
+        named.push((abs, name));
+    }
+    let chain_opts = ChainOptions {
+        format: args.format,
+        policy: OpenPolicy {
+            untrusted: args.untrusted,
+            root: None,
+            allow_devices: args.allow_devices,
+            direct: false,
+        },
+        max_depth: args.max_depth,
+        single_link: args.single_link,
+        ignore_cid: args.ignore_cid,
+        writable: false,
+    };
+    Ok(MountPlan {
+        images: named,
+        mountpoint,
+        single_file,
+        chain_opts,
+    })
+}
+
+fn open_disks(plan: &MountPlan, cache_size: u64) -> Result<Vec<Disk>> {
+    let cache_bytes = usize::try_from(cache_size).unwrap_or(usize::MAX);
+    let caches: Arc<Caches> = Caches::new(cache_bytes);
+    let mut disks = Vec::new();
+    for (path, name) in &plan.images {
+        let chain = Chain::open(path, &plan.chain_opts, &caches)?;
+        let xattrs = disk_xattrs(&chain);
+        disks.push(Disk::new(name.clone(), Arc::new(chain), xattrs));
+    }
+    Ok(disks)
+}
+
+/// `user.vdiskfs.*` attributes describing a disk.
+fn disk_xattrs(chain: &Chain) -> Vec<(String, Vec<u8>)> {
+    let top = &chain.layers()[0];
+    let li = top.info();
+    let mut x = vec![
+        ("user.vdiskfs.format".to_string(), li.format.name().as_bytes().to_vec()),
+        (
+            "user.vdiskfs.virtual_size".to_string(),
+            chain.size().to_string().into_bytes(),
+        ),
+        (
+            "user.vdiskfs.chain".to_string(),
+            chain
+                .layers()
+                .iter()
+                .map(|l| format!("{}:{}", l.format(), l.path().display()))
+                .collect::<Vec<_>>()
+                .join("\n")
+                .into_bytes(),
+        ),
+    ];
+    for (k, v) in &li.details {
+        let s = match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        x.push((format!("user.vdiskfs.{k}"), s.into_bytes()));
+    }
+    x
+}
+
+fn mount(args: MountArgs) -> Result<()> {
+    let plan = plan(&args)?;
+    if !args.foreground {
+        // Validate everything we can before detaching, so errors reach the user.
+        drop(open_disks(&plan, args.cache_size)?);
+        return daemon::spawn_detached(&[]);
+    }
+    let mut notifier = Notifier::new(args.notify_fd);
+    let result = serve(&args, &plan, &mut notifier);
+    if let Err(e) = &result {
+        notifier.failed(e);
+    }
+    result
+}
+
+fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<()> {
+    let disks = open_disks(plan, args.cache_size)?;
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let access = Access {
+        uid: args.uid.unwrap_or(uid),
+        gid: args.gid.unwrap_or(gid),
+        mode: args.mode.unwrap_or(0o400),
+    };
+    let fsname = plan
+        .images
+        .iter()
+        .map(|(p, _)| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let fs = VdiskFs::new(disks, plan.single_file, access);
+    let sigset = daemon::block_signals();
+    let mut session = crate::fs::mount(
+        fs,
+        &plan.mountpoint,
+        &crate::fs::MountConfig {
+            fsname,
+            read_only: true,
+            allow_other: args.allow_other,
+            threads: args.threads.max(1),
+        },
+    )
+    .map_err(|e| Error::io("cannot mount", e).with_path(&plan.mountpoint))?;
+    let _state = StateFile::create(&MountState {
+        mountpoint: plan.mountpoint.clone(),
+        images: plan.images.iter().map(|(p, _)| p.clone()).collect(),
+        mode: "ro".into(),
+        pid: std::process::id(),
+    })
+    .map_err(|e| log::warn!("{e}; vdiskfs list will not show this mount"))
+    .ok();
+    let mut unmounter = session.unmounter();
+    daemon::on_signal(sigset, move |_| {
+        if let Err(e) = unmounter.unmount() {
+            log::error!("unmount on signal failed: {e}");
+        }
+    });
+    info!("mounted on {}", plan.mountpoint.display());
+    notifier.ready();
+    session
+        .run()
+        .map_err(|e| Error::io("FUSE session failed", e).with_path(&plan.mountpoint))?;
+    info!("unmounted {}", plan.mountpoint.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposed_names_drop_the_last_extension() {
+        assert_eq!(exposed_name(Path::new("/a/disk.qcow2")).unwrap(), "disk.raw");
+        assert_eq!(
+            exposed_name(Path::new("win10-000001.vmdk")).unwrap(),
+            "win10-000001.raw"
+        );
+        assert_eq!(exposed_name(Path::new("a.b.c")).unwrap(), "a.b.raw");
+        assert_eq!(exposed_name(Path::new("noext")).unwrap(), "noext.raw");
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("64K").unwrap(), 64 << 10);
+        assert_eq!(parse_size("256M").unwrap(), 256 << 20);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn modes_parse() {
+        assert_eq!(parse_mode("0640").unwrap(), 0o640);
+        assert!(parse_mode("999").is_err());
+    }
+}

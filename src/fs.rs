@@ -1,1 +1,550 @@
-//! placeholder
+//! The FUSE layer, and only that: a directory of exposed raw files (or one
+//! file mounted over a regular file), their attributes, and reads.
+//!
+//! Each FUSE request is translated into calls on a [`Chain`] and the
+//! result or its errno is sent back. fuser runs several worker threads
+//! (`n_threads` with `clone_fd`), and the filesystem takes `&self`, so
+//! requests are served concurrently; no lock is held while replying.
+//! This is the only module that imports `fuser`.
+
+use std::ffi::{OsStr, OsString};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig,
+    LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+use log::{debug, error};
+
+use crate::chain::{Chain, Status};
+use crate::error::Error;
+
+/// How long the kernel may cache attributes and entries: the set of files
+/// and their sizes never change while mounted.
+const TTL: Duration = Duration::from_secs(3600);
+
+/// Largest read or write request we ask the kernel for.
+pub const MAX_REQUEST: u32 = 1 << 20;
+
+const ROOT: u64 = 1;
+
+/// One exposed raw file.
+pub struct Disk {
+    /// File name inside the mount directory (`disk.raw`).
+    pub name: OsString,
+    /// The chain behind it.
+    pub chain: Arc<Chain>,
+    /// Extended attributes (`user.vdiskfs.*`) describing the disk.
+    pub xattrs: Vec<(String, Vec<u8>)>,
+    blocks: OnceLock<u64>,
+}
+
+impl Disk {
+    /// A disk exposed under `name`.
+    pub fn new(name: OsString, chain: Arc<Chain>, xattrs: Vec<(String, Vec<u8>)>) -> Disk {
+        Disk {
+            name,
+            chain,
+            xattrs,
+            blocks: OnceLock::new(),
+        }
+    }
+
+    /// Allocated guest data in 512-byte blocks (for `st_blocks` and `du`).
+    fn blocks(&self) -> u64 {
+        *self.blocks.get_or_init(|| {
+            let size = self.chain.size();
+            let mut pos = 0;
+            let mut data = 0;
+            while pos < size {
+                match self.chain.status(pos, size - pos) {
+                    Ok((status, n)) => {
+                        if status == Status::Data {
+                            data += n;
+                        }
+                        pos += n.max(1);
+                    }
+                    // Unknown allocation counts as data: du must not under-report.
+                    Err(_) => return size.div_ceil(512),
+                }
+            }
+            data.div_ceil(512)
+        })
+    }
+}
+
+/// Ownership and permissions of the exposed files.
+#[derive(Debug, Clone, Copy)]
+pub struct Access {
+    /// Owner of the files.
+    pub uid: u32,
+    /// Group of the files.
+    pub gid: u32,
+    /// Permission bits of the files (the directory gets x where r is set).
+    pub mode: u16,
+}
+
+/// The mounted filesystem.
+pub struct VdiskFs {
+    disks: Vec<Disk>,
+    /// One disk mounted over a regular file: the root inode is the disk.
+    single_file: bool,
+    access: Access,
+    mounted_at: SystemTime,
+}
+
+impl VdiskFs {
+    /// A filesystem exposing `disks`. With `single_file`, exactly one disk is
+    /// the mount root itself.
+    pub fn new(disks: Vec<Disk>, single_file: bool, access: Access) -> VdiskFs {
+        VdiskFs {
+            disks,
+            single_file,
+            access,
+            mounted_at: SystemTime::now(),
+        }
+    }
+
+    fn disk(&self, ino: INodeNo) -> Option<&Disk> {
+        if self.single_file {
+            return (ino.0 == ROOT).then(|| &self.disks[0]);
+        }
+        let idx = ino.0.checked_sub(ROOT + 1)?;
+        self.disks.get(usize::try_from(idx).ok()?)
+    }
+
+    fn disk_ino(&self, idx: usize) -> INodeNo {
+        INodeNo(ROOT + 1 + idx as u64)
+    }
+
+    fn file_attr(&self, ino: INodeNo, disk: &Disk) -> FileAttr {
+        FileAttr {
+            ino,
+            size: disk.chain.size(),
+            blocks: disk.blocks(),
+            atime: self.mounted_at,
+            mtime: self.mounted_at,
+            ctime: self.mounted_at,
+            crtime: self.mounted_at,
+            kind: FileType::RegularFile,
+            perm: self.access.mode,
+            nlink: 1,
+            uid: self.access.uid,
+            gid: self.access.gid,
+            rdev: 0,
+            blksize: 64 * 1024,
+            flags: 0,
+        }
+    }
+
+    fn dir_attr(&self) -> FileAttr {
+        let m = self.access.mode;
+        // Directory: readable where the files are, searchable by the same.
+        let perm = m | ((m & 0o444) >> 2);
+        FileAttr {
+            ino: INodeNo(ROOT),
+            size: 0,
+            blocks: 0,
+            atime: self.mounted_at,
+            mtime: self.mounted_at,
+            ctime: self.mounted_at,
+            crtime: self.mounted_at,
+            kind: FileType::Directory,
+            perm: perm & 0o555,
+            nlink: 2,
+            uid: self.access.uid,
+            gid: self.access.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
+        if ino.0 == ROOT && !self.single_file {
+            return Some(self.dir_attr());
+        }
+        self.disk(ino).map(|d| self.file_attr(ino, d))
+    }
+}
+
+/// How to mount.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    /// The source column of the mount table (the images).
+    pub fsname: String,
+    /// Mount read-only.
+    pub read_only: bool,
+    /// Let other users in (`allow_other`).
+    pub allow_other: bool,
+    /// FUSE worker threads.
+    pub threads: usize,
+}
+
+/// A live mount, not yet serving requests.
+pub struct Session {
+    inner: fuser::Session<VdiskFs>,
+    /// Set when we mounted with mount(2) ourselves (and so unmount ourselves).
+    own_mount: Option<std::path::PathBuf>,
+}
+
+/// Unmounts a [`Session`] from another thread (signal handling).
+pub enum Unmounter {
+    /// fuser mounted it (through fusermount3).
+    Fuser(fuser::SessionUnmounter),
+    /// We mounted it with mount(2).
+    Own(std::path::PathBuf),
+}
+
+impl Unmounter {
+    /// Unmounts; the session's [`Session::run`] then returns once no file
+    /// of the mount is in use any more.
+    pub fn unmount(&mut self) -> std::io::Result<()> {
+        match self {
+            Unmounter::Fuser(u) => u.unmount(),
+            Unmounter::Own(path) => umount_detach(path),
+        }
+    }
+}
+
+fn umount_detach(path: &std::path::Path) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: c is a valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        Ok(())
+    } else {
+        let e = std::io::Error::last_os_error();
+        // Already unmounted (by umount(8) or `vdiskfs unmount`): nothing to do.
+        match e.raw_os_error() {
+            Some(libc::EINVAL) | Some(libc::ENOENT) => Ok(()),
+            _ => Err(e),
+        }
+    }
+}
+
+impl Session {
+    /// A handle to unmount from elsewhere.
+    pub fn unmounter(&mut self) -> Unmounter {
+        match &self.own_mount {
+            Some(p) => Unmounter::Own(p.clone()),
+            None => Unmounter::Fuser(self.inner.unmount_callable()),
+        }
+    }
+
+    /// Serves requests until unmounted.
+    pub fn run(self) -> std::io::Result<()> {
+        let own = self.own_mount;
+        let r = self.inner.run();
+        if let Some(p) = own {
+            let _ = umount_detach(&p);
+        }
+        r
+    }
+}
+
+/// Mounts `fs` on `mountpoint`; the mount is live (the FUSE handshake done)
+/// when this returns.
+///
+/// As root we call mount(2) ourselves so the mount table shows the type as
+/// `fuse.vdiskfs` (fuser's own mount(2) path always says `fuse`); other
+/// users go through fusermount3, which sets the subtype itself.
+pub fn mount(
+    fs: VdiskFs,
+    mountpoint: &std::path::Path,
+    cfg: &MountConfig,
+) -> std::io::Result<Session> {
+    use fuser::MountOption as O;
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        O::FSName(cfg.fsname.clone()),
+        O::Subtype("vdiskfs".into()),
+        O::NoDev,
+        O::NoSuid,
+        O::DefaultPermissions,
+        if cfg.read_only { O::RO } else { O::RW },
+    ];
+    config.acl = if cfg.allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
+    config.n_threads = Some(cfg.threads.max(1));
+    config.clone_fd = true;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return fuser::Session::new(fs, mountpoint, &config).map(|inner| Session {
+            inner,
+            own_mount: None,
+        });
+    }
+    let fd = mount_sys(mountpoint, cfg)?;
+    match fuser::Session::from_fd(fs, fd, config.acl, config) {
+        Ok(inner) => Ok(Session {
+            inner,
+            own_mount: Some(mountpoint.to_path_buf()),
+        }),
+        Err(e) => {
+            let _ = umount_detach(mountpoint);
+            Err(e)
+        }
+    }
+}
+
+/// Opens /dev/fuse and mounts it on `mountpoint` as `fuse.vdiskfs`.
+fn mount_sys(mountpoint: &std::path::Path, cfg: &MountConfig) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot open /dev/fuse ({e}): is the fuse module loaded (modprobe fuse)?"),
+            )
+        })?;
+    let rootmode = std::fs::metadata(mountpoint)?.mode() & libc::S_IFMT;
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut opts = format!(
+        "fd={},rootmode={:o},user_id={uid},group_id={gid},default_permissions",
+        dev.as_raw_fd(),
+        rootmode
+    );
+    if cfg.allow_other {
+        opts.push_str(",allow_other");
+    }
+    let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
+    if cfg.read_only {
+        flags |= libc::MS_RDONLY;
+    }
+    let c = |s: &[u8]| std::ffi::CString::new(s).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    let source = c(cfg.fsname.as_bytes())?;
+    let target = c(mountpoint.as_os_str().as_encoded_bytes())?;
+    let opts = c(opts.as_bytes())?;
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            c"fuse.vdiskfs".as_ptr(),
+            flags,
+            opts.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(OwnedFd::from(dev))
+}
+
+fn errno(e: &Error) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+impl Filesystem for VdiskFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if let Err(nearest) = config.set_max_write(MAX_REQUEST) {
+            let _ = config.set_max_write(nearest);
+        }
+        if let Err(nearest) = config.set_max_readahead(MAX_REQUEST) {
+            let _ = config.set_max_readahead(nearest);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if parent.0 != ROOT || self.single_file {
+            return reply.error(Errno::ENOENT);
+        }
+        match self.disks.iter().position(|d| d.name == name) {
+            Some(idx) => {
+                let ino = self.disk_ino(idx);
+                reply.entry(&TTL, &self.file_attr(ino, &self.disks[idx]), fuser::Generation(0))
+            }
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino) {
+            Some(a) => reply.attr(&TTL, &a),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.disk(ino).is_none() {
+            return reply.error(Errno::EISDIR);
+        }
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        // Read-only and immutable: the kernel page cache may keep what it read.
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(disk) = self.disk(ino) else {
+            return reply.error(Errno::EISDIR);
+        };
+        let end = disk.chain.size();
+        if offset >= end {
+            return reply.data(&[]);
+        }
+        let len = (size as u64).min(end - offset) as usize;
+        let mut buf = vec![0u8; len];
+        match disk.chain.read_at(&mut buf, offset) {
+            Ok(()) => reply.data(&buf),
+            Err(e) => {
+                error!("read of {len} bytes at {offset:#x} of {:?}: {e}", disk.name);
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if ino.0 != ROOT || self.single_file {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let mut entries: Vec<(INodeNo, FileType, &OsStr)> = vec![
+            (INodeNo(ROOT), FileType::Directory, OsStr::new(".")),
+            (INodeNo(ROOT), FileType::Directory, OsStr::new("..")),
+        ];
+        for (idx, d) in self.disks.iter().enumerate() {
+            entries.push((self.disk_ino(idx), FileType::RegularFile, &d.name));
+        }
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(*ino, (i + 1) as u64, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let total: u64 = self.disks.iter().map(|d| d.chain.size().div_ceil(4096)).sum();
+        reply.statfs(total, 0, 0, self.disks.len() as u64 + 1, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some(disk) = self.disk(ino) else {
+            return reply.error(Errno::NO_XATTR);
+        };
+        match disk.xattrs.iter().find(|(k, _)| OsStr::new(k) == name) {
+            Some((_, v)) if size == 0 => reply.size(v.len() as u32),
+            Some((_, v)) if v.len() <= size as usize => reply.data(v),
+            Some(_) => reply.error(Errno::ERANGE),
+            None => reply.error(Errno::NO_XATTR),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let mut list = Vec::new();
+        if let Some(disk) = self.disk(ino) {
+            for (k, _) in &disk.xattrs {
+                list.extend_from_slice(k.as_bytes());
+                list.push(0);
+            }
+        }
+        if size == 0 {
+            reply.size(list.len() as u32)
+        } else if list.len() <= size as usize {
+            reply.data(&list)
+        } else {
+            reply.error(Errno::ERANGE)
+        }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let Some(disk) = self.disk(ino) else {
+            return reply.error(Errno::EISDIR);
+        };
+        let size = disk.chain.size();
+        let Ok(start) = u64::try_from(offset) else {
+            return reply.error(Errno::EINVAL);
+        };
+        if start >= size {
+            return reply.error(Errno::ENXIO);
+        }
+        let want = match whence {
+            libc::SEEK_DATA => Status::Data,
+            libc::SEEK_HOLE => Status::Hole,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        let mut pos = start;
+        while pos < size {
+            match disk.chain.status(pos, size - pos) {
+                Ok((s, _)) if s == want => return reply.offset(pos as i64),
+                Ok((_, n)) => pos += n.max(1),
+                Err(e) => {
+                    debug!("lseek status at {pos:#x}: {e}");
+                    // Unknown allocation is data.
+                    return match want {
+                        Status::Data => reply.offset(pos as i64),
+                        Status::Hole => reply.offset(size as i64),
+                    };
+                }
+            }
+        }
+        match want {
+            Status::Data => reply.error(Errno::ENXIO),
+            // The end of the file is an implicit hole.
+            Status::Hole => reply.offset(size as i64),
+        }
+    }
+}
