@@ -202,7 +202,22 @@ pub fn exposed_name(image: &Path) -> Result<OsString> {
 
 /// Entry point: parses arguments, runs the command, prints any error on one line.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line, like every other error.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            let _ = writeln!(std::io::stderr(), "vdiskfs: {first} (see vdiskfs --help)");
+            return ExitCode::from(2);
+        }
+    };
     init_logging(&cli, detached_log_target(&cli));
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,6 +2,8 @@
 //! building, and reading through the library.
 #![allow(dead_code)]
 
+pub mod fuse;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -142,7 +144,40 @@ pub fn sha256_hex(data: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Keeps an `Arc` import used in every test crate.
+/// Fresh caches for a test.
 pub fn caches() -> Arc<Caches> {
     Caches::new(64 << 20)
+}
+
+/// sha256 of a file, streamed in 4 MiB pieces.
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// sha256 of a whole disk read through the library in 4 MiB pieces.
+pub fn sha256_chain(chain: &Chain) -> vdiskfs::Result<String> {
+    use sha2::{Digest, Sha256};
+    let size = chain.size();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut pos = 0u64;
+    while pos < size {
+        let n = (size - pos).min(buf.len() as u64) as usize;
+        chain.read_at(&mut buf[..n], pos)?;
+        h.update(&buf[..n]);
+        pos += n as u64;
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what vdiskfs needs to build, run and test (Debian/Ubuntu packages),
+# checks FUSE, and builds the release binary. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# command -> Debian package
+declare -A NEED=(
+  [qemu-img]=qemu-utils [qemu-io]=qemu-utils [qemu-storage-daemon]=qemu-utils
+  [fusermount3]=fuse3 [fio]=fio [getfattr]=attr [mkfs.ext4]=e2fsprogs
+  [debugfs]=e2fsprogs [mkfs.xfs]=xfsprogs [losetup]=mount [partx]=util-linux
+  [sfdisk]=fdisk [cc]=gcc [pkg-config]=pkg-config
+)
+missing=()
+for cmd in "${!NEED[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("${NEED[$cmd]}")
+done
+if ((${#missing[@]})); then
+  mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+  echo "setup: installing ${missing[*]}"
+  if [ "$(id -u)" != 0 ]; then
+    echo "setup: need root to install: sudo apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [ ! -c /dev/fuse ]; then
+  modprobe fuse 2>/dev/null || true
+fi
+[ -c /dev/fuse ] || { echo "setup: /dev/fuse is missing: load the fuse module (modprobe fuse)" >&2; exit 1; }
+command -v cargo >/dev/null || { echo "setup: cargo is missing: install Rust (rustup)" >&2; exit 1; }
+
+cargo build --release --quiet
+echo "setup: built target/release/vdiskfs"

@@ -1,0 +1,93 @@
+//! Real FUSE mounts for end-to-end tests, through the built `vdiskfs` binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The `vdiskfs` binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vdiskfs")
+}
+
+/// Fails (never skips) when FUSE is not usable here.
+pub fn require_fuse() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: load the fuse module (modprobe fuse) and install fuse3 \
+         (apt-get install fuse3); this test does not skip"
+    );
+}
+
+/// Runs `vdiskfs ARGS`, returning its output whatever the exit status.
+pub fn vdiskfs(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("cannot run vdiskfs")
+}
+
+/// A live mount, unmounted on drop.
+pub struct Mounted {
+    /// Holds the mount point directory.
+    _dir: tempfile::TempDir,
+    /// The mount point.
+    pub mountpoint: PathBuf,
+    live: bool,
+}
+
+impl Mounted {
+    /// Mounts `images` (with extra options) on a fresh directory; panics with
+    /// vdiskfs's message on failure.
+    pub fn new(images: &[&Path], opts: &[&str]) -> Mounted {
+        match Self::try_new(images, opts) {
+            Ok(m) => m,
+            Err(msg) => panic!("vdiskfs mount failed: {msg}"),
+        }
+    }
+
+    /// Like [`Mounted::new`] but returns vdiskfs's stderr on failure.
+    pub fn try_new(images: &[&Path], opts: &[&str]) -> Result<Mounted, String> {
+        require_fuse();
+        let dir = tempfile::tempdir().unwrap();
+        let mp = dir.path().join("mnt");
+        std::fs::create_dir(&mp).unwrap();
+        let mut args: Vec<&str> = vec!["mount"];
+        args.extend_from_slice(opts);
+        for i in images {
+            args.push(i.to_str().unwrap());
+        }
+        args.push(mp.to_str().unwrap());
+        let out = vdiskfs(&args);
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(Mounted {
+            _dir: dir,
+            mountpoint: mp,
+            live: true,
+        })
+    }
+
+    /// Path of an exposed file.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.mountpoint.join(name)
+    }
+
+    /// Unmounts now, asserting success.
+    pub fn unmount(mut self) {
+        self.live = false;
+        let out = vdiskfs(&["unmount", self.mountpoint.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "unmount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.live {
+            let _ = vdiskfs(&["unmount", "--lazy", self.mountpoint.to_str().unwrap()]);
+        }
+    }
+}
