@@ -327,12 +327,15 @@ fn huge_size_is_refused_fast() {
     assert!(e.to_string().contains("L1"), "{e}");
 }
 
+/// A change applied to an image's bytes.
+type Patch = Box<dyn FnOnce(&mut Vec<u8>)>;
+
 #[test]
 fn hostile_headers_are_refused() {
     let dir = scratch();
     let d = dir.path();
     let good = written_image(d);
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut Vec<u8>)>, ErrorKind, &str)> = vec![
+    let cases: Vec<(&str, Patch, ErrorKind, &str)> = vec![
         (
             "trunc.qcow",
             Box::new(|b| b.truncate(40)),
