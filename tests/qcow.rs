@@ -530,3 +530,17 @@ fn corrupt_compressed_data_fails_cleanly() {
     chain.read_at(&mut buf, 4096).unwrap();
     assert!(buf.iter().all(|&b| b == 0x43));
 }
+
+#[test]
+fn unaligned_recorded_size_rounds_down_like_qemu() {
+    let dir = scratch();
+    let d = dir.path();
+    let img = create_qcow(d, "s.qcow", "1M", None);
+    qemu_io("qcow", &img, &["write -P 0x99 1020k 4k"]);
+    // qemu exposes whole sectors only: 1 MiB - 100 bytes reads as 1 MiB - 512.
+    let p = patched(&img, d, "odd.qcow", |b| {
+        b[24..32].copy_from_slice(&((1u64 << 20) - 100).to_be_bytes())
+    });
+    assert_matches_qemu(&p);
+    assert_eq!(open_chain(&p).unwrap().size(), (1 << 20) - 512);
+}
