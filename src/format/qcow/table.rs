@@ -1,0 +1,236 @@
+//! qcow version 1 tables: the L1 table (held in memory) and L2 tables
+//! (read on demand through the shared metadata cache), and the decoding of
+//! their entries.
+//!
+//! A guest offset splits into `L1 index | L2 index | offset in cluster`,
+//! with `l2_bits` and `cluster_bits` bits for the last two. L1 entries are
+//! host offsets of L2 tables (0: none). L2 entries are 64-bit big-endian:
+//!
+//! - 0: the cluster is not allocated in this image;
+//! - bit 63 clear: host offset of the cluster's data;
+//! - bit 63 set: a compressed cluster. The low `63 - cluster_bits` bits are
+//!   the host offset of the compressed bytes and the `cluster_bits` bits
+//!   above them (62 down to `63 - cluster_bits`) their exact length.
+
+use std::sync::Arc;
+
+use super::header::Header;
+use crate::cache::Caches;
+use crate::error::{Error, Result};
+use crate::host::HostFile;
+
+/// Bit 63 of an L2 entry: the cluster is compressed.
+pub const COMPRESSED_FLAG: u64 = 1 << 63;
+
+/// Where one guest cluster lives, decoded from an L2 entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// Not allocated in this image.
+    Unallocated,
+    /// Stored uncompressed at this host offset.
+    Data(u64),
+    /// Stored deflate-compressed: `size` bytes at host offset `offset`.
+    Compressed {
+        /// Host offset of the compressed bytes.
+        offset: u64,
+        /// Length of the compressed bytes.
+        size: u64,
+    },
+}
+
+/// The cluster geometry of an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// log2 of the cluster size.
+    pub cluster_bits: u32,
+    /// log2 of the number of entries per L2 table.
+    pub l2_bits: u32,
+}
+
+impl Geometry {
+    /// The geometry a validated header describes.
+    pub fn of(header: &Header) -> Geometry {
+        Geometry {
+            cluster_bits: u32::from(header.cluster_bits),
+            l2_bits: u32::from(header.l2_bits),
+        }
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Entries per L2 table.
+    pub fn l2_entries(&self) -> u64 {
+        1 << self.l2_bits
+    }
+
+    /// Bytes of one L2 table.
+    pub fn l2_bytes(&self) -> u64 {
+        self.l2_entries() * 8
+    }
+
+    /// Guest bytes one L2 table covers.
+    pub fn l2_span(&self) -> u64 {
+        1 << (self.cluster_bits + self.l2_bits)
+    }
+
+    /// Index into the L1 table for a guest offset.
+    pub fn l1_index(&self, guest: u64) -> u64 {
+        guest >> (self.cluster_bits + self.l2_bits)
+    }
+
+    /// Index into its L2 table for a guest offset.
+    pub fn l2_index(&self, guest: u64) -> usize {
+        ((guest >> self.cluster_bits) & (self.l2_entries() - 1)) as usize
+    }
+
+    /// Offset of a guest byte within its cluster.
+    pub fn in_cluster(&self, guest: u64) -> u64 {
+        guest & (self.cluster_size() - 1)
+    }
+
+    /// Decodes a raw L2 entry.
+    pub fn decode(&self, raw: u64) -> Entry {
+        if raw == 0 {
+            Entry::Unallocated
+        } else if raw & COMPRESSED_FLAG != 0 {
+            let shift = 63 - self.cluster_bits;
+            Entry::Compressed {
+                offset: raw & ((1 << shift) - 1),
+                size: (raw >> shift) & (self.cluster_size() - 1),
+            }
+        } else {
+            Entry::Data(raw)
+        }
+    }
+}
+
+/// The L1 table and access to L2 tables.
+pub struct Tables {
+    geometry: Geometry,
+    l1: Vec<u64>,
+    cache_id: u64,
+    caches: Arc<Caches>,
+}
+
+impl Tables {
+    /// Loads the L1 table the (validated) header describes: its extent was
+    /// checked against the file length and a hard size cap.
+    pub fn load(
+        file: &HostFile,
+        header: &Header,
+        caches: Arc<Caches>,
+        cache_id: u64,
+    ) -> Result<Tables> {
+        let entries = header.l1_entries()?;
+        let mut raw = vec![0u8; (entries * 8) as usize];
+        file.read_exact_at(&mut raw, header.l1_table_offset)?;
+        let l1 = raw
+            .chunks_exact(8)
+            .map(|c| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                u64::from_be_bytes(a)
+            })
+            .collect();
+        Ok(Tables {
+            geometry: Geometry::of(header),
+            l1,
+            cache_id,
+            caches,
+        })
+    }
+
+    /// The geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    /// Number of L1 entries.
+    pub fn l1_len(&self) -> usize {
+        self.l1.len()
+    }
+
+    /// The L1 entry (L2 table host offset, 0 for none) covering guest
+    /// offset `guest`; `None` past the table.
+    pub fn l1_entry(&self, guest: u64) -> Option<u64> {
+        let idx = usize::try_from(self.geometry.l1_index(guest)).ok()?;
+        self.l1.get(idx).copied()
+    }
+
+    /// The raw bytes of the L2 table at host offset `l2_offset`, from the
+    /// metadata cache or the file. A table starting past the end of the
+    /// file is corrupt; one cut short by the end of the file reads the
+    /// missing entries as 0 (unallocated), as qemu does.
+    pub fn l2_table(&self, file: &HostFile, l2_offset: u64) -> Result<Arc<[u8]>> {
+        let key = (self.cache_id, l2_offset);
+        let len = self.geometry.l2_bytes();
+        if let Some(t) = self.caches.meta.get(key) {
+            if t.len() as u64 == len {
+                return Ok(t);
+            }
+        }
+        if l2_offset >= file.len() || l2_offset.checked_add(len).is_none() {
+            return Err(Error::corrupt(format!(
+                "L2 table offset {l2_offset:#x} lies past the end of the file ({} bytes)",
+                file.len()
+            )));
+        }
+        let mut raw = vec![0u8; len as usize];
+        file.read_zero_fill_at(&mut raw, l2_offset)?;
+        let raw: Arc<[u8]> = raw.into();
+        self.caches.meta.insert(key, raw.clone());
+        Ok(raw)
+    }
+}
+
+/// Raw entry `idx` of an L2 table (0 past its end, which cannot happen
+/// for an index from [`Geometry::l2_index`]).
+pub fn raw_entry(table: &[u8], idx: usize) -> u64 {
+    let start = idx * 8;
+    match table.get(start..start + 8) {
+        Some(b) => {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(b);
+            u64::from_be_bytes(a)
+        }
+        None => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_entries() {
+        let g = Geometry {
+            cluster_bits: 12,
+            l2_bits: 9,
+        };
+        assert_eq!(g.decode(0), Entry::Unallocated);
+        assert_eq!(g.decode(0x3000), Entry::Data(0x3000));
+        // 12 cluster bits: size lives in bits 62..=51, offset in bits 50..=0.
+        let raw = COMPRESSED_FLAG | (0x123 << 51) | 0x1_2345;
+        assert_eq!(
+            g.decode(raw),
+            Entry::Compressed {
+                offset: 0x1_2345,
+                size: 0x123
+            }
+        );
+        assert_eq!(g.l1_index(3 << 21), 3);
+        assert_eq!(g.l2_index((3 << 21) + 5 * 4096 + 7), 5);
+        assert_eq!(g.in_cluster((3 << 21) + 5 * 4096 + 7), 7);
+    }
+
+    #[test]
+    fn reads_entries_big_endian() {
+        let mut t = vec![0u8; 16];
+        t[8..16].copy_from_slice(&0x1122_3344_5566_7788u64.to_be_bytes());
+        assert_eq!(raw_entry(&t, 1), 0x1122_3344_5566_7788);
+        assert_eq!(raw_entry(&t, 2), 0);
+    }
+}
