@@ -603,7 +603,10 @@ fn shared_testdata_manifest_qcow2_rows() {
         if want == "-" {
             match opened {
                 Ok(_) => panic!("{file} must be refused but opened"),
-                Err(e) => assert!(!e.to_string().contains('\n'), "{file}: {e}"),
+                Err(e) => {
+                    eprintln!("{file}: refused: {e}");
+                    assert!(!e.to_string().contains('\n'), "{file}: {e}");
+                }
             }
             continue;
         }
@@ -620,8 +623,56 @@ fn shared_testdata_manifest_qcow2_rows() {
             Err(e) => panic!("{file}: {e}"),
         };
         assert_eq!(chain.size().to_string(), size, "{file}: virtual size");
+        let info = chain.layers()[0].info();
+        eprintln!(
+            "{file}: {} {:?}, {} snapshots",
+            info.subformat.unwrap_or_default(),
+            info.features,
+            info.snapshots.len()
+        );
         let got = disk_sha256(&chain).unwrap_or_else(|e| panic!("{file}: {e}"));
         assert_eq!(got, want, "{file}: sha256 of the disk");
     }
     assert!(checked >= 12, "only {checked} qcow2 rows found");
+}
+
+#[test]
+fn refcounts_of_every_width() {
+    let dir = scratch();
+    for order in 0..=6u32 {
+        let bits = 1u32 << order;
+        let img = build(
+            dir.path(),
+            &format!("r{bits}.qcow2"),
+            &format!("refcount_bits={bits},cluster_size=4k"),
+            "4M",
+            &["write -P 1 0 64k", "write -P 2 2M 4k"],
+        );
+        if bits > 1 {
+            qemu_img(&["snapshot", "-q", "-c", "s", img.to_str().unwrap()]);
+        }
+        let f = vdiskfs::host::HostFile::open(&img).unwrap();
+        let caches = common::caches();
+        let policy = vdiskfs::policy::OpenPolicy::default();
+        let ctx = vdiskfs::format::OpenCtx {
+            caches: &caches,
+            policy: &policy,
+            writable: false,
+        };
+        let q = vdiskfs::format::qcow2::Qcow2::open(f, &ctx).unwrap();
+        use vdiskfs::format::Layer;
+        assert_eq!(q.refcount(0).unwrap(), 1, "header cluster, {bits} bits");
+        let shared = if bits > 1 { 2 } else { 1 };
+        for guest in [0u64, 60 << 10, 2 << 20] {
+            let Mapping::Data { offset, .. } = q.map(guest, 4096).unwrap().0 else {
+                panic!("guest {guest:#x} is not data");
+            };
+            assert_eq!(
+                q.refcount(offset).unwrap(),
+                shared,
+                "{bits} bits at {offset:#x}"
+            );
+        }
+        assert_eq!(q.refcount(1 << 40).unwrap(), 0);
+    }
 }

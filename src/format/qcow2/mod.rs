@@ -3,6 +3,7 @@
 //! - [`header`]: header fields, extensions and feature bits.
 //! - [`tables`]: geometry, the L1 table and L2 entry decoding.
 //! - [`snapshot`]: the internal snapshot table (for `info`).
+//! - [`refcount`]: refcount lookups (groundwork for writes; unused by reads).
 //!
 //! Opening reads and validates the header, the extensions, the backing
 //! file name and the active L1 table; L2 tables are read on demand through
@@ -33,6 +34,7 @@ use crate::format::SnapshotInfo;
 use crate::host::HostFile;
 
 pub mod header;
+pub mod refcount;
 pub mod snapshot;
 pub mod tables;
 
@@ -120,13 +122,26 @@ impl Qcow2 {
         &self.header
     }
 
+    /// The reference count of the host cluster containing image offset
+    /// `host` (not needed for reading; for checks and later writes).
+    pub fn refcount(&self, host: u64) -> Result<u64> {
+        refcount::RefcountLayout::new(&self.header)?.refcount(
+            &self.file,
+            &self.caches,
+            self.cache_id,
+            HostOffset(host),
+        )
+    }
+
     /// Raw bytes of slice `idx` of the L2 table at `table`, via the cache.
     fn l2_slice(&self, table: u64, idx: u64) -> Result<Arc<[u8]>> {
         let bytes = self.geo.slice_entries() * self.geo.entry_bytes;
         let off = table + idx * bytes;
         let key = (self.cache_id, off);
         if let Some(s) = self.caches.meta.get(key) {
-            return Ok(s);
+            if s.len() as u64 == bytes {
+                return Ok(s);
+            }
         }
         let mut buf = vec![0u8; bytes as usize];
         // A table cut short by the end of the file reads as zeros (unallocated).
@@ -258,18 +273,22 @@ impl Layer for Qcow2 {
         let unit = geo.unit_size();
         let unit_start = offset - offset % unit;
         let first = walk.unit(offset).map_err(|e| e.at(offset))?;
-        if let Unit::Compressed { host, len } = first {
-            let cs = geo.cluster_size();
-            let start = offset - offset % cs;
-            let block = CompressedBlock {
-                guest_start: start,
-                len: cs,
-                key: host.0,
-                host_offset: host.0,
-                host_len: len,
-            };
-            return Ok((Mapping::Compressed(block), (start + cs).min(limit) - offset));
-        }
+        let first_data = match first {
+            Unit::Compressed { host, len } => {
+                let cs = geo.cluster_size();
+                let start = offset - offset % cs;
+                let block = CompressedBlock {
+                    guest_start: start,
+                    len: cs,
+                    key: host.0,
+                    host_offset: host.0,
+                    host_len: len,
+                };
+                return Ok((Mapping::Compressed(block), (start + cs).min(limit) - offset));
+            }
+            Unit::Data(HostOffset(h)) => Some(h),
+            Unit::Backing | Unit::Zero => None,
+        };
         let mut end = unit_start + unit;
         while end < limit {
             // A damaged entry ends the run; the read that needs it fails.
@@ -285,14 +304,13 @@ impl Layer for Qcow2 {
             end += unit;
         }
         let n = end.min(limit) - offset;
-        let mapping = match first {
-            Unit::Backing => Mapping::Backing,
-            Unit::Zero => Mapping::Zero,
-            Unit::Data(HostOffset(h)) => Mapping::Data {
+        let mapping = match (first_data, first) {
+            (Some(h), _) => Mapping::Data {
                 file: self.data_file.as_ref().unwrap_or(&self.file).clone(),
                 offset: h + (offset - unit_start),
             },
-            Unit::Compressed { .. } => unreachable!("handled above"),
+            (None, Unit::Zero) => Mapping::Zero,
+            (None, _) => Mapping::Backing,
         };
         Ok((mapping, n))
     }
