@@ -1,0 +1,153 @@
+//! The internal snapshot table, read for `info` only.
+//!
+//! Reading exposes the active state, so a damaged snapshot table does not
+//! stop an image from opening: [`read_snapshots`] returns the entries it
+//! could parse and a description of what stopped it. It never reads past
+//! the end of the file, never more than [`MAX_TABLE_BYTES`], and never
+//! more than [`MAX_SNAPSHOTS`] entries.
+
+use crate::error::Result;
+use crate::format::SnapshotInfo;
+use crate::host::HostFile;
+
+use super::header::{Header, MAX_SNAPSHOTS};
+
+/// Fixed part of a snapshot table entry.
+const ENTRY_FIXED: usize = 40;
+/// Largest extra data we accept per entry (qemu's limit too).
+const MAX_EXTRA: u32 = 1024;
+/// Hard cap on the bytes of the snapshot table we read.
+pub const MAX_TABLE_BYTES: u64 = 64 << 20;
+/// How much of the table is read at a time.
+const CHUNK: usize = 256 << 10;
+
+/// A sequential reader over part of a host file, in chunks, stopping at
+/// end of file or at a byte limit.
+struct Chunked<'a> {
+    file: &'a HostFile,
+    pos: u64,
+    end: u64,
+    buf: Vec<u8>,
+    buf_start: u64,
+}
+
+impl<'a> Chunked<'a> {
+    fn new(file: &'a HostFile, start: u64, limit: u64) -> Self {
+        let end = start.saturating_add(limit).min(file.len());
+        Chunked {
+            file,
+            pos: start,
+            end,
+            buf: Vec::new(),
+            buf_start: start,
+        }
+    }
+
+    /// The next `n` bytes, or None when they would pass the end.
+    fn take(&mut self, n: usize) -> Result<Option<&[u8]>> {
+        let Some(want_end) = self.pos.checked_add(n as u64) else {
+            return Ok(None);
+        };
+        if want_end > self.end {
+            return Ok(None);
+        }
+        let buf_end = self.buf_start + self.buf.len() as u64;
+        if self.pos < self.buf_start || want_end > buf_end {
+            let len = (self.end - self.pos).min(CHUNK.max(n) as u64) as usize;
+            self.buf.resize(len, 0);
+            let got = self.file.read_at_most(&mut self.buf, self.pos)?;
+            self.buf.truncate(got);
+            self.buf_start = self.pos;
+            if got < n {
+                return Ok(None);
+            }
+        }
+        let at = (self.pos - self.buf_start) as usize;
+        self.pos = want_end;
+        Ok(Some(&self.buf[at..at + n]))
+    }
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(a)
+}
+
+/// The snapshots of the image, and the reason parsing stopped early, if it did.
+pub fn read_snapshots(file: &HostFile, h: &Header) -> Result<(Vec<SnapshotInfo>, Option<String>)> {
+    let count = h.nb_snapshots.min(MAX_SNAPSHOTS);
+    let mut out = Vec::new();
+    if count == 0 {
+        return Ok((out, None));
+    }
+    let mut r = Chunked::new(file, h.snapshots_offset, MAX_TABLE_BYTES);
+    for i in 0..count {
+        let Some(fixed) = r.take(ENTRY_FIXED)? else {
+            return Ok((out, Some(cut_short(i, count))));
+        };
+        let id_len = usize::from(be16(fixed, 12));
+        let name_len = usize::from(be16(fixed, 14));
+        let date_sec = u64::from(be32(fixed, 16));
+        let vm_state_32 = u64::from(be32(fixed, 32));
+        let extra_len = be32(fixed, 36);
+        if extra_len > MAX_EXTRA {
+            return Ok((
+                out,
+                Some(format!(
+                    "snapshot {i}: extra data size {extra_len} exceeds {MAX_EXTRA} bytes"
+                )),
+            ));
+        }
+        let Some(extra) = r.take(extra_len as usize)? else {
+            return Ok((out, Some(cut_short(i, count))));
+        };
+        let vm_state_size = if extra.len() >= 8 {
+            be64(extra, 0)
+        } else {
+            vm_state_32
+        };
+        let virtual_size = if extra.len() >= 16 {
+            be64(extra, 8)
+        } else {
+            h.size
+        };
+        let Some(id) = r.take(id_len)? else {
+            return Ok((out, Some(cut_short(i, count))));
+        };
+        let id = String::from_utf8_lossy(id).into_owned();
+        let Some(name) = r.take(name_len)? else {
+            return Ok((out, Some(cut_short(i, count))));
+        };
+        let name = String::from_utf8_lossy(name).into_owned();
+        let used = ENTRY_FIXED + extra_len as usize + id_len + name_len;
+        let pad = used.next_multiple_of(8) - used;
+        out.push(SnapshotInfo {
+            id,
+            name,
+            virtual_size,
+            date_sec,
+            vm_state_size,
+        });
+        // The padding of the last entry may be missing at end of file.
+        if i + 1 < count && r.take(pad)?.is_none() {
+            return Ok((out, Some(cut_short(i + 1, count))));
+        }
+    }
+    Ok((out, None))
+}
+
+fn cut_short(i: u32, count: u32) -> String {
+    format!(
+        "snapshot table ends (at end of file or after {} MiB) after {i} of {count} entries",
+        MAX_TABLE_BYTES >> 20
+    )
+}
