@@ -18,7 +18,8 @@ use std::sync::Arc;
 
 use crate::cache::Caches;
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::{self, CompressedBlock, Format, Layer, Mapping, OpenCtx};
+use crate::format::{self, Below, CompressedBlock, Format, Layer, Mapping, OpenCtx, WriteLayer};
+use crate::host::HostFile;
 use crate::policy::OpenPolicy;
 
 /// Default bound on the number of layers in a chain.
@@ -76,11 +77,19 @@ pub struct Chain {
 impl Chain {
     /// Opens the image at `path` and its whole backing chain.
     pub fn open(path: &Path, opts: &ChainOptions, caches: &Arc<Caches>) -> Result<Chain> {
+        let top_file = opts.policy.open_path(path, opts.writable)?;
+        Self::open_on(top_file, opts, caches)
+    }
+
+    /// Opens a chain whose top image is the already open `top_file` (a
+    /// temporary overlay, say) and whose backing files are named inside it.
+    pub fn open_on(top_file: Arc<HostFile>, opts: &ChainOptions, caches: &Arc<Caches>) -> Result<Chain> {
+        let path = top_file.path().to_path_buf();
+        let path = path.as_path();
         let mut policy = opts.policy.clone();
         if policy.untrusted && policy.root.is_none() {
             policy.root = Some(path.parent().unwrap_or(Path::new(".")).to_path_buf());
         }
-        let top_file = policy.open_path(path, opts.writable)?;
         let top_format = match opts.format {
             Some(f) => f,
             None => format::detect(&top_file)?,
@@ -91,6 +100,13 @@ impl Chain {
             writable: opts.writable,
         };
         let top = format::open_layer_on(top_file, top_format, &top_ctx)?;
+        if opts.writable && top.as_write().is_none() {
+            return Err(Error::unsupported(format!(
+                "{} images of this kind cannot be written in place; use --overlay FILE or --snapshot",
+                top.format()
+            ))
+            .with_path(path));
+        }
         let mut seen = HashSet::new();
         let mut layers = vec![top];
         record_identity(&layers[0], &mut seen)?;
@@ -249,6 +265,52 @@ impl Chain {
         Ok(())
     }
 
+    /// True when the top layer was opened for writing.
+    pub fn is_writable(&self) -> bool {
+        self.layers[0].as_write().is_some()
+    }
+
+    fn writer(&self) -> Result<&dyn WriteLayer> {
+        self.layers[0].as_write().ok_or_else(|| {
+            Error::new(ErrorKind::ReadOnly, "the disk is mounted read-only")
+                .with_path(self.layers[0].path())
+        })
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(Error::new(ErrorKind::OutOfRange, "beyond the end of the disk").at(offset)),
+        }
+    }
+
+    /// Writes `buf` at guest `offset` into the top layer; partial
+    /// allocation units are completed from the layers below.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let below = LayersBelow { chain: self };
+        self.writer()?
+            .write_at(buf, offset, &below)
+            .map_err(|e| e.with_path(self.layers[0].path()))
+    }
+
+    /// Makes a range read as zeros (discard, punch hole, zero range).
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        let below = LayersBelow { chain: self };
+        self.writer()?
+            .write_zeroes(offset, len, &below)
+            .map_err(|e| e.with_path(self.layers[0].path()))
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> Result<()> {
+        match self.layers[0].as_write() {
+            Some(w) => w.flush().map_err(|e| e.with_path(self.layers[0].path())),
+            None => Ok(()),
+        }
+    }
+
     /// Whether the run at `offset` (at most `max_len` bytes) holds data in
     /// any layer, and the run's length.
     pub fn status(&self, offset: u64, max_len: u64) -> Result<(Status, u64)> {
@@ -288,6 +350,17 @@ impl Chain {
             pos += n;
         }
         Ok(total)
+    }
+}
+
+/// What the layers under the top one hold, for copy-on-write.
+struct LayersBelow<'a> {
+    chain: &'a Chain,
+}
+
+impl Below for LayersBelow<'_> {
+    fn read_below(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.chain.read_layer(1, buf, offset)
     }
 }
 
