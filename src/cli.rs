@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::format::Format;
 use crate::fs::{Access, Disk, VdiskFs};
 use crate::info;
+use crate::overlay::{self, WriteMode};
 use crate::policy::OpenPolicy;
 
 /// Mount virtual-disk images (qcow2, qcow, VMDK, raw, and chains of them) as raw files.
@@ -74,15 +75,18 @@ pub struct MountArgs {
     /// Log file of the detached daemon (default: syslog).
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
-    /// Write into the top image in place (not implemented yet).
+    /// Write into the top image in place (qcow2, sparse VMDK, qcow, raw).
     #[arg(long, conflicts_with_all = ["overlay", "snapshot"])]
     pub rw: bool,
-    /// Send writes to a qcow2 overlay FILE (not implemented yet).
+    /// Send writes to a qcow2 overlay FILE backed by the image (created if missing); the image is never written.
     #[arg(long, value_name = "FILE", conflicts_with = "snapshot")]
     pub overlay: Option<PathBuf>,
-    /// Send writes to a temporary overlay discarded at unmount (not implemented yet).
+    /// Send writes to a temporary overlay that disappears at unmount (and after a crash).
     #[arg(long)]
     pub snapshot: bool,
+    /// Write even if another process (a VM, qemu-img) holds the image's locks.
+    #[arg(long)]
+    pub force_lock: bool,
     /// Let other users reach the mount (needs user_allow_other in /etc/fuse.conf for non-root).
     #[arg(long)]
     pub allow_other: bool,
@@ -348,14 +352,11 @@ struct MountPlan {
     mountpoint: PathBuf,
     single_file: bool,
     chain_opts: ChainOptions,
+    mode: WriteMode,
+    force_lock: bool,
 }
 
 fn plan(args: &MountArgs) -> Result<MountPlan> {
-    if args.rw || args.overlay.is_some() || args.snapshot {
-        return Err(Error::unsupported(
-            "writing (--rw, --overlay, --snapshot) is not implemented yet; mount read-only",
-        ));
-    }
     let (mountpoint, images) = args
         .paths
         .split_last()
@@ -400,6 +401,18 @@ fn plan(args: &MountArgs) -> Result<MountPlan> {
         }
         named.push((abs, name));
     }
+    let mode = if args.rw {
+        WriteMode::InPlace
+    } else if let Some(o) = &args.overlay {
+        if named.len() != 1 {
+            return Err(Error::invalid("--overlay takes exactly one image"));
+        }
+        WriteMode::Overlay(o.clone())
+    } else if args.snapshot {
+        WriteMode::Snapshot
+    } else {
+        WriteMode::ReadOnly
+    };
     let chain_opts = ChainOptions {
         format: args.format,
         policy: OpenPolicy {
@@ -418,6 +431,8 @@ fn plan(args: &MountArgs) -> Result<MountPlan> {
         mountpoint,
         single_file,
         chain_opts,
+        mode,
+        force_lock: args.force_lock,
     })
 }
 
@@ -426,7 +441,7 @@ fn open_disks(plan: &MountPlan, cache_size: u64) -> Result<Vec<Disk>> {
     let caches: Arc<Caches> = Caches::new(cache_bytes);
     let mut disks = Vec::new();
     for (path, name) in &plan.images {
-        let chain = Chain::open(path, &plan.chain_opts, &caches)?;
+        let chain = overlay::open(path, &plan.mode, &plan.chain_opts, &caches, plan.force_lock)?;
         let xattrs = disk_xattrs(&chain);
         disks.push(Disk::new(name.clone(), Arc::new(chain), xattrs));
     }
@@ -486,7 +501,9 @@ fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<
     let access = Access {
         uid: args.uid.unwrap_or(uid),
         gid: args.gid.unwrap_or(gid),
-        mode: args.mode.unwrap_or(0o400),
+        mode: args
+            .mode
+            .unwrap_or(if plan.mode.writable() { 0o600 } else { 0o400 }),
     };
     let fsname = plan
         .images
@@ -501,7 +518,7 @@ fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<
         &plan.mountpoint,
         &crate::fs::MountConfig {
             fsname,
-            read_only: true,
+            read_only: !plan.mode.writable(),
             allow_other: args.allow_other,
             threads: args.threads.max(1),
         },
@@ -510,7 +527,7 @@ fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<
     let _state = StateFile::create(&MountState {
         mountpoint: plan.mountpoint.clone(),
         images: plan.images.iter().map(|(p, _)| p.clone()).collect(),
-        mode: "ro".into(),
+        mode: plan.mode.name().into(),
         pid: std::process::id(),
     })
     .map_err(|e| log::warn!("{e}; vdiskfs list will not show this mount"))

@@ -8,15 +8,17 @@
 //! This is the only module that imports `fuser`.
 
 use std::ffi::{OsStr, OsString};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig,
     LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
-use log::{debug, error};
+use log::{debug, error, info};
 
 use crate::chain::{Chain, Status};
 use crate::error::Error;
@@ -38,7 +40,8 @@ pub struct Disk {
     pub chain: Arc<Chain>,
     /// Extended attributes (`user.vdiskfs.*`) describing the disk.
     pub xattrs: Vec<(String, Vec<u8>)>,
-    blocks: OnceLock<u64>,
+    blocks: AtomicU64,
+    blocks_valid: AtomicBool,
 }
 
 impl Disk {
@@ -48,13 +51,22 @@ impl Disk {
             name,
             chain,
             xattrs,
-            blocks: OnceLock::new(),
+            blocks: AtomicU64::new(0),
+            blocks_valid: AtomicBool::new(false),
         }
+    }
+
+    /// Forgets the cached allocation count after the disk changed.
+    fn invalidate_blocks(&self) {
+        self.blocks_valid.store(false, Ordering::Relaxed);
     }
 
     /// Allocated guest data in 512-byte blocks (for `st_blocks` and `du`).
     fn blocks(&self) -> u64 {
-        *self.blocks.get_or_init(|| {
+        if self.blocks_valid.load(Ordering::Relaxed) {
+            return self.blocks.load(Ordering::Relaxed);
+        }
+        let n = {
             let size = self.chain.size();
             let mut pos = 0;
             let mut data = 0;
@@ -67,11 +79,17 @@ impl Disk {
                         pos += n.max(1);
                     }
                     // Unknown allocation counts as data: du must not under-report.
-                    Err(_) => return size.div_ceil(512),
+                    Err(_) => {
+                        data = size;
+                        break;
+                    }
                 }
             }
             data.div_ceil(512)
-        })
+        };
+        self.blocks.store(n, Ordering::Relaxed);
+        self.blocks_valid.store(true, Ordering::Relaxed);
+        n
     }
 }
 
@@ -380,10 +398,12 @@ impl Filesystem for VdiskFs {
         if self.disk(ino).is_none() {
             return reply.error(Errno::EISDIR);
         }
-        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+        let disk = self.disk(ino).expect("checked above");
+        if flags.acc_mode() != OpenAccMode::O_RDONLY && !disk.chain.is_writable() {
             return reply.error(Errno::EROFS);
         }
-        // Read-only and immutable: the kernel page cache may keep what it read.
+        // Every change goes through this mount (and so through the kernel's
+        // page cache), so the kernel may keep what it read across opens.
         reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
@@ -416,6 +436,39 @@ impl Filesystem for VdiskFs {
         }
     }
 
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let Some(disk) = self.disk(ino) else {
+            return reply.error(Errno::EISDIR);
+        };
+        let size = disk.chain.size();
+        if offset >= size {
+            // The disk has a fixed size, like a block device.
+            return reply.error(Errno::ENOSPC);
+        }
+        let len = (data.len() as u64).min(size - offset) as usize;
+        match disk.chain.write_at(&data[..len], offset) {
+            Ok(()) => {
+                disk.invalidate_blocks();
+                reply.written(len as u32)
+            }
+            Err(e) => {
+                error!("write of {len} bytes at {offset:#x} of {:?}: {e}", disk.name);
+                reply.error(errno(&e))
+            }
+        }
+    }
+
     fn flush(
         &self,
         _req: &Request,
@@ -430,12 +483,107 @@ impl Filesystem for VdiskFs {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        let Some(disk) = self.disk(ino) else {
+            return reply.ok();
+        };
+        match disk.chain.flush() {
+            Ok(()) => reply.ok(),
+            Err(e) => {
+                error!("fsync of {:?}: {e}", disk.name);
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let Some(disk) = self.disk(ino) else {
+            return reply.error(Errno::EISDIR);
+        };
+        if !disk.chain.is_writable() {
+            return reply.error(Errno::EROFS);
+        }
+        let size = disk.chain.size();
+        let Some(end) = offset.checked_add(length) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let op = mode & !libc::FALLOC_FL_KEEP_SIZE;
+        if end > size && !keep {
+            // The size of a disk never changes.
+            return reply.error(Errno::ENOSPC);
+        }
+        let end = end.min(size);
+        let result = match op {
+            // Preallocation: every byte of the disk already exists.
+            0 => Ok(()),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE if offset < end => {
+                disk.chain.write_zeroes(offset, end - offset)
+            }
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE => Ok(()),
+            _ => return reply.error(Errno::EOPNOTSUPP),
+        };
+        match result {
+            Ok(()) => {
+                disk.invalidate_blocks();
+                reply.ok()
+            }
+            Err(e) => {
+                error!("fallocate({mode:#x}) of {length} bytes at {offset:#x} of {:?}: {e}", disk.name);
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let Some(attr) = self.attr(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match size {
+            // A disk's size is fixed: truncate is refused (qemu's export would resize the image).
+            Some(s) if s != attr.size => reply.error(Errno::EPERM),
+            // Mode, owner and times are set at mount time; accept and ignore.
+            _ => reply.attr(&TTL, &attr),
+        }
+    }
+
+    fn destroy(&mut self) {
+        for d in &self.disks {
+            match d.chain.flush() {
+                Ok(()) => info!("flushed {:?}", d.name),
+                Err(e) => error!("final flush of {:?} failed: {e}", d.name),
+            }
+        }
     }
 
     fn readdir(

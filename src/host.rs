@@ -78,6 +78,21 @@ impl HostFile {
         }))
     }
 
+    /// Wraps an already open regular file (an anonymous temporary file,
+    /// say) under a display `path`.
+    pub fn from_file(file: File, path: PathBuf, writable: bool) -> Result<Arc<HostFile>> {
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io("cannot stat", e).with_path(&path))?
+            .len();
+        Ok(Arc::new(HostFile {
+            file,
+            path,
+            len,
+            writable,
+        }))
+    }
+
     /// The path the file was opened under.
     pub fn path(&self) -> &Path {
         &self.path
