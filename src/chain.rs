@@ -335,21 +335,39 @@ impl Chain {
         })
     }
 
-    /// Guest bytes that layer `idx` itself stores (data or compressed).
-    pub fn layer_allocated(&self, idx: usize) -> Result<u64> {
+    /// Guest bytes that layer `idx` itself stores (data or compressed), and
+    /// the first mapping error met on the way, if any. Damaged ranges are
+    /// skipped a cluster at a time and counted as not stored, so one bad
+    /// table entry does not hide the rest of the report.
+    pub fn layer_allocated(&self, idx: usize) -> (u64, Option<Error>) {
         let layer = &self.layers[idx];
         let size = layer.virtual_size();
+        let step = layer.info().cluster_size.unwrap_or(65536).max(512);
         let mut pos = 0;
         let mut total = 0;
+        let mut first_error = None;
+        let mut errors = 0u32;
         while pos < size {
-            let (m, n) = layer.map(pos, size - pos).map_err(|e| e.with_path(layer.path()))?;
-            let n = n.clamp(1, size - pos);
-            if matches!(m, Mapping::Data { .. } | Mapping::Compressed(_)) {
-                total += n;
+            match layer.map(pos, size - pos) {
+                Ok((m, n)) => {
+                    let n = n.clamp(1, size - pos);
+                    if matches!(m, Mapping::Data { .. } | Mapping::Compressed(_)) {
+                        total += n;
+                    }
+                    pos += n;
+                }
+                Err(e) => {
+                    errors += 1;
+                    first_error.get_or_insert(e.with_path(layer.path()));
+                    if errors > 4096 {
+                        // Give up counting on a thoroughly damaged image.
+                        break;
+                    }
+                    pos = (pos / step + 1).saturating_mul(step);
+                }
             }
-            pos += n;
         }
-        Ok(total)
+        (total, first_error)
     }
 }
 
