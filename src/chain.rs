@@ -83,7 +83,11 @@ impl Chain {
 
     /// Opens a chain whose top image is the already open `top_file` (a
     /// temporary overlay, say) and whose backing files are named inside it.
-    pub fn open_on(top_file: Arc<HostFile>, opts: &ChainOptions, caches: &Arc<Caches>) -> Result<Chain> {
+    pub fn open_on(
+        top_file: Arc<HostFile>,
+        opts: &ChainOptions,
+        caches: &Arc<Caches>,
+    ) -> Result<Chain> {
         let path = top_file.path().to_path_buf();
         let path = path.as_path();
         let mut policy = opts.policy.clone();
@@ -209,7 +213,9 @@ impl Chain {
                 break;
             }
             let want = ((buf.len() - done) as u64).min(size - pos);
-            let (mapping, n) = layer.map(pos, want).map_err(|e| e.with_path(layer.path()))?;
+            let (mapping, n) = layer
+                .map(pos, want)
+                .map_err(|e| e.with_path(layer.path()))?;
             if n == 0 || n > want {
                 return Err(Error::corrupt(format!(
                     "driver mapped a run of {n} bytes where 1..={want} were asked"
@@ -326,7 +332,9 @@ impl Chain {
             return Ok((Status::Hole, max_len));
         }
         let want = max_len.min(size - offset);
-        let (mapping, n) = layer.map(offset, want).map_err(|e| e.with_path(layer.path()))?;
+        let (mapping, n) = layer
+            .map(offset, want)
+            .map_err(|e| e.with_path(layer.path()))?;
         let n = n.clamp(1, want);
         Ok(match mapping {
             Mapping::Data { .. } | Mapping::Compressed(_) => (Status::Data, n),

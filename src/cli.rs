@@ -175,7 +175,11 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
-    let mult: u64 = match unit.to_ascii_lowercase().trim_end_matches("ib").trim_end_matches('b') {
+    let mult: u64 = match unit
+        .to_ascii_lowercase()
+        .trim_end_matches("ib")
+        .trim_end_matches('b')
+    {
         "" => 1,
         "k" => 1 << 10,
         "m" => 1 << 20,
@@ -183,7 +187,8 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         "t" => 1 << 40,
         _ => return Err(format!("bad size unit in {s:?} (use K, M, G or T)")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 fn parse_mode(s: &str) -> std::result::Result<u16, String> {
@@ -255,13 +260,21 @@ fn detached_log_target(cli: &Cli) -> Option<env_logger::Target> {
     };
     m.notify_fd?;
     if let Some(p) = &m.log_file {
-        match std::fs::OpenOptions::new().create(true).append(true).open(p) {
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+        {
             Ok(f) => return Some(env_logger::Target::Pipe(Box::new(f))),
-            Err(e) => crate::daemon::Syslog::new()
-                .line(&format!("cannot open log file {}: {e}; logging to syslog", p.display())),
+            Err(e) => crate::daemon::Syslog::new().line(&format!(
+                "cannot open log file {}: {e}; logging to syslog",
+                p.display()
+            )),
         }
     }
-    Some(env_logger::Target::Pipe(Box::new(crate::daemon::Syslog::new())))
+    Some(env_logger::Target::Pipe(Box::new(
+        crate::daemon::Syslog::new(),
+    )))
 }
 
 fn init_logging(cli: &Cli, target: Option<env_logger::Target>) {
@@ -341,7 +354,13 @@ fn list_cmd(args: &ListArgs) -> Result<()> {
             ),
             None => ("?".into(), "-".into(), m.source.clone()),
         };
-        println!("{:<30} {:<8} {:>8}  {}", m.mountpoint.display(), mode, pid, images);
+        println!(
+            "{:<30} {:<8} {:>8}  {}",
+            m.mountpoint.display(),
+            mode,
+            pid,
+            images
+        );
     }
     Ok(())
 }
@@ -371,10 +390,10 @@ fn plan(args: &MountArgs) -> Result<MountPlan> {
         .map_err(|e| Error::io("mount point", e).with_path(&mountpoint))?;
     let single_file = if meta.is_file() {
         if images.len() != 1 {
-            return Err(Error::invalid(
-                "a regular file as mount point takes exactly one image",
-            )
-            .with_path(&mountpoint));
+            return Err(
+                Error::invalid("a regular file as mount point takes exactly one image")
+                    .with_path(&mountpoint),
+            );
         }
         true
     } else if meta.is_dir() {
@@ -453,7 +472,10 @@ fn disk_xattrs(chain: &Chain) -> Vec<(String, Vec<u8>)> {
     let top = &chain.layers()[0];
     let li = top.info();
     let mut x = vec![
-        ("user.vdiskfs.format".to_string(), li.format.name().as_bytes().to_vec()),
+        (
+            "user.vdiskfs.format".to_string(),
+            li.format.name().as_bytes().to_vec(),
+        ),
         (
             "user.vdiskfs.virtual_size".to_string(),
             chain.size().to_string().into_bytes(),
@@ -553,7 +575,10 @@ mod tests {
 
     #[test]
     fn exposed_names_drop_the_last_extension() {
-        assert_eq!(exposed_name(Path::new("/a/disk.qcow2")).unwrap(), "disk.raw");
+        assert_eq!(
+            exposed_name(Path::new("/a/disk.qcow2")).unwrap(),
+            "disk.raw"
+        );
         assert_eq!(
             exposed_name(Path::new("win10-000001.vmdk")).unwrap(),
             "win10-000001.raw"

@@ -311,7 +311,10 @@ pub fn mount(
 }
 
 /// Opens /dev/fuse and mounts it on `mountpoint` as `fuse.vdiskfs`.
-fn mount_sys(mountpoint: &std::path::Path, cfg: &MountConfig) -> std::io::Result<std::os::fd::OwnedFd> {
+fn mount_sys(
+    mountpoint: &std::path::Path,
+    cfg: &MountConfig,
+) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::{AsRawFd, OwnedFd};
     use std::os::unix::fs::MetadataExt;
     let dev = std::fs::OpenOptions::new()
@@ -339,7 +342,10 @@ fn mount_sys(mountpoint: &std::path::Path, cfg: &MountConfig) -> std::io::Result
     if cfg.read_only {
         flags |= libc::MS_RDONLY;
     }
-    let c = |s: &[u8]| std::ffi::CString::new(s).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    let c = |s: &[u8]| {
+        std::ffi::CString::new(s)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
     let source = c(cfg.fsname.as_bytes())?;
     let target = c(mountpoint.as_os_str().as_encoded_bytes())?;
     let opts = c(opts.as_bytes())?;
@@ -381,7 +387,11 @@ impl Filesystem for VdiskFs {
         match self.disks.iter().position(|d| d.name == name) {
             Some(idx) => {
                 let ino = self.disk_ino(idx);
-                reply.entry(&TTL, &self.file_attr(ino, &self.disks[idx]), fuser::Generation(0))
+                reply.entry(
+                    &TTL,
+                    &self.file_attr(ino, &self.disks[idx]),
+                    fuser::Generation(0),
+                )
             }
             None => reply.error(Errno::ENOENT),
         }
@@ -463,7 +473,10 @@ impl Filesystem for VdiskFs {
                 reply.written(len as u32)
             }
             Err(e) => {
-                error!("write of {len} bytes at {offset:#x} of {:?}: {e}", disk.name);
+                error!(
+                    "write of {len} bytes at {offset:#x} of {:?}: {e}",
+                    disk.name
+                );
                 reply.error(errno(&e))
             }
         }
@@ -542,7 +555,10 @@ impl Filesystem for VdiskFs {
                 reply.ok()
             }
             Err(e) => {
-                error!("fallocate({mode:#x}) of {length} bytes at {offset:#x} of {:?}: {e}", disk.name);
+                error!(
+                    "fallocate({mode:#x}) of {length} bytes at {offset:#x} of {:?}: {e}",
+                    disk.name
+                );
                 reply.error(errno(&e))
             }
         }
@@ -613,7 +629,11 @@ impl Filesystem for VdiskFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let total: u64 = self.disks.iter().map(|d| d.chain.size().div_ceil(4096)).sum();
+        let total: u64 = self
+            .disks
+            .iter()
+            .map(|d| d.chain.size().div_ceil(4096))
+            .sum();
         reply.statfs(total, 0, 0, self.disks.len() as u64 + 1, 0, 4096, 255, 4096);
     }
 

@@ -165,11 +165,15 @@ impl HostFile {
     /// Writes all of `buf` at `offset`.
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         if !self.writable {
-            return Err(Error::new(ErrorKind::ReadOnly, "file is open read-only").with_path(&self.path));
+            return Err(
+                Error::new(ErrorKind::ReadOnly, "file is open read-only").with_path(&self.path)
+            );
         }
-        self.file
-            .write_all_at(buf, offset)
-            .map_err(|e| Error::io("write failed", e).at(offset).with_path(&self.path))
+        self.file.write_all_at(buf, offset).map_err(|e| {
+            Error::io("write failed", e)
+                .at(offset)
+                .with_path(&self.path)
+        })
     }
 
     /// Deallocates `len` bytes at `offset` (they read as zeros afterwards)
@@ -178,7 +182,9 @@ impl HostFile {
     pub fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
         use std::os::fd::AsRawFd;
         if !self.writable {
-            return Err(Error::new(ErrorKind::ReadOnly, "file is open read-only").with_path(&self.path));
+            return Err(
+                Error::new(ErrorKind::ReadOnly, "file is open read-only").with_path(&self.path)
+            );
         }
         let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
             return Err(Error::new(ErrorKind::OutOfRange, "hole beyond any file size").at(offset));
@@ -197,7 +203,9 @@ impl HostFile {
         }
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-            return Err(Error::io("punching a hole failed", e).at(offset).with_path(&self.path));
+            return Err(Error::io("punching a hole failed", e)
+                .at(offset)
+                .with_path(&self.path));
         }
         let zeros = vec![0u8; 1 << 20];
         let mut done = 0;

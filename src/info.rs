@@ -76,7 +76,10 @@ pub fn gather(chain: &Chain) -> Result<ImageInfo> {
             damage: damage.map(|e| e.to_string()),
             disk_size: files.iter().map(|f| f.host_allocated()).sum(),
             backing_filename: layer.backing().map(|b| b.name),
-            files: files.iter().map(|f| f.path().display().to_string()).collect(),
+            files: files
+                .iter()
+                .map(|f| f.path().display().to_string())
+                .collect(),
         });
     }
     let top = &links[0];
@@ -126,7 +129,11 @@ pub fn to_text(info: &ImageInfo) -> String {
     }
     if !info.snapshots.is_empty() {
         let _ = writeln!(s, "snapshots:");
-        let _ = writeln!(s, "  {:<6} {:<24} {:>12} {:>12}", "ID", "NAME", "DISK SIZE", "VM STATE");
+        let _ = writeln!(
+            s,
+            "  {:<6} {:<24} {:>12} {:>12}",
+            "ID", "NAME", "DISK SIZE", "VM STATE"
+        );
         for snap in &info.snapshots {
             let _ = writeln!(
                 s,

@@ -34,12 +34,26 @@ pub fn lock_for_write(file: &HostFile, force: bool) -> Result<()> {
     if !force {
         for &p in &used {
             if held_by_other(file, SHARED_BASE + p as i64)? {
-                return Err(conflict(file, &format!("another process does not share the {} permission", PERM_NAMES[p as usize]), SHARED_BASE + p as i64));
+                return Err(conflict(
+                    file,
+                    &format!(
+                        "another process does not share the {} permission",
+                        PERM_NAMES[p as usize]
+                    ),
+                    SHARED_BASE + p as i64,
+                ));
             }
         }
         for &p in &not_shared {
             if held_by_other(file, PERM_BASE + p as i64)? {
-                return Err(conflict(file, &format!("another process holds the {} permission", PERM_NAMES[p as usize]), PERM_BASE + p as i64));
+                return Err(conflict(
+                    file,
+                    &format!(
+                        "another process holds the {} permission",
+                        PERM_NAMES[p as usize]
+                    ),
+                    PERM_BASE + p as i64,
+                ));
             }
         }
     }
@@ -70,7 +84,10 @@ fn held_by_other(file: &HostFile, byte: i64) -> Result<bool> {
     // SAFETY: fl is a valid flock; the descriptor is ours.
     let rc = unsafe { libc::fcntl(file.file().as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
     if rc != 0 {
-        return Err(Error::io("cannot test image lock", std::io::Error::last_os_error()).with_path(file.path()));
+        return Err(
+            Error::io("cannot test image lock", std::io::Error::last_os_error())
+                .with_path(file.path()),
+        );
     }
     Ok(fl.l_type != libc::F_UNLCK as i16)
 }
@@ -81,7 +98,11 @@ fn set_lock(file: &HostFile, byte: i64) -> Result<()> {
     let rc = unsafe { libc::fcntl(file.file().as_raw_fd(), libc::F_OFD_SETLK, &fl) };
     if rc != 0 {
         let e = std::io::Error::last_os_error();
-        return Err(conflict(file, &format!("cannot lock byte {byte}: {e}"), byte));
+        return Err(conflict(
+            file,
+            &format!("cannot lock byte {byte}: {e}"),
+            byte,
+        ));
     }
     Ok(())
 }
@@ -95,7 +116,9 @@ fn conflict(file: &HostFile, what: &str, byte: i64) -> Error {
     };
     Error::new(
         ErrorKind::Locked,
-        format!("image is in use: {what}{who}; is a VM or qemu-img using it? (--force-lock overrides)"),
+        format!(
+            "image is in use: {what}{who}; is a VM or qemu-img using it? (--force-lock overrides)"
+        ),
     )
     .with_path(file.path())
 }
@@ -131,7 +154,11 @@ fn holders(file: &HostFile, byte: i64) -> Vec<String> {
                             let f: Vec<&str> = l.split_whitespace().collect();
                             let (s, e) = (f[f.len() - 2], f[f.len() - 1]);
                             let s: i64 = s.parse().unwrap_or(-1);
-                            let e: i64 = if e == "EOF" { i64::MAX } else { e.parse().unwrap_or(-1) };
+                            let e: i64 = if e == "EOF" {
+                                i64::MAX
+                            } else {
+                                e.parse().unwrap_or(-1)
+                            };
                             s <= byte && byte <= e
                         }
                     })
@@ -152,7 +179,14 @@ mod tests {
     use std::sync::Arc;
 
     fn open_rw(path: &std::path::Path) -> Arc<HostFile> {
-        HostFile::open_with(path, crate::host::HostOpen { writable: true, ..Default::default() }).unwrap()
+        HostFile::open_with(
+            path,
+            crate::host::HostOpen {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .unwrap()
     }
 
     #[test]

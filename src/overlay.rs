@@ -87,9 +87,8 @@ pub fn open(
         }
         WriteMode::Snapshot => {
             let base = Chain::open(image, &ro, caches)?;
-            let tmp = tempfile::tempfile().map_err(|e| {
-                Error::io("cannot create the temporary snapshot overlay", e)
-            })?;
+            let tmp = tempfile::tempfile()
+                .map_err(|e| Error::io("cannot create the temporary snapshot overlay", e))?;
             let name = format!(
                 "{} (temporary snapshot overlay)",
                 std::env::temp_dir().join("vdiskfs").display()
@@ -135,7 +134,9 @@ fn open_or_create_overlay(file: &Path, image: &Path, base: &Chain) -> Result<Arc
         writable: true,
         ..Default::default()
     };
-    let exists = std::fs::metadata(file).map(|m| m.len() > 0).unwrap_or(false);
+    let exists = std::fs::metadata(file)
+        .map(|m| m.len() > 0)
+        .unwrap_or(false);
     if exists {
         let top = HostFile::open_with(file, how)?;
         let fmt = format::detect(&top)?;
@@ -148,7 +149,10 @@ fn open_or_create_overlay(file: &Path, image: &Path, base: &Chain) -> Result<Arc
         check_backs(&top, image)?;
         return Ok(top);
     }
-    let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let dir = dir
         .canonicalize()
         .map_err(|e| Error::io("cannot resolve the overlay's directory", e).with_path(file))?;
@@ -190,8 +194,10 @@ fn check_backs(top: &Arc<HostFile>, image: &Path) -> Result<()> {
     let probe = HostFile::open(top.path())?;
     let chain = Chain::open_on(probe, &opts, &caches)?;
     let Some(spec) = chain.layers()[0].backing() else {
-        return Err(Error::invalid("is a qcow2 image without a backing file, not an overlay of the image")
-            .with_path(top.path()));
+        return Err(Error::invalid(
+            "is a qcow2 image without a backing file, not an overlay of the image",
+        )
+        .with_path(top.path()));
     };
     let named = opts.policy.resolve(top.path(), &spec.name)?;
     let same = match (std::fs::metadata(&named), std::fs::metadata(image)) {
@@ -237,8 +243,17 @@ mod tests {
 
     #[test]
     fn relative_names() {
-        assert_eq!(relative_to(Path::new("/a/b/base.qcow2"), Path::new("/a/b")), "base.qcow2");
-        assert_eq!(relative_to(Path::new("/a/img/base.qcow2"), Path::new("/a/ov")), "../img/base.qcow2");
-        assert_eq!(relative_to(Path::new("/x/base"), Path::new("/y")), "/x/base");
+        assert_eq!(
+            relative_to(Path::new("/a/b/base.qcow2"), Path::new("/a/b")),
+            "base.qcow2"
+        );
+        assert_eq!(
+            relative_to(Path::new("/a/img/base.qcow2"), Path::new("/a/ov")),
+            "../img/base.qcow2"
+        );
+        assert_eq!(
+            relative_to(Path::new("/x/base"), Path::new("/y")),
+            "/x/base"
+        );
     }
 }

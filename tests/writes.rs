@@ -51,7 +51,12 @@ fn check_clean(img: &Path, fmt: &str) -> u64 {
     });
     let corrupt = v["corruptions"].as_u64().unwrap_or(0);
     let errors = v["check-errors"].as_u64().unwrap_or(0);
-    assert_eq!(corrupt + errors, 0, "qemu-img check {}: {text}", img.display());
+    assert_eq!(
+        corrupt + errors,
+        0,
+        "qemu-img check {}: {text}",
+        img.display()
+    );
     v["leaks"].as_u64().unwrap_or(0)
 }
 
@@ -139,9 +144,12 @@ fn filesystem_through_mount(base_fmt: &str, mode: &str) {
         };
         ok(Command::new("mkfs.ext4").args(["-q", "-F", &dev]))?;
         ok(Command::new("mount").arg(&dev).arg(&fsdir))?;
-        let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let payload: Vec<u8> = (0..3_000_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
         std::fs::write(fsdir.join("big.bin"), &payload).map_err(|e| e.to_string())?;
-        std::fs::write(fsdir.join("hello.txt"), b"written through vdiskfs\n").map_err(|e| e.to_string())?;
+        std::fs::write(fsdir.join("hello.txt"), b"written through vdiskfs\n")
+            .map_err(|e| e.to_string())?;
         ok(Command::new("umount").arg(&fsdir))?;
         Ok(())
     })();
@@ -157,17 +165,33 @@ fn filesystem_through_mount(base_fmt: &str, mode: &str) {
     check_clean(&top, top_fmt);
     // qemu's own view of the written disk, read with debugfs.
     let raw = d.path().join("qemu-view.raw");
-    qemu_img(&["convert", "-O", "raw", top.to_str().unwrap(), raw.to_str().unwrap()]);
-    let hello = run(Command::new("debugfs").args(["-R", "cat /hello.txt"]).arg(&raw));
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        top.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
+    let hello = run(Command::new("debugfs")
+        .args(["-R", "cat /hello.txt"])
+        .arg(&raw));
     assert_eq!(hello, "written through vdiskfs\n");
     let dumped = d.path().join("big.out");
     run(Command::new("debugfs")
         .args(["-R", &format!("dump /big.bin {}", dumped.display())])
         .arg(&raw));
-    let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-    assert!(std::fs::read(&dumped).unwrap() == payload, "big.bin differs");
+    let payload: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    assert!(
+        std::fs::read(&dumped).unwrap() == payload,
+        "big.bin differs"
+    );
     if mode == "overlay" {
-        assert!(std::fs::read(&img).unwrap() == base_before, "the base image changed");
+        assert!(
+            std::fs::read(&img).unwrap() == base_before,
+            "the base image changed"
+        );
     }
 }
 
@@ -200,7 +224,10 @@ fn overlay_is_reused_and_must_match_its_base() {
     let ov = d.path().join("ov.qcow2");
     let ovs = ov.to_str().unwrap();
     let m = Mounted::new(&[&img], &["--overlay", ovs]);
-    let f = std::fs::OpenOptions::new().write(true).open(m.file("disk.raw")).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.file("disk.raw"))
+        .unwrap();
     f.write_all_at(&[0x42; 4096], 4096).unwrap();
     f.sync_all().unwrap();
     drop(f);
@@ -213,14 +240,19 @@ fn overlay_is_reused_and_must_match_its_base() {
     // Reused: the earlier write is still there.
     let m = Mounted::new(&[&img], &["--overlay", ovs]);
     let mut buf = [0u8; 4096];
-    std::fs::File::open(m.file("disk.raw")).unwrap().read_exact_at(&mut buf, 4096).unwrap();
+    std::fs::File::open(m.file("disk.raw"))
+        .unwrap()
+        .read_exact_at(&mut buf, 4096)
+        .unwrap();
     assert_eq!(buf, [0x42; 4096]);
     m.unmount();
     assert!(std::fs::read(&img).unwrap() == before, "base changed");
     // An overlay of another image is refused.
     let other = d.path().join("other.qcow2");
     qemu_img(&["create", "-f", "qcow2", other.to_str().unwrap(), "8M"]);
-    let err = Mounted::try_new(&[&other], &["--overlay", ovs]).err().expect("refused");
+    let err = Mounted::try_new(&[&other], &["--overlay", ovs])
+        .err()
+        .expect("refused");
     assert!(err.contains("overlay of"), "{err}");
 }
 
@@ -232,7 +264,11 @@ fn snapshot_writes_vanish_and_leave_images_untouched() {
         let before = std::fs::read(&img).unwrap();
         let mtime = std::fs::metadata(&img).unwrap().mtime();
         let m = Mounted::new(&[&img], &["--snapshot"]);
-        let f = std::fs::OpenOptions::new().read(true).write(true).open(m.file("disk.raw")).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(m.file("disk.raw"))
+            .unwrap();
         f.write_all_at(&[0x99; 65536], 1 << 20).unwrap();
         f.sync_all().unwrap();
         let mut buf = [0u8; 65536];
@@ -240,7 +276,10 @@ fn snapshot_writes_vanish_and_leave_images_untouched() {
         assert_eq!(buf, [0x99; 65536]);
         drop(f);
         m.unmount();
-        assert!(std::fs::read(&img).unwrap() == before, "{fmt}: image changed");
+        assert!(
+            std::fs::read(&img).unwrap() == before,
+            "{fmt}: image changed"
+        );
         assert_eq!(std::fs::metadata(&img).unwrap().mtime(), mtime);
         std::fs::remove_file(&img).unwrap();
     }
@@ -252,11 +291,13 @@ fn discard_from_fstrim_shrinks_the_host_image() {
     let d = scratch();
     let img = make(d.path(), "qcow2", "128M");
     let m = Mounted::new(&[&img], &["--rw"]);
-    let dev = run(Command::new("losetup").args(["-f", "--show"]).arg(m.file("disk.raw")));
+    let dev = run(Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(m.file("disk.raw")));
     let dev = dev.trim().to_string();
     let fsdir = d.path().join("fs");
     std::fs::create_dir(&fsdir).unwrap();
-    let outcome = (|| {
+    let fill_and_trim = || {
         run(Command::new("mkfs.ext4").args(["-q", "-F", "-E", "nodiscard", &dev]));
         run(Command::new("mount").arg(&dev).arg(&fsdir));
         let junk = vec![0x5au8; 32 << 20];
@@ -268,7 +309,8 @@ fn discard_from_fstrim_shrinks_the_host_image() {
         run(&mut Command::new("sync"));
         let trimmed = std::fs::metadata(&img).unwrap().blocks() * 512;
         (full, trimmed)
-    })();
+    };
+    let outcome = fill_and_trim();
     let _ = Command::new("umount").arg(&fsdir).status();
     let _ = Command::new("losetup").args(["-d", &dev]).status();
     m.unmount();
@@ -285,7 +327,10 @@ fn writes_past_the_end_fail_and_truncate_is_refused() {
     let d = scratch();
     let img = make(d.path(), "qcow2", "1M");
     let m = Mounted::new(&[&img], &["--rw"]);
-    let f = std::fs::OpenOptions::new().write(true).open(m.file("disk.raw")).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.file("disk.raw"))
+        .unwrap();
     let e = f.write_at(&[1u8; 4096], 1 << 20).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
     let e = f.set_len(1 << 19).unwrap_err();
@@ -312,7 +357,9 @@ fn locks_keep_two_writers_apart() {
         .unwrap();
     assert!(!out.status.success(), "qemu-io wrote a locked image");
     // A second vdiskfs writer is refused, naming the holder.
-    let err = Mounted::try_new(&[&img], &["--rw"]).err().expect("second writer refused");
+    let err = Mounted::try_new(&[&img], &["--rw"])
+        .err()
+        .expect("second writer refused");
     assert!(err.contains("in use") && err.contains("vdiskfs"), "{err}");
     m.unmount();
     // And we refuse an image qemu-storage-daemon writes.
@@ -320,11 +367,17 @@ fn locks_keep_two_writers_apart() {
     std::fs::write(&view, b"").unwrap();
     let mut qsd = Command::new("qemu-storage-daemon")
         .arg("--blockdev")
-        .arg(format!("driver=file,node-name=f,filename={}", img.display()))
+        .arg(format!(
+            "driver=file,node-name=f,filename={}",
+            img.display()
+        ))
         .arg("--blockdev")
         .arg("driver=qcow2,node-name=q,file=f")
         .arg("--export")
-        .arg(format!("type=fuse,id=e,node-name=q,mountpoint={},writable=on", view.display()))
+        .arg(format!(
+            "type=fuse,id=e,node-name=q,mountpoint={},writable=on",
+            view.display()
+        ))
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(800));
@@ -408,7 +461,10 @@ fn crash_test(fmt: &str, rounds: usize) {
             "{fmt}: acknowledged write at {off:#x} lost"
         );
     }
-    eprintln!("{fmt}: {} acknowledged writes survived {rounds} SIGKILLs; {leaks} leaked clusters", acked.len());
+    eprintln!(
+        "{fmt}: {} acknowledged writes survived {rounds} SIGKILLs; {leaks} leaked clusters",
+        acked.len()
+    );
 }
 
 #[test]
