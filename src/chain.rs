@@ -271,6 +271,15 @@ impl Chain {
         Ok(())
     }
 
+    /// The host file holding the whole disk byte for byte, when the chain
+    /// is a single layer that has one (a raw image): FUSE passthrough.
+    pub fn passthrough_file(&self) -> Option<Arc<HostFile>> {
+        match self.layers.as_slice() {
+            [only] if only.virtual_size() == self.size() => only.passthrough_file(),
+            _ => None,
+        }
+    }
+
     /// True when the top layer was opened for writing.
     pub fn is_writable(&self) -> bool {
         self.layers[0].as_write().is_some()

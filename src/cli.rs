@@ -114,6 +114,9 @@ pub struct MountArgs {
     /// Refuse backing chains longer than this.
     #[arg(long, default_value_t = DEFAULT_MAX_DEPTH)]
     pub max_depth: usize,
+    /// Serve raw images through vdiskfs instead of the kernel's FUSE passthrough.
+    #[arg(long)]
+    pub no_passthrough: bool,
     /// FUSE worker threads.
     #[arg(long, default_value_t = default_threads())]
     pub threads: usize,
@@ -533,7 +536,10 @@ fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<
         .map(|(p, _)| p.display().to_string())
         .collect::<Vec<_>>()
         .join(",");
-    let fs = VdiskFs::new(disks, plan.single_file, access);
+    let mut fs = VdiskFs::new(disks, plan.single_file, access);
+    if args.no_passthrough {
+        fs = fs.without_passthrough();
+    }
     let sigset = daemon::block_signals();
     let mut session = crate::fs::mount(
         fs,

@@ -111,6 +111,11 @@ pub struct VdiskFs {
     single_file: bool,
     access: Access,
     mounted_at: SystemTime,
+    /// Kernel passthrough was negotiated (and not disabled).
+    passthrough: AtomicBool,
+    /// Open handles using passthrough, keeping their backing ids alive.
+    backing_ids: parking_lot::Mutex<std::collections::HashMap<u64, fuser::BackingId>>,
+    next_fh: AtomicU64,
 }
 
 impl VdiskFs {
@@ -122,6 +127,38 @@ impl VdiskFs {
             single_file,
             access,
             mounted_at: SystemTime::now(),
+            passthrough: AtomicBool::new(true),
+            backing_ids: parking_lot::Mutex::new(std::collections::HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    /// Turns off FUSE passthrough (on by default where the kernel has it).
+    pub fn without_passthrough(self) -> VdiskFs {
+        self.passthrough.store(false, Ordering::Relaxed);
+        self
+    }
+
+    /// Opens `disk` with kernel passthrough to its host file, when the whole
+    /// disk is one host file byte for byte; gives `reply` back otherwise.
+    fn try_passthrough(&self, disk: &Disk, reply: ReplyOpen) -> Option<ReplyOpen> {
+        if !self.passthrough.load(Ordering::Relaxed) {
+            return Some(reply);
+        }
+        let Some(file) = disk.chain.passthrough_file() else {
+            return Some(reply);
+        };
+        match reply.open_backing(file.file()) {
+            Ok(id) => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                self.backing_ids.lock().insert(fh, id);
+                None
+            }
+            Err(e) => {
+                debug!("passthrough unavailable for {:?}: {e}", disk.name);
+                Some(reply)
+            }
         }
     }
 
@@ -377,6 +414,19 @@ impl Filesystem for VdiskFs {
         if let Err(nearest) = config.set_max_readahead(MAX_REQUEST) {
             let _ = config.set_max_readahead(nearest);
         }
+        // FUSE passthrough: the kernel reads and writes the host file of a
+        // raw image itself. Needs kernel support and privileges; without
+        // them every open falls back to serving I/O here.
+        let wanted = self.passthrough.load(Ordering::Relaxed);
+        let ok = wanted
+            && config
+                .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+                .is_ok()
+            && config.set_max_stack_depth(1).is_ok();
+        self.passthrough.store(ok, Ordering::Relaxed);
+        if wanted && !ok {
+            info!("the kernel offers no FUSE passthrough; serving raw images in user space");
+        }
         Ok(())
     }
 
@@ -412,9 +462,26 @@ impl Filesystem for VdiskFs {
         if flags.acc_mode() != OpenAccMode::O_RDONLY && !disk.chain.is_writable() {
             return reply.error(Errno::EROFS);
         }
+        let Some(reply) = self.try_passthrough(disk, reply) else {
+            return;
+        };
         // Every change goes through this mount (and so through the kernel's
         // page cache), so the kernel may keep what it read across opens.
         reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.backing_ids.lock().remove(&fh.0);
+        reply.ok();
     }
 
     fn read(

@@ -211,6 +211,12 @@ pub trait Layer: Send + Sync {
     /// The id this layer uses in the shared caches.
     fn cache_id(&self) -> u64;
 
+    /// The host file that holds the whole guest disk byte for byte (a raw
+    /// image, a single flat extent at offset 0), for kernel passthrough.
+    fn passthrough_file(&self) -> Option<Arc<HostFile>> {
+        None
+    }
+
     /// The write side, when the layer was opened writable and its format
     /// (or subformat) can be written in place.
     fn as_write(&self) -> Option<&dyn WriteLayer> {

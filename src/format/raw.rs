@@ -62,6 +62,10 @@ impl Layer for Raw {
         self.cache_id
     }
 
+    fn passthrough_file(&self) -> Option<Arc<HostFile>> {
+        Some(self.file.clone())
+    }
+
     fn as_write(&self) -> Option<&dyn WriteLayer> {
         self.file.writable().then_some(self as &dyn WriteLayer)
     }
