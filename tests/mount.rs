@@ -308,11 +308,13 @@ fn bad_invocations_fail_with_one_line_naming_the_problem() {
         ),
         (
             vec![
-                "--rw".into(),
+                "--overlay".into(),
+                d.path().join("o.qcow2").display().to_string(),
                 img1.display().to_string(),
+                img2.display().to_string(),
                 mp.display().to_string(),
             ],
-            "not implemented",
+            "exactly one image",
         ),
         (
             vec![
