@@ -281,6 +281,7 @@ fn bad_invocations_fail_with_one_line_naming_the_problem() {
     let img2 = d.path().join("disk.qcow2");
     std::fs::write(&img1, vec![0u8; 4096]).unwrap();
     qemu_img(&["create", "-f", "qcow2", img2.to_str().unwrap(), "1M"]);
+    std::fs::copy(&img2, d.path().join("z.qcow2")).unwrap();
     let mp = d.path().join("mp");
     std::fs::create_dir(&mp).unwrap();
     let cases: Vec<(Vec<String>, &str)> = vec![
@@ -311,7 +312,11 @@ fn bad_invocations_fail_with_one_line_naming_the_problem() {
                 "--overlay".into(),
                 d.path().join("o.qcow2").display().to_string(),
                 img1.display().to_string(),
-                img2.display().to_string(),
+                d.path()
+                    .join("disk.qcow2")
+                    .display()
+                    .to_string()
+                    .replace("disk.qcow2", "z.qcow2"),
                 mp.display().to_string(),
             ],
             "exactly one image",
