@@ -375,3 +375,324 @@ fn qemu_delta_chains() {
     qemu_io("vmdk", &ch, &["write -P 0x4d 1M 65k"]);
     assert_matches_qemu(&ch);
 }
+
+// ------------------------------------------------- hand-written descriptors
+
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_add(seed).wrapping_mul(2654435761) >> 11) as u8)
+        .collect()
+}
+
+#[test]
+fn handwritten_mixed_extents() {
+    let dir = scratch();
+    let d = dir.path();
+    let flat = pattern(3 << 20, 1);
+    fs::write(d.join("flat part.bin"), &flat).unwrap();
+    let sp = d.join("sparse part.vmdk");
+    qemu_img(&["create", "-q", "-f", "vmdk", s(&sp), "2M"]);
+    qemu_io(
+        "vmdk",
+        &sp,
+        &["write -P 0x66 4k 100k", "write -P 0x67 1M 1M"],
+    );
+    let sp_raw = common::qemu_raw(&sp, Some("vmdk"));
+    let desc = "# Disk DescriptorFile\nversion=1\nencoding=\"UTF-8\"\nCID=11112222\n\
+        parentCID=ffffffff\ncreateType=\"monolithicFlat\"\n\n# Extent description\n\
+        RW 2048 FLAT \"flat part.bin\" 2048\nRW 1024 ZERO\n\
+        RDONLY 4096 SPARSE \"sparse part.vmdk\"\nRW 512 FLAT \"flat part.bin\" 0\n\n\
+        #DDB\nddb.adapterType = \"lsilogic\"\nddb.geometry.biosCylinders = \"3\"\n\
+        ddb.geometry.biosHeads = \"16\"\nddb.geometry.biosSectors = \"63\"\n";
+    let top = d.join("mixed.vmdk");
+    fs::write(&top, desc).unwrap();
+    let mut want = Vec::new();
+    want.extend_from_slice(&flat[1 << 20..2 << 20]);
+    want.extend_from_slice(&[0u8; 512 << 10]);
+    want.extend_from_slice(&sp_raw);
+    want.extend_from_slice(&flat[..256 << 10]);
+    let c = open_chain(&top).unwrap();
+    assert_eq!(c.size(), want.len() as u64);
+    for piece in [1 << 20, 4096 + 512, 777] {
+        assert!(read_all(&c, piece).unwrap() == want, "piece {piece}");
+    }
+    let det = info_details(&c);
+    assert_eq!(det["extents"].as_array().unwrap().len(), 4);
+    assert_eq!(det["extents"][0]["offset"], 2048);
+    assert_eq!(det["extents"][0]["file"], "flat part.bin");
+    assert_eq!(det["extents"][1]["kind"], "ZERO");
+    assert_eq!(det["extents"][2]["access"], "RDONLY");
+    assert_eq!(det["bios_geometry"]["heads"], 16);
+    assert_eq!(det["cid"], "11112222");
+    let files = c.layers()[0].host_files();
+    assert_eq!(files[0].path(), top.as_path());
+    assert_eq!(files.len(), 3);
+    // A ZERO run maps as one zero run.
+    let (st, n) = c.status(1 << 20, 1 << 20).unwrap();
+    assert_eq!((st, n), (vdiskfs::chain::Status::Hole, 512 << 10));
+}
+
+#[test]
+fn handwritten_vmfs_flat() {
+    // qemu 10 misreads short hand-written vmfs descriptors (it reports the
+    // extent twice), so the expected bytes are the flat file itself; the
+    // ESXi-written vmfs image of the manifest is checked against qemu.
+    let dir = scratch();
+    let d = dir.path();
+    let data = pattern(2 << 20, 9);
+    fs::write(d.join("v-flat.vmdk"), &data).unwrap();
+    let top = d.join("v.vmdk");
+    fs::write(
+        &top,
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
+         createType=\"vmfsThin\"\n\nRW 4096 VMFS \"v-flat.vmdk\"\n\nddb.adapterType = \"lsilogic\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        vdiskfs::format::detect_bytes(&fs::read(&top).unwrap()),
+        Format::Vmdk
+    );
+    let c = open_chain(&top).unwrap();
+    assert!(read_all(&c, 65536 + 512).unwrap() == data);
+    assert_eq!(c.layers()[0].info().subformat.as_deref(), Some("vmfsThin"));
+    // One run for the whole flat extent.
+    assert_eq!(c.layers()[0].map(0, 2 << 20).unwrap().1, 2 << 20);
+}
+
+#[test]
+fn cid_mismatch_is_refused_unless_ignored() {
+    let dir = scratch();
+    let base = dir.path().join("base.vmdk");
+    qemu_img(&["create", "-q", "-f", "vmdk", s(&base), "4M"]);
+    qemu_io("vmdk", &base, &["write -P 0x21 0 1M"]);
+    let child = dir.path().join("child.vmdk");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-b",
+        "base.vmdk",
+        "-F",
+        "vmdk",
+        s(&child),
+    ]);
+    let mut bytes = fs::read(&child).unwrap();
+    let at = bytes.windows(10).position(|w| w == b"parentCID=").unwrap() + 10;
+    bytes[at..at + 8].copy_from_slice(b"0badc1d0");
+    fs::write(&child, &bytes).unwrap();
+    let err = open_chain(&child).err().unwrap();
+    assert_eq!(err.kind(), ErrorKind::CidMismatch, "{err}");
+    let opts = ChainOptions {
+        ignore_cid: true,
+        ..ChainOptions::default()
+    };
+    let c = Chain::open(&child, &opts, &Caches::new(1 << 20)).unwrap();
+    let mut b = vec![0u8; 4096];
+    c.read_at(&mut b, 0).unwrap();
+    assert!(b.iter().all(|&x| x == 0x21));
+    assert_eq!(info_details(&c)["parent_cid"], "0badc1d0");
+}
+
+// ------------------------------------------------------------------ hostile
+
+fn sparse_image(dir: &Path, name: &str, size: &str) -> PathBuf {
+    let p = dir.join(name);
+    qemu_img(&["create", "-q", "-f", "vmdk", s(&p), size]);
+    qemu_io("vmdk", &p, &["write -P 0x31 0 1M", "write -P 0x32 33M 1M"]);
+    p
+}
+
+fn patched(src: &Path, dst: &Path, patches: &[(usize, &[u8])]) -> PathBuf {
+    let mut b = fs::read(src).unwrap();
+    for (at, bytes) in patches {
+        b[*at..*at + bytes.len()].copy_from_slice(bytes);
+    }
+    fs::write(dst, b).unwrap();
+    dst.to_path_buf()
+}
+
+fn le32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+#[test]
+fn hostile_headers() {
+    let dir = scratch();
+    let d = dir.path();
+    let good = sparse_image(d, "good.vmdk", "40M");
+    let orig = read_all(&open_chain(&good).unwrap(), 1 << 20).unwrap();
+    let cases: Vec<(&str, Vec<(usize, &[u8])>)> = vec![
+        ("zero-grain", vec![(20, &[0u8; 8][..])]),
+        ("odd-grain", vec![(20, &[3u8, 0, 0, 0, 0, 0, 0, 0][..])]),
+        ("huge-grain", vec![(20, &[0u8, 0, 0, 0, 1, 0, 0, 0][..])]),
+        ("zero-gtes", vec![(44, &[0u8; 4][..])]),
+        ("huge-gtes", vec![(44, &[0u8, 0, 0, 1][..])]),
+        (
+            "gd-past-eof",
+            vec![
+                (48, &[0xffu8, 0xff, 0xff, 0, 0, 0, 0, 0][..]),
+                (56, &[0xffu8, 0xff, 0xff, 0, 0, 0, 0, 0][..]),
+            ],
+        ),
+        ("version-9", vec![(4, &[9u8, 0, 0, 0][..])]),
+    ];
+    for (name, p) in cases {
+        let img = patched(&good, &d.join(format!("{name}.vmdk")), &p);
+        let err = open_vmdk(&img)
+            .err()
+            .unwrap_or_else(|| panic!("{name} opened"));
+        let want = if name == "version-9" {
+            ErrorKind::Unsupported
+        } else {
+            ErrorKind::Corrupt
+        };
+        assert_eq!(err.kind(), want, "{name}: {err}");
+    }
+    // Primary GD out of range, redundant fine: reads work, info says so.
+    let img = patched(
+        &good,
+        &d.join("bad-primary.vmdk"),
+        &[(56, &[0xffu8, 0xff, 0xff, 0, 0, 0, 0, 0])],
+    );
+    let c = open_chain(&img).unwrap();
+    assert!(read_all(&c, 1 << 20).unwrap() == orig);
+    assert_eq!(info_details(&c)["used_redundant_gd"], true);
+    // First grain table out of range in both directories: only its range fails.
+    let b = fs::read(&good).unwrap();
+    let rgd = le32_at(&b, 48) as usize * 512;
+    let gd = le32_at(&b, 56) as usize * 512;
+    let img = patched(
+        &good,
+        &d.join("bad-gt.vmdk"),
+        &[(rgd, &[0, 0, 0xff, 0][..]), (gd, &[0, 0, 0xff, 0][..])],
+    );
+    let c = open_chain(&img).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let err = c.read_at(&mut buf, 0).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+    c.read_at(&mut buf, 33 << 20).unwrap();
+    assert!(buf.iter().all(|&x| x == 0x32));
+}
+
+#[test]
+fn hostile_stream_files() {
+    let dir = scratch();
+    let d = dir.path();
+    // Truncated GD_AT_END stream: the footer is gone.
+    let src = testdata().join("images/vmdk-mdx1-ovftool463-streamOptimized.vmdk");
+    let mut b = fs::read(&src).unwrap();
+    b.truncate(b.len() - 1024);
+    let t = d.join("truncated.vmdk");
+    fs::write(&t, &b).unwrap();
+    let err = open_chain(&t).err().unwrap();
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+    assert!(err.to_string().contains("footer"), "{err}");
+    // A grain marker claiming a huge compressed size.
+    let raw = d.join("src.raw");
+    qemu_img(&["create", "-q", "-f", "raw", s(&raw), "4M"]);
+    qemu_io(
+        "raw",
+        &raw,
+        &["write -P 0x41 0 64k", "write -P 0x42 1M 64k"],
+    );
+    let st = d.join("stream.vmdk");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        s(&raw),
+        s(&st),
+    ]);
+    let b = fs::read(&st).unwrap();
+    let first = u64::from_le_bytes(b[64..72].try_into().unwrap()) as usize * 512;
+    assert_eq!(
+        u64::from_le_bytes(b[first..first + 8].try_into().unwrap()),
+        0
+    );
+    let img = patched(
+        &st,
+        &d.join("huge-marker.vmdk"),
+        &[(first + 8, &[0xff, 0xff, 0xff, 0x7f][..])],
+    );
+    let c = open_chain(&img).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let err = c.read_at(&mut buf, 0).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+    c.read_at(&mut buf, 1 << 20).unwrap();
+    assert!(buf.iter().all(|&x| x == 0x42));
+}
+
+#[test]
+fn hostile_descriptors() {
+    let dir = scratch();
+    let d = dir.path();
+    // Binary garbage after a plausible first line.
+    let mut g = b"# Disk DescriptorFile\nversion=1\n".to_vec();
+    g.extend(pattern(3000, 5));
+    let p = d.join("garbage.vmdk");
+    fs::write(&p, &g).unwrap();
+    assert_eq!(vdiskfs::format::detect_bytes(&g), Format::Raw);
+    let err = open_vmdk(&p).err().unwrap();
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+    assert!(!err.to_string().contains('\n'));
+    // Random data is never taken for a VMDK.
+    for seed in 0..50 {
+        assert_eq!(
+            vdiskfs::format::detect_bytes(&pattern(4096, seed)),
+            Format::Raw
+        );
+    }
+    // Too large to be a descriptor.
+    let big = d.join("big.vmdk");
+    fs::write(&big, vec![b'#'; 2 << 20]).unwrap();
+    assert_eq!(open_vmdk(&big).err().unwrap().kind(), ErrorKind::Corrupt);
+    // Missing extent file: the error names the line and the file.
+    let m = d.join("missing.vmdk");
+    fs::write(
+        &m,
+        "# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\n\
+         createType=\"twoGbMaxExtentFlat\"\nRW 8 FLAT \"there.bin\" 0\nRW 8 FLAT \"not here.bin\" 0\n",
+    )
+    .unwrap();
+    fs::write(d.join("there.bin"), [1u8; 4096]).unwrap();
+    let err = open_chain(&m).err().unwrap();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("line 7") && msg.contains("not here.bin"),
+        "{msg}"
+    );
+    // Raw devices are refused.
+    let dev = d.join("dev.vmdk");
+    fs::write(
+        &dev,
+        "# Disk DescriptorFile\nversion=1\ncreateType=\"fullDevice\"\nRW 8 FLAT \"/dev/sda\" 0\n",
+    )
+    .unwrap();
+    assert_eq!(
+        open_chain(&dev).err().unwrap().kind(),
+        ErrorKind::Unsupported
+    );
+    // Extent lines that do not parse.
+    for bad in [
+        "RW x FLAT \"a\" 0",
+        "RW 8 FLAT \"a",
+        "RW 8 WEIRD \"a\"",
+        "RW 8 SPARSE \"a\" 5",
+    ] {
+        let p = d.join("bad.vmdk");
+        fs::write(
+            &p,
+            format!("# Disk DescriptorFile\ncreateType=\"custom\"\n{bad}\n"),
+        )
+        .unwrap();
+        assert_eq!(
+            open_chain(&p).err().unwrap().kind(),
+            ErrorKind::Corrupt,
+            "{bad}"
+        );
+    }
+}

@@ -496,7 +496,7 @@ impl Layer for Vmdk {
         let mut v = vec![self.file.clone()];
         for e in &self.extents {
             if let Some(f) = &e.file {
-                if !v.iter().any(|x| Arc::ptr_eq(x, f)) {
+                if !v.iter().any(|x| Arc::ptr_eq(x, f) || x.path() == f.path()) {
                     v.push(f.clone());
                 }
             }
