@@ -512,6 +512,9 @@ fn patched(src: &Path, dst: &Path, patches: &[(usize, &[u8])]) -> PathBuf {
     dst.to_path_buf()
 }
 
+/// A named list of (offset, bytes) patches.
+type PatchCase<'a> = (&'a str, Vec<(usize, &'a [u8])>);
+
 fn le32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
 }
@@ -522,7 +525,7 @@ fn hostile_headers() {
     let d = dir.path();
     let good = sparse_image(d, "good.vmdk", "40M");
     let orig = read_all(&open_chain(&good).unwrap(), 1 << 20).unwrap();
-    let cases: Vec<(&str, Vec<(usize, &[u8])>)> = vec![
+    let cases: Vec<PatchCase> = vec![
         ("zero-grain", vec![(20, &[0u8; 8][..])]),
         ("odd-grain", vec![(20, &[3u8, 0, 0, 0, 0, 0, 0, 0][..])]),
         ("huge-grain", vec![(20, &[0u8, 0, 0, 0, 1, 0, 0, 0][..])]),
@@ -695,4 +698,81 @@ fn hostile_descriptors() {
             "{bad}"
         );
     }
+}
+
+/// A hand-built ESXi vmfsSparse (COWD) delta over a vmfs flat parent.
+#[test]
+fn handwritten_cowd_delta() {
+    let dir = scratch();
+    let d = dir.path();
+    fs::write(d.join("p-flat.vmdk"), vec![0x11u8; 1 << 20]).unwrap();
+    fs::write(
+        d.join("p.vmdk"),
+        "# Disk DescriptorFile\nversion=1\nCID=abcd0123\nparentCID=ffffffff\n\
+         createType=\"vmfs\"\n\nRW 2048 VMFS \"p-flat.vmdk\"\n",
+    )
+    .unwrap();
+    let mut cowd = vec![0u8; 56 * 512];
+    let put = |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    cowd[0..4].copy_from_slice(b"COWD");
+    put(&mut cowd, 4, 1); // version
+    put(&mut cowd, 8, 3); // flags
+    put(&mut cowd, 12, 2048); // capacity, sectors
+    put(&mut cowd, 16, 8); // grain, sectors
+    put(&mut cowd, 20, 4); // GD sector
+    put(&mut cowd, 24, 1); // GD entries
+    put(&mut cowd, 4 * 512, 5); // GD[0] -> GT at sector 5
+    put(&mut cowd, 5 * 512, 40); // GT[0] -> grain at sector 40
+    put(&mut cowd, 5 * 512 + 12, 48); // GT[3] -> grain at sector 48
+    cowd[40 * 512..48 * 512].fill(0xaa);
+    cowd[48 * 512..56 * 512].fill(0xbb);
+    fs::write(d.join("d-delta.vmdk"), &cowd).unwrap();
+    let top = d.join("d.vmdk");
+    fs::write(
+        &top,
+        "# Disk DescriptorFile\nversion=1\nCID=00000042\nparentCID=abcd0123\n\
+         createType=\"vmfsSparse\"\nparentFileNameHint=\"p.vmdk\"\n\n\
+         RW 2048 VMFSSPARSE \"d-delta.vmdk\"\n",
+    )
+    .unwrap();
+    let c = open_chain(&top).unwrap();
+    assert_eq!(c.layers().len(), 2);
+    let got = read_all(&c, 3000).unwrap();
+    let mut want = vec![0x11u8; 1 << 20];
+    want[..4096].fill(0xaa);
+    want[3 * 4096..4 * 4096].fill(0xbb);
+    assert!(got == want);
+    let i = c.layers()[0].info();
+    assert_eq!(i.details["sparse_kind"], "COWD");
+    assert_eq!(i.cluster_size, Some(4096));
+    // The COWD file alone is a VMDK too (no parent: unallocated reads zero).
+    let alone = open_chain(&d.join("d-delta.vmdk")).unwrap();
+    let mut b = vec![0u8; 8192];
+    alone.read_at(&mut b, 4096).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+}
+
+#[test]
+fn zeroed_grains_read_as_holes() {
+    let dir = scratch();
+    let img = dir.path().join("z.vmdk");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "zeroed_grain=on",
+        s(&img),
+        "4M",
+    ]);
+    qemu_io("vmdk", &img, &["write -P 0x5a 0 4M", "write -z 1M 128k"]);
+    let c = open_chain(&img).unwrap();
+    assert_eq!(
+        c.status(1 << 20, 1 << 20).unwrap(),
+        (vdiskfs::chain::Status::Hole, 128 << 10)
+    );
+    let (m, n) = c.layers()[0].map(0, 1 << 20).unwrap();
+    assert!(matches!(m, vdiskfs::format::Mapping::Data { .. }));
+    assert_eq!(n, 1 << 20, "contiguous grains map as one run");
 }
