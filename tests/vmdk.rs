@@ -129,6 +129,16 @@ fn manifest_info_fields() {
     let c = open_chain(&td.join("vmdk-dissect-sesparse/disk.vmdk")).unwrap();
     assert_eq!(c.layers()[0].info().subformat.as_deref(), Some("seSparse"));
     assert_eq!(info_details(&c)["grain_size"], 4096);
+    // The bare seSparse extent is a VMDK on its own, with the same data.
+    let bare = open_chain(&td.join("vmdk-dissect-sesparse/disk-sesparse.vmdk")).unwrap();
+    assert_eq!(bare.size(), c.size());
+    let mut a = vec![0u8; 1 << 20];
+    let mut b = vec![0u8; 1 << 20];
+    for off in [0u64, 3 << 20, 100 << 20] {
+        c.read_at(&mut a, off).unwrap();
+        bare.read_at(&mut b, off).unwrap();
+        assert!(a == b, "seSparse bare/descriptor differ at {off:#x}");
+    }
     let c = open_chain(&td.join("vmdk-cot-ovftool-streamOptimized-progressmarkers.vmdk")).unwrap();
     let i = c.layers()[0].info();
     assert_eq!(i.cluster_size, Some(65536));
