@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Builds the seed corpora in fuzz/corpus/<target>/: small images made with
+# qemu-img/qemu-io covering each feature, plus the small images of
+# ../shared/testdata. Run from the repository root or from fuzz/.
+set -euo pipefail
+cd "$(dirname "$0")"
+shared=../../shared/testdata/images
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+mk() { qemu-img create -q "$@"; }
+io() { qemu-io "$@" >/dev/null; }
+
+mk -f qcow2 -o cluster_size=512 "$tmp/c512.qcow2" 256k;      io -f qcow2 -c 'write -P 1 0 40k' -c 'write -z 64k 8k' "$tmp/c512.qcow2"
+mk -f qcow2 -o cluster_size=4096 "$tmp/c4k.qcow2" 1M;        io -f qcow2 -c 'write -c -P 2 0 4k' -c 'write -P 3 8k 12k' "$tmp/c4k.qcow2"
+mk -f qcow2 -o cluster_size=4096,compression_type=zstd "$tmp/zstd.qcow2" 1M; io -f qcow2 -c 'write -c -P 4 0 4k' "$tmp/zstd.qcow2"
+mk -f qcow2 -o cluster_size=16384,extended_l2=on "$tmp/ext.qcow2" 1M; io -f qcow2 -c 'write -P 5 1k 3k' "$tmp/ext.qcow2"
+mk -f qcow2 -o compat=0.10,cluster_size=4096 "$tmp/v2.qcow2" 1M; io -f qcow2 -c 'write -P 6 0 8k' "$tmp/v2.qcow2"
+mk -f qcow2 -b c4k.qcow2 -F qcow2 -o cluster_size=4096 "$tmp/overlay.qcow2" 1M
+mk -f qcow "$tmp/v1.qcow" 256k;                              io -f qcow -c 'write -P 7 0 8k' "$tmp/v1.qcow"
+mk -f vmdk -o subformat=monolithicSparse "$tmp/sparse.vmdk" 1M; io -f vmdk -c 'write -P 8 0 64k' "$tmp/sparse.vmdk"
+head -c 65536 /dev/urandom > "$tmp/data.raw"
+qemu-img convert -q -f raw -O vmdk -o subformat=streamOptimized "$tmp/data.raw" "$tmp/stream.vmdk"
+mk -f vmdk -o subformat=monolithicFlat "$tmp/flat.vmdk" 64k
+
+seed() { local t=$1; shift; mkdir -p "corpus/$t"; for f in "$@"; do [ -f "$f" ] && cp "$f" "corpus/$t/"; done; true; }
+small() { find "$shared" -type f -size -300k -name "$1" 2>/dev/null; }
+seed qcow2_open "$tmp"/*.qcow2 $(small '*.qcow2')
+seed qcow2_tables "$tmp"/*.qcow2 $(small '*.qcow2')
+seed qcow_open "$tmp"/v1.qcow $(small '*.qcow')
+seed vmdk_descriptor "$tmp/flat.vmdk" $(find "$shared" -name '*.vmdk' -size -4k)
+seed vmdk_open "$tmp"/*.vmdk $(small '*.vmdk')
+seed vmdk_read "$tmp"/sparse.vmdk "$tmp"/stream.vmdk $(small '*.vmdk')
+seed chain_read "$tmp"/* $(small '*')
+mkdir -p corpus/decompress
+python3 - <<'PY'
+import os, zlib
+d = "corpus/decompress"
+for i, data in enumerate([b"a" * 4096, os.urandom(512) * 8, bytes(range(256)) * 16]):
+    raw = zlib.compressobj(6, zlib.DEFLATED, -15); c = raw.compress(data) + raw.flush()
+    open(f"{d}/deflate{i}", "wb").write(bytes([3]) + c)
+    open(f"{d}/zlib{i}", "wb").write(bytes([4]) + zlib.compress(data))
+PY
+echo "seeds: $(find corpus -type f | wc -l) files in $(ls corpus | wc -l) corpora"
