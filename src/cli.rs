@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use log::{info, LevelFilter};
 
 use crate::cache::Caches;
@@ -113,6 +113,19 @@ pub struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, default_value_t = default_threads())]
     pub threads: usize,
+    /// Mount options, mount(8) style: every flag has a -o spelling
+    /// (ro, allow_other, cache_size=64M, partitions, ...); repeatable.
+    #[arg(short = 'o', long = "options", value_name = "OPTS")]
+    pub options: Vec<String>,
+    /// Ignore unknown -o options instead of refusing them (mount -s).
+    #[arg(long)]
+    pub sloppy: bool,
+    /// Also expose each MBR/GPT partition as <name>-pN.raw (a window onto the disk).
+    #[arg(long)]
+    pub partitions: bool,
+    /// Bypass caching: no vdiskfs cache, image files opened with O_DIRECT.
+    #[arg(long)]
+    pub unbuffered: bool,
     /// Internal: the pipe to report readiness on when started detached.
     #[arg(long, hide = true)]
     pub notify_fd: Option<i32>,
@@ -202,8 +215,24 @@ pub fn exposed_name(image: &Path) -> Result<OsString> {
 
 /// Entry point: parses arguments, runs the command, prints any error on one line.
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    let cli = match parsed {
+        Ok((mut cli, matches)) => {
+            if let (Command::Mount(args), Some(sub)) =
+                (&mut cli.command, matches.subcommand_matches("mount"))
+            {
+                let given = |id: &str| {
+                    sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+                };
+                if let Err(msg) = crate::options::merge(args, &given) {
+                    let _ = writeln!(std::io::stderr(), "vdiskfs: {msg}");
+                    return ExitCode::from(2);
+                }
+            }
+            cli
+        }
         Err(e) if !e.use_stderr() => {
             // --help and --version.
             let _ = e.print();
@@ -348,6 +377,7 @@ struct MountPlan {
     mountpoint: PathBuf,
     single_file: bool,
     chain_opts: ChainOptions,
+    partitions: bool,
 }
 
 fn plan(args: &MountArgs) -> Result<MountPlan> {
@@ -406,18 +436,22 @@ fn plan(args: &MountArgs) -> Result<MountPlan> {
             untrusted: args.untrusted,
             root: None,
             allow_devices: args.allow_devices,
-            direct: false,
+            direct: args.unbuffered,
         },
         max_depth: args.max_depth,
         single_link: args.single_link,
         ignore_cid: args.ignore_cid,
         writable: false,
     };
+    if single_file && args.partitions {
+        return Err(Error::invalid("--partitions needs a directory as mount point").with_path(&mountpoint));
+    }
     Ok(MountPlan {
         images: named,
         mountpoint,
         single_file,
         chain_opts,
+        partitions: args.partitions,
     })
 }
 
@@ -428,8 +462,16 @@ fn open_disks(plan: &MountPlan, cache_size: u64) -> Result<Vec<Disk>> {
     for (path, name) in &plan.images {
         let chain = Chain::open(path, &plan.chain_opts, &caches)?;
         let xattrs = disk_xattrs(&chain);
-        disks.push(Disk::new(name.clone(), Arc::new(chain), xattrs));
+        let chain = Arc::new(chain);
+        let parts = if plan.partitions {
+            crate::partition::partition_disks(name, &chain, &xattrs)?
+        } else {
+            Vec::new()
+        };
+        disks.push(Disk::new(name.clone(), chain, xattrs));
+        disks.extend(parts);
     }
+    crate::partition::check_unique_names(&disks)?;
     Ok(disks)
 }
 
