@@ -38,6 +38,8 @@ pub struct Disk {
     pub chain: Arc<Chain>,
     /// Extended attributes (`user.vdiskfs.*`) describing the disk.
     pub xattrs: Vec<(String, Vec<u8>)>,
+    /// A window (offset, length) onto the chain: a partition of the disk.
+    window: Option<(u64, u64)>,
     blocks: OnceLock<u64>,
 }
 
@@ -48,15 +50,34 @@ impl Disk {
             name,
             chain,
             xattrs,
+            window: None,
             blocks: OnceLock::new(),
         }
+    }
+
+    /// Exposes only `length` bytes of the chain starting at `offset` (a
+    /// partition); the range must lie inside the chain.
+    pub fn with_window(mut self, offset: u64, length: u64) -> Disk {
+        debug_assert!(offset.checked_add(length).is_some_and(|e| e <= self.chain.size()));
+        self.window = Some((offset, length));
+        self
+    }
+
+    /// Where the exposed file starts in the chain.
+    fn base(&self) -> u64 {
+        self.window.map_or(0, |w| w.0)
+    }
+
+    /// Size of the exposed file.
+    pub fn size(&self) -> u64 {
+        self.window.map_or_else(|| self.chain.size(), |w| w.1)
     }
 
     /// Allocated guest data in 512-byte blocks (for `st_blocks` and `du`).
     fn blocks(&self) -> u64 {
         *self.blocks.get_or_init(|| {
-            let size = self.chain.size();
-            let mut pos = 0;
+            let size = self.base() + self.size();
+            let mut pos = self.base();
             let mut data = 0;
             while pos < size {
                 match self.chain.status(pos, size - pos) {
@@ -67,7 +88,7 @@ impl Disk {
                         pos += n.max(1);
                     }
                     // Unknown allocation counts as data: du must not under-report.
-                    Err(_) => return size.div_ceil(512),
+                    Err(_) => return self.size().div_ceil(512),
                 }
             }
             data.div_ceil(512)
@@ -122,7 +143,7 @@ impl VdiskFs {
     fn file_attr(&self, ino: INodeNo, disk: &Disk) -> FileAttr {
         FileAttr {
             ino,
-            size: disk.chain.size(),
+            size: disk.size(),
             blocks: disk.blocks(),
             atime: self.mounted_at,
             mtime: self.mounted_at,
@@ -401,13 +422,13 @@ impl Filesystem for VdiskFs {
         let Some(disk) = self.disk(ino) else {
             return reply.error(Errno::EISDIR);
         };
-        let end = disk.chain.size();
+        let end = disk.size();
         if offset >= end {
             return reply.data(&[]);
         }
         let len = (size as u64).min(end - offset) as usize;
         let mut buf = vec![0u8; len];
-        match disk.chain.read_at(&mut buf, offset) {
+        match disk.chain.read_at(&mut buf, disk.base() + offset) {
             Ok(()) => reply.data(&buf),
             Err(e) => {
                 error!("read of {len} bytes at {offset:#x} of {:?}: {e}", disk.name);
@@ -465,7 +486,7 @@ impl Filesystem for VdiskFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let total: u64 = self.disks.iter().map(|d| d.chain.size().div_ceil(4096)).sum();
+        let total: u64 = self.disks.iter().map(|d| d.size().div_ceil(4096)).sum();
         reply.statfs(total, 0, 0, self.disks.len() as u64 + 1, 0, 4096, 255, 4096);
     }
 
@@ -514,8 +535,10 @@ impl Filesystem for VdiskFs {
         let Some(disk) = self.disk(ino) else {
             return reply.error(Errno::EISDIR);
         };
-        let size = disk.chain.size();
-        let Ok(start) = u64::try_from(offset) else {
+        // Positions in the chain; replies are relative to the exposed file.
+        let base = disk.base();
+        let size = base + disk.size();
+        let Some(start) = u64::try_from(offset).ok().and_then(|o| o.checked_add(base)) else {
             return reply.error(Errno::EINVAL);
         };
         if start >= size {
@@ -529,14 +552,14 @@ impl Filesystem for VdiskFs {
         let mut pos = start;
         while pos < size {
             match disk.chain.status(pos, size - pos) {
-                Ok((s, _)) if s == want => return reply.offset(pos as i64),
+                Ok((s, _)) if s == want => return reply.offset((pos - base) as i64),
                 Ok((_, n)) => pos += n.max(1),
                 Err(e) => {
                     debug!("lseek status at {pos:#x}: {e}");
                     // Unknown allocation is data.
                     return match want {
-                        Status::Data => reply.offset(pos as i64),
-                        Status::Hole => reply.offset(size as i64),
+                        Status::Data => reply.offset((pos - base) as i64),
+                        Status::Hole => reply.offset((size - base) as i64),
                     };
                 }
             }
@@ -544,7 +567,7 @@ impl Filesystem for VdiskFs {
         match want {
             Status::Data => reply.error(Errno::ENXIO),
             // The end of the file is an implicit hole.
-            Status::Hole => reply.offset(size as i64),
+            Status::Hole => reply.offset((size - base) as i64),
         }
     }
 }
