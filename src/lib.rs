@@ -19,7 +19,9 @@ pub mod format;
 pub mod fs;
 pub mod host;
 pub mod info;
+pub mod lock;
 pub mod options;
+pub mod overlay;
 pub mod partition;
 pub mod policy;
 

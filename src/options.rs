@@ -368,11 +368,24 @@ pub fn merge(args: &mut MountArgs, given: &dyn Fn(&str) -> bool) -> Result<(), S
     switch!(ignore_cid);
     switch!(partitions);
     switch!(unbuffered);
+    if args.partitions && (args.rw || args.overlay.is_some() || args.snapshot) {
+        // The kernel would cache a partition file and the whole disk
+        // separately, so writes through one would not show in the other.
+        return Err(
+            "--partitions is read-only for now: it cannot be combined with \
+                    --rw, --overlay or --snapshot"
+                .into(),
+        );
+    }
     if args.unbuffered {
         if given("cache_size") || cache_size_option {
             return Err("--unbuffered turns the cache off; drop --cache-size (cache_size=)".into());
         }
         args.cache_size = 0;
+        if args.rw {
+            // O_DIRECT writes would need the same bounce buffering as reads.
+            return Err("--unbuffered is for reading: it cannot be combined with --rw (rw)".into());
+        }
     }
     Ok(())
 }
@@ -561,6 +574,8 @@ mod tests {
             (&["--overlay", "/a", "-o", "overlay=/b"], "--overlay"),
             (&["--unbuffered", "-o", "cache_size=1M"], "unbuffered"),
             (&["--cache-size", "1M", "-o", "unbuffered"], "unbuffered"),
+            (&["--rw", "-o", "unbuffered"], "--rw"),
+            (&["--snapshot", "-o", "partitions"], "--partitions"),
             (&["-o", "ro,nonsense"], "nonsense"),
         ];
         for (argv, needle) in cases {
