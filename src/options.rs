@@ -538,8 +538,10 @@ mod tests {
         assert!(m.rw);
         let m = merged(&["-o", "overlay=/x.qcow2"]).unwrap();
         assert_eq!(m.overlay, Some(PathBuf::from("/x.qcow2")));
-        let m = merged(&["-o", "snapshot,partitions"]).unwrap();
-        assert!(m.snapshot && m.partitions);
+        let m = merged(&["-o", "snapshot"]).unwrap();
+        assert!(m.snapshot);
+        let m = merged(&["-o", "ro,partitions"]).unwrap();
+        assert!(m.partitions);
         let m = merged(&["-o", "unbuffered"]).unwrap();
         assert!(m.unbuffered);
         assert_eq!(m.cache_size, 0);
