@@ -78,6 +78,10 @@ pub struct MountOptions {
     pub partitions: Option<Raw>,
     /// `unbuffered`.
     pub unbuffered: Option<Raw>,
+    /// `force_lock`.
+    pub force_lock: Option<Raw>,
+    /// `no_passthrough`.
+    pub no_passthrough: Option<Raw>,
     /// Options accepted and dropped (mount(8)-only, VFS flags, or unknown with sloppy).
     pub dropped: Vec<Raw>,
 }
@@ -230,6 +234,8 @@ pub fn parse(s: &str, sloppy: bool) -> Result<MountOptions, String> {
             }
             "partitions" => o.partitions = Some(flag(value)?),
             "unbuffered" => o.unbuffered = Some(flag(value)?),
+            "force_lock" => o.force_lock = Some(flag(value)?),
+            "no_passthrough" | "nopassthrough" => o.no_passthrough = Some(flag(value)?),
             "remount" => return Err("remount is not supported: unmount and mount again".into()),
             "loop" => {
                 return Err(
@@ -368,6 +374,8 @@ pub fn merge(args: &mut MountArgs, given: &dyn Fn(&str) -> bool) -> Result<(), S
     switch!(ignore_cid);
     switch!(partitions);
     switch!(unbuffered);
+    switch!(force_lock);
+    switch!(no_passthrough);
     if args.partitions && (args.rw || args.overlay.is_some() || args.snapshot) {
         // The kernel would cache a partition file and the whole disk
         // separately, so writes through one would not show in the other.
@@ -404,7 +412,7 @@ mod tests {
         let o = p(
             "ro,format=qcow2,cache_size=64M,allow_other,uid=1000,gid=0,mode=0444,\
                    single_link,untrusted,allow_devices,ignore_cid,max_depth=8,threads=3,\
-                   log_file=/tmp/l,log_level=debug,partitions,unbuffered",
+                   log_file=/tmp/l,log_level=debug,partitions,unbuffered,force_lock,no_passthrough",
         )
         .unwrap();
         assert_eq!(o.write.unwrap().0, WriteMode::Ro);
@@ -421,6 +429,7 @@ mod tests {
         assert_eq!(o.log_file.unwrap().0, PathBuf::from("/tmp/l"));
         assert_eq!(o.log_level.unwrap().0, LevelFilter::Debug);
         assert!(o.partitions.is_some() && o.unbuffered.is_some());
+        assert!(o.force_lock.is_some() && o.no_passthrough.is_some());
         assert!(o.dropped.is_empty());
     }
 
