@@ -401,7 +401,6 @@ pub fn merge(args: &mut MountArgs, given: &dyn Fn(&str) -> bool) -> Result<(), S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
 
     fn p(s: &str) -> Result<MountOptions, String> {
         parse(s, false)
