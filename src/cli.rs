@@ -235,9 +235,8 @@ pub fn main() -> ExitCode {
             if let (Command::Mount(args), Some(sub)) =
                 (&mut cli.command, matches.subcommand_matches("mount"))
             {
-                let given = |id: &str| {
-                    sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
-                };
+                let given =
+                    |id: &str| sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
                 if let Err(msg) = crate::options::merge(args, &given) {
                     let _ = writeln!(std::io::stderr(), "vdiskfs: {msg}");
                     return ExitCode::from(2);
@@ -479,7 +478,9 @@ fn plan(args: &MountArgs) -> Result<MountPlan> {
         writable: false,
     };
     if single_file && args.partitions {
-        return Err(Error::invalid("--partitions needs a directory as mount point").with_path(&mountpoint));
+        return Err(
+            Error::invalid("--partitions needs a directory as mount point").with_path(&mountpoint),
+        );
     }
     Ok(MountPlan {
         images: named,

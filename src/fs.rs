@@ -62,7 +62,9 @@ impl Disk {
     /// Exposes only `length` bytes of the chain starting at `offset` (a
     /// partition); the range must lie inside the chain.
     pub fn with_window(mut self, offset: u64, length: u64) -> Disk {
-        debug_assert!(offset.checked_add(length).is_some_and(|e| e <= self.chain.size()));
+        debug_assert!(offset
+            .checked_add(length)
+            .is_some_and(|e| e <= self.chain.size()));
         self.window = Some((offset, length));
         self
     }

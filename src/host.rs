@@ -60,8 +60,11 @@ impl HostFile {
         opts.custom_flags(flags);
         let file = opts.open(path).map_err(|e| {
             if how.direct && e.raw_os_error() == Some(libc::EINVAL) {
-                Error::io("cannot open with O_DIRECT (unsupported by this filesystem?)", e)
-                    .with_path(path)
+                Error::io(
+                    "cannot open with O_DIRECT (unsupported by this filesystem?)",
+                    e,
+                )
+                .with_path(path)
             } else {
                 Error::io("cannot open", e).with_path(path)
             }
@@ -321,7 +324,9 @@ mod tests {
     fn direct_reads_are_byte_exact_at_any_offset_and_length() {
         let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
         let p = dir.path().join("data");
-        let data: Vec<u8> = (0..3 * 1024 * 1024 + 777u32).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..3 * 1024 * 1024 + 777u32)
+            .map(|i| (i % 251) as u8)
+            .collect();
         std::fs::write(&p, &data).unwrap();
         let how = HostOpen {
             direct: true,

@@ -335,7 +335,7 @@ fn read_gpt(read: ReadAt<'_>, size: u64, ss: u64) -> Result<std::result::Result<
             "GPT has {count} entries (more than {MAX_GPT_ENTRIES})"
         )));
     }
-    if esize < 128 || esize > 4096 || !esize.is_power_of_two() {
+    if !(128..=4096).contains(&esize) || !esize.is_power_of_two() {
         return Ok(Err(format!("GPT entry size {esize} is invalid")));
     }
     let array_len = u64::from(count) * u64::from(esize);
