@@ -537,12 +537,26 @@ fn disk_xattrs(chain: &Chain) -> Vec<(String, Vec<u8>)> {
                 .into_bytes(),
         ),
     ];
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
     for (k, v) in &li.details {
-        let s = match v {
-            serde_json::Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
-        x.push((format!("user.vdiskfs.{k}"), s.into_bytes()));
+        match v {
+            // One attribute per member (`user.vdiskfs.geometry.heads`); the
+            // VMDK ddb map's keys already start with `ddb.`.
+            serde_json::Value::Object(m) => {
+                for (sub, sv) in m {
+                    let name = if sub.starts_with(&format!("{k}.")) {
+                        format!("user.vdiskfs.{sub}")
+                    } else {
+                        format!("user.vdiskfs.{k}.{sub}")
+                    };
+                    x.push((name, text(sv).into_bytes()));
+                }
+            }
+            other => x.push((format!("user.vdiskfs.{k}"), text(other).into_bytes())),
+        }
     }
     x
 }

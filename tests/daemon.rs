@@ -819,6 +819,42 @@ fn xattrs_describe_the_disk() {
         .arg(m.file("xt.raw")));
     assert_eq!(one, "qcow2");
     m.unmount();
+    // VMDK: adapter type, geometry, CID and every ddb.* key of the descriptor.
+    let vmdk = d.path().join("xv.vmdk");
+    qemu_img(&[
+        "create",
+        "-f",
+        "vmdk",
+        "-o",
+        "adapter_type=lsilogic,subformat=monolithicSparse",
+        s(&vmdk),
+        "64M",
+    ]);
+    let desc = std::fs::read(&vmdk).unwrap();
+    let desc = String::from_utf8_lossy(&desc[512..1536]).to_string();
+    let cid = desc
+        .lines()
+        .find_map(|l| l.strip_prefix("CID="))
+        .expect("CID in descriptor")
+        .to_string();
+    let cid = format!("{:08x}", u32::from_str_radix(&cid, 16).unwrap());
+    let m = Mounted::new(&[&vmdk], &[]);
+    let x = run(Command::new("getfattr")
+        .args(["-d", "-m", "-", "--absolute-names"])
+        .arg(m.file("xv.raw")));
+    for want in [
+        "user.vdiskfs.format=\"vmdk\"".to_string(),
+        "user.vdiskfs.adapter_type=\"lsilogic\"".to_string(),
+        "user.vdiskfs.ddb.adapterType=\"lsilogic\"".to_string(),
+        "user.vdiskfs.geometry.heads=\"255\"".to_string(),
+        "user.vdiskfs.ddb.geometry.sectors=\"63\"".to_string(),
+        "user.vdiskfs.ddb.virtualHWVersion=\"4\"".to_string(),
+        "user.vdiskfs.create_type=\"monolithicSparse\"".to_string(),
+        format!("user.vdiskfs.cid=\"{cid}\""),
+    ] {
+        assert!(x.contains(&want), "{want} missing in {x}");
+    }
+    m.unmount();
 }
 
 #[test]
