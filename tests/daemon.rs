@@ -158,6 +158,30 @@ impl Drop for Restore {
     }
 }
 
+/// An exclusive lock across processes (flock on a file in /run/lock), held
+/// while /sbin and /etc/fstab are changed.
+struct SystemLock(#[allow(dead_code)] std::fs::File);
+
+impl SystemLock {
+    fn take() -> SystemLock {
+        use std::os::fd::AsRawFd;
+        let dir = if Path::new("/run/lock").is_dir() {
+            "/run/lock"
+        } else {
+            "/tmp"
+        };
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(format!("{dir}/vdiskfs-mount-helper-test.lock"))
+            .unwrap();
+        // SAFETY: f is an open file for the duration of the call.
+        assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+        SystemLock(f)
+    }
+}
+
 fn findmnt(mp: &Path) -> (String, String, String) {
     let out = run(Command::new("findmnt").args([
         "-n",
@@ -191,6 +215,8 @@ fn mount8_helper_fstab_and_umount() {
     let mp = open_dir(d.path(), "mp");
     // Install the helper where mount(8) looks, pointing at the binary under
     // test (installed into a temp bindir); restore /sbin and /etc/fstab after.
+    // Other checkouts may run this test at the same time: one at a time.
+    let _lock = SystemLock::take();
     let _restore = Restore::new(&[
         "/sbin/mount.vdiskfs",
         "/sbin/mount.fuse.vdiskfs",
