@@ -136,8 +136,11 @@ pub struct VdiskFs {
     mounted_at: SystemTime,
     /// Kernel passthrough was negotiated (and not disabled).
     passthrough: AtomicBool,
-    /// Open handles using passthrough, keeping their backing ids alive.
-    backing_ids: parking_lot::Mutex<std::collections::HashMap<u64, fuser::BackingId>>,
+    /// Passthrough backing ids per inode, with their number of open handles:
+    /// the kernel wants every passthrough open of an inode to use one id.
+    backing_ids: parking_lot::Mutex<std::collections::HashMap<u64, (Arc<fuser::BackingId>, u32)>>,
+    /// Which inode each passthrough handle belongs to.
+    passthrough_fhs: parking_lot::Mutex<std::collections::HashMap<u64, u64>>,
     next_fh: AtomicU64,
 }
 
@@ -152,6 +155,7 @@ impl VdiskFs {
             mounted_at: SystemTime::now(),
             passthrough: AtomicBool::new(true),
             backing_ids: parking_lot::Mutex::new(std::collections::HashMap::new()),
+            passthrough_fhs: parking_lot::Mutex::new(std::collections::HashMap::new()),
             next_fh: AtomicU64::new(1),
         }
     }
@@ -164,7 +168,7 @@ impl VdiskFs {
 
     /// Opens `disk` with kernel passthrough to its host file, when the whole
     /// disk is one host file byte for byte; gives `reply` back otherwise.
-    fn try_passthrough(&self, disk: &Disk, reply: ReplyOpen) -> Option<ReplyOpen> {
+    fn try_passthrough(&self, ino: INodeNo, disk: &Disk, reply: ReplyOpen) -> Option<ReplyOpen> {
         // A partition window is not the host file byte for byte.
         if !self.passthrough.load(Ordering::Relaxed) || disk.window.is_some() {
             return Some(reply);
@@ -172,18 +176,26 @@ impl VdiskFs {
         let Some(file) = disk.chain.passthrough_file() else {
             return Some(reply);
         };
-        match reply.open_backing(file.file()) {
-            Ok(id) => {
-                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
-                self.backing_ids.lock().insert(fh, id);
-                None
-            }
-            Err(e) => {
-                debug!("passthrough unavailable for {:?}: {e}", disk.name);
-                Some(reply)
+        let mut ids = self.backing_ids.lock();
+        if !ids.contains_key(&ino.0) {
+            match reply.open_backing(file.file()) {
+                Ok(id) => {
+                    ids.insert(ino.0, (Arc::new(id), 0));
+                }
+                Err(e) => {
+                    debug!("passthrough unavailable for {:?}: {e}", disk.name);
+                    return Some(reply);
+                }
             }
         }
+        let entry = ids.get_mut(&ino.0).expect("inserted above");
+        entry.1 += 1;
+        let id = entry.0.clone();
+        drop(ids);
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.passthrough_fhs.lock().insert(fh, ino.0);
+        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+        None
     }
 
     fn disk(&self, ino: INodeNo) -> Option<&Disk> {
@@ -486,7 +498,7 @@ impl Filesystem for VdiskFs {
         if flags.acc_mode() != OpenAccMode::O_RDONLY && !disk.chain.is_writable() {
             return reply.error(Errno::EROFS);
         }
-        let Some(reply) = self.try_passthrough(disk, reply) else {
+        let Some(reply) = self.try_passthrough(ino, disk, reply) else {
             return;
         };
         // Every change goes through this mount (and so through the kernel's
@@ -504,7 +516,15 @@ impl Filesystem for VdiskFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.backing_ids.lock().remove(&fh.0);
+        if let Some(ino) = self.passthrough_fhs.lock().remove(&fh.0) {
+            let mut ids = self.backing_ids.lock();
+            if let Some(entry) = ids.get_mut(&ino) {
+                entry.1 -= 1;
+                if entry.1 == 0 {
+                    ids.remove(&ino);
+                }
+            }
+        }
         reply.ok();
     }
 

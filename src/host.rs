@@ -111,6 +111,23 @@ impl HostFile {
         }))
     }
 
+    /// An anonymous in-memory file (memfd) holding `bytes`, shown as
+    /// `name`: for fuzzing and tests that open byte blobs as images.
+    pub fn from_bytes(name: &str, bytes: &[u8]) -> Result<Arc<HostFile>> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: the name is a valid NUL-terminated string; memfd_create
+        // returns a fresh descriptor that we own from here on.
+        let fd = unsafe { libc::memfd_create(c"vdiskfs-blob".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(Error::io("memfd_create", std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd is valid and owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.write_all_at(bytes, 0)
+            .map_err(|e| Error::io("cannot fill memfd", e))?;
+        Self::from_file(file, PathBuf::from(name), false)
+    }
+
     /// The path the file was opened under.
     pub fn path(&self) -> &Path {
         &self.path

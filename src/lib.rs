@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod error;
 pub mod format;
 pub mod fs;
+pub mod fuzzing;
 pub mod host;
 pub mod info;
 pub mod lock;
