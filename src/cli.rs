@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use log::{info, LevelFilter};
 
 use crate::cache::Caches;
@@ -120,6 +120,19 @@ pub struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, default_value_t = default_threads())]
     pub threads: usize,
+    /// Mount options, mount(8) style: every flag has a -o spelling
+    /// (ro, allow_other, cache_size=64M, partitions, ...); repeatable.
+    #[arg(short = 'o', long = "options", value_name = "OPTS")]
+    pub options: Vec<String>,
+    /// Ignore unknown -o options instead of refusing them (mount -s).
+    #[arg(long)]
+    pub sloppy: bool,
+    /// Also expose each MBR/GPT partition as <name>-pN.raw (a window onto the disk).
+    #[arg(long)]
+    pub partitions: bool,
+    /// Bypass caching: no vdiskfs cache, image files opened with O_DIRECT.
+    #[arg(long)]
+    pub unbuffered: bool,
     /// Internal: the pipe to report readiness on when started detached.
     #[arg(long, hide = true)]
     pub notify_fd: Option<i32>,
@@ -214,8 +227,23 @@ pub fn exposed_name(image: &Path) -> Result<OsString> {
 
 /// Entry point: parses arguments, runs the command, prints any error on one line.
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    let cli = match parsed {
+        Ok((mut cli, matches)) => {
+            if let (Command::Mount(args), Some(sub)) =
+                (&mut cli.command, matches.subcommand_matches("mount"))
+            {
+                let given =
+                    |id: &str| sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+                if let Err(msg) = crate::options::merge(args, &given) {
+                    let _ = writeln!(std::io::stderr(), "vdiskfs: {msg}");
+                    return ExitCode::from(2);
+                }
+            }
+            cli
+        }
         Err(e) if !e.use_stderr() => {
             // --help and --version.
             let _ = e.print();
@@ -376,6 +404,7 @@ struct MountPlan {
     chain_opts: ChainOptions,
     mode: WriteMode,
     force_lock: bool,
+    partitions: bool,
 }
 
 fn plan(args: &MountArgs) -> Result<MountPlan> {
@@ -441,13 +470,18 @@ fn plan(args: &MountArgs) -> Result<MountPlan> {
             untrusted: args.untrusted,
             root: None,
             allow_devices: args.allow_devices,
-            direct: false,
+            direct: args.unbuffered,
         },
         max_depth: args.max_depth,
         single_link: args.single_link,
         ignore_cid: args.ignore_cid,
         writable: false,
     };
+    if single_file && args.partitions {
+        return Err(
+            Error::invalid("--partitions needs a directory as mount point").with_path(&mountpoint),
+        );
+    }
     Ok(MountPlan {
         images: named,
         mountpoint,
@@ -455,6 +489,7 @@ fn plan(args: &MountArgs) -> Result<MountPlan> {
         chain_opts,
         mode,
         force_lock: args.force_lock,
+        partitions: args.partitions,
     })
 }
 
@@ -465,8 +500,16 @@ fn open_disks(plan: &MountPlan, cache_size: u64) -> Result<Vec<Disk>> {
     for (path, name) in &plan.images {
         let chain = overlay::open(path, &plan.mode, &plan.chain_opts, &caches, plan.force_lock)?;
         let xattrs = disk_xattrs(&chain);
-        disks.push(Disk::new(name.clone(), Arc::new(chain), xattrs));
+        let chain = Arc::new(chain);
+        let parts = if plan.partitions {
+            crate::partition::partition_disks(name, &chain, &xattrs)?
+        } else {
+            Vec::new()
+        };
+        disks.push(Disk::new(name.clone(), chain, xattrs));
+        disks.extend(parts);
     }
+    crate::partition::check_unique_names(&disks)?;
     Ok(disks)
 }
 
@@ -494,12 +537,26 @@ fn disk_xattrs(chain: &Chain) -> Vec<(String, Vec<u8>)> {
                 .into_bytes(),
         ),
     ];
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
     for (k, v) in &li.details {
-        let s = match v {
-            serde_json::Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
-        x.push((format!("user.vdiskfs.{k}"), s.into_bytes()));
+        match v {
+            // One attribute per member (`user.vdiskfs.geometry.heads`); the
+            // VMDK ddb map's keys already start with `ddb.`.
+            serde_json::Value::Object(m) => {
+                for (sub, sv) in m {
+                    let name = if sub.starts_with(&format!("{k}.")) {
+                        format!("user.vdiskfs.{sub}")
+                    } else {
+                        format!("user.vdiskfs.{k}.{sub}")
+                    };
+                    x.push((name, text(sv).into_bytes()));
+                }
+            }
+            other => x.push((format!("user.vdiskfs.{k}"), text(other).into_bytes())),
+        }
     }
     x
 }

@@ -40,6 +40,8 @@ pub struct Disk {
     pub chain: Arc<Chain>,
     /// Extended attributes (`user.vdiskfs.*`) describing the disk.
     pub xattrs: Vec<(String, Vec<u8>)>,
+    /// A window (offset, length) onto the chain: a partition of the disk.
+    window: Option<(u64, u64)>,
     blocks: AtomicU64,
     blocks_valid: AtomicBool,
 }
@@ -51,9 +53,30 @@ impl Disk {
             name,
             chain,
             xattrs,
+            window: None,
             blocks: AtomicU64::new(0),
             blocks_valid: AtomicBool::new(false),
         }
+    }
+
+    /// Exposes only `length` bytes of the chain starting at `offset` (a
+    /// partition); the range must lie inside the chain.
+    pub fn with_window(mut self, offset: u64, length: u64) -> Disk {
+        debug_assert!(offset
+            .checked_add(length)
+            .is_some_and(|e| e <= self.chain.size()));
+        self.window = Some((offset, length));
+        self
+    }
+
+    /// Where the exposed file starts in the chain.
+    fn base(&self) -> u64 {
+        self.window.map_or(0, |w| w.0)
+    }
+
+    /// Size of the exposed file.
+    pub fn size(&self) -> u64 {
+        self.window.map_or_else(|| self.chain.size(), |w| w.1)
     }
 
     /// Forgets the cached allocation count after the disk changed.
@@ -67,8 +90,8 @@ impl Disk {
             return self.blocks.load(Ordering::Relaxed);
         }
         let n = {
-            let size = self.chain.size();
-            let mut pos = 0;
+            let size = self.base() + self.size();
+            let mut pos = self.base();
             let mut data = 0;
             while pos < size {
                 match self.chain.status(pos, size - pos) {
@@ -80,7 +103,7 @@ impl Disk {
                     }
                     // Unknown allocation counts as data: du must not under-report.
                     Err(_) => {
-                        data = size;
+                        data = self.size();
                         break;
                     }
                 }
@@ -146,7 +169,8 @@ impl VdiskFs {
     /// Opens `disk` with kernel passthrough to its host file, when the whole
     /// disk is one host file byte for byte; gives `reply` back otherwise.
     fn try_passthrough(&self, ino: INodeNo, disk: &Disk, reply: ReplyOpen) -> Option<ReplyOpen> {
-        if !self.passthrough.load(Ordering::Relaxed) {
+        // A partition window is not the host file byte for byte.
+        if !self.passthrough.load(Ordering::Relaxed) || disk.window.is_some() {
             return Some(reply);
         }
         let Some(file) = disk.chain.passthrough_file() else {
@@ -189,7 +213,7 @@ impl VdiskFs {
     fn file_attr(&self, ino: INodeNo, disk: &Disk) -> FileAttr {
         FileAttr {
             ino,
-            size: disk.chain.size(),
+            size: disk.size(),
             blocks: disk.blocks(),
             atime: self.mounted_at,
             mtime: self.mounted_at,
@@ -518,13 +542,13 @@ impl Filesystem for VdiskFs {
         let Some(disk) = self.disk(ino) else {
             return reply.error(Errno::EISDIR);
         };
-        let end = disk.chain.size();
+        let end = disk.size();
         if offset >= end {
             return reply.data(&[]);
         }
         let len = (size as u64).min(end - offset) as usize;
         let mut buf = vec![0u8; len];
-        match disk.chain.read_at(&mut buf, offset) {
+        match disk.chain.read_at(&mut buf, disk.base() + offset) {
             Ok(()) => reply.data(&buf),
             Err(e) => {
                 error!("read of {len} bytes at {offset:#x} of {:?}: {e}", disk.name);
@@ -548,13 +572,13 @@ impl Filesystem for VdiskFs {
         let Some(disk) = self.disk(ino) else {
             return reply.error(Errno::EISDIR);
         };
-        let size = disk.chain.size();
+        let size = disk.size();
         if offset >= size {
             // The disk has a fixed size, like a block device.
             return reply.error(Errno::ENOSPC);
         }
         let len = (data.len() as u64).min(size - offset) as usize;
-        match disk.chain.write_at(&data[..len], offset) {
+        match disk.chain.write_at(&data[..len], disk.base() + offset) {
             Ok(()) => {
                 disk.invalidate_blocks();
                 reply.written(len as u32)
@@ -616,7 +640,7 @@ impl Filesystem for VdiskFs {
         if !disk.chain.is_writable() {
             return reply.error(Errno::EROFS);
         }
-        let size = disk.chain.size();
+        let size = disk.size();
         let Some(end) = offset.checked_add(length) else {
             return reply.error(Errno::EINVAL);
         };
@@ -631,7 +655,7 @@ impl Filesystem for VdiskFs {
             // Preallocation: every byte of the disk already exists.
             0 => Ok(()),
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE if offset < end => {
-                disk.chain.write_zeroes(offset, end - offset)
+                disk.chain.write_zeroes(disk.base() + offset, end - offset)
             }
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE => Ok(()),
             _ => return reply.error(Errno::EOPNOTSUPP),
@@ -716,11 +740,7 @@ impl Filesystem for VdiskFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let total: u64 = self
-            .disks
-            .iter()
-            .map(|d| d.chain.size().div_ceil(4096))
-            .sum();
+        let total: u64 = self.disks.iter().map(|d| d.size().div_ceil(4096)).sum();
         reply.statfs(total, 0, 0, self.disks.len() as u64 + 1, 0, 4096, 255, 4096);
     }
 
@@ -769,8 +789,10 @@ impl Filesystem for VdiskFs {
         let Some(disk) = self.disk(ino) else {
             return reply.error(Errno::EISDIR);
         };
-        let size = disk.chain.size();
-        let Ok(start) = u64::try_from(offset) else {
+        // Positions in the chain; replies are relative to the exposed file.
+        let base = disk.base();
+        let size = base + disk.size();
+        let Some(start) = u64::try_from(offset).ok().and_then(|o| o.checked_add(base)) else {
             return reply.error(Errno::EINVAL);
         };
         if start >= size {
@@ -784,14 +806,14 @@ impl Filesystem for VdiskFs {
         let mut pos = start;
         while pos < size {
             match disk.chain.status(pos, size - pos) {
-                Ok((s, _)) if s == want => return reply.offset(pos as i64),
+                Ok((s, _)) if s == want => return reply.offset((pos - base) as i64),
                 Ok((_, n)) => pos += n.max(1),
                 Err(e) => {
                     debug!("lseek status at {pos:#x}: {e}");
                     // Unknown allocation is data.
                     return match want {
-                        Status::Data => reply.offset(pos as i64),
-                        Status::Hole => reply.offset(size as i64),
+                        Status::Data => reply.offset((pos - base) as i64),
+                        Status::Hole => reply.offset((size - base) as i64),
                     };
                 }
             }
@@ -799,7 +821,7 @@ impl Filesystem for VdiskFs {
         match want {
             Status::Data => reply.error(Errno::ENXIO),
             // The end of the file is an implicit hole.
-            Status::Hole => reply.offset(size as i64),
+            Status::Hole => reply.offset((size - base) as i64),
         }
     }
 }

@@ -21,7 +21,9 @@ pub mod fuzzing;
 pub mod host;
 pub mod info;
 pub mod lock;
+pub mod options;
 pub mod overlay;
+pub mod partition;
 pub mod policy;
 
 pub use error::{Error, ErrorKind, Result};
