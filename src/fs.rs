@@ -177,18 +177,16 @@ impl VdiskFs {
             return Some(reply);
         };
         let mut ids = self.backing_ids.lock();
-        if !ids.contains_key(&ino.0) {
-            match reply.open_backing(file.file()) {
-                Ok(id) => {
-                    ids.insert(ino.0, (Arc::new(id), 0));
-                }
+        let entry = match ids.entry(ino.0) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => match reply.open_backing(file.file()) {
+                Ok(id) => v.insert((Arc::new(id), 0)),
                 Err(e) => {
                     debug!("passthrough unavailable for {:?}: {e}", disk.name);
                     return Some(reply);
                 }
-            }
-        }
-        let entry = ids.get_mut(&ino.0).expect("inserted above");
+            },
+        };
         entry.1 += 1;
         let id = entry.0.clone();
         drop(ids);
