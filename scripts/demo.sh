@@ -7,7 +7,8 @@ scripts/setup.sh
 bin=target/release/vdiskfs
 image=tests/data/sample.qcow2
 mnt=$(mktemp -d /tmp/vdiskfs-demo.XXXXXX)
-trap '$bin unmount "$mnt" 2>/dev/null || true; rmdir "$mnt"' EXIT
+oracle=$(mktemp /tmp/vdiskfs-demo-oracle.XXXXXX)
+trap '$bin unmount "$mnt" 2>/dev/null || true; rmdir "$mnt"; rm -f "$oracle"' EXIT
 
 set -x
 $bin info "$image"
@@ -15,6 +16,6 @@ $bin mount "$image" "$mnt"
 ls -l "$mnt"
 $bin list
 sha256sum "$mnt/sample.raw"
-qemu-img convert -O raw "$image" /dev/stdout | sha256sum
+qemu-img convert -O raw "$image" "$oracle" && sha256sum "$oracle"   # the same, by qemu
 debugfs -R 'cat /hello.txt' "$mnt/sample.raw" 2>/dev/null
 $bin unmount "$mnt"

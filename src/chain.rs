@@ -18,7 +18,8 @@ use std::sync::Arc;
 
 use crate::cache::Caches;
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::{self, CompressedBlock, Format, Layer, Mapping, OpenCtx};
+use crate::format::{self, Below, CompressedBlock, Format, Layer, Mapping, OpenCtx, WriteLayer};
+use crate::host::HostFile;
 use crate::policy::OpenPolicy;
 
 /// Default bound on the number of layers in a chain.
@@ -76,11 +77,23 @@ pub struct Chain {
 impl Chain {
     /// Opens the image at `path` and its whole backing chain.
     pub fn open(path: &Path, opts: &ChainOptions, caches: &Arc<Caches>) -> Result<Chain> {
+        let top_file = opts.policy.open_path(path, opts.writable)?;
+        Self::open_on(top_file, opts, caches)
+    }
+
+    /// Opens a chain whose top image is the already open `top_file` (a
+    /// temporary overlay, say) and whose backing files are named inside it.
+    pub fn open_on(
+        top_file: Arc<HostFile>,
+        opts: &ChainOptions,
+        caches: &Arc<Caches>,
+    ) -> Result<Chain> {
+        let path = top_file.path().to_path_buf();
+        let path = path.as_path();
         let mut policy = opts.policy.clone();
         if policy.untrusted && policy.root.is_none() {
             policy.root = Some(path.parent().unwrap_or(Path::new(".")).to_path_buf());
         }
-        let top_file = policy.open_path(path, opts.writable)?;
         let top_format = match opts.format {
             Some(f) => f,
             None => format::detect(&top_file)?,
@@ -91,6 +104,13 @@ impl Chain {
             writable: opts.writable,
         };
         let top = format::open_layer_on(top_file, top_format, &top_ctx)?;
+        if opts.writable && top.as_write().is_none() {
+            return Err(Error::unsupported(format!(
+                "{} images of this kind cannot be written in place; use --overlay FILE or --snapshot",
+                top.format()
+            ))
+            .with_path(path));
+        }
         let mut seen = HashSet::new();
         let mut layers = vec![top];
         record_identity(&layers[0], &mut seen)?;
@@ -193,7 +213,9 @@ impl Chain {
                 break;
             }
             let want = ((buf.len() - done) as u64).min(size - pos);
-            let (mapping, n) = layer.map(pos, want).map_err(|e| e.with_path(layer.path()))?;
+            let (mapping, n) = layer
+                .map(pos, want)
+                .map_err(|e| e.with_path(layer.path()))?;
             if n == 0 || n > want {
                 return Err(Error::corrupt(format!(
                     "driver mapped a run of {n} bytes where 1..={want} were asked"
@@ -249,6 +271,61 @@ impl Chain {
         Ok(())
     }
 
+    /// The host file holding the whole disk byte for byte, when the chain
+    /// is a single layer that has one (a raw image): FUSE passthrough.
+    pub fn passthrough_file(&self) -> Option<Arc<HostFile>> {
+        match self.layers.as_slice() {
+            [only] if only.virtual_size() == self.size() => only.passthrough_file(),
+            _ => None,
+        }
+    }
+
+    /// True when the top layer was opened for writing.
+    pub fn is_writable(&self) -> bool {
+        self.layers[0].as_write().is_some()
+    }
+
+    fn writer(&self) -> Result<&dyn WriteLayer> {
+        self.layers[0].as_write().ok_or_else(|| {
+            Error::new(ErrorKind::ReadOnly, "the disk is mounted read-only")
+                .with_path(self.layers[0].path())
+        })
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(Error::new(ErrorKind::OutOfRange, "beyond the end of the disk").at(offset)),
+        }
+    }
+
+    /// Writes `buf` at guest `offset` into the top layer; partial
+    /// allocation units are completed from the layers below.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let below = LayersBelow { chain: self };
+        self.writer()?
+            .write_at(buf, offset, &below)
+            .map_err(|e| e.with_path(self.layers[0].path()))
+    }
+
+    /// Makes a range read as zeros (discard, punch hole, zero range).
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        let below = LayersBelow { chain: self };
+        self.writer()?
+            .write_zeroes(offset, len, &below)
+            .map_err(|e| e.with_path(self.layers[0].path()))
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> Result<()> {
+        match self.layers[0].as_write() {
+            Some(w) => w.flush().map_err(|e| e.with_path(self.layers[0].path())),
+            None => Ok(()),
+        }
+    }
+
     /// Whether the run at `offset` (at most `max_len` bytes) holds data in
     /// any layer, and the run's length.
     pub fn status(&self, offset: u64, max_len: u64) -> Result<(Status, u64)> {
@@ -264,7 +341,9 @@ impl Chain {
             return Ok((Status::Hole, max_len));
         }
         let want = max_len.min(size - offset);
-        let (mapping, n) = layer.map(offset, want).map_err(|e| e.with_path(layer.path()))?;
+        let (mapping, n) = layer
+            .map(offset, want)
+            .map_err(|e| e.with_path(layer.path()))?;
         let n = n.clamp(1, want);
         Ok(match mapping {
             Mapping::Data { .. } | Mapping::Compressed(_) => (Status::Data, n),
@@ -273,21 +352,50 @@ impl Chain {
         })
     }
 
-    /// Guest bytes that layer `idx` itself stores (data or compressed).
-    pub fn layer_allocated(&self, idx: usize) -> Result<u64> {
+    /// Guest bytes that layer `idx` itself stores (data or compressed), and
+    /// the first mapping error met on the way, if any. Damaged ranges are
+    /// skipped a cluster at a time and counted as not stored, so one bad
+    /// table entry does not hide the rest of the report.
+    pub fn layer_allocated(&self, idx: usize) -> (u64, Option<Error>) {
         let layer = &self.layers[idx];
         let size = layer.virtual_size();
+        let step = layer.info().cluster_size.unwrap_or(65536).max(512);
         let mut pos = 0;
         let mut total = 0;
+        let mut first_error = None;
+        let mut errors = 0u32;
         while pos < size {
-            let (m, n) = layer.map(pos, size - pos).map_err(|e| e.with_path(layer.path()))?;
-            let n = n.clamp(1, size - pos);
-            if matches!(m, Mapping::Data { .. } | Mapping::Compressed(_)) {
-                total += n;
+            match layer.map(pos, size - pos) {
+                Ok((m, n)) => {
+                    let n = n.clamp(1, size - pos);
+                    if matches!(m, Mapping::Data { .. } | Mapping::Compressed(_)) {
+                        total += n;
+                    }
+                    pos += n;
+                }
+                Err(e) => {
+                    errors += 1;
+                    first_error.get_or_insert(e.with_path(layer.path()));
+                    if errors > 4096 {
+                        // Give up counting on a thoroughly damaged image.
+                        break;
+                    }
+                    pos = (pos / step + 1).saturating_mul(step);
+                }
             }
-            pos += n;
         }
-        Ok(total)
+        (total, first_error)
+    }
+}
+
+/// What the layers under the top one hold, for copy-on-write.
+struct LayersBelow<'a> {
+    chain: &'a Chain,
+}
+
+impl Below for LayersBelow<'_> {
+    fn read_below(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.chain.read_layer(1, buf, offset)
     }
 }
 

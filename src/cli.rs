@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::format::Format;
 use crate::fs::{Access, Disk, VdiskFs};
 use crate::info;
+use crate::overlay::{self, WriteMode};
 use crate::policy::OpenPolicy;
 
 /// Mount virtual-disk images (qcow2, qcow, VMDK, raw, and chains of them) as raw files.
@@ -74,15 +75,18 @@ pub struct MountArgs {
     /// Log file of the detached daemon (default: syslog).
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
-    /// Write into the top image in place (not implemented yet).
+    /// Write into the top image in place (qcow2, sparse VMDK, qcow, raw).
     #[arg(long, conflicts_with_all = ["overlay", "snapshot"])]
     pub rw: bool,
-    /// Send writes to a qcow2 overlay FILE (not implemented yet).
+    /// Send writes to a qcow2 overlay FILE backed by the image (created if missing); the image is never written.
     #[arg(long, value_name = "FILE", conflicts_with = "snapshot")]
     pub overlay: Option<PathBuf>,
-    /// Send writes to a temporary overlay discarded at unmount (not implemented yet).
+    /// Send writes to a temporary overlay that disappears at unmount (and after a crash).
     #[arg(long)]
     pub snapshot: bool,
+    /// Write even if another process (a VM, qemu-img) holds the image's locks.
+    #[arg(long)]
+    pub force_lock: bool,
     /// Let other users reach the mount (needs user_allow_other in /etc/fuse.conf for non-root).
     #[arg(long)]
     pub allow_other: bool,
@@ -110,6 +114,9 @@ pub struct MountArgs {
     /// Refuse backing chains longer than this.
     #[arg(long, default_value_t = DEFAULT_MAX_DEPTH)]
     pub max_depth: usize,
+    /// Serve raw images through vdiskfs instead of the kernel's FUSE passthrough.
+    #[arg(long)]
+    pub no_passthrough: bool,
     /// FUSE worker threads.
     #[arg(long, default_value_t = default_threads())]
     pub threads: usize,
@@ -171,7 +178,11 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
-    let mult: u64 = match unit.to_ascii_lowercase().trim_end_matches("ib").trim_end_matches('b') {
+    let mult: u64 = match unit
+        .to_ascii_lowercase()
+        .trim_end_matches("ib")
+        .trim_end_matches('b')
+    {
         "" => 1,
         "k" => 1 << 10,
         "m" => 1 << 20,
@@ -179,7 +190,8 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         "t" => 1 << 40,
         _ => return Err(format!("bad size unit in {s:?} (use K, M, G or T)")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 fn parse_mode(s: &str) -> std::result::Result<u16, String> {
@@ -251,13 +263,21 @@ fn detached_log_target(cli: &Cli) -> Option<env_logger::Target> {
     };
     m.notify_fd?;
     if let Some(p) = &m.log_file {
-        match std::fs::OpenOptions::new().create(true).append(true).open(p) {
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+        {
             Ok(f) => return Some(env_logger::Target::Pipe(Box::new(f))),
-            Err(e) => crate::daemon::Syslog::new()
-                .line(&format!("cannot open log file {}: {e}; logging to syslog", p.display())),
+            Err(e) => crate::daemon::Syslog::new().line(&format!(
+                "cannot open log file {}: {e}; logging to syslog",
+                p.display()
+            )),
         }
     }
-    Some(env_logger::Target::Pipe(Box::new(crate::daemon::Syslog::new())))
+    Some(env_logger::Target::Pipe(Box::new(
+        crate::daemon::Syslog::new(),
+    )))
 }
 
 fn init_logging(cli: &Cli, target: Option<env_logger::Target>) {
@@ -337,7 +357,13 @@ fn list_cmd(args: &ListArgs) -> Result<()> {
             ),
             None => ("?".into(), "-".into(), m.source.clone()),
         };
-        println!("{:<30} {:<8} {:>8}  {}", m.mountpoint.display(), mode, pid, images);
+        println!(
+            "{:<30} {:<8} {:>8}  {}",
+            m.mountpoint.display(),
+            mode,
+            pid,
+            images
+        );
     }
     Ok(())
 }
@@ -348,14 +374,11 @@ struct MountPlan {
     mountpoint: PathBuf,
     single_file: bool,
     chain_opts: ChainOptions,
+    mode: WriteMode,
+    force_lock: bool,
 }
 
 fn plan(args: &MountArgs) -> Result<MountPlan> {
-    if args.rw || args.overlay.is_some() || args.snapshot {
-        return Err(Error::unsupported(
-            "writing (--rw, --overlay, --snapshot) is not implemented yet; mount read-only",
-        ));
-    }
     let (mountpoint, images) = args
         .paths
         .split_last()
@@ -370,10 +393,10 @@ fn plan(args: &MountArgs) -> Result<MountPlan> {
         .map_err(|e| Error::io("mount point", e).with_path(&mountpoint))?;
     let single_file = if meta.is_file() {
         if images.len() != 1 {
-            return Err(Error::invalid(
-                "a regular file as mount point takes exactly one image",
-            )
-            .with_path(&mountpoint));
+            return Err(
+                Error::invalid("a regular file as mount point takes exactly one image")
+                    .with_path(&mountpoint),
+            );
         }
         true
     } else if meta.is_dir() {
@@ -400,6 +423,18 @@ fn plan(args: &MountArgs) -> Result<MountPlan> {
         }
         named.push((abs, name));
     }
+    let mode = if args.rw {
+        WriteMode::InPlace
+    } else if let Some(o) = &args.overlay {
+        if named.len() != 1 {
+            return Err(Error::invalid("--overlay takes exactly one image"));
+        }
+        WriteMode::Overlay(o.clone())
+    } else if args.snapshot {
+        WriteMode::Snapshot
+    } else {
+        WriteMode::ReadOnly
+    };
     let chain_opts = ChainOptions {
         format: args.format,
         policy: OpenPolicy {
@@ -418,6 +453,8 @@ fn plan(args: &MountArgs) -> Result<MountPlan> {
         mountpoint,
         single_file,
         chain_opts,
+        mode,
+        force_lock: args.force_lock,
     })
 }
 
@@ -426,7 +463,7 @@ fn open_disks(plan: &MountPlan, cache_size: u64) -> Result<Vec<Disk>> {
     let caches: Arc<Caches> = Caches::new(cache_bytes);
     let mut disks = Vec::new();
     for (path, name) in &plan.images {
-        let chain = Chain::open(path, &plan.chain_opts, &caches)?;
+        let chain = overlay::open(path, &plan.mode, &plan.chain_opts, &caches, plan.force_lock)?;
         let xattrs = disk_xattrs(&chain);
         disks.push(Disk::new(name.clone(), Arc::new(chain), xattrs));
     }
@@ -438,7 +475,10 @@ fn disk_xattrs(chain: &Chain) -> Vec<(String, Vec<u8>)> {
     let top = &chain.layers()[0];
     let li = top.info();
     let mut x = vec![
-        ("user.vdiskfs.format".to_string(), li.format.name().as_bytes().to_vec()),
+        (
+            "user.vdiskfs.format".to_string(),
+            li.format.name().as_bytes().to_vec(),
+        ),
         (
             "user.vdiskfs.virtual_size".to_string(),
             chain.size().to_string().into_bytes(),
@@ -486,7 +526,9 @@ fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<
     let access = Access {
         uid: args.uid.unwrap_or(uid),
         gid: args.gid.unwrap_or(gid),
-        mode: args.mode.unwrap_or(0o400),
+        mode: args
+            .mode
+            .unwrap_or(if plan.mode.writable() { 0o600 } else { 0o400 }),
     };
     let fsname = plan
         .images
@@ -494,14 +536,17 @@ fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<
         .map(|(p, _)| p.display().to_string())
         .collect::<Vec<_>>()
         .join(",");
-    let fs = VdiskFs::new(disks, plan.single_file, access);
+    let mut fs = VdiskFs::new(disks, plan.single_file, access);
+    if args.no_passthrough {
+        fs = fs.without_passthrough();
+    }
     let sigset = daemon::block_signals();
     let mut session = crate::fs::mount(
         fs,
         &plan.mountpoint,
         &crate::fs::MountConfig {
             fsname,
-            read_only: true,
+            read_only: !plan.mode.writable(),
             allow_other: args.allow_other,
             threads: args.threads.max(1),
         },
@@ -510,7 +555,7 @@ fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<
     let _state = StateFile::create(&MountState {
         mountpoint: plan.mountpoint.clone(),
         images: plan.images.iter().map(|(p, _)| p.clone()).collect(),
-        mode: "ro".into(),
+        mode: plan.mode.name().into(),
         pid: std::process::id(),
     })
     .map_err(|e| log::warn!("{e}; vdiskfs list will not show this mount"))
@@ -536,7 +581,10 @@ mod tests {
 
     #[test]
     fn exposed_names_drop_the_last_extension() {
-        assert_eq!(exposed_name(Path::new("/a/disk.qcow2")).unwrap(), "disk.raw");
+        assert_eq!(
+            exposed_name(Path::new("/a/disk.qcow2")).unwrap(),
+            "disk.raw"
+        );
         assert_eq!(
             exposed_name(Path::new("win10-000001.vmdk")).unwrap(),
             "win10-000001.raw"

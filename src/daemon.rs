@@ -114,7 +114,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -131,8 +134,12 @@ pub fn list_states() -> Vec<(MountEntry, Option<MountState>)> {
     let mut states = Vec::new();
     if let Ok(rd) = std::fs::read_dir(state_dir()) {
         for e in rd.flatten() {
-            let Ok(body) = std::fs::read(e.path()) else { continue };
-            let Ok(st) = serde_json::from_slice::<MountState>(&body) else { continue };
+            let Ok(body) = std::fs::read(e.path()) else {
+                continue;
+            };
+            let Ok(st) = serde_json::from_slice::<MountState>(&body) else {
+                continue;
+            };
             if !process_alive(st.pid) {
                 let _ = std::fs::remove_file(e.path());
                 continue;
@@ -143,7 +150,10 @@ pub fn list_states() -> Vec<(MountEntry, Option<MountState>)> {
     mounts()
         .into_iter()
         .map(|m| {
-            let st = states.iter().find(|s| s.mountpoint == m.mountpoint).cloned();
+            let st = states
+                .iter()
+                .find(|s| s.mountpoint == m.mountpoint)
+                .cloned();
             (m, st)
         })
         .collect()

@@ -8,15 +8,17 @@
 //! This is the only module that imports `fuser`.
 
 use std::ffi::{OsStr, OsString};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig,
     LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
-use log::{debug, error};
+use log::{debug, error, info};
 
 use crate::chain::{Chain, Status};
 use crate::error::Error;
@@ -38,7 +40,8 @@ pub struct Disk {
     pub chain: Arc<Chain>,
     /// Extended attributes (`user.vdiskfs.*`) describing the disk.
     pub xattrs: Vec<(String, Vec<u8>)>,
-    blocks: OnceLock<u64>,
+    blocks: AtomicU64,
+    blocks_valid: AtomicBool,
 }
 
 impl Disk {
@@ -48,13 +51,22 @@ impl Disk {
             name,
             chain,
             xattrs,
-            blocks: OnceLock::new(),
+            blocks: AtomicU64::new(0),
+            blocks_valid: AtomicBool::new(false),
         }
+    }
+
+    /// Forgets the cached allocation count after the disk changed.
+    fn invalidate_blocks(&self) {
+        self.blocks_valid.store(false, Ordering::Relaxed);
     }
 
     /// Allocated guest data in 512-byte blocks (for `st_blocks` and `du`).
     fn blocks(&self) -> u64 {
-        *self.blocks.get_or_init(|| {
+        if self.blocks_valid.load(Ordering::Relaxed) {
+            return self.blocks.load(Ordering::Relaxed);
+        }
+        let n = {
             let size = self.chain.size();
             let mut pos = 0;
             let mut data = 0;
@@ -67,11 +79,17 @@ impl Disk {
                         pos += n.max(1);
                     }
                     // Unknown allocation counts as data: du must not under-report.
-                    Err(_) => return size.div_ceil(512),
+                    Err(_) => {
+                        data = size;
+                        break;
+                    }
                 }
             }
             data.div_ceil(512)
-        })
+        };
+        self.blocks.store(n, Ordering::Relaxed);
+        self.blocks_valid.store(true, Ordering::Relaxed);
+        n
     }
 }
 
@@ -93,6 +111,11 @@ pub struct VdiskFs {
     single_file: bool,
     access: Access,
     mounted_at: SystemTime,
+    /// Kernel passthrough was negotiated (and not disabled).
+    passthrough: AtomicBool,
+    /// Open handles using passthrough, keeping their backing ids alive.
+    backing_ids: parking_lot::Mutex<std::collections::HashMap<u64, fuser::BackingId>>,
+    next_fh: AtomicU64,
 }
 
 impl VdiskFs {
@@ -104,6 +127,38 @@ impl VdiskFs {
             single_file,
             access,
             mounted_at: SystemTime::now(),
+            passthrough: AtomicBool::new(true),
+            backing_ids: parking_lot::Mutex::new(std::collections::HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    /// Turns off FUSE passthrough (on by default where the kernel has it).
+    pub fn without_passthrough(self) -> VdiskFs {
+        self.passthrough.store(false, Ordering::Relaxed);
+        self
+    }
+
+    /// Opens `disk` with kernel passthrough to its host file, when the whole
+    /// disk is one host file byte for byte; gives `reply` back otherwise.
+    fn try_passthrough(&self, disk: &Disk, reply: ReplyOpen) -> Option<ReplyOpen> {
+        if !self.passthrough.load(Ordering::Relaxed) {
+            return Some(reply);
+        }
+        let Some(file) = disk.chain.passthrough_file() else {
+            return Some(reply);
+        };
+        match reply.open_backing(file.file()) {
+            Ok(id) => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                self.backing_ids.lock().insert(fh, id);
+                None
+            }
+            Err(e) => {
+                debug!("passthrough unavailable for {:?}: {e}", disk.name);
+                Some(reply)
+            }
         }
     }
 
@@ -293,7 +348,10 @@ pub fn mount(
 }
 
 /// Opens /dev/fuse and mounts it on `mountpoint` as `fuse.vdiskfs`.
-fn mount_sys(mountpoint: &std::path::Path, cfg: &MountConfig) -> std::io::Result<std::os::fd::OwnedFd> {
+fn mount_sys(
+    mountpoint: &std::path::Path,
+    cfg: &MountConfig,
+) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::{AsRawFd, OwnedFd};
     use std::os::unix::fs::MetadataExt;
     let dev = std::fs::OpenOptions::new()
@@ -321,7 +379,10 @@ fn mount_sys(mountpoint: &std::path::Path, cfg: &MountConfig) -> std::io::Result
     if cfg.read_only {
         flags |= libc::MS_RDONLY;
     }
-    let c = |s: &[u8]| std::ffi::CString::new(s).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    let c = |s: &[u8]| {
+        std::ffi::CString::new(s)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
     let source = c(cfg.fsname.as_bytes())?;
     let target = c(mountpoint.as_os_str().as_encoded_bytes())?;
     let opts = c(opts.as_bytes())?;
@@ -353,6 +414,19 @@ impl Filesystem for VdiskFs {
         if let Err(nearest) = config.set_max_readahead(MAX_REQUEST) {
             let _ = config.set_max_readahead(nearest);
         }
+        // FUSE passthrough: the kernel reads and writes the host file of a
+        // raw image itself. Needs kernel support and privileges; without
+        // them every open falls back to serving I/O here.
+        let wanted = self.passthrough.load(Ordering::Relaxed);
+        let ok = wanted
+            && config
+                .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+                .is_ok()
+            && config.set_max_stack_depth(1).is_ok();
+        self.passthrough.store(ok, Ordering::Relaxed);
+        if wanted && !ok {
+            info!("the kernel offers no FUSE passthrough; serving raw images in user space");
+        }
         Ok(())
     }
 
@@ -363,7 +437,11 @@ impl Filesystem for VdiskFs {
         match self.disks.iter().position(|d| d.name == name) {
             Some(idx) => {
                 let ino = self.disk_ino(idx);
-                reply.entry(&TTL, &self.file_attr(ino, &self.disks[idx]), fuser::Generation(0))
+                reply.entry(
+                    &TTL,
+                    &self.file_attr(ino, &self.disks[idx]),
+                    fuser::Generation(0),
+                )
             }
             None => reply.error(Errno::ENOENT),
         }
@@ -380,11 +458,30 @@ impl Filesystem for VdiskFs {
         if self.disk(ino).is_none() {
             return reply.error(Errno::EISDIR);
         }
-        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+        let disk = self.disk(ino).expect("checked above");
+        if flags.acc_mode() != OpenAccMode::O_RDONLY && !disk.chain.is_writable() {
             return reply.error(Errno::EROFS);
         }
-        // Read-only and immutable: the kernel page cache may keep what it read.
+        let Some(reply) = self.try_passthrough(disk, reply) else {
+            return;
+        };
+        // Every change goes through this mount (and so through the kernel's
+        // page cache), so the kernel may keep what it read across opens.
         reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.backing_ids.lock().remove(&fh.0);
+        reply.ok();
     }
 
     fn read(
@@ -416,6 +513,42 @@ impl Filesystem for VdiskFs {
         }
     }
 
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let Some(disk) = self.disk(ino) else {
+            return reply.error(Errno::EISDIR);
+        };
+        let size = disk.chain.size();
+        if offset >= size {
+            // The disk has a fixed size, like a block device.
+            return reply.error(Errno::ENOSPC);
+        }
+        let len = (data.len() as u64).min(size - offset) as usize;
+        match disk.chain.write_at(&data[..len], offset) {
+            Ok(()) => {
+                disk.invalidate_blocks();
+                reply.written(len as u32)
+            }
+            Err(e) => {
+                error!(
+                    "write of {len} bytes at {offset:#x} of {:?}: {e}",
+                    disk.name
+                );
+                reply.error(errno(&e))
+            }
+        }
+    }
+
     fn flush(
         &self,
         _req: &Request,
@@ -430,12 +563,110 @@ impl Filesystem for VdiskFs {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        let Some(disk) = self.disk(ino) else {
+            return reply.ok();
+        };
+        match disk.chain.flush() {
+            Ok(()) => reply.ok(),
+            Err(e) => {
+                error!("fsync of {:?}: {e}", disk.name);
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let Some(disk) = self.disk(ino) else {
+            return reply.error(Errno::EISDIR);
+        };
+        if !disk.chain.is_writable() {
+            return reply.error(Errno::EROFS);
+        }
+        let size = disk.chain.size();
+        let Some(end) = offset.checked_add(length) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let op = mode & !libc::FALLOC_FL_KEEP_SIZE;
+        if end > size && !keep {
+            // The size of a disk never changes.
+            return reply.error(Errno::ENOSPC);
+        }
+        let end = end.min(size);
+        let result = match op {
+            // Preallocation: every byte of the disk already exists.
+            0 => Ok(()),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE if offset < end => {
+                disk.chain.write_zeroes(offset, end - offset)
+            }
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE => Ok(()),
+            _ => return reply.error(Errno::EOPNOTSUPP),
+        };
+        match result {
+            Ok(()) => {
+                disk.invalidate_blocks();
+                reply.ok()
+            }
+            Err(e) => {
+                error!(
+                    "fallocate({mode:#x}) of {length} bytes at {offset:#x} of {:?}: {e}",
+                    disk.name
+                );
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let Some(attr) = self.attr(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match size {
+            // A disk's size is fixed: truncate is refused (qemu's export would resize the image).
+            Some(s) if s != attr.size => reply.error(Errno::EPERM),
+            // Mode, owner and times are set at mount time; accept and ignore.
+            _ => reply.attr(&TTL, &attr),
+        }
+    }
+
+    fn destroy(&mut self) {
+        for d in &self.disks {
+            match d.chain.flush() {
+                Ok(()) => info!("flushed {:?}", d.name),
+                Err(e) => error!("final flush of {:?} failed: {e}", d.name),
+            }
+        }
     }
 
     fn readdir(
@@ -465,7 +696,11 @@ impl Filesystem for VdiskFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let total: u64 = self.disks.iter().map(|d| d.chain.size().div_ceil(4096)).sum();
+        let total: u64 = self
+            .disks
+            .iter()
+            .map(|d| d.chain.size().div_ceil(4096))
+            .sum();
         reply.statfs(total, 0, 0, self.disks.len() as u64 + 1, 0, 4096, 255, 4096);
     }
 

@@ -78,6 +78,21 @@ impl HostFile {
         }))
     }
 
+    /// Wraps an already open regular file (an anonymous temporary file,
+    /// say) under a display `path`.
+    pub fn from_file(file: File, path: PathBuf, writable: bool) -> Result<Arc<HostFile>> {
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io("cannot stat", e).with_path(&path))?
+            .len();
+        Ok(Arc::new(HostFile {
+            file,
+            path,
+            len,
+            writable,
+        }))
+    }
+
     /// The path the file was opened under.
     pub fn path(&self) -> &Path {
         &self.path
@@ -150,11 +165,56 @@ impl HostFile {
     /// Writes all of `buf` at `offset`.
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         if !self.writable {
-            return Err(Error::new(ErrorKind::ReadOnly, "file is open read-only").with_path(&self.path));
+            return Err(
+                Error::new(ErrorKind::ReadOnly, "file is open read-only").with_path(&self.path)
+            );
         }
-        self.file
-            .write_all_at(buf, offset)
-            .map_err(|e| Error::io("write failed", e).at(offset).with_path(&self.path))
+        self.file.write_all_at(buf, offset).map_err(|e| {
+            Error::io("write failed", e)
+                .at(offset)
+                .with_path(&self.path)
+        })
+    }
+
+    /// Deallocates `len` bytes at `offset` (they read as zeros afterwards)
+    /// without changing the file size; where the host filesystem cannot
+    /// punch holes, writes zeros instead.
+    pub fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        if !self.writable {
+            return Err(
+                Error::new(ErrorKind::ReadOnly, "file is open read-only").with_path(&self.path)
+            );
+        }
+        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(Error::new(ErrorKind::OutOfRange, "hole beyond any file size").at(offset));
+        };
+        // SAFETY: a plain fallocate on our own open descriptor.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                l,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(Error::io("punching a hole failed", e)
+                .at(offset)
+                .with_path(&self.path));
+        }
+        let zeros = vec![0u8; 1 << 20];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            self.write_all_at(&zeros[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
     }
 
     /// Makes written data durable (fdatasync).

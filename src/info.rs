@@ -30,6 +30,10 @@ pub struct LinkInfo {
     pub backing_filename: Option<String>,
     /// Every host file the layer reads (image, extents, data file).
     pub files: Vec<String>,
+    /// The first damaged mapping found while counting allocation (reads of
+    /// that range fail with EIO; the rest of the disk reads).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub damage: Option<String>,
 }
 
 /// The whole report.
@@ -64,13 +68,18 @@ pub fn gather(chain: &Chain) -> Result<ImageInfo> {
     let mut links = Vec::new();
     for (idx, layer) in chain.layers().iter().enumerate() {
         let files = layer.host_files();
+        let (allocated_bytes, damage) = chain.layer_allocated(idx);
         links.push(LinkInfo {
             filename: layer.path().display().to_string(),
             layer: layer.info(),
-            allocated_bytes: chain.layer_allocated(idx)?,
+            allocated_bytes,
+            damage: damage.map(|e| e.to_string()),
             disk_size: files.iter().map(|f| f.host_allocated()).sum(),
             backing_filename: layer.backing().map(|b| b.name),
-            files: files.iter().map(|f| f.path().display().to_string()).collect(),
+            files: files
+                .iter()
+                .map(|f| f.path().display().to_string())
+                .collect(),
         });
     }
     let top = &links[0];
@@ -120,7 +129,11 @@ pub fn to_text(info: &ImageInfo) -> String {
     }
     if !info.snapshots.is_empty() {
         let _ = writeln!(s, "snapshots:");
-        let _ = writeln!(s, "  {:<6} {:<24} {:>12} {:>12}", "ID", "NAME", "DISK SIZE", "VM STATE");
+        let _ = writeln!(
+            s,
+            "  {:<6} {:<24} {:>12} {:>12}",
+            "ID", "NAME", "DISK SIZE", "VM STATE"
+        );
         for snap in &info.snapshots {
             let _ = writeln!(
                 s,
@@ -148,6 +161,9 @@ pub fn to_text(info: &ImageInfo) -> String {
         );
         if let Some(b) = &link.backing_filename {
             let _ = writeln!(s, "      backing file: {b}");
+        }
+        if let Some(d) = &link.damage {
+            let _ = writeln!(s, "      DAMAGED (reads of that range fail): {d}");
         }
         if i > 0 && !link.layer.features.is_empty() {
             let _ = writeln!(s, "      features: {}", link.layer.features.join(", "));

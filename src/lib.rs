@@ -19,6 +19,8 @@ pub mod format;
 pub mod fs;
 pub mod host;
 pub mod info;
+pub mod lock;
+pub mod overlay;
 pub mod policy;
 
 pub use error::{Error, ErrorKind, Result};

@@ -53,7 +53,10 @@ impl OpenPolicy {
             if named.is_absolute() {
                 return refuse("absolute names are not allowed in untrusted mode");
             }
-            if named.components().any(|c| matches!(c, Component::ParentDir)) {
+            if named
+                .components()
+                .any(|c| matches!(c, Component::ParentDir))
+            {
                 return refuse("'..' is not allowed in untrusted mode");
             }
         }
@@ -65,7 +68,9 @@ impl OpenPolicy {
         };
         if !self.allow_devices {
             if let Ok(canon) = path.canonicalize() {
-                if canon.starts_with("/proc") || canon.starts_with("/sys") || canon.starts_with("/dev")
+                if canon.starts_with("/proc")
+                    || canon.starts_with("/sys")
+                    || canon.starts_with("/dev")
                 {
                     return refuse("/proc, /sys and /dev paths need --allow-devices");
                 }

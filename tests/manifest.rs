@@ -65,7 +65,9 @@ fn every_manifest_row_through_the_library() {
             (Want::Refuse | Want::Either(_), Err(e)) => {
                 let msg = e.to_string();
                 if msg.contains('\n') || e.path().is_none() {
-                    Err(format!("refused, but the error is not one line naming a file: {msg}"))
+                    Err(format!(
+                        "refused, but the error is not one line naming a file: {msg}"
+                    ))
                 } else {
                     Ok(())
                 }
@@ -91,7 +93,11 @@ fn every_manifest_row_through_the_library() {
             failures.push(format!("{}: {msg}", row.file));
         }
     }
-    assert!(failures.is_empty(), "manifest failures:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "manifest failures:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -102,7 +108,9 @@ fn every_manifest_row_through_fuse_and_the_cli() {
         let info = vdiskfs(&["info", "--json", path.to_str().unwrap()]);
         let mounted = Mounted::try_new(&[&path], &[]);
         match (&row.want, mounted) {
-            (Want::Refuse, Ok(_)) => failures.push(format!("{}: mounted but must be refused", row.file)),
+            (Want::Refuse, Ok(_)) => {
+                failures.push(format!("{}: mounted but must be refused", row.file))
+            }
             (Want::Refuse | Want::Either(_), Err(msg)) => {
                 if msg.trim().lines().count() != 1 {
                     failures.push(format!("{}: error is not one line: {msg}", row.file));
@@ -145,5 +153,9 @@ fn every_manifest_row_through_fuse_and_the_cli() {
             }
         }
     }
-    assert!(failures.is_empty(), "manifest failures:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "manifest failures:\n{}",
+        failures.join("\n")
+    );
 }

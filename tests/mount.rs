@@ -17,14 +17,35 @@ fn make_chain(dir: &Path) -> std::path::PathBuf {
     qemu_img(&["create", "-f", "raw", base.to_str().unwrap(), "3M"]);
     qemu_io("raw", &base, &["write -P 0x11 0 3M"]);
     qemu_img(&[
-        "create", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "base.raw", "-F", "raw",
-        mid.to_str().unwrap(), "6M",
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        mid.to_str().unwrap(),
+        "6M",
     ]);
     qemu_io("qcow2", &mid, &["write -P 0x22 1M 2M", "write -z 2M 4k"]);
     qemu_img(&[
-        "create", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", top.to_str().unwrap(), "8M",
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+        "8M",
     ]);
-    qemu_io("qcow2", &top, &["write -P 0x33 2500k 1M", "write -c 7M 64k"]);
+    qemu_io(
+        "qcow2",
+        &top,
+        &["write -P 0x33 2500k 1M", "write -c 7M 64k"],
+    );
     top
 }
 
@@ -33,7 +54,13 @@ fn directory_mount_exposes_each_image_byte_exact() {
     let d = scratch();
     let top = make_chain(d.path());
     let raw = d.path().join("plain.img");
-    std::fs::write(&raw, (0..1_000_000u32).map(|i| (i % 253) as u8).collect::<Vec<_>>()).unwrap();
+    std::fs::write(
+        &raw,
+        (0..1_000_000u32)
+            .map(|i| (i % 253) as u8)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
     let m = Mounted::new(&[&top, &raw], &[]);
     let mut names: Vec<String> = std::fs::read_dir(&m.mountpoint)
         .unwrap()
@@ -43,7 +70,10 @@ fn directory_mount_exposes_each_image_byte_exact() {
     assert_eq!(names, ["plain.raw", "top.raw"]);
     let got = std::fs::read(m.file("top.raw")).unwrap();
     common::assert_same(&got, &qemu_raw(&top, None), &top, 0);
-    assert_eq!(std::fs::read(m.file("plain.raw")).unwrap(), std::fs::read(&raw).unwrap());
+    assert_eq!(
+        std::fs::read(m.file("plain.raw")).unwrap(),
+        std::fs::read(&raw).unwrap()
+    );
     m.unmount();
 }
 
@@ -54,23 +84,48 @@ fn regular_file_mountpoint_becomes_the_raw_view() {
     let view = d.path().join("view.raw");
     std::fs::write(&view, b"").unwrap();
     let out = vdiskfs(&["mount", top.to_str().unwrap(), view.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got = std::fs::read(&view);
     let un = vdiskfs(&["unmount", view.to_str().unwrap()]);
-    assert!(un.status.success(), "{}", String::from_utf8_lossy(&un.stderr));
+    assert!(
+        un.status.success(),
+        "{}",
+        String::from_utf8_lossy(&un.stderr)
+    );
     common::assert_same(&got.unwrap(), &qemu_raw(&top, None), &top, 0);
-    assert_eq!(std::fs::metadata(&view).unwrap().len(), 0, "the file is itself again");
+    assert_eq!(
+        std::fs::metadata(&view).unwrap().len(),
+        0,
+        "the file is itself again"
+    );
 }
 
 #[test]
 fn concurrent_random_reads_match_the_oracle() {
     let d = scratch();
     let img = d.path().join("rand.qcow2");
-    qemu_img(&["create", "-f", "qcow2", "-o", "cluster_size=65536", img.to_str().unwrap(), "32M"]);
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=65536",
+        img.to_str().unwrap(),
+        "32M",
+    ]);
     // Compressed writes only go to unallocated clusters: do them first.
     let mut cmds = vec!["write -c 16M 1M".to_string()];
     for i in 0..40u64 {
-        cmds.push(format!("write -P {} {} {}", i + 1, (i * 797 * 1024) % (31 << 20), 300 * 1024));
+        cmds.push(format!(
+            "write -P {} {} {}",
+            i + 1,
+            (i * 797 * 1024) % (31 << 20),
+            300 * 1024
+        ));
     }
     let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
     qemu_io("qcow2", &img, &refs);
@@ -113,19 +168,44 @@ fn loop_device_mounts_the_guest_filesystem() {
     let d = scratch();
     let raw = d.path().join("fs.raw");
     let img = d.path().join("guest.qcow2");
-    std::fs::File::create(&raw).unwrap().set_len(32 << 20).unwrap();
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
     // Populate through mkfs -d with a known file.
     let content = d.path().join("content");
     std::fs::create_dir_all(&content).unwrap();
     std::fs::write(content.join("hello.txt"), b"hello from the guest\n").unwrap();
-    common::run(Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&content).arg(&raw));
-    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", "-c", raw.to_str().unwrap(), img.to_str().unwrap()]);
+    common::run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&content)
+            .arg(&raw),
+    );
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-c",
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
     let m = Mounted::new(&[&img], &[]);
-    let dev = common::run(Command::new("losetup").args(["-f", "--show", "-r"]).arg(m.file("guest.raw")));
+    let dev = common::run(
+        Command::new("losetup")
+            .args(["-f", "--show", "-r"])
+            .arg(m.file("guest.raw")),
+    );
     let dev = dev.trim().to_string();
     let fsdir = d.path().join("guestfs");
     std::fs::create_dir(&fsdir).unwrap();
-    let mounted = Command::new("mount").args(["-o", "ro", &dev]).arg(&fsdir).status().unwrap();
+    let mounted = Command::new("mount")
+        .args(["-o", "ro", &dev])
+        .arg(&fsdir)
+        .status()
+        .unwrap();
     let text = std::fs::read_to_string(fsdir.join("hello.txt"));
     if mounted.success() {
         let _ = Command::new("umount").arg(&fsdir).status();
@@ -140,14 +220,23 @@ fn loop_device_mounts_the_guest_filesystem() {
 fn damaged_cluster_entry_fails_only_its_range_with_eio() {
     let d = scratch();
     let img = d.path().join("dmg.qcow2");
-    qemu_img(&["create", "-f", "qcow2", "-o", "cluster_size=65536", img.to_str().unwrap(), "4M"]);
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=65536",
+        img.to_str().unwrap(),
+        "4M",
+    ]);
     qemu_io("qcow2", &img, &["write -P 0xaa 0 4M"]);
     // Point the L2 entry of guest cluster 5 far past the end of the file.
     let out = qemu_img(&["map", "--output=json", img.to_str().unwrap()]);
     assert!(out.contains("offset"));
     let bytes = std::fs::read(&img).unwrap();
     let l1_off = u64::from_be_bytes(bytes[40..48].try_into().unwrap()) as usize;
-    let l2_off = (u64::from_be_bytes(bytes[l1_off..l1_off + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
+    let l2_off = (u64::from_be_bytes(bytes[l1_off..l1_off + 8].try_into().unwrap())
+        & 0x00ff_ffff_ffff_fe00) as usize;
     let e = l2_off + 5 * 8;
     let bad = (1u64 << 63) | (1u64 << 40);
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
@@ -173,7 +262,10 @@ fn writes_are_refused_on_a_read_only_mount() {
     std::fs::write(&raw, vec![1u8; 65536]).unwrap();
     let before = std::fs::metadata(&raw).unwrap().modified().unwrap();
     let m = Mounted::new(&[&raw], &[]);
-    let err = std::fs::OpenOptions::new().write(true).open(m.file("ro.raw")).unwrap_err();
+    let err = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.file("ro.raw"))
+        .unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
     m.unmount();
     assert_eq!(std::fs::read(&raw).unwrap(), vec![1u8; 65536]);
@@ -189,14 +281,55 @@ fn bad_invocations_fail_with_one_line_naming_the_problem() {
     let img2 = d.path().join("disk.qcow2");
     std::fs::write(&img1, vec![0u8; 4096]).unwrap();
     qemu_img(&["create", "-f", "qcow2", img2.to_str().unwrap(), "1M"]);
+    std::fs::copy(&img2, d.path().join("z.qcow2")).unwrap();
     let mp = d.path().join("mp");
     std::fs::create_dir(&mp).unwrap();
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec![img1.display().to_string(), img2.display().to_string(), mp.display().to_string()], "disk.raw"),
-        (vec![d.path().join("missing.qcow2").display().to_string(), mp.display().to_string()], "missing.qcow2"),
-        (vec![img1.display().to_string(), d.path().join("nodir").display().to_string()], "nodir"),
-        (vec!["--rw".into(), img1.display().to_string(), mp.display().to_string()], "not implemented"),
-        (vec!["--format".into(), "vpc".into(), img1.display().to_string(), mp.display().to_string()], "vpc"),
+        (
+            vec![
+                img1.display().to_string(),
+                img2.display().to_string(),
+                mp.display().to_string(),
+            ],
+            "disk.raw",
+        ),
+        (
+            vec![
+                d.path().join("missing.qcow2").display().to_string(),
+                mp.display().to_string(),
+            ],
+            "missing.qcow2",
+        ),
+        (
+            vec![
+                img1.display().to_string(),
+                d.path().join("nodir").display().to_string(),
+            ],
+            "nodir",
+        ),
+        (
+            vec![
+                "--overlay".into(),
+                d.path().join("o.qcow2").display().to_string(),
+                img1.display().to_string(),
+                d.path()
+                    .join("disk.qcow2")
+                    .display()
+                    .to_string()
+                    .replace("disk.qcow2", "z.qcow2"),
+                mp.display().to_string(),
+            ],
+            "exactly one image",
+        ),
+        (
+            vec![
+                "--format".into(),
+                "vpc".into(),
+                img1.display().to_string(),
+                mp.display().to_string(),
+            ],
+            "vpc",
+        ),
     ];
     for (args, needle) in cases {
         let mut full = vec!["mount".to_string()];
@@ -208,7 +341,10 @@ fn bad_invocations_fail_with_one_line_naming_the_problem() {
         assert!(err.contains(needle), "{full:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{full:?}: {err}");
     }
-    assert!(std::fs::read_dir(&mp).unwrap().next().is_none(), "nothing got mounted");
+    assert!(
+        std::fs::read_dir(&mp).unwrap().next().is_none(),
+        "nothing got mounted"
+    );
 }
 
 #[test]
@@ -236,7 +372,10 @@ fn sigterm_and_unmount_end_the_daemon_and_list_shows_it() {
         if !mounts.contains(m.mountpoint.to_str().unwrap()) {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "still mounted after SIGTERM");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still mounted after SIGTERM"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
@@ -264,14 +403,24 @@ fn info_json_describes_the_whole_chain() {
     let d = scratch();
     let top = make_chain(d.path());
     let out = vdiskfs(&["info", "--json", top.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["format"], "qcow2");
     assert_eq!(v["virtual_size"], 8 << 20);
     let chain = v["chain"].as_array().unwrap();
-    let formats: Vec<&str> = chain.iter().map(|l| l["format"].as_str().unwrap()).collect();
+    let formats: Vec<&str> = chain
+        .iter()
+        .map(|l| l["format"].as_str().unwrap())
+        .collect();
     assert_eq!(formats, ["qcow2", "qcow2", "raw"]);
-    let sizes: Vec<u64> = chain.iter().map(|l| l["virtual_size"].as_u64().unwrap()).collect();
+    let sizes: Vec<u64> = chain
+        .iter()
+        .map(|l| l["virtual_size"].as_u64().unwrap())
+        .collect();
     assert_eq!(sizes, [8 << 20, 6 << 20, 3 << 20]);
     assert!(chain[2]["filename"].as_str().unwrap().ends_with("base.raw"));
     let text = vdiskfs(&["info", top.to_str().unwrap()]);

@@ -210,6 +210,66 @@ pub trait Layer: Send + Sync {
 
     /// The id this layer uses in the shared caches.
     fn cache_id(&self) -> u64;
+
+    /// The host file that holds the whole guest disk byte for byte (a raw
+    /// image, a single flat extent at offset 0), for kernel passthrough.
+    fn passthrough_file(&self) -> Option<Arc<HostFile>> {
+        None
+    }
+
+    /// The write side, when the layer was opened writable and its format
+    /// (or subformat) can be written in place.
+    fn as_write(&self) -> Option<&dyn WriteLayer> {
+        None
+    }
+}
+
+/// Reads what the layers below a written layer hold: the source of
+/// copy-on-write when only part of an allocation unit is written.
+pub trait Below: Sync {
+    /// Fills `buf` with the guest bytes at `offset` as seen through the
+    /// layers below (zeros where none stores data or past their end).
+    fn read_below(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+}
+
+/// No layer below: everything reads as zeros.
+pub struct NothingBelow;
+
+impl Below for NothingBelow {
+    fn read_below(&self, buf: &mut [u8], _offset: u64) -> Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+}
+
+/// Writing in place into one layer.
+///
+/// Contract, shared by every driver:
+/// - Calls may come from several threads at once, on overlapping ranges;
+///   the driver serialises what must be (allocation, table updates) and
+///   does not hold a lock across data I/O it can do outside one.
+/// - Ordering: data is written before the table entry that points to it;
+///   a cluster's refcount (or allocation record) is raised before any
+///   reference to it is written. A crash at any instant leaves an image
+///   whose checker finds at most leaked clusters.
+/// - After [`WriteLayer::flush`] returns, every write that completed
+///   before it was called is durable (fdatasync of every file written).
+pub trait WriteLayer: Send + Sync {
+    /// Writes `buf` at guest `offset` (the range lies inside the virtual
+    /// size). Where `buf` covers only part of an allocation unit (cluster,
+    /// subcluster, grain) that this layer does not store yet, the rest is
+    /// filled from the current content: compressed data, zeros, or `below`.
+    fn write_at(&self, buf: &[u8], offset: u64, below: &dyn Below) -> Result<()>;
+
+    /// Makes `len` bytes at `offset` read as zeros, whatever lies below,
+    /// releasing host space where the format allows (whole clusters marked
+    /// zero or deallocated, host file holes punched). Used for
+    /// fallocate(PUNCH_HOLE) and fallocate(ZERO_RANGE), so for discards.
+    fn write_zeroes(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()>;
+
+    /// Makes every completed write durable, metadata after the data it
+    /// points to.
+    fn flush(&self) -> Result<()>;
 }
 
 /// What a driver needs to open a layer.

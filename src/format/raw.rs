@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{BackingSpec, Format, Layer, LayerInfo, Mapping, OpenCtx};
+use super::{BackingSpec, Below, Format, Layer, LayerInfo, Mapping, OpenCtx, WriteLayer};
 use crate::error::Result;
 use crate::host::HostFile;
 
@@ -60,5 +60,27 @@ impl Layer for Raw {
 
     fn cache_id(&self) -> u64 {
         self.cache_id
+    }
+
+    fn passthrough_file(&self) -> Option<Arc<HostFile>> {
+        Some(self.file.clone())
+    }
+
+    fn as_write(&self) -> Option<&dyn WriteLayer> {
+        self.file.writable().then_some(self as &dyn WriteLayer)
+    }
+}
+
+impl WriteLayer for Raw {
+    fn write_at(&self, buf: &[u8], offset: u64, _below: &dyn Below) -> Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, _below: &dyn Below) -> Result<()> {
+        self.file.punch_hole(offset, len)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.file.sync_data()
     }
 }

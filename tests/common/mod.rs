@@ -96,7 +96,12 @@ pub fn read_all(chain: &Chain, piece: usize) -> vdiskfs::Result<Vec<u8>> {
 pub fn assert_matches_qemu(image: &Path) {
     let expected = qemu_raw(image, None);
     let chain = open_chain(image).unwrap_or_else(|e| panic!("open {}: {e}", image.display()));
-    assert_eq!(chain.size() as usize, expected.len(), "virtual size of {}", image.display());
+    assert_eq!(
+        chain.size() as usize,
+        expected.len(),
+        "virtual size of {}",
+        image.display()
+    );
     for piece in [1 << 20, 4096 + 512, 65536 * 3 + 7] {
         let got = read_all(&chain, piece).unwrap();
         assert_same(&got, &expected, image, piece);
@@ -132,9 +137,7 @@ pub fn testdata() -> PathBuf {
             return c.clone();
         }
     }
-    panic!(
-        "../shared/testdata/MANIFEST.tsv not found next to the repository; tests need it"
-    );
+    panic!("../shared/testdata/MANIFEST.tsv not found next to the repository; tests need it");
 }
 
 /// sha256 of bytes as lowercase hex.
@@ -153,11 +156,14 @@ pub fn caches() -> Arc<Caches> {
 pub fn sha256_file(path: &Path) -> String {
     use sha2::{Digest, Sha256};
     use std::io::Read;
-    let mut f = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut f =
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 4 << 20];
     loop {
-        let n = f.read(&mut buf).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        let n = f
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
         if n == 0 {
             break;
         }

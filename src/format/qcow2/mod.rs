@@ -33,6 +33,7 @@ use crate::error::{Error, Result};
 use crate::format::SnapshotInfo;
 use crate::host::HostFile;
 
+pub mod create;
 pub mod header;
 pub mod refcount;
 pub mod snapshot;

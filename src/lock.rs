@@ -1,0 +1,207 @@
+//! Image locks compatible with qemu's, so a running VM (or qemu-img, or
+//! qemu-storage-daemon) and vdiskfs never write one image at once.
+//!
+//! qemu describes its use of an image with open-file-description (OFD)
+//! byte-range locks: a shared lock on byte `100 + n` means "I hold
+//! permission n", a shared lock on byte `200 + n` means "nobody else may
+//! take permission n". Permissions: 0 consistent read, 1 write, 2 write
+//! unchanged, 3 resize. A writer such as a running VM locks 201 (it does
+//! not share writing). We take the same bytes for a writable open and test
+//! for conflicts first, as qemu does; OFD locks vanish with the file
+//! descriptor, so a killed daemon leaves none behind.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::host::HostFile;
+
+const PERM_BASE: i64 = 100;
+const SHARED_BASE: i64 = 200;
+const CONSISTENT_READ: u32 = 0;
+const WRITE: u32 = 1;
+const WRITE_UNCHANGED: u32 = 2;
+const RESIZE: u32 = 3;
+const PERM_NAMES: [&str; 4] = ["consistent read", "write", "write unchanged", "resize"];
+
+/// Locks `file` for writing as qemu would (we use read and write; we let
+/// others read, but not write or resize). Refuses with
+/// [`ErrorKind::Locked`], naming the holder, when someone else writes the
+/// image or refuses to share what we need; `force` skips the check.
+pub fn lock_for_write(file: &HostFile, force: bool) -> Result<()> {
+    let used = [CONSISTENT_READ, WRITE, WRITE_UNCHANGED];
+    let not_shared = [WRITE, RESIZE];
+    if !force {
+        for &p in &used {
+            if held_by_other(file, SHARED_BASE + p as i64)? {
+                return Err(conflict(
+                    file,
+                    &format!(
+                        "another process does not share the {} permission",
+                        PERM_NAMES[p as usize]
+                    ),
+                    SHARED_BASE + p as i64,
+                ));
+            }
+        }
+        for &p in &not_shared {
+            if held_by_other(file, PERM_BASE + p as i64)? {
+                return Err(conflict(
+                    file,
+                    &format!(
+                        "another process holds the {} permission",
+                        PERM_NAMES[p as usize]
+                    ),
+                    PERM_BASE + p as i64,
+                ));
+            }
+        }
+    }
+    for byte in used
+        .iter()
+        .map(|&p| PERM_BASE + p as i64)
+        .chain(not_shared.iter().map(|&p| SHARED_BASE + p as i64))
+    {
+        set_lock(file, byte).or_else(|e| if force { Ok(()) } else { Err(e) })?;
+    }
+    Ok(())
+}
+
+fn flock(kind: i32, byte: i64) -> libc::flock {
+    // SAFETY: flock is plain data; all-zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = byte;
+    fl.l_len = 1;
+    fl
+}
+
+/// True when another open file description holds a lock on `byte` that
+/// would conflict with an exclusive lock.
+fn held_by_other(file: &HostFile, byte: i64) -> Result<bool> {
+    let mut fl = flock(libc::F_WRLCK, byte);
+    // SAFETY: fl is a valid flock; the descriptor is ours.
+    let rc = unsafe { libc::fcntl(file.file().as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    if rc != 0 {
+        return Err(
+            Error::io("cannot test image lock", std::io::Error::last_os_error())
+                .with_path(file.path()),
+        );
+    }
+    Ok(fl.l_type != libc::F_UNLCK as i16)
+}
+
+fn set_lock(file: &HostFile, byte: i64) -> Result<()> {
+    let fl = flock(libc::F_RDLCK, byte);
+    // SAFETY: fl is a valid flock; the descriptor is ours.
+    let rc = unsafe { libc::fcntl(file.file().as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(conflict(
+            file,
+            &format!("cannot lock byte {byte}: {e}"),
+            byte,
+        ));
+    }
+    Ok(())
+}
+
+fn conflict(file: &HostFile, what: &str, byte: i64) -> Error {
+    let who = holders(file, byte);
+    let who = if who.is_empty() {
+        String::new()
+    } else {
+        format!(" (held by {})", who.join(", "))
+    };
+    Error::new(
+        ErrorKind::Locked,
+        format!(
+            "image is in use: {what}{who}; is a VM or qemu-img using it? (--force-lock overrides)"
+        ),
+    )
+    .with_path(file.path())
+}
+
+/// Processes holding an OFD lock on `byte` of `file`, found through
+/// /proc/PID/fdinfo (OFD locks carry no owner pid of their own).
+fn holders(file: &HostFile, byte: i64) -> Vec<String> {
+    let Ok(meta) = file.file().metadata() else {
+        return Vec::new();
+    };
+    let (dev, ino) = (meta.dev(), meta.ino());
+    let major = libc::major(dev);
+    let minor = libc::minor(dev);
+    let needle = format!("{major:02x}:{minor:02x}:{ino} ");
+    let me = std::process::id().to_string();
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let pid = p.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fdinfo")) else {
+            continue;
+        };
+        let holds = fds.flatten().take(4096).any(|fd| {
+            std::fs::read_to_string(fd.path())
+                .map(|t| {
+                    t.lines().any(|l| {
+                        l.starts_with("lock:") && l.contains(&needle) && {
+                            let f: Vec<&str> = l.split_whitespace().collect();
+                            let (s, e) = (f[f.len() - 2], f[f.len() - 1]);
+                            let s: i64 = s.parse().unwrap_or(-1);
+                            let e: i64 = if e == "EOF" {
+                                i64::MAX
+                            } else {
+                                e.parse().unwrap_or(-1)
+                            };
+                            s <= byte && byte <= e
+                        }
+                    })
+                })
+                .unwrap_or(false)
+        });
+        if holds {
+            let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+            out.push(format!("pid {pid} ({})", comm.trim()));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn open_rw(path: &std::path::Path) -> Arc<HostFile> {
+        HostFile::open_with(
+            path,
+            crate::host::HostOpen {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_second_writer_is_refused_and_force_overrides() {
+        let t = tempfile::NamedTempFile::new().unwrap();
+        t.as_file().set_len(4096).unwrap();
+        let a = open_rw(t.path());
+        lock_for_write(&a, false).unwrap();
+        let b = open_rw(t.path());
+        let e = lock_for_write(&b, false).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Locked);
+        lock_for_write(&b, true).unwrap();
+        drop(a);
+        drop(b);
+        let c = open_rw(t.path());
+        lock_for_write(&c, false).unwrap();
+    }
+}
