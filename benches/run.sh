@@ -247,8 +247,12 @@ expose() { # TARGET IMAGE
 		writable=on
 		;;
 	qcow2-overlay)
+		# The same fresh overlay for both daemons, made by qemu-img.
 		src="$WORK/overlay.qcow2"
 		rm -f "$src"
+		if [ "$target" != rawfile ]; then
+			qemu-img create -q -f qcow2 -b "$file" -F qcow2 "$src" >/dev/null 2>"$WORK/mount.err" || return 1
+		fi
 		writable=on
 		;;
 	esac
@@ -272,9 +276,6 @@ expose() { # TARGET IMAGE
 		EXP_PID=$("$VDISKFS" list --json | python3 "$HELPER" pid "$EXP_MP") || EXP_PID=""
 		;;
 	qsd)
-		if [ "$image" = qcow2-overlay ]; then
-			qemu-img create -q -f qcow2 -b "$file" -F qcow2 "$src" >/dev/null || return 1
-		fi
 		EXP_MP="$WORK/qsd.raw"
 		: >"$EXP_MP"
 		rm -f "$WORK/qsd.pid"
@@ -337,37 +338,37 @@ run_workload() { # WORKLOAD
 	case "$w" in
 	seqread-psync)
 		timeout $((SEQ_CAP + 60)) "${fio[@]}" --readonly --rw=read --bs=1M --ioengine=psync \
-			--direct=0 --runtime="$SEQ_CAP" >>"$LOG" 2>&1 || return 1
+			--direct=0 --runtime="$SEQ_CAP" >"$WORK/wl.err" 2>&1 || return 1
 		echo "$(python3 "$HELPER" fio "$json" read bw) MiB/s"
 		;;
 	seqread-aio16)
 		timeout $((SEQ_CAP + 60)) "${fio[@]}" --readonly --rw=read --bs=1M --ioengine=libaio \
-			--iodepth=16 --direct=1 --runtime="$SEQ_CAP" >>"$LOG" 2>&1 || return 1
+			--iodepth=16 --direct=1 --runtime="$SEQ_CAP" >"$WORK/wl.err" 2>&1 || return 1
 		echo "$(python3 "$HELPER" fio "$json" read bw) MiB/s"
 		;;
 	randread-qd1)
 		timeout $((RUNTIME + 60)) "${fio[@]}" --readonly --rw=randread --bs=4k --ioengine=psync \
-			--direct=1 --time_based --runtime="$RUNTIME" >>"$LOG" 2>&1 || return 1
+			--direct=1 --time_based --runtime="$RUNTIME" >"$WORK/wl.err" 2>&1 || return 1
 		echo "$(python3 "$HELPER" fio "$json" read iops) IOPS"
 		;;
 	randread-qd32)
 		timeout $((RUNTIME + 60)) "${fio[@]}" --readonly --rw=randread --bs=4k --ioengine=libaio \
-			--iodepth=32 --direct=1 --time_based --runtime="$RUNTIME" >>"$LOG" 2>&1 || return 1
+			--iodepth=32 --direct=1 --time_based --runtime="$RUNTIME" >"$WORK/wl.err" 2>&1 || return 1
 		echo "$(python3 "$HELPER" fio "$json" read iops) IOPS"
 		;;
 	seqwrite-1m)
 		timeout $((SEQ_CAP + 60)) "${fio[@]}" --rw=write --bs=1M --ioengine=libaio --iodepth=16 \
-			--direct=1 --runtime="$SEQ_CAP" --end_fsync=1 >>"$LOG" 2>&1 || return 1
+			--direct=1 --runtime="$SEQ_CAP" --end_fsync=1 >"$WORK/wl.err" 2>&1 || return 1
 		echo "$(python3 "$HELPER" fio "$json" write bw) MiB/s"
 		;;
 	randwrite-4k)
 		timeout $((RUNTIME + 60)) "${fio[@]}" --rw=randwrite --bs=4k --ioengine=libaio --iodepth=32 \
-			--direct=1 --time_based --runtime="$RUNTIME" --end_fsync=1 >>"$LOG" 2>&1 || return 1
+			--direct=1 --time_based --runtime="$RUNTIME" --end_fsync=1 >"$WORK/wl.err" 2>&1 || return 1
 		echo "$(python3 "$HELPER" fio "$json" write iops) IOPS"
 		;;
 	sha256sum)
 		t0=$(now)
-		timeout $((SEQ_CAP * 3 + 60)) sha256sum "$EXPOSED" >>"$LOG" 2>&1 || return 1
+		timeout $((SEQ_CAP * 3 + 60)) sha256sum "$EXPOSED" >"$WORK/wl.err" 2>&1 || return 1
 		t1=$(now)
 		python3 -c "import sys; print(f'{$SIZE_MIB / ($t1 - $t0):.3f} MiB/s')"
 		;;
@@ -376,7 +377,7 @@ run_workload() { # WORKLOAD
 		rm -f "$WORK/convert.out"
 		t0=$(now)
 		timeout $((SEQ_CAP * 3 + 60)) qemu-img convert -f raw -O raw -t unsafe "$EXPOSED" \
-			"$WORK/convert.out" >>"$LOG" 2>&1 || return 1
+			"$WORK/convert.out" >"$WORK/wl.err" 2>&1 || return 1
 		t1=$(now)
 		rm -f "$WORK/convert.out"
 		python3 -c "import sys; print(f'{$SIZE_MIB / ($t1 - $t0):.3f} MiB/s')"
@@ -413,11 +414,18 @@ measure() { # ROUND WORKLOAD IMAGE TARGET
 		return 0
 	fi
 	drop_caches
+	: >"$WORK/wl.err"
 	if res=$(run_workload "$w"); then
+		cat "$WORK/wl.err" >>"$LOG"
 		[ "$target" = vdiskfs ] && hwm=$(vmhwm_kib "$EXP_PID")
 		log "  $w $image $target: $res${hwm:+ (VmHWM ${hwm} KiB)}"
 		record round="$round" workload="$w" image="$rec_image" target="$target" unit="$unit" \
 			status=ok value="${res% *}" ${hwm:+rss_hwm_kib=$hwm} pid="${EXP_PID:-0}"
+	elif cat "$WORK/wl.err" >>"$LOG" && [ "$target" = vdiskfs ] &&
+		grep -Eqi "not implemented|not supported|read-only file system" "$WORK/wl.err"; then
+		log "  $w $image $target: n/a ($(grep -Eim1 "not implemented|not supported|read-only" "$WORK/wl.err"))"
+		record round="$round" workload="$w" image="$rec_image" target="$target" unit="$unit" \
+			status=n/a note="vdiskfs: not implemented"
 	else
 		log "  $w $image $target: FAILED (see $LOG)"
 		record round="$round" workload="$w" image="$rec_image" target="$target" unit="$unit" \
