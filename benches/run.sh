@@ -266,7 +266,7 @@ expose() { # TARGET IMAGE
 		qcow2-overlay) extra=(--overlay "$src"); src="$file" ;;
 		esac
 		if ! "$VDISKFS" mount "${VDK_ARGS[@]}" "${extra[@]}" "$src" "$EXP_MP" 2>"$WORK/mount.err"; then
-			grep -qi "not implemented" "$WORK/mount.err" && return 3
+			grep -Eqi "not implemented|cannot be written|not supported" "$WORK/mount.err" && return 3
 			return 1
 		fi
 		VDK_MOUNTS+=("$EXP_MP")
