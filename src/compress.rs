@@ -28,8 +28,8 @@ pub enum Method {
 /// is zero-filled.
 pub fn decompress(method: Method, input: &[u8], out: &mut [u8], allow_short: bool) -> Result<()> {
     let n = match method {
-        Method::Deflate => fill(flate2::read::DeflateDecoder::new(input), out),
-        Method::Zlib => fill(flate2::read::ZlibDecoder::new(input), out),
+        Method::Deflate => inflate(input, out, false),
+        Method::Zlib => inflate(input, out, true),
         Method::Zstd => match zstd::stream::read::Decoder::with_buffer(input) {
             Ok(d) => fill(d.single_frame(), out),
             Err(e) => Err(e),
@@ -46,6 +46,23 @@ pub fn decompress(method: Method, input: &[u8], out: &mut [u8], allow_short: boo
         out[n..].fill(0);
     }
     Ok(())
+}
+
+/// Inflates straight from `input` into `out` (no intermediate buffer),
+/// stopping at the end of the stream or when `out` is full.
+fn inflate(input: &[u8], out: &mut [u8], zlib_header: bool) -> std::io::Result<usize> {
+    use flate2::{Decompress, FlushDecompress, Status};
+    let mut d = Decompress::new(zlib_header);
+    loop {
+        let (in_pos, out_pos) = (d.total_in() as usize, d.total_out() as usize);
+        let status = d
+            .decompress(&input[in_pos..], &mut out[out_pos..], FlushDecompress::None)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        let (new_in, new_out) = (d.total_in() as usize, d.total_out() as usize);
+        if status == Status::StreamEnd || new_out == out.len() || (new_in == in_pos && new_out == out_pos) {
+            return Ok(new_out);
+        }
+    }
 }
 
 fn fill(mut r: impl Read, out: &mut [u8]) -> std::io::Result<usize> {
