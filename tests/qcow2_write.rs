@@ -577,3 +577,87 @@ fn unknown_autoclear_bits_are_cleared() {
     assert_eq!(u64::from_be_bytes(b), 0);
     check(&img);
 }
+
+/// Not a test on its own: the writer process `crash_consistency` kills.
+/// Writes pseudo-random data forever into `VDISKFS_CRASH_IMAGE`.
+#[test]
+fn crash_child() {
+    let Ok(image) = std::env::var("VDISKFS_CRASH_IMAGE") else {
+        return;
+    };
+    let seed: u64 = std::env::var("VDISKFS_CRASH_SEED")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let chain = open_rw(Path::new(&image)).unwrap();
+    let mut model = vec![0u8; chain.size() as usize];
+    let cs = chain.layers()[0].info().cluster_size.unwrap();
+    // Signal readiness, then write until killed.
+    println!("CHILD-READY");
+    for round in 0.. {
+        scribble(&chain, &mut model, seed + round, 200, cs);
+    }
+}
+
+#[test]
+fn crash_consistency() {
+    let dir = scratch();
+    let exe = std::env::current_exe().unwrap();
+    let cases = [
+        ("compat=1.1,cluster_size=512,refcount_bits=64", true),
+        ("compat=1.1,cluster_size=64k,extended_l2=on", true),
+        ("compat=0.10,cluster_size=4k", false),
+    ];
+    for (n, (opts, snapshot)) in cases.iter().enumerate() {
+        for round in 0..3u64 {
+            let cmds = setup_cmds(4 * K);
+            let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+            let img = create(
+                dir.path(),
+                &format!("crash{n}-{round}.qcow2"),
+                opts,
+                "8M",
+                &cmds,
+            );
+            if *snapshot {
+                qemu_img(&["snapshot", "-c", "s", img.to_str().unwrap()]);
+            }
+            let before = qemu_raw(&img, None);
+            let mut child = Command::new(&exe)
+                .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
+                .env("VDISKFS_CRASH_IMAGE", &img)
+                .env("VDISKFS_CRASH_SEED", (n as u64 * 100 + round).to_string())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(150 + 120 * round));
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            // Leaks are allowed after a crash; corruption is not.
+            let out = Command::new("qemu-img")
+                .args(["check", "--output=json"])
+                .arg(&img)
+                .output()
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+                panic!("{opts}: {e}: {}", String::from_utf8_lossy(&out.stderr))
+            });
+            for key in ["corruptions", "check-errors"] {
+                assert_eq!(
+                    v.get(key).and_then(|n| n.as_u64()).unwrap_or(0),
+                    0,
+                    "{opts} round {round}: {v}"
+                );
+            }
+            // And the image still opens and reads, with the child's writes.
+            let chain = common::open_chain(&img).unwrap();
+            let after = read_all(&chain, 1 << 20).unwrap();
+            assert!(
+                after != before,
+                "{opts} round {round}: the child wrote nothing before it was killed"
+            );
+            let leaks = v.get("leaks").and_then(|n| n.as_u64()).unwrap_or(0);
+            eprintln!("{opts} round {round}: killed after writing; {leaks} leaked clusters");
+        }
+    }
+}

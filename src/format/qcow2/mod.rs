@@ -1,4 +1,4 @@
-//! qcow2 (versions 2 and 3) read driver.
+//! qcow2 (versions 2 and 3) driver: reads, and in-place writes when opened writable.
 //!
 //! - [`header`]: header fields, extensions and feature bits.
 //! - [`tables`]: geometry, the L1 table and L2 entry decoding.

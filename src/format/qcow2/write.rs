@@ -474,11 +474,11 @@ impl WriteLayer for Qcow2 {
     }
 
     fn flush(&self) -> Result<()> {
-        self.file.sync_data()?;
+        // Guest data in a data file first, then the image with the tables.
         if let Some(d) = &self.data_file {
             d.sync_data()?;
         }
-        Ok(())
+        self.file.sync_data()
     }
 }
 
