@@ -311,6 +311,11 @@ fn refcount_table_grows() {
         pos += n;
     }
     chain.flush().unwrap();
+    let info = chain.layers()[0].info();
+    assert_eq!(
+        info.details["refcount_table_offset"].as_u64(),
+        Some(hdr(&img))
+    );
     drop(chain);
     assert_ne!(hdr(&img), old_table, "the refcount table should have moved");
     verify(&img, &model);

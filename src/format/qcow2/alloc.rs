@@ -96,6 +96,14 @@ impl Alloc {
         (8u64 << self.cluster_bits) >> self.order
     }
 
+    /// The refcount table's current offset and size in clusters.
+    pub fn table_location(&self) -> (u64, u64) {
+        (
+            self.table_offset,
+            (self.table.len() as u64 * 8) >> self.cluster_bits,
+        )
+    }
+
     /// Host bytes up to the allocation frontier.
     pub fn end_bytes(&self) -> u64 {
         self.end << self.cluster_bits

@@ -409,18 +409,20 @@ impl Layer for Qcow2 {
         d.insert("header_length".into(), json!(h.header_length));
         d.insert("l1_size".into(), json!(h.l1_size));
         d.insert("l1_table_offset".into(), json!(h.l1_table_offset));
-        d.insert(
-            "refcount_table_offset".into(),
-            json!(h.refcount_table_offset),
-        );
-        d.insert(
-            "refcount_table_clusters".into(),
-            json!(h.refcount_table_clusters),
-        );
+        let (rt_off, rt_clusters, autoclear) = match &self.writer {
+            Some(w) => w.header_now(h),
+            None => (
+                h.refcount_table_offset,
+                u64::from(h.refcount_table_clusters),
+                h.autoclear,
+            ),
+        };
+        d.insert("refcount_table_offset".into(), json!(rt_off));
+        d.insert("refcount_table_clusters".into(), json!(rt_clusters));
         d.insert("nb_snapshots".into(), json!(h.nb_snapshots));
         d.insert("incompatible_features".into(), json!(h.incompatible));
         d.insert("compatible_features".into(), json!(h.compatible));
-        d.insert("autoclear_features".into(), json!(h.autoclear));
+        d.insert("autoclear_features".into(), json!(autoclear));
         if let Some(name) = &h.data_file {
             d.insert("data_file".into(), json!(name));
         }

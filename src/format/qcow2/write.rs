@@ -94,6 +94,12 @@ impl Writer {
         })
     }
 
+    /// Refcount table offset and clusters, and autoclear bits, as on disk now.
+    pub(super) fn header_now(&self, h: &Header) -> (u64, u64, u64) {
+        let (off, clusters) = self.state.lock().table_location();
+        (off, clusters, h.autoclear & AUTOCLEAR_DATA_FILE_RAW)
+    }
+
     /// The exact refcount of the host cluster containing `host`.
     pub(super) fn refcount(&self, q: &Qcow2, host: u64) -> Result<u64> {
         self.state.lock().get(&q.file, host >> q.geo.cluster_bits)
