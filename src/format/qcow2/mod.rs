@@ -1,9 +1,14 @@
-//! qcow2 (versions 2 and 3) read driver.
+//! qcow2 (versions 2 and 3) driver: reads, and in-place writes when opened writable.
 //!
 //! - [`header`]: header fields, extensions and feature bits.
 //! - [`tables`]: geometry, the L1 table and L2 entry decoding.
 //! - [`snapshot`]: the internal snapshot table (for `info`).
-//! - [`refcount`]: refcount lookups (groundwork for writes; unused by reads).
+//! - [`refcount`]: refcount lookups and entry encoding.
+//! - [`alloc`]: host cluster allocation and refcount updates (writes).
+//! - [`meta`]: L1/L2 table updates and cache coherence (writes).
+//! - [`write`]: the [`WriteLayer`] side: in-place writes, copy-on-write,
+//!   zeroing; its module documentation gives the ordering and locking rules.
+//! - [`create`]: new empty images (overlays).
 //!
 //! Opening reads and validates the header, the extensions, the backing
 //! file name and the active L1 table; L2 tables are read on demand through
@@ -22,22 +27,28 @@
 //!   their meaning.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
 
 use serde_json::json;
 
-use super::{BackingSpec, CompressedBlock, Format, Layer, LayerInfo, Mapping, OpenCtx};
+use super::{BackingSpec, CompressedBlock, Format, Layer, LayerInfo, Mapping, OpenCtx, WriteLayer};
 use crate::cache::Caches;
 use crate::compress::{self, Method};
 use crate::error::{Error, Result};
 use crate::format::SnapshotInfo;
 use crate::host::HostFile;
 
+mod alloc;
 pub mod create;
 pub mod header;
+mod meta;
 pub mod refcount;
 pub mod snapshot;
 pub mod tables;
+mod write;
 
 use header::{CompressionType, Header, MAX_CLUSTER_BITS};
 use tables::{EntryRules, Geometry, HostOffset, Unit, OFFSET_MASK};
@@ -54,7 +65,14 @@ pub struct Qcow2 {
     header: Header,
     geo: Geometry,
     rules: EntryRules,
-    l1: Vec<u64>,
+    l1: RwLock<Vec<u64>>,
+    /// Host bytes of the image file that table entries may point into
+    /// (grows as writes allocate clusters).
+    file_end: AtomicU64,
+    /// Bumped whenever a cached L2 slice is rewritten; see [`Qcow2::l2_slice`].
+    meta_gen: AtomicU64,
+    meta_lock: Mutex<()>,
+    writer: Option<write::Writer>,
     backing: Option<BackingSpec>,
     snapshots: Vec<SnapshotInfo>,
     snapshot_error: Option<String>,
@@ -93,6 +111,17 @@ impl Qcow2 {
             _ => None,
         };
         let (snapshots, snapshot_error) = snapshot::read_snapshots(&file, &header)?;
+        let writer = if ctx.writable {
+            Some(write::Writer::open(
+                &file,
+                data_file.as_deref(),
+                &header,
+                backing.is_some(),
+            )?)
+        } else {
+            None
+        };
+        let image_len = file.len();
         let rules = EntryRules {
             version: header.version,
             data_file: data_file.is_some(),
@@ -109,7 +138,11 @@ impl Qcow2 {
             header,
             geo,
             rules,
-            l1,
+            l1: RwLock::new(l1),
+            file_end: AtomicU64::new(image_len),
+            meta_gen: AtomicU64::new(0),
+            meta_lock: Mutex::new(()),
+            writer,
             backing,
             snapshots,
             snapshot_error,
@@ -126,6 +159,9 @@ impl Qcow2 {
     /// The reference count of the host cluster containing image offset
     /// `host` (not needed for reading; for checks and later writes).
     pub fn refcount(&self, host: u64) -> Result<u64> {
+        if let Some(w) = &self.writer {
+            return w.refcount(self, host);
+        }
         refcount::RefcountLayout::new(&self.header)?.refcount(
             &self.file,
             &self.caches,
@@ -134,7 +170,22 @@ impl Qcow2 {
         )
     }
 
+    /// How entries are checked, with the current end of the image file.
+    fn rules(&self) -> EntryRules {
+        let end = self.file_end.load(Ordering::Acquire);
+        EntryRules {
+            data_len: self.rules.data_len.map(|_| end),
+            image_len: end,
+            ..self.rules
+        }
+    }
+
     /// Raw bytes of slice `idx` of the L2 table at `table`, via the cache.
+    ///
+    /// A slice read from disk is cached only if no writer replaced a
+    /// cached slice meanwhile (`meta_gen` unchanged, checked under
+    /// `meta_lock`), so a slow reader never re-inserts a stale copy over
+    /// a writer's fresh one.
     fn l2_slice(&self, table: u64, idx: u64) -> Result<Arc<[u8]>> {
         let bytes = self.geo.slice_entries() * self.geo.entry_bytes;
         let off = table + idx * bytes;
@@ -144,11 +195,15 @@ impl Qcow2 {
                 return Ok(s);
             }
         }
+        let gen = self.meta_gen.load(Ordering::Acquire);
         let mut buf = vec![0u8; bytes as usize];
         // A table cut short by the end of the file reads as zeros (unallocated).
         self.file.read_zero_fill_at(&mut buf, off)?;
         let s: Arc<[u8]> = buf.into();
-        self.caches.meta.insert(key, s.clone());
+        let _g = self.meta_lock.lock();
+        if self.meta_gen.load(Ordering::Acquire) == gen {
+            self.caches.meta.insert(key, s.clone());
+        }
         Ok(s)
     }
 
@@ -157,7 +212,7 @@ impl Qcow2 {
         let idx = offset / self.geo.l2_coverage();
         let entry = usize::try_from(idx)
             .ok()
-            .and_then(|i| self.l1.get(i).copied())
+            .and_then(|i| self.l1.read().get(i).copied())
             .unwrap_or(0);
         let table = entry & OFFSET_MASK;
         if table == 0 {
@@ -168,10 +223,10 @@ impl Qcow2 {
                 "L1 entry {idx} points to an L2 table at unaligned offset {table:#x}"
             )));
         }
-        if table >= self.file.len() {
+        let end = self.file_end.load(Ordering::Acquire);
+        if table >= end {
             return Err(Error::corrupt(format!(
-                "L1 entry {idx} points to an L2 table at {table:#x}, past the end of the file ({} bytes)",
-                self.file.len()
+                "L1 entry {idx} points to an L2 table at {table:#x}, past the end of the file ({end} bytes)"
             )));
         }
         Ok(table)
@@ -216,6 +271,7 @@ fn read_backing(file: &HostFile, h: &Header) -> Result<Option<BackingSpec>> {
 /// Walks the L2 entries of one table unit by unit, keeping the current slice.
 struct Walker<'a> {
     q: &'a Qcow2,
+    rules: EntryRules,
     table: u64,
     slice_idx: u64,
     slice: Option<Arc<[u8]>>,
@@ -239,7 +295,7 @@ impl Walker<'_> {
         };
         let (entry, bitmap) = tables::entry_at(&slice, within, geo);
         let sub = ((offset % geo.cluster_size()) / geo.unit_size()) as u32;
-        tables::classify(entry, bitmap, sub, geo, &self.q.rules)
+        tables::classify(entry, bitmap, sub, geo, &self.rules)
     }
 }
 
@@ -267,6 +323,7 @@ impl Layer for Qcow2 {
         }
         let mut walk = Walker {
             q: self,
+            rules: self.rules(),
             table,
             slice_idx: 0,
             slice: None,
@@ -352,18 +409,20 @@ impl Layer for Qcow2 {
         d.insert("header_length".into(), json!(h.header_length));
         d.insert("l1_size".into(), json!(h.l1_size));
         d.insert("l1_table_offset".into(), json!(h.l1_table_offset));
-        d.insert(
-            "refcount_table_offset".into(),
-            json!(h.refcount_table_offset),
-        );
-        d.insert(
-            "refcount_table_clusters".into(),
-            json!(h.refcount_table_clusters),
-        );
+        let (rt_off, rt_clusters, autoclear) = match &self.writer {
+            Some(w) => w.header_now(h),
+            None => (
+                h.refcount_table_offset,
+                u64::from(h.refcount_table_clusters),
+                h.autoclear,
+            ),
+        };
+        d.insert("refcount_table_offset".into(), json!(rt_off));
+        d.insert("refcount_table_clusters".into(), json!(rt_clusters));
         d.insert("nb_snapshots".into(), json!(h.nb_snapshots));
         d.insert("incompatible_features".into(), json!(h.incompatible));
         d.insert("compatible_features".into(), json!(h.compatible));
-        d.insert("autoclear_features".into(), json!(h.autoclear));
+        d.insert("autoclear_features".into(), json!(autoclear));
         if let Some(name) = &h.data_file {
             d.insert("data_file".into(), json!(name));
         }
@@ -390,5 +449,9 @@ impl Layer for Qcow2 {
 
     fn cache_id(&self) -> u64 {
         self.cache_id
+    }
+
+    fn as_write(&self) -> Option<&dyn WriteLayer> {
+        self.writer.as_ref().map(|_| self as &dyn WriteLayer)
     }
 }

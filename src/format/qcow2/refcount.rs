@@ -125,3 +125,70 @@ impl RefcountLayout {
         Ok(u64::from_be_bytes(a))
     }
 }
+
+/// Entry `i` of a refcount block with entries of `1 << order` bits.
+pub fn rc_get(block: &[u8], i: u64, order: u32) -> u64 {
+    let bits = 1u64 << order;
+    if bits >= 8 {
+        let n = (bits / 8) as usize;
+        let at = i as usize * n;
+        block[at..at + n]
+            .iter()
+            .fold(0u64, |v, &b| (v << 8) | u64::from(b))
+    } else {
+        // Sub-byte widths: entry 0 in the least significant bits of byte 0.
+        let bit = i * bits;
+        (u64::from(block[(bit / 8) as usize]) >> (bit % 8)) & ((1 << bits) - 1)
+    }
+}
+
+/// Sets entry `i` to `v`; returns the byte range `(start, len)` that changed.
+pub fn rc_set(block: &mut [u8], i: u64, order: u32, v: u64) -> (usize, usize) {
+    let bits = 1u64 << order;
+    if bits >= 8 {
+        let n = (bits / 8) as usize;
+        let at = i as usize * n;
+        block[at..at + n].copy_from_slice(&v.to_be_bytes()[8 - n..]);
+        (at, n)
+    } else {
+        let bit = i * bits;
+        let at = (bit / 8) as usize;
+        let mask = (((1u64 << bits) - 1) << (bit % 8)) as u8;
+        block[at] = (block[at] & !mask) | (((v << (bit % 8)) as u8) & mask);
+        (at, 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip_for_every_width() {
+        for order in 0..=6u32 {
+            let bits = 1u64 << order;
+            let max = if bits == 64 {
+                u64::MAX
+            } else {
+                (1 << bits) - 1
+            };
+            let mut block = vec![0u8; 512];
+            let n = 512 * 8 / bits;
+            for i in 0..n {
+                rc_set(&mut block, i, order, (i * 7 + 1) & max);
+            }
+            for i in 0..n {
+                assert_eq!(
+                    rc_get(&block, i, order),
+                    (i * 7 + 1) & max,
+                    "order {order} entry {i}"
+                );
+            }
+        }
+        // 1-bit entries: entry 0 is the least significant bit of byte 0.
+        let mut b = [0u8; 2];
+        rc_set(&mut b, 0, 0, 1);
+        rc_set(&mut b, 9, 0, 1);
+        assert_eq!(b, [1, 2]);
+    }
+}

@@ -1,0 +1,314 @@
+//! Host cluster allocation for writes: the refcount table and blocks kept
+//! in memory (loaded on demand), free-cluster search, refcount changes
+//! and refcount-table growth.
+//!
+//! Everything here runs under the writer's allocation mutex. Refcount
+//! changes are written through (one `pwrite` of the changed bytes, in call
+//! order); the in-memory copy is the only one the write path consults, so
+//! the shared metadata cache is never asked for refcounts while writing.
+//!
+//! Crash safety comes from the order of the calls:
+//! - [`Alloc::alloc`] raises the new cluster's refcount on disk before it
+//!   returns, so any reference written afterwards points to a counted
+//!   cluster; a crash before the reference exists leaks the cluster.
+//! - A missing refcount block is placed in the very cluster it is first
+//!   needed for (it describes itself), written whole, and only then linked
+//!   into the table.
+//! - Table growth writes the new blocks and the new table first, switches
+//!   the header's two fields in one write, and frees the old table last.
+
+use std::collections::HashMap;
+
+use crate::cache::Caches;
+use crate::error::{Error, Result};
+use crate::host::HostFile;
+
+use super::header::Header;
+use super::refcount::{rc_get, rc_set, MAX_REFCOUNT_TABLE_BYTES};
+use super::tables::OFFSET_MASK;
+
+/// Refcount state of an image opened for writing.
+pub struct Alloc {
+    cluster_bits: u32,
+    order: u32,
+    table_offset: u64,
+    table: Vec<u64>,
+    blocks: HashMap<u64, Box<[u8]>>,
+    /// No cluster below this index is free.
+    hint: u64,
+    /// Allocation frontier: first cluster index past everything in use
+    /// or in the file.
+    end: u64,
+    /// Clusters whose refcount reached zero (their host space was returned).
+    pub freed: u64,
+}
+
+impl Alloc {
+    /// Loads the refcount table of `file` described by `h`.
+    pub fn open(file: &HostFile, h: &Header) -> Result<Alloc> {
+        let cs = h.cluster_size();
+        let bytes = u64::from(h.refcount_table_clusters) * cs;
+        if bytes > MAX_REFCOUNT_TABLE_BYTES || bytes == 0 {
+            return Err(Error::corrupt(format!(
+                "refcount_table_clusters {} is outside 1..={} clusters",
+                h.refcount_table_clusters,
+                MAX_REFCOUNT_TABLE_BYTES / cs
+            )));
+        }
+        if h.refcount_table_offset % cs != 0 || h.refcount_table_offset == 0 {
+            return Err(Error::corrupt(format!(
+                "refcount_table_offset {:#x} is not a non-zero multiple of the cluster size",
+                h.refcount_table_offset
+            )));
+        }
+        let mut raw = vec![0u8; bytes as usize];
+        file.read_zero_fill_at(&mut raw, h.refcount_table_offset)?;
+        let table: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        for (i, &e) in table.iter().enumerate() {
+            let b = e & OFFSET_MASK;
+            if b % cs != 0 || (b != 0 && b >= file.len()) {
+                return Err(Error::corrupt(format!(
+                    "refcount table entry {i} points to a bad refcount block offset {b:#x}"
+                )));
+            }
+        }
+        Ok(Alloc {
+            cluster_bits: h.cluster_bits,
+            order: h.refcount_order,
+            table_offset: h.refcount_table_offset,
+            table,
+            blocks: HashMap::new(),
+            hint: 0,
+            end: file.len().div_ceil(cs),
+            freed: 0,
+        })
+    }
+
+    fn cs(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Refcount entries per block.
+    fn entries(&self) -> u64 {
+        (8u64 << self.cluster_bits) >> self.order
+    }
+
+    /// The refcount table's current offset and size in clusters.
+    pub fn table_location(&self) -> (u64, u64) {
+        (
+            self.table_offset,
+            (self.table.len() as u64 * 8) >> self.cluster_bits,
+        )
+    }
+
+    /// Host bytes up to the allocation frontier.
+    pub fn end_bytes(&self) -> u64 {
+        self.end << self.cluster_bits
+    }
+
+    /// The refcount block at host offset `block`, loaded on first use.
+    fn block(&mut self, file: &HostFile, block: u64) -> Result<&mut Box<[u8]>> {
+        if !self.blocks.contains_key(&block) {
+            let mut buf = vec![0u8; self.cs() as usize];
+            file.read_zero_fill_at(&mut buf, block)?;
+            self.blocks.insert(block, buf.into_boxed_slice());
+        }
+        Ok(self.blocks.get_mut(&block).expect("just inserted"))
+    }
+
+    /// The refcount of host cluster `cluster` (an index, not an offset).
+    pub fn get(&mut self, file: &HostFile, cluster: u64) -> Result<u64> {
+        let entries = self.entries();
+        let ti = (cluster / entries) as usize;
+        let Some(&te) = self.table.get(ti) else {
+            return Ok(0);
+        };
+        let b = te & OFFSET_MASK;
+        if b == 0 {
+            return Ok(0);
+        }
+        let order = self.order;
+        Ok(rc_get(self.block(file, b)?, cluster % entries, order))
+    }
+
+    /// Sets the refcount of a cluster whose refcount block exists.
+    fn set(
+        &mut self,
+        file: &HostFile,
+        caches: &Caches,
+        cid: u64,
+        cluster: u64,
+        v: u64,
+    ) -> Result<()> {
+        let entries = self.entries();
+        let ti = (cluster / entries) as usize;
+        let b = self.table.get(ti).map_or(0, |e| e & OFFSET_MASK);
+        if b == 0 {
+            return Err(Error::corrupt(format!(
+                "no refcount block covers host cluster {:#x}",
+                cluster << self.cluster_bits
+            )));
+        }
+        let order = self.order;
+        let blk = self.block(file, b)?;
+        let (at, len) = rc_set(blk, cluster % entries, order, v);
+        let bytes = blk[at..at + len].to_vec();
+        file.write_all_at(&bytes, b + at as u64)?;
+        // Readers of RefcountLayout (read-only opens) use this key.
+        caches.meta.remove((cid, b | 1));
+        Ok(())
+    }
+
+    /// Drops one reference to `cluster`; at zero the host space is punched
+    /// out and the cluster becomes free for reuse. Returns the new count.
+    pub fn decref(
+        &mut self,
+        file: &HostFile,
+        caches: &Caches,
+        cid: u64,
+        cluster: u64,
+    ) -> Result<u64> {
+        let v = self.get(file, cluster)?;
+        if v == 0 {
+            return Err(Error::corrupt(format!(
+                "refcount of host cluster {:#x} is already 0 while it is still referenced",
+                cluster << self.cluster_bits
+            )));
+        }
+        self.set(file, caches, cid, cluster, v - 1)?;
+        if v == 1 {
+            file.punch_hole(cluster << self.cluster_bits, self.cs())?;
+            self.hint = self.hint.min(cluster);
+            self.freed += 1;
+        }
+        Ok(v - 1)
+    }
+
+    /// The first cluster at or after the hint whose refcount is 0.
+    fn find_free(&mut self, file: &HostFile) -> Result<u64> {
+        let entries = self.entries();
+        let order = self.order;
+        let mut c = self.hint;
+        loop {
+            let ti = (c / entries) as usize;
+            let Some(&te) = self.table.get(ti) else {
+                return Ok(c);
+            };
+            let b = te & OFFSET_MASK;
+            if b == 0 {
+                return Ok(c);
+            }
+            let blk = self.block(file, b)?;
+            let mut i = c % entries;
+            while i < entries {
+                if rc_get(blk, i, order) == 0 {
+                    return Ok(c - c % entries + i);
+                }
+                i += 1;
+            }
+            c = (ti as u64 + 1) * entries;
+        }
+    }
+
+    /// Allocates one host cluster with refcount 1 and returns its offset.
+    pub fn alloc(&mut self, file: &HostFile, caches: &Caches, cid: u64) -> Result<u64> {
+        loop {
+            let c = self.find_free(file)?;
+            let ti = c / self.entries();
+            if ti >= self.table.len() as u64 {
+                self.grow(file, caches, cid, c)?;
+                continue;
+            }
+            if self.table[ti as usize] & OFFSET_MASK == 0 {
+                self.new_block(file, caches, cid, c)?;
+                continue;
+            }
+            self.set(file, caches, cid, c, 1)?;
+            self.hint = c + 1;
+            self.end = self.end.max(c + 1);
+            return Ok(c << self.cluster_bits);
+        }
+    }
+
+    /// Makes free cluster `c` the refcount block of its own range.
+    fn new_block(&mut self, file: &HostFile, caches: &Caches, cid: u64, c: u64) -> Result<()> {
+        let entries = self.entries();
+        let ti = c / entries;
+        let mut blk = vec![0u8; self.cs() as usize].into_boxed_slice();
+        rc_set(&mut blk, c % entries, self.order, 1);
+        let at = c << self.cluster_bits;
+        file.write_all_at(&blk, at)?;
+        caches.meta.remove((cid, at | 1));
+        self.blocks.insert(at, blk);
+        file.write_all_at(&at.to_be_bytes(), self.table_offset + ti * 8)?;
+        let base = (self.table_offset + ti * 8) & !(self.cs() - 1);
+        caches.meta.remove((cid, base | 1));
+        self.table[ti as usize] = at;
+        self.end = self.end.max(c + 1);
+        Ok(())
+    }
+
+    /// Grows the refcount table so that cluster `c` (beyond the table's
+    /// reach, like every cluster after it) gets covered.
+    fn grow(&mut self, file: &HostFile, caches: &Caches, cid: u64, c: u64) -> Result<()> {
+        let cs = self.cs();
+        let entries = self.entries();
+        let old_len = self.table.len() as u64;
+        // New blocks (k of them) then the new table (n clusters), from `c` on.
+        let start = c.max(old_len * entries);
+        let mut k = 1u64;
+        let (n, tbl_entries) = loop {
+            let want = (old_len + k).max(old_len * 2);
+            let n = (want * 8).div_ceil(cs);
+            if (old_len + k) * entries >= start + k + n {
+                break (n, n * cs / 8);
+            }
+            k += 1;
+        };
+        if n * cs > MAX_REFCOUNT_TABLE_BYTES {
+            return Err(Error::unsupported(format!(
+                "the refcount table would exceed {} MiB: the image is too large",
+                MAX_REFCOUNT_TABLE_BYTES >> 20
+            )));
+        }
+        // 1. The new blocks, counting themselves and the new table.
+        let used = start..start + k + n;
+        let mut new_table = self.table.clone();
+        new_table.resize(tbl_entries as usize, 0);
+        for j in 0..k {
+            let ti = old_len + j;
+            let mut blk = vec![0u8; cs as usize].into_boxed_slice();
+            for cl in used.clone().filter(|cl| cl / entries == ti) {
+                rc_set(&mut blk, cl % entries, self.order, 1);
+            }
+            let at = (start + j) << self.cluster_bits;
+            file.write_all_at(&blk, at)?;
+            caches.meta.remove((cid, at | 1));
+            self.blocks.insert(at, blk);
+            new_table[ti as usize] = at;
+        }
+        // 2. The new table.
+        let tbl_at = (start + k) << self.cluster_bits;
+        let raw: Vec<u8> = new_table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        file.write_all_at(&raw, tbl_at)?;
+        // 3. Switch the header (offset and cluster count in one write).
+        let mut hdr = [0u8; 12];
+        hdr[..8].copy_from_slice(&tbl_at.to_be_bytes());
+        hdr[8..].copy_from_slice(&(n as u32).to_be_bytes());
+        file.write_all_at(&hdr, 48)?;
+        let old_at = self.table_offset;
+        let old_clusters = (old_len * 8).div_ceil(cs);
+        self.table = new_table;
+        self.table_offset = tbl_at;
+        self.end = self.end.max(start + k + n);
+        self.hint = start + k + n;
+        // 4. Free the old table.
+        for i in 0..old_clusters {
+            self.decref(file, caches, cid, (old_at >> self.cluster_bits) + i)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,139 @@
+//! L1 and L2 table updates for the write path.
+//!
+//! Tables are written through: an entry change is one `pwrite` of the
+//! entry's bytes, then the cached slice holding it is replaced (never
+//! patched in place, readers may hold it). New L2 tables are written whole
+//! before the L1 entry naming them. Callers hold the allocation mutex.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+use super::alloc::Alloc;
+use super::tables::{entry_at, L2_COMPRESSED, L2_COPIED, OFFSET_MASK};
+use super::Qcow2;
+
+impl Qcow2 {
+    /// Replaces the cached bytes at table offset `off` after a disk write.
+    pub(super) fn cache_put(&self, off: u64, bytes: Arc<[u8]>) {
+        let _g = self.meta_lock.lock();
+        self.meta_gen.fetch_add(1, Ordering::AcqRel);
+        self.caches.meta.insert((self.cache_id, off), bytes);
+    }
+
+    fn slice_bytes(&self) -> u64 {
+        self.geo.slice_entries() * self.geo.entry_bytes
+    }
+
+    /// Entry `index` (and its subcluster bitmap) of the L2 table at `table`.
+    pub(super) fn l2_entry(&self, table: u64, index: u64) -> Result<(u64, u64)> {
+        let per = self.geo.slice_entries();
+        let s = self.l2_slice(table, index / per)?;
+        Ok(entry_at(&s, (index % per) as usize, &self.geo))
+    }
+
+    /// Writes entry `index` of the L2 table at `table`: disk, then cache.
+    pub(super) fn set_l2_entry(&self, table: u64, index: u64, e: u64, bm: u64) -> Result<()> {
+        let per = self.geo.slice_entries();
+        let slice_off = table + (index / per) * self.slice_bytes();
+        let mut v = self.l2_slice(table, index / per)?.to_vec();
+        let at = (index % per * self.geo.entry_bytes) as usize;
+        v[at..at + 8].copy_from_slice(&e.to_be_bytes());
+        if self.geo.extended {
+            v[at + 8..at + 16].copy_from_slice(&bm.to_be_bytes());
+        }
+        let eb = self.geo.entry_bytes as usize;
+        self.file
+            .write_all_at(&v[at..at + eb], slice_off + at as u64)?;
+        self.cache_put(slice_off, v.into());
+        Ok(())
+    }
+
+    /// Writes a whole L2 table at `table` and caches its slices.
+    fn write_l2_table(&self, table: u64, content: &[u8]) -> Result<()> {
+        self.file.write_all_at(content, table)?;
+        let sb = self.slice_bytes() as usize;
+        for (i, chunk) in content.chunks(sb).enumerate() {
+            self.cache_put(table + (i * sb) as u64, chunk.into());
+        }
+        Ok(())
+    }
+
+    /// Writes L1 entry `idx`: disk, then the in-memory table.
+    fn set_l1_entry(&self, idx: usize, e: u64) -> Result<()> {
+        let at = self.header.l1_table_offset + idx as u64 * 8;
+        self.file.write_all_at(&e.to_be_bytes(), at)?;
+        self.l1.write()[idx] = e;
+        Ok(())
+    }
+
+    /// Allocates one host cluster in the image file (refcount 1 on disk).
+    pub(super) fn alloc_cluster(&self, st: &mut Alloc) -> Result<u64> {
+        let at = st.alloc(&self.file, &self.caches, self.cache_id)?;
+        self.file_end.fetch_max(st.end_bytes(), Ordering::AcqRel);
+        Ok(at)
+    }
+
+    /// Waits until no lock-free in-place write that may have seen a
+    /// reference dropped before this call is still running. Called after
+    /// a reference is removed and before its cluster may become free.
+    pub(super) fn quiesce(&self) {
+        if let Some(w) = &self.writer {
+            drop(w.gate.write());
+        }
+    }
+
+    /// The L2 table covering guest `pos`, ready for entry updates (refcount
+    /// 1, L1 entry flagged COPIED): allocated when missing, copied when
+    /// shared with a snapshot. Returns the table offset and entry index.
+    pub(super) fn ensure_l2(&self, st: &mut Alloc, pos: u64) -> Result<(u64, u64)> {
+        let geo = self.geo;
+        let l1i = (pos / geo.l2_coverage()) as usize;
+        let index = (pos >> geo.cluster_bits) % geo.l2_entries;
+        let l1e = self.l1.read().get(l1i).copied().ok_or_else(|| {
+            Error::corrupt(format!("guest offset {pos:#x} lies beyond the L1 table"))
+        })?;
+        let cs = geo.cluster_size();
+        let table = l1e & OFFSET_MASK;
+        if table == 0 {
+            let new = self.alloc_cluster(st)?;
+            self.write_l2_table(new, &vec![0u8; cs as usize])?;
+            self.set_l1_entry(l1i, new | L2_COPIED)?;
+            return Ok((new, index));
+        }
+        // Validates alignment and bounds.
+        self.l2_table(pos)?;
+        if l1e & L2_COPIED != 0 {
+            return Ok((table, index));
+        }
+        if st.get(&self.file, table >> geo.cluster_bits)? == 1 {
+            self.set_l1_entry(l1i, table | L2_COPIED)?;
+            return Ok((table, index));
+        }
+        // Shared with a snapshot: copy the table. The data clusters it
+        // names stay shared (their refcounts already count both trees), so
+        // no entry of the copy may claim refcount 1.
+        let mut content = vec![0u8; cs as usize];
+        self.file.read_zero_fill_at(&mut content, table)?;
+        if self.data_file.is_none() {
+            for e in content.chunks_exact_mut(geo.entry_bytes as usize) {
+                let v = u64::from_be_bytes(e[..8].try_into().expect("8 bytes"));
+                if v & L2_COMPRESSED == 0 {
+                    e[..8].copy_from_slice(&(v & !L2_COPIED).to_be_bytes());
+                }
+            }
+        }
+        let new = self.alloc_cluster(st)?;
+        self.write_l2_table(new, &content)?;
+        self.set_l1_entry(l1i, new | L2_COPIED)?;
+        self.quiesce();
+        st.decref(
+            &self.file,
+            &self.caches,
+            self.cache_id,
+            table >> geo.cluster_bits,
+        )?;
+        Ok((new, index))
+    }
+}

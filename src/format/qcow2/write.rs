@@ -1,0 +1,496 @@
+//! Writing qcow2 images in place ([`WriteLayer`]).
+//!
+//! **Locking.** One mutex (`Writer::state`, holding the [`Alloc`] refcount
+//! state) serialises every change of metadata: allocation, refcounts, L1
+//! and L2 entries. A write into clusters that already belong to the active
+//! image alone (L2 entry flagged COPIED, every touched subcluster
+//! allocated) takes only a shared `gate` and goes straight to the host
+//! file, without the mutex. Everything else (first writes, copy-on-write,
+//! compressed or zero clusters, zeroing) runs under the mutex, data I/O
+//! included, re-reading the entry there, so two first writes into one
+//! cluster cannot both allocate it: the second finds it allocated and
+//! writes in place. Before a cluster whose reference was just dropped can
+//! be freed (and reused), [`Qcow2::quiesce`] takes the gate exclusively:
+//! any lock-free write that looked up the old entry has finished.
+//!
+//! **Ordering.** Metadata is written through (`pwrite` at once, in
+//! dependency order); nothing is kept dirty in memory:
+//! 1. a new cluster's refcount is raised (and its refcount block written
+//!    and linked, or the refcount table grown) before anything points to it;
+//! 2. data (including copy-on-write fill) is written before the L2 entry
+//!    that makes it visible, and a new L2 table before its L1 entry;
+//! 3. references are removed before refcounts are lowered; a cluster whose
+//!    refcount reaches 0 has its host space punched out.
+//!
+//! A process crash (SIGKILL) at any instant therefore leaves at worst
+//! leaked clusters. [`WriteLayer::flush`] fdatasyncs the image and the data
+//! file: everything written before it is durable afterwards. Between
+//! flushes the host kernel may write pages back in any order, so a power
+//! loss between flushes can leave metadata ahead of data (as with qemu's
+//! writeback cache mode); the guest's flush is the durability point.
+//!
+//! **Refcounts** are always exact: the dirty bit is never set, even on
+//! images with lazy refcounts enabled. Images with the dirty or corrupt
+//! bit are refused for writing. Unknown autoclear bits, and the bitmaps
+//! bit (persistent bitmaps are not updated by our writes), are cleared at
+//! open; `data_file_raw` is kept, and honoured: data always lands at the
+//! guest offset and zeroed ranges are punched out of the data file too.
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::{Below, WriteLayer};
+use crate::host::HostFile;
+
+use super::alloc::Alloc;
+use super::header::{Header, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use super::tables::{compressed_descriptor, L2_COMPRESSED, L2_COPIED, L2_ZERO, OFFSET_MASK};
+use super::{CompressedBlock, Layer, Qcow2};
+
+/// All 32 subclusters.
+const ALL_UNITS: u64 = 0xffff_ffff;
+
+/// The write side of an open image.
+pub(super) struct Writer {
+    state: Mutex<Alloc>,
+    pub(super) gate: RwLock<()>,
+    has_backing: bool,
+}
+
+impl Writer {
+    /// Checks that `h` may be written and prepares the refcount state.
+    pub(super) fn open(
+        file: &HostFile,
+        data_file: Option<&HostFile>,
+        h: &Header,
+        has_backing: bool,
+    ) -> Result<Writer> {
+        if h.incompatible & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT) != 0 {
+            let what = if h.incompatible & INCOMPAT_CORRUPT != 0 {
+                "marked corrupt"
+            } else {
+                "marked dirty (not closed cleanly; refcounts may be wrong)"
+            };
+            return Err(Error::unsupported(format!(
+                "the image is {what}; repair it with `qemu-img check -r all` before writing \
+                 to it, or mount it with --overlay FILE"
+            )));
+        }
+        if !file.writable() || data_file.is_some_and(|d| !d.writable()) {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                "the image file is open read-only",
+            ));
+        }
+        let st = Alloc::open(file, h)?;
+        if h.version >= 3 && h.autoclear & !AUTOCLEAR_DATA_FILE_RAW != 0 {
+            let keep = h.autoclear & AUTOCLEAR_DATA_FILE_RAW;
+            file.write_all_at(&keep.to_be_bytes(), 88)?;
+        }
+        Ok(Writer {
+            state: Mutex::new(st),
+            gate: RwLock::new(()),
+            has_backing,
+        })
+    }
+
+    /// Refcount table offset and clusters, and autoclear bits, as on disk now.
+    pub(super) fn header_now(&self, h: &Header) -> (u64, u64, u64) {
+        let (off, clusters) = self.state.lock().table_location();
+        (off, clusters, h.autoclear & AUTOCLEAR_DATA_FILE_RAW)
+    }
+
+    /// The exact refcount of the host cluster containing `host`.
+    pub(super) fn refcount(&self, q: &Qcow2, host: u64) -> Result<u64> {
+        self.state.lock().get(&q.file, host >> q.geo.cluster_bits)
+    }
+}
+
+/// Subcluster bits `[a, b)` of a bitmap.
+fn units(a: u64, b: u64) -> u64 {
+    (ALL_UNITS >> (32 - (b - a))) << a
+}
+
+impl Qcow2 {
+    fn w(&self) -> &Writer {
+        self.writer
+            .as_ref()
+            .expect("write calls only reach writable layers")
+    }
+
+    /// The file guest data lives in.
+    fn data_target(&self) -> &HostFile {
+        self.data_file.as_deref().unwrap_or(&self.file)
+    }
+
+    /// Where a write of `len` bytes at `pos` (inside one cluster) can go
+    /// without touching metadata, if it can.
+    fn in_place_target(&self, pos: u64, len: u64) -> Result<Option<u64>> {
+        let table = self.l2_table(pos)?;
+        if table == 0 {
+            return Ok(None);
+        }
+        let geo = self.geo;
+        let (e, bm) = self.l2_entry(table, (pos >> geo.cluster_bits) % geo.l2_entries)?;
+        if e & L2_COPIED == 0 || e & L2_COMPRESSED != 0 {
+            return Ok(None);
+        }
+        let host = e & OFFSET_MASK;
+        let off = pos % geo.cluster_size();
+        if geo.extended {
+            let u = geo.unit_size();
+            let need = units(off / u, (off + len).div_ceil(u));
+            if bm & need != need {
+                return Ok(None);
+            }
+        } else if e & L2_ZERO != 0 {
+            return Ok(None);
+        }
+        if host % geo.cluster_size() != 0 || (host == 0 && self.data_file.is_none()) {
+            return Ok(None);
+        }
+        Ok(Some(host + off))
+    }
+
+    /// Writes `data` at `pos`, all inside one cluster.
+    fn write_cluster(&self, data: &[u8], pos: u64, below: &dyn Below) -> Result<()> {
+        {
+            let _g = self.w().gate.read();
+            if let Some(h) = self.in_place_target(pos, data.len() as u64)? {
+                return self.data_target().write_all_at(data, h);
+            }
+        }
+        let mut st = self.w().state.lock();
+        self.write_locked(&mut st, data, pos, below)
+    }
+
+    /// Fills `out` with what guest `g..` (inside one cluster) reads as now,
+    /// given the cluster's entry.
+    fn current(
+        &self,
+        out: &mut [u8],
+        g: u64,
+        e: u64,
+        bm: u64,
+        dec: Option<&[u8]>,
+        below: &dyn Below,
+    ) -> Result<()> {
+        let geo = self.geo;
+        let cs = geo.cluster_size();
+        let cstart = g - g % cs;
+        if let Some(d) = dec {
+            let a = (g - cstart) as usize;
+            out.copy_from_slice(&d[a..a + out.len()]);
+            return Ok(());
+        }
+        let host = e & OFFSET_MASK;
+        let has_host = host != 0 || (self.data_file.is_some() && e & L2_COPIED != 0);
+        let unit = geo.unit_size();
+        let mut done = 0usize;
+        while done < out.len() {
+            let p = g + done as u64;
+            let off = p - cstart;
+            let n = ((unit - off % unit) as usize).min(out.len() - done);
+            let piece = &mut out[done..done + n];
+            let (data, zero) = if geo.extended {
+                let k = off / unit;
+                (bm >> k & 1 != 0, bm >> (k + 32) & 1 != 0)
+            } else {
+                (has_host && e & L2_ZERO == 0, e & L2_ZERO != 0)
+            };
+            if data {
+                self.data_target().read_zero_fill_at(piece, host + off)?;
+            } else if zero {
+                piece.fill(0);
+            } else {
+                let size = self.header.size;
+                let inside = size.saturating_sub(p).min(n as u64) as usize;
+                below.read_below(&mut piece[..inside], p)?;
+                piece[inside..].fill(0);
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Drops the references entry `e` held (after it was replaced).
+    fn release(&self, st: &mut Alloc, e: u64) -> Result<()> {
+        let cb = self.geo.cluster_bits;
+        if e & L2_COMPRESSED != 0 {
+            let (off, len) = compressed_descriptor(e, cb)?;
+            for c in ((off & !511) >> cb)..=((off + len - 1) >> cb) {
+                st.decref(&self.file, &self.caches, self.cache_id, c)?;
+            }
+            self.caches.blocks.remove((self.cache_id, off));
+        } else if e & OFFSET_MASK != 0 && self.data_file.is_none() {
+            st.decref(
+                &self.file,
+                &self.caches,
+                self.cache_id,
+                (e & OFFSET_MASK) >> cb,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The slow path of a write inside one cluster, under the mutex.
+    fn write_locked(&self, st: &mut Alloc, data: &[u8], pos: u64, below: &dyn Below) -> Result<()> {
+        let geo = self.geo;
+        let (cs, cb) = (geo.cluster_size(), geo.cluster_bits);
+        let ext = geo.extended;
+        let cstart = pos - pos % cs;
+        let (off, end) = (pos - cstart, pos - cstart + data.len() as u64);
+        let (table, index) = self.ensure_l2(st, pos)?;
+        let (e, bm) = self.l2_entry(table, index)?;
+        let compressed = e & L2_COMPRESSED != 0;
+        let host = e & OFFSET_MASK;
+        let df = self.data_file.is_some();
+        let has_host = !compressed && (host != 0 || (df && e & L2_COPIED != 0));
+        let in_place = !compressed && (df || (host != 0 && st.get(&self.file, host >> cb)? == 1));
+        let (unit, u0, u1) = if ext {
+            let u = geo.unit_size();
+            (u, off / u, end.div_ceil(u))
+        } else {
+            (cs, 0, 1)
+        };
+        let touched = units(u0, u1);
+        let old_alloc = match (compressed, ext) {
+            (true, _) => 0,
+            (false, true) => bm & ALL_UNITS,
+            (false, false) => u64::from(has_host && e & L2_ZERO == 0),
+        };
+        let old_zero = if ext && !compressed { bm >> 32 } else { 0 };
+
+        if in_place {
+            let target = if has_host { host } else { cstart };
+            if target % cs != 0 {
+                return Err(Error::corrupt(format!(
+                    "L2 entry host offset {target:#x} is not aligned to the cluster size"
+                )));
+            }
+            let f = self.data_target();
+            f.write_all_at(data, target + off)?;
+            // Complete the units this write allocates from what they read as.
+            let mut fills = Vec::new();
+            if old_alloc >> u0 & 1 == 0 && off > u0 * unit {
+                fills.push((u0 * unit, off));
+            }
+            if old_alloc >> (u1 - 1) & 1 == 0 && end < u1 * unit {
+                fills.push((end, u1 * unit));
+            }
+            for (a, b) in fills {
+                let mut buf = vec![0u8; (b - a) as usize];
+                self.current(&mut buf, cstart + a, e, bm, None, below)?;
+                f.write_all_at(&buf, target + a)?;
+            }
+            let ne = target | L2_COPIED;
+            let nbm = if ext {
+                (old_alloc | touched) | ((old_zero & !touched) << 32)
+            } else {
+                0
+            };
+            if (ne, nbm) != (e, bm) {
+                self.set_l2_entry(table, index, ne, nbm)?;
+            }
+            return Ok(());
+        }
+
+        // A new cluster: copy-on-write from what the cluster reads as now.
+        let dec = if compressed {
+            let (h, len) = compressed_descriptor(e, cb)?;
+            let block = CompressedBlock {
+                guest_start: cstart,
+                len: cs,
+                key: h,
+                host_offset: h,
+                host_len: len,
+            };
+            let mut d = vec![0u8; cs as usize];
+            self.decompress(&block, &mut d)?;
+            Some(d)
+        } else {
+            None
+        };
+        let write_units = match (ext, compressed) {
+            (false, _) => 1,
+            (true, true) => ALL_UNITS,
+            (true, false) => old_alloc | touched,
+        };
+        let mut buf = vec![0u8; cs as usize];
+        let nunits = if ext { 32 } else { 1 };
+        for k in (0..nunits).filter(|k| write_units >> k & 1 != 0) {
+            let (a, b) = (k * unit, (k + 1) * unit);
+            if a >= off && b <= end {
+                continue;
+            }
+            self.current(
+                &mut buf[a as usize..b as usize],
+                cstart + a,
+                e,
+                bm,
+                dec.as_deref(),
+                below,
+            )?;
+        }
+        buf[off as usize..end as usize].copy_from_slice(data);
+        let new = self.alloc_cluster(st)?;
+        let mut k = 0;
+        while k < nunits {
+            if write_units >> k & 1 == 0 {
+                k += 1;
+                continue;
+            }
+            let first = k;
+            while k < nunits && write_units >> k & 1 != 0 {
+                k += 1;
+            }
+            let (a, b) = ((first * unit) as usize, (k * unit) as usize);
+            self.file.write_all_at(&buf[a..b], new + a as u64)?;
+        }
+        let nbm = if ext {
+            write_units | ((old_zero & !write_units) << 32)
+        } else {
+            0
+        };
+        self.set_l2_entry(table, index, new | L2_COPIED, nbm)?;
+        if compressed || host != 0 {
+            self.quiesce();
+            self.release(st, e)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the whole cluster at `pos` read as zeros.
+    fn zero_cluster(&self, pos: u64, below: &dyn Below) -> Result<()> {
+        let geo = self.geo;
+        let cs = geo.cluster_size();
+        let df = self.data_file.is_some();
+        let v2 = self.header.version < 3;
+        if v2 && self.w().has_backing {
+            // No zero flag in v2: zeros must be stored to hide the backing file.
+            let n = cs.min(self.header.size - pos) as usize;
+            return self.write_cluster(&vec![0u8; n], pos, below);
+        }
+        let mut st = self.w().state.lock();
+        let l1e = self.l1.read()[(pos / geo.l2_coverage()) as usize];
+        if l1e & OFFSET_MASK == 0 && !self.w().has_backing {
+            return Ok(());
+        }
+        let (table, index) = self.ensure_l2(&mut st, pos)?;
+        let (e, bm) = self.l2_entry(table, index)?;
+        let (ne, nbm) = match (v2, geo.extended) {
+            (true, _) => (0, 0),
+            (false, true) => (0, ALL_UNITS << 32),
+            (false, false) => (L2_ZERO, 0),
+        };
+        if (e, bm) == (ne, nbm) {
+            return Ok(());
+        }
+        self.set_l2_entry(table, index, ne, nbm)?;
+        self.quiesce();
+        if let Some(d) = &self.data_file {
+            d.punch_hole(pos, cs)?;
+        }
+        if !df {
+            self.release(&mut st, e)?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes `len` bytes at `pos` inside one cluster of an image with
+    /// subclusters: whole subclusters by their zero bits, the rest by writes.
+    fn zero_subclusters(&self, pos: u64, len: u64, below: &dyn Below) -> Result<()> {
+        let geo = self.geo;
+        let (cs, unit) = (geo.cluster_size(), geo.unit_size());
+        let (off, end) = (pos % cs, pos % cs + len);
+        let (a, b) = (off.div_ceil(unit) * unit, end / unit * unit);
+        let cstart = pos - off;
+        let zeros = |from: u64, to: u64| -> Result<()> {
+            if from < to {
+                self.write_cluster(&vec![0u8; (to - from) as usize], cstart + from, below)?;
+            }
+            Ok(())
+        };
+        if a >= b {
+            return zeros(off, end);
+        }
+        {
+            let mut st = self.w().state.lock();
+            let (table, index) = self.ensure_l2(&mut st, pos)?;
+            let (e, bm) = self.l2_entry(table, index)?;
+            if e & L2_COMPRESSED != 0 {
+                drop(st);
+                return zeros(off, end);
+            }
+            let mask = units(a / unit, b / unit);
+            let alloc = bm & ALL_UNITS & !mask;
+            let zero = (bm >> 32) | mask;
+            let df = self.data_file.is_some();
+            let drop_host = alloc == 0 && !df && e & OFFSET_MASK != 0;
+            let ne = if drop_host { 0 } else { e };
+            if (ne, alloc | zero << 32) != (e, bm) {
+                self.set_l2_entry(table, index, ne, alloc | zero << 32)?;
+                if drop_host {
+                    self.quiesce();
+                    self.release(&mut st, e)?;
+                }
+                if let Some(d) = &self.data_file {
+                    d.punch_hole(cstart + a, b - a)?;
+                }
+            }
+        }
+        zeros(off, a)?;
+        zeros(b, end)
+    }
+}
+
+impl WriteLayer for Qcow2 {
+    fn write_at(&self, buf: &[u8], offset: u64, below: &dyn Below) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let n = ((cs - pos % cs) as usize).min(buf.len() - done);
+            self.write_cluster(&buf[done..done + n], pos, below)
+                .map_err(|e| e.at(pos))?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let size = self.header.size;
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let cend = (pos - pos % cs + cs).min(size);
+            let n = cend.min(end) - pos;
+            let r = if pos % cs == 0 && pos + n == cend {
+                self.zero_cluster(pos, below)
+            } else if self.geo.extended {
+                self.zero_subclusters(pos, n, below)
+            } else {
+                self.write_cluster(&vec![0u8; n as usize], pos, below)
+            };
+            r.map_err(|e| e.at(pos))?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        // Guest data in a data file first, then the image with the tables.
+        if let Some(d) = &self.data_file {
+            d.sync_data()?;
+        }
+        self.file.sync_data()
+    }
+}
+
+impl Qcow2 {
+    /// Host clusters freed (refcount dropped to 0) since the image was opened.
+    pub fn clusters_freed(&self) -> u64 {
+        self.writer.as_ref().map_or(0, |w| w.state.lock().freed)
+    }
+}
