@@ -149,7 +149,9 @@ fn random_range(rng: &mut Rng, size: u64, cs: u64) -> (u64, u64) {
         _ => 1 + rng.below(600_000),
     }
     .min(size);
-    let off = match rng.below(4) {
+    let off = match rng.below(5) {
+        // Near the end of the disk (a last cluster cut short by it).
+        4 => size - 1 - rng.below(3 * cs),
         0 => {
             // Around an L2 boundary.
             let b = (1 + rng.below(size >> 21)) << 21;
@@ -222,6 +224,23 @@ fn random_writes_without_backing() {
     );
     assert_eq!(count_compressed(&img), 4);
     random_ops(&img, d, 1, 400);
+}
+
+#[test]
+fn random_writes_with_a_partial_last_cluster() {
+    let dir = scratch();
+    let d = dir.path();
+    let img = create_qcow(d, "odd.qcow", "8389120", None); // 8 MiB + 3 sectors
+    qemu_io(
+        "qcow",
+        &img,
+        &["write -P 0x12 8m 512", "write -P 0x13 2m 8k"],
+    );
+    random_ops(&img, d, 4, 300);
+    let base = d.join("odd-base.raw");
+    std::fs::write(&base, Rng::new(8).bytes(8389120)).unwrap();
+    let top = create_qcow(d, "odd-top.qcow", "8389120", Some(("odd-base.raw", "raw")));
+    random_ops(&top, d, 5, 300);
 }
 
 #[test]
@@ -428,4 +447,84 @@ fn writes_through_a_rw_mount() {
     }
     m.unmount();
     check_all(&img, &model, d);
+}
+
+#[test]
+fn partial_writes_into_compressed_clusters_keep_the_rest() {
+    let dir = scratch();
+    let d = dir.path();
+    for backing in [false, true] {
+        let img = if backing {
+            let base = d.join("cbase.raw");
+            std::fs::write(&base, vec![0xeeu8; 1 << 20]).unwrap();
+            create_qcow(d, "cb.qcow", "2M", Some(("cbase.raw", "raw")))
+        } else {
+            create_qcow(d, "c.qcow", "2M", None)
+        };
+        let cs = cluster_size(&img);
+        let offsets: Vec<u64> = (0..8).map(|i| (64 + 2 * i) * cs).collect();
+        add_compressed(&img, d, &offsets, 7 + backing as u64);
+        // Two adjacent compressed clusters, for a write straddling both.
+        add_compressed(&img, d, &[200 * cs, 201 * cs], 9);
+        assert_eq!(count_compressed(&img), 10);
+        let mut model = qemu_raw(&img, Some("qcow"));
+        let chain = open_rw(&img);
+        let mut put = |chain: &Chain, off: u64, data: &[u8]| {
+            chain.write_at(data, off).unwrap();
+            model[off as usize..off as usize + data.len()].copy_from_slice(data);
+        };
+        put(&chain, offsets[0] + 100, &[1; 10]);
+        put(&chain, offsets[1], &[2; 7]);
+        put(&chain, offsets[2] + cs - 3, &[3; 3]);
+        put(&chain, offsets[3] + cs - 5, &[4; 20]); // into the unallocated next cluster
+        put(&chain, offsets[4] - 9, &[5; 20]); // from the unallocated previous one
+        put(&chain, 201 * cs - 17, &[6; 40]); // straddles two compressed clusters
+        chain.write_zeroes(offsets[5] + 64, 128).unwrap();
+        model[(offsets[5] + 64) as usize..(offsets[5] + 192) as usize].fill(0);
+        chain.write_zeroes(offsets[6], cs).unwrap();
+        model[offsets[6] as usize..(offsets[6] + cs) as usize].fill(0);
+        let layer = &chain.layers()[0];
+        for o in [offsets[0], offsets[3], 200 * cs, 201 * cs, offsets[5]] {
+            assert!(
+                matches!(layer.map(o, 1).unwrap().0, Mapping::Data { .. }),
+                "cluster at {o:#x} should now be a normal cluster"
+            );
+        }
+        assert_model(
+            &read_all(&chain, 1 << 20).unwrap(),
+            &model,
+            "after partial writes",
+        );
+        chain.flush().unwrap();
+        drop(chain);
+        assert_eq!(
+            count_compressed(&img),
+            1,
+            "the untouched compressed cluster stays"
+        );
+        check_all(&img, &model, d);
+    }
+}
+
+#[test]
+fn encrypted_images_are_not_opened_writable() {
+    let dir = scratch();
+    let img = dir.path().join("aes.qcow");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow",
+        "--object",
+        "secret,id=sec0,data=password",
+        "-o",
+        "encrypt.format=aes,encrypt.key-secret=sec0",
+        s(&img),
+        "1M",
+    ]);
+    let opts = ChainOptions {
+        writable: true,
+        ..ChainOptions::default()
+    };
+    let e = Chain::open(&img, &opts, &caches()).err().expect("refused");
+    assert_eq!(e.kind(), vdiskfs::ErrorKind::Encrypted, "{e}");
 }
