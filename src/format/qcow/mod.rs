@@ -61,7 +61,7 @@ impl Qcow {
         let cache_id = ctx.caches.new_layer_id();
         let tables = Tables::load(&file, &header, ctx.caches.clone(), cache_id)?;
         let writer = if ctx.writable {
-            Some(write::Writer::new(&file, &header)?)
+            Some(write::Writer::new(&file, &header, &tables)?)
         } else {
             None
         };

@@ -179,6 +179,11 @@ impl Tables {
         self.l1.get(idx).map(|e| e.load(Ordering::Acquire))
     }
 
+    /// Every L1 entry (L2 table offsets, 0 for none), as loaded now.
+    pub fn l1_entries(&self) -> impl Iterator<Item = u64> + '_ {
+        self.l1.iter().map(|e| e.load(Ordering::Acquire))
+    }
+
     /// Records in memory a new L1 entry, after it was written to disk
     /// (and after the L2 table it points at).
     pub fn set_l1_entry(&self, idx: usize, l2_offset: u64) {

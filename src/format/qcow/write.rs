@@ -26,7 +26,7 @@ use std::sync::Arc;
 use parking_lot::{Condvar, Mutex};
 
 use super::header::Header;
-use super::table::{raw_entry, Entry};
+use super::table::{raw_entry, Entry, Tables};
 use super::Qcow;
 use crate::error::{Error, Result};
 use crate::format::{Below, CompressedBlock, Layer, WriteLayer};
@@ -71,7 +71,7 @@ fn round_up(x: u64, align: u64) -> Option<u64> {
 
 impl Writer {
     /// The write state for `file`; refuses what cannot be written in place.
-    pub fn new(file: &HostFile, header: &Header) -> Result<Writer> {
+    pub fn new(file: &HostFile, header: &Header, tables: &Tables) -> Result<Writer> {
         let meta = file
             .file()
             .metadata()
@@ -83,7 +83,17 @@ impl Writer {
             ));
         }
         let cluster = header.cluster_size();
-        let frontier = round_up(file.len(), cluster)
+        // New space starts at the end of the file, rounded up to a
+        // cluster, and past any L2 table the end of the file cuts short
+        // (its missing entries may be written).
+        let l2_bytes = tables.geometry().l2_bytes();
+        let mut end = file.len();
+        for l2 in tables.l1_entries() {
+            if l2 != 0 && l2 < file.len() {
+                end = end.max(l2 + l2_bytes);
+            }
+        }
+        let frontier = round_up(end, cluster)
             .ok_or_else(|| Error::corrupt("the image file is too large to grow"))?;
         Ok(Writer {
             state: Mutex::new(Alloc {
