@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -289,8 +289,19 @@ fn zeroing_hides_backing_and_frees_own_clusters() {
     qemu_io("qcow", &img, &["write -P 0x11 0 1m"]);
     let chain = open_rw(&img);
     chain.write_at(&vec![0x22; 1 << 20], 2 << 20).unwrap();
+    chain.flush().unwrap();
+    let host_blocks = || std::fs::metadata(&img).unwrap().blocks();
+    let before = host_blocks();
     chain.write_zeroes(1000, (3 << 20) - 1000 - 1234).unwrap();
     chain.flush().unwrap();
+    // The clusters this writer allocated were punched; qemu's own (the
+    // first MiB) are only unlinked: qcow v1 has no refcounts to prove
+    // that nothing else points at them.
+    let after = host_blocks();
+    assert!(
+        after + 1800 <= before,
+        "host blocks {before} -> {after}: own clusters were not punched"
+    );
     let layer = &chain.layers()[0];
     assert!(matches!(layer.map(8192, 1).unwrap().0, Mapping::Backing));
     assert!(matches!(layer.map(2 << 20, 1).unwrap().0, Mapping::Backing));
