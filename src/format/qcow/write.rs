@@ -5,7 +5,16 @@
 //! cluster size; space is never reused, so a crash or a failed write
 //! leaves at most leaked space. The order on disk is always data, then
 //! the L2 entry pointing at it, then (for a new L2 table, written zeroed
-//! first) the L1 entry pointing at the table.
+//! first) the L1 entry pointing at the table. This is the order of the
+//! writes as issued; no fdatasync separates them (as for the other
+//! drivers), so it holds against a crash of the daemon, and
+//! [`WriteLayer::flush`] makes everything durable.
+//!
+//! Zeroing: without a backing file, whole clusters are unlinked (entry 0),
+//! and the host space is punched only for clusters this writer allocated
+//! (qcow v1 has no refcounts to prove an older cluster is not shared);
+//! with one, allocated clusters are zeroed in place and others get new,
+//! never-written (so zero) clusters. Partial clusters go through writes.
 //!
 //! Writes into clusters that are already allocated uncompressed go
 //! straight to the host file, without a lock. Everything else takes the
