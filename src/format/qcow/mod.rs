@@ -1,4 +1,4 @@
-//! The qcow (version 1) driver: reads, and in-place writes ([`write`]).
+//! The qcow (version 1) driver: reads, and in-place writes ([`mod@write`]).
 //!
 //! qcow v1 is qcow2's ancestor: a 48-byte header ([`header`]), a two-level
 //! table mapping guest clusters to host offsets ([`table`]), optional
