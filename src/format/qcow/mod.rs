@@ -1,4 +1,4 @@
-//! The qcow (version 1) driver, read-only.
+//! The qcow (version 1) driver: reads, and in-place writes ([`mod@write`]).
 //!
 //! qcow v1 is qcow2's ancestor: a 48-byte header ([`header`]), a two-level
 //! table mapping guest clusters to host offsets ([`table`]), optional
@@ -13,17 +13,19 @@
 //! only the reads that need it.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::{BackingSpec, CompressedBlock, Format, Layer, LayerInfo, Mapping, OpenCtx};
+use super::{BackingSpec, CompressedBlock, Format, Layer, LayerInfo, Mapping, OpenCtx, WriteLayer};
 use crate::compress::{self, Method};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 
 pub mod header;
 pub mod table;
+pub mod write;
 
 use header::{Header, HEADER_LEN};
 use table::{raw_entry, Entry, Tables};
@@ -41,6 +43,12 @@ pub struct Qcow {
     tables: Tables,
     backing: Option<String>,
     cache_id: u64,
+    /// The end of the host file as the driver knows it: its length at
+    /// open, grown by every allocation (reserved before any entry points
+    /// into it).
+    end: AtomicU64,
+    /// The write side, when opened writable.
+    writer: Option<write::Writer>,
 }
 
 impl Qcow {
@@ -52,13 +60,25 @@ impl Qcow {
         let backing = header.backing_name(&file)?;
         let cache_id = ctx.caches.new_layer_id();
         let tables = Tables::load(&file, &header, ctx.caches.clone(), cache_id)?;
+        let writer = if ctx.writable {
+            Some(write::Writer::new(&file, &header, &tables)?)
+        } else {
+            None
+        };
         Ok(Qcow {
+            end: AtomicU64::new(file.len()),
             file,
             header,
             tables,
             backing,
             cache_id,
+            writer,
         })
+    }
+
+    /// The end of the host file as the driver knows it.
+    fn end(&self) -> u64 {
+        self.end.load(Ordering::Acquire)
     }
 
     /// The parsed header.
@@ -73,10 +93,10 @@ impl Qcow {
                 "L2 entry points at unaligned host offset {host:#x}"
             )));
         }
-        if host >= self.file.len() {
+        if host >= self.end() {
             return Err(Error::corrupt(format!(
                 "L2 entry points at host offset {host:#x}, past the end of the file ({} bytes)",
-                self.file.len()
+                self.end()
             )));
         }
         Ok(())
@@ -127,7 +147,7 @@ impl Qcow {
             }
             return Ok((Mapping::Backing, next.min(end) - offset));
         }
-        let table = self.tables.l2_table(&self.file, l2_offset)?;
+        let table = self.tables.l2_table(&self.file, l2_offset, self.end())?;
         let table_end = (g.l1_index(offset) + 1) << (g.cluster_bits + g.l2_bits);
         let limit = end.min(table_end);
         let in_cluster = g.in_cluster(offset);
@@ -246,5 +266,12 @@ impl Layer for Qcow {
 
     fn cache_id(&self) -> u64 {
         self.cache_id
+    }
+
+    fn as_write(&self) -> Option<&dyn WriteLayer> {
+        match &self.writer {
+            Some(_) if self.file.writable() => Some(self as &dyn WriteLayer),
+            _ => None,
+        }
     }
 }

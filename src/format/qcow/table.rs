@@ -12,7 +12,10 @@
 //!   the host offset of the compressed bytes and the `cluster_bits` bits
 //!   above them (62 down to `63 - cluster_bits`) their exact length.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use super::header::Header;
 use crate::cache::Caches;
@@ -108,11 +111,20 @@ impl Geometry {
 }
 
 /// The L1 table and access to L2 tables.
+///
+/// When the image is written, L1 entries go from 0 to an L2 table offset
+/// (never back), and L2 tables change on disk. The metadata cache must
+/// never keep a stale copy: a reader that missed the cache and read a
+/// table from disk inserts it only if no table was republished since it
+/// started reading (`generation`), and the check and insert happen under
+/// the same lock as the writer's republication ([`Tables::publish_l2`]).
 pub struct Tables {
     geometry: Geometry,
-    l1: Vec<u64>,
+    l1: Vec<AtomicU64>,
     cache_id: u64,
     caches: Arc<Caches>,
+    generation: AtomicU64,
+    publish: Mutex<()>,
 }
 
 impl Tables {
@@ -132,7 +144,7 @@ impl Tables {
             .map(|c| {
                 let mut a = [0u8; 8];
                 a.copy_from_slice(c);
-                u64::from_be_bytes(a)
+                AtomicU64::new(u64::from_be_bytes(a))
             })
             .collect();
         Ok(Tables {
@@ -140,7 +152,14 @@ impl Tables {
             l1,
             cache_id,
             caches,
+            generation: AtomicU64::new(0),
+            publish: Mutex::new(()),
         })
+    }
+
+    /// The shared caches the tables live in.
+    pub fn caches(&self) -> &Arc<Caches> {
+        &self.caches
     }
 
     /// The geometry.
@@ -157,14 +176,26 @@ impl Tables {
     /// offset `guest`; `None` past the table.
     pub fn l1_entry(&self, guest: u64) -> Option<u64> {
         let idx = usize::try_from(self.geometry.l1_index(guest)).ok()?;
-        self.l1.get(idx).copied()
+        self.l1.get(idx).map(|e| e.load(Ordering::Acquire))
+    }
+
+    /// Every L1 entry (L2 table offsets, 0 for none), as loaded now.
+    pub fn l1_entries(&self) -> impl Iterator<Item = u64> + '_ {
+        self.l1.iter().map(|e| e.load(Ordering::Acquire))
+    }
+
+    /// Records in memory a new L1 entry, after it was written to disk
+    /// (and after the L2 table it points at).
+    pub fn set_l1_entry(&self, idx: usize, l2_offset: u64) {
+        self.l1[idx].store(l2_offset, Ordering::Release);
     }
 
     /// The raw bytes of the L2 table at host offset `l2_offset`, from the
-    /// metadata cache or the file. A table starting past the end of the
-    /// file is corrupt; one cut short by the end of the file reads the
-    /// missing entries as 0 (unallocated), as qemu does.
-    pub fn l2_table(&self, file: &HostFile, l2_offset: u64) -> Result<Arc<[u8]>> {
+    /// metadata cache or the file. A table starting at or past `file_len`
+    /// (the end of the file as the driver knows it) is corrupt; one cut
+    /// short by the end of the file reads the missing entries as 0
+    /// (unallocated), as qemu does.
+    pub fn l2_table(&self, file: &HostFile, l2_offset: u64, file_len: u64) -> Result<Arc<[u8]>> {
         let key = (self.cache_id, l2_offset);
         let len = self.geometry.l2_bytes();
         if let Some(t) = self.caches.meta.get(key) {
@@ -172,17 +203,33 @@ impl Tables {
                 return Ok(t);
             }
         }
-        if l2_offset >= file.len() || l2_offset.checked_add(len).is_none() {
+        if l2_offset >= file_len || l2_offset.checked_add(len).is_none() {
             return Err(Error::corrupt(format!(
-                "L2 table offset {l2_offset:#x} lies past the end of the file ({} bytes)",
-                file.len()
+                "L2 table offset {l2_offset:#x} lies past the end of the file ({file_len} bytes)"
             )));
         }
+        let generation = self.generation.load(Ordering::Acquire);
         let mut raw = vec![0u8; len as usize];
         file.read_zero_fill_at(&mut raw, l2_offset)?;
         let raw: Arc<[u8]> = raw.into();
-        self.caches.meta.insert(key, raw.clone());
+        let _guard = self.publish.lock();
+        if self.generation.load(Ordering::Acquire) == generation {
+            self.caches.meta.insert(key, raw.clone());
+        }
         Ok(raw)
+    }
+
+    /// Replaces the cached copy of the L2 table at `l2_offset` after the
+    /// table was changed on disk (`None`: drop the cached copy, as after
+    /// a failed write whose outcome on disk is unknown).
+    pub fn publish_l2(&self, l2_offset: u64, table: Option<Arc<[u8]>>) {
+        let key = (self.cache_id, l2_offset);
+        let _guard = self.publish.lock();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        match table {
+            Some(t) => self.caches.meta.insert(key, t),
+            None => self.caches.meta.remove(key),
+        }
     }
 }
 

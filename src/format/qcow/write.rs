@@ -1,0 +1,529 @@
+//! In-place writes into qcow version 1 images.
+//!
+//! qcow v1 has no refcounts and no zero flag. Like qemu, new clusters and
+//! new L2 tables are appended at the end of the file, rounded up to the
+//! cluster size; space is never reused, so a crash or a failed write
+//! leaves at most leaked space. The order on disk is always data, then
+//! the L2 entry pointing at it, then (for a new L2 table, written zeroed
+//! first) the L1 entry pointing at the table. This is the order of the
+//! writes as issued; no fdatasync separates them (as for the other
+//! drivers), so it holds against a crash of the daemon, and
+//! [`WriteLayer::flush`] makes everything durable.
+//!
+//! Zeroing: without a backing file, whole clusters are unlinked (entry 0),
+//! and the host space is punched only for clusters this writer allocated
+//! (qcow v1 has no refcounts to prove an older cluster is not shared);
+//! with one, allocated clusters are zeroed in place and others get new,
+//! never-written (so zero) clusters. Partial clusters go through writes.
+//!
+//! Writes into clusters that are already allocated uncompressed go
+//! straight to the host file, without a lock. Everything else takes the
+//! allocation lock to decide: it reserves host space for a run of
+//! clusters and marks their guest clusters *pending*, then, without the
+//! lock, fills the clusters (copy-on-write from the compressed data or the
+//! layers below where the write does not cover a cluster) and writes them;
+//! then, under the lock again, it writes the L2 entries and republishes
+//! the table in the metadata cache. Any other allocation or deallocation
+//! touching a pending cluster waits for it, so two first writes into one
+//! cluster both land. Compressed clusters that are written become normal
+//! clusters; their compressed bytes are leaked, as qemu does.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
+
+use super::header::Header;
+use super::table::{raw_entry, Entry, Tables};
+use super::Qcow;
+use crate::error::{Error, Result};
+use crate::format::{Below, CompressedBlock, Layer, WriteLayer};
+use crate::host::HostFile;
+
+/// Largest run of clusters allocated (and written) at once.
+const MAX_RUN_BYTES: u64 = 1 << 20;
+
+/// The allocation state of a writable image.
+pub struct Writer {
+    state: Mutex<Alloc>,
+    /// Signalled whenever pending clusters are settled.
+    settled: Condvar,
+    /// Host offsets at or after this were allocated by this writer: no
+    /// other entry of the image can point there.
+    first_own: u64,
+}
+
+struct Alloc {
+    /// Next free host offset (cluster-aligned).
+    frontier: u64,
+    /// Guest cluster numbers being allocated outside the lock.
+    pending: HashSet<u64>,
+}
+
+/// What one allocation run reserved.
+struct Run {
+    l2_offset: u64,
+    /// Index of the first entry in its L2 table.
+    idx: usize,
+    /// Guest offset of the first cluster.
+    guest: u64,
+    /// Old entries of the run's clusters.
+    old: Vec<Entry>,
+    /// Host offset of the run's first new cluster.
+    host: u64,
+}
+
+fn round_up(x: u64, align: u64) -> Option<u64> {
+    Some(x.checked_add(align - 1)? & !(align - 1))
+}
+
+impl Writer {
+    /// The write state for `file`; refuses what cannot be written in place.
+    pub fn new(file: &HostFile, header: &Header, tables: &Tables) -> Result<Writer> {
+        let meta = file
+            .file()
+            .metadata()
+            .map_err(|e| Error::io("cannot stat", e).with_path(file.path()))?;
+        if !meta.file_type().is_file() {
+            return Err(Error::unsupported(
+                "qcow images on devices cannot be written in place (new clusters are appended \
+                 at the end of the file); use --overlay FILE or --snapshot",
+            ));
+        }
+        let cluster = header.cluster_size();
+        // New space starts at the end of the file, rounded up to a
+        // cluster, and past any L2 table the end of the file cuts short
+        // (its missing entries may be written).
+        let l2_bytes = tables.geometry().l2_bytes();
+        let mut end = file.len();
+        for l2 in tables.l1_entries() {
+            if l2 != 0 && l2 < file.len() {
+                end = end.max(l2 + l2_bytes);
+            }
+        }
+        let frontier = round_up(end, cluster)
+            .ok_or_else(|| Error::corrupt("the image file is too large to grow"))?;
+        Ok(Writer {
+            state: Mutex::new(Alloc {
+                frontier,
+                pending: HashSet::new(),
+            }),
+            settled: Condvar::new(),
+            first_own: frontier,
+        })
+    }
+}
+
+impl Qcow {
+    fn writer(&self) -> &Writer {
+        self.writer
+            .as_ref()
+            .expect("write called on a qcow layer opened read-only")
+    }
+
+    fn cluster_size(&self) -> u64 {
+        self.tables.geometry().cluster_size()
+    }
+
+    /// Reserves `len` bytes at the allocation frontier.
+    fn reserve(&self, st: &mut Alloc, len: u64) -> Result<u64> {
+        let host = st.frontier;
+        let next = host
+            .checked_add(len)
+            .filter(|&n| n <= i64::MAX as u64)
+            .ok_or_else(|| Error::corrupt("the image file cannot grow any further"))?;
+        st.frontier = next;
+        self.end.fetch_max(next, Ordering::AcqRel);
+        Ok(host)
+    }
+
+    /// The L2 table offset for guest `pos`, allocating a zeroed table
+    /// (table written, then the L1 entry) when there is none. Under the lock.
+    fn ensure_l2(&self, st: &mut Alloc, pos: u64) -> Result<u64> {
+        let g = self.tables.geometry();
+        let current = self
+            .tables
+            .l1_entry(pos)
+            .ok_or_else(|| Error::corrupt("guest offset beyond the L1 table"))?;
+        if current != 0 {
+            return Ok(current);
+        }
+        let bytes = g.l2_bytes();
+        let space = round_up(bytes, g.cluster_size()).expect("L2 tables are small");
+        let host = self.reserve(st, space)?;
+        let zeros: Arc<[u8]> = vec![0u8; bytes as usize].into();
+        self.file.write_all_at(&zeros, host)?;
+        let idx = g.l1_index(pos);
+        self.file
+            .write_all_at(&host.to_be_bytes(), self.header.l1_table_offset + idx * 8)?;
+        self.tables.set_l1_entry(idx as usize, host);
+        self.tables.publish_l2(host, Some(zeros));
+        Ok(host)
+    }
+
+    /// The L2 table covering `pos`: `None` when the L1 entry is empty.
+    fn l2_for(&self, pos: u64) -> Result<Option<(u64, Arc<[u8]>)>> {
+        let l2 = self
+            .tables
+            .l1_entry(pos)
+            .ok_or_else(|| Error::corrupt("guest offset beyond the L1 table"))?;
+        if l2 == 0 {
+            return Ok(None);
+        }
+        let t = self.tables.l2_table(&self.file, l2, self.end())?;
+        Ok(Some((l2, t)))
+    }
+
+    /// Checks that a data cluster may be written in place.
+    fn check_writable_data(&self, host: u64) -> Result<()> {
+        self.check_data(host)?;
+        let first_own = self.writer().first_own;
+        let cs = self.cluster_size();
+        if host < first_own && host + cs > first_own {
+            return Err(Error::corrupt(format!(
+                "L2 entry points at host offset {host:#x}, a cluster overlapping the end of the file"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes the start of `buf` at guest `pos`; returns the bytes written
+    /// (0: the state changed, try again).
+    fn write_some(&self, buf: &[u8], pos: u64, below: &dyn Below, zeros: bool) -> Result<usize> {
+        let g = self.tables.geometry();
+        let cs = g.cluster_size();
+        if let Some((_, table)) = self.l2_for(pos)? {
+            let idx = g.l2_index(pos);
+            if let Entry::Data(host) = g.decode(raw_entry(&table, idx)) {
+                self.check_writable_data(host)?;
+                // Extend over following clusters stored right after it.
+                let in_c = g.in_cluster(pos);
+                let mut n = (cs - in_c).min(buf.len() as u64);
+                let mut k = 1;
+                while n < buf.len() as u64 && idx + k < g.l2_entries() as usize {
+                    let next = host + k as u64 * cs;
+                    if g.decode(raw_entry(&table, idx + k)) != Entry::Data(next)
+                        || self.check_writable_data(next).is_err()
+                    {
+                        break;
+                    }
+                    n = (n + cs).min(buf.len() as u64);
+                    k += 1;
+                }
+                let n = n as usize;
+                self.file.write_all_at(&buf[..n], host + in_c)?;
+                return Ok(n);
+            }
+        }
+        self.allocate_and_write(buf, pos, below, zeros)
+    }
+
+    /// The allocation path: see the module documentation.
+    fn allocate_and_write(
+        &self,
+        buf: &[u8],
+        pos: u64,
+        below: &dyn Below,
+        zeros: bool,
+    ) -> Result<usize> {
+        let w = self.writer();
+        let g = self.tables.geometry();
+        let cs = g.cluster_size();
+        let cluster_start = pos - g.in_cluster(pos);
+        let buf_end = pos + buf.len() as u64;
+        let run = {
+            let mut st = w.state.lock();
+            if st.pending.contains(&(pos >> g.cluster_bits)) {
+                w.settled.wait(&mut st);
+                return Ok(0);
+            }
+            let l2_offset = self.ensure_l2(&mut st, pos)?;
+            let table = self.tables.l2_table(&self.file, l2_offset, self.end())?;
+            let idx = g.l2_index(pos);
+            let first = g.decode(raw_entry(&table, idx));
+            if matches!(first, Entry::Data(_)) {
+                return Ok(0);
+            }
+            let mut old = vec![first];
+            let max = (MAX_RUN_BYTES / cs).max(1) as usize;
+            while old.len() < max
+                && idx + old.len() < g.l2_entries() as usize
+                && cluster_start + (old.len() as u64) * cs < buf_end
+            {
+                let e = g.decode(raw_entry(&table, idx + old.len()));
+                let c = (cluster_start >> g.cluster_bits) + old.len() as u64;
+                if matches!(e, Entry::Data(_)) || st.pending.contains(&c) {
+                    break;
+                }
+                old.push(e);
+            }
+            let host = self.reserve(&mut st, old.len() as u64 * cs)?;
+            let first_c = cluster_start >> g.cluster_bits;
+            for k in 0..old.len() as u64 {
+                st.pending.insert(first_c + k);
+            }
+            Run {
+                l2_offset,
+                idx,
+                guest: cluster_start,
+                old,
+                host,
+            }
+        };
+        let result = self.fill_and_publish(&run, buf, pos, below, zeros);
+        let mut st = w.state.lock();
+        let first_c = run.guest >> g.cluster_bits;
+        for k in 0..run.old.len() as u64 {
+            st.pending.remove(&(first_c + k));
+        }
+        w.settled.notify_all();
+        drop(st);
+        result
+    }
+
+    /// Fills and writes the clusters of a reserved run, then points their
+    /// L2 entries at them. Returns the bytes of `buf` written.
+    fn fill_and_publish(
+        &self,
+        run: &Run,
+        buf: &[u8],
+        pos: u64,
+        below: &dyn Below,
+        zeros: bool,
+    ) -> Result<usize> {
+        let g = self.tables.geometry();
+        let cs = g.cluster_size();
+        let count = run.old.len() as u64;
+        let run_end = run.guest + count * cs;
+        let buf_end = pos + buf.len() as u64;
+        let n = (buf_end.min(run_end) - pos) as usize;
+        let vsize = self.virtual_size();
+        let covers_all = pos == run.guest && buf_end >= run_end.min(vsize);
+        if zeros && covers_all {
+            // The reserved space was never written: it reads as zeros.
+            // Writing its last sector makes the file cover it.
+            self.file
+                .write_all_at(&[0u8; 512], run.host + count * cs - 512)?;
+        } else {
+            let mut data = vec![0u8; (count * cs) as usize];
+            for (k, old) in run.old.iter().enumerate() {
+                let c = run.guest + k as u64 * cs;
+                let covered = pos <= c && buf_end >= (c + cs).min(vsize);
+                if covered {
+                    continue;
+                }
+                let out = &mut data[k * cs as usize..(k + 1) * cs as usize];
+                match *old {
+                    Entry::Compressed { offset, size } => {
+                        self.cluster_from_compressed(c, offset, size, out)?
+                    }
+                    _ => {
+                        let visible = (vsize - c).min(cs) as usize;
+                        below.read_below(&mut out[..visible], c)?;
+                    }
+                }
+            }
+            let at = (pos - run.guest) as usize;
+            data[at..at + n].copy_from_slice(&buf[..n]);
+            self.file.write_all_at(&data, run.host)?;
+        }
+        // Point the entries at the written clusters (under the lock: all
+        // table changes are serialised).
+        let _st = self.writer().state.lock();
+        let table = self
+            .tables
+            .l2_table(&self.file, run.l2_offset, self.end())?;
+        let mut t = table.to_vec();
+        for k in 0..count as usize {
+            let at = (run.idx + k) * 8;
+            t[at..at + 8].copy_from_slice(&(run.host + k as u64 * cs).to_be_bytes());
+        }
+        let span = run.idx * 8..(run.idx + count as usize) * 8;
+        let written = self
+            .file
+            .write_all_at(&t[span.clone()], run.l2_offset + span.start as u64);
+        match written {
+            Ok(()) => self.tables.publish_l2(run.l2_offset, Some(t.into())),
+            Err(e) => {
+                self.tables.publish_l2(run.l2_offset, None);
+                return Err(e);
+            }
+        }
+        Ok(n)
+    }
+
+    /// Decompresses the compressed cluster at guest `guest` into `out`.
+    fn cluster_from_compressed(
+        &self,
+        guest: u64,
+        offset: u64,
+        size: u64,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let key = (self.cache_id, offset);
+        if let Some(d) = self.tables.caches().blocks.get(key) {
+            if d.len() == out.len() {
+                out.copy_from_slice(&d);
+                return Ok(());
+            }
+        }
+        let block = CompressedBlock {
+            guest_start: guest,
+            len: self.cluster_size(),
+            key: offset,
+            host_offset: offset,
+            host_len: size,
+        };
+        self.decompress(&block, out)
+    }
+
+    /// Makes whole clusters `[pos, end)` (inside one L2 table) read as
+    /// zeros in an image without a backing file: their entries become 0,
+    /// and host space this writer allocated is punched.
+    fn deallocate(&self, pos: u64, end: u64) -> Result<u64> {
+        let w = self.writer();
+        let g = self.tables.geometry();
+        let cs = g.cluster_size();
+        let table_end = (g.l1_index(pos) + 1) << (g.cluster_bits + g.l2_bits);
+        let end = end.min(table_end);
+        let mut st = w.state.lock();
+        let Some(l2_offset) = self.tables.l1_entry(pos).filter(|&o| o != 0) else {
+            return Ok(end - pos);
+        };
+        let count = (end - pos).div_ceil(cs);
+        let first_c = pos >> g.cluster_bits;
+        while (0..count).any(|k| st.pending.contains(&(first_c + k))) {
+            w.settled.wait(&mut st);
+        }
+        let table = self.tables.l2_table(&self.file, l2_offset, self.end())?;
+        let idx = g.l2_index(pos);
+        let mut t = table.to_vec();
+        let mut punch = Vec::new();
+        for k in 0..count as usize {
+            let raw = raw_entry(&table, idx + k);
+            if let Entry::Data(h) = g.decode(raw) {
+                if h >= w.first_own {
+                    punch.push(h);
+                }
+            }
+            t[(idx + k) * 8..(idx + k + 1) * 8].fill(0);
+        }
+        if t[..] != table[..] {
+            let span = idx * 8..(idx + count as usize) * 8;
+            let written = self
+                .file
+                .write_all_at(&t[span.clone()], l2_offset + span.start as u64);
+            match written {
+                Ok(()) => self.tables.publish_l2(l2_offset, Some(t.into())),
+                Err(e) => {
+                    self.tables.publish_l2(l2_offset, None);
+                    return Err(e);
+                }
+            }
+        }
+        drop(st);
+        punch_runs(&self.file, &mut punch, cs)?;
+        Ok(end - pos)
+    }
+
+    fn write_zeroes_inner(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()> {
+        let g = self.tables.geometry();
+        let cs = g.cluster_size();
+        let vsize = self.virtual_size();
+        let end = offset + len;
+        let no_backing = self.backing.is_none();
+        let zeros = vec![0u8; MAX_RUN_BYTES.max(cs) as usize];
+        let mut pos = offset;
+        while pos < end {
+            let c = pos - g.in_cluster(pos);
+            let whole = pos == c && end >= (c + cs).min(vsize);
+            if !whole {
+                let piece_end = end.min(c + cs);
+                if no_backing {
+                    let unallocated = match self.l2_for(pos)? {
+                        None => true,
+                        Some((_, t)) => {
+                            g.decode(raw_entry(&t, g.l2_index(pos))) == Entry::Unallocated
+                        }
+                    };
+                    if unallocated {
+                        pos = piece_end;
+                        continue;
+                    }
+                }
+                let n = (piece_end - pos) as usize;
+                let mut done = 0;
+                while done < n {
+                    done += self.write_some(&zeros[..n - done], pos + done as u64, below, true)?;
+                }
+                pos = piece_end;
+                continue;
+            }
+            // A run of whole clusters: up to the last cluster boundary
+            // (or the end of the disk) inside the range.
+            let whole_end = if end >= vsize {
+                end
+            } else {
+                end - g.in_cluster(end)
+            };
+            if no_backing {
+                pos += self.deallocate(pos, whole_end)?;
+                continue;
+            }
+            let n = (whole_end - pos).min(zeros.len() as u64) as usize;
+            // Allocated clusters are zeroed in place (a hole punched
+            // there reads as zeros); the rest get new zeroed clusters.
+            if let Some((_, table)) = self.l2_for(pos)? {
+                if let Entry::Data(h) = g.decode(raw_entry(&table, g.l2_index(pos))) {
+                    self.check_writable_data(h)?;
+                    self.file.punch_hole(h, cs)?;
+                    pos += cs;
+                    continue;
+                }
+            }
+            let done = self.write_some(&zeros[..n], pos, below, true)?;
+            pos += done as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Punches the host clusters at `hosts` (merging adjacent ones).
+fn punch_runs(file: &HostFile, hosts: &mut [u64], cs: u64) -> Result<()> {
+    hosts.sort_unstable();
+    let mut i = 0;
+    while i < hosts.len() {
+        let start = hosts[i];
+        let mut len = cs;
+        while i + 1 < hosts.len() && hosts[i + 1] == start + len {
+            len += cs;
+            i += 1;
+        }
+        file.punch_hole(start, len)?;
+        i += 1;
+    }
+    Ok(())
+}
+
+impl WriteLayer for Qcow {
+    fn write_at(&self, buf: &[u8], offset: u64, below: &dyn Below) -> Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            done += self
+                .write_some(&buf[done..], pos, below, false)
+                .map_err(|e| e.at(pos))?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()> {
+        self.write_zeroes_inner(offset, len, below)
+            .map_err(|e| e.at(offset))
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.file.sync_data()
+    }
+}
