@@ -59,7 +59,10 @@ fn inflate(input: &[u8], out: &mut [u8], zlib_header: bool) -> std::io::Result<u
             .decompress(&input[in_pos..], &mut out[out_pos..], FlushDecompress::None)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
         let (new_in, new_out) = (d.total_in() as usize, d.total_out() as usize);
-        if status == Status::StreamEnd || new_out == out.len() || (new_in == in_pos && new_out == out_pos) {
+        if status == Status::StreamEnd
+            || new_out == out.len()
+            || (new_in == in_pos && new_out == out_pos)
+        {
             return Ok(new_out);
         }
     }

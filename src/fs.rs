@@ -649,6 +649,10 @@ impl Filesystem for VdiskFs {
             return reply.error(Errno::ENOSPC);
         }
         let end = end.min(size);
+        debug!(
+            "fallocate({mode:#x}) {length} bytes at {offset:#x} of {:?}",
+            disk.name
+        );
         let result = match op {
             // Preallocation: every byte of the disk already exists.
             0 => Ok(()),

@@ -298,13 +298,15 @@ fn discard_from_fstrim_shrinks_the_host_image() {
     let fsdir = d.path().join("fs");
     std::fs::create_dir(&fsdir).unwrap();
     let fill_and_trim = || {
-        run(Command::new("mkfs.ext4").args(["-q", "-F", "-E", "nodiscard", &dev]));
+        run(Command::new("mkfs.ext4").args(["-q", "-F", "-b", "4096", "-E", "nodiscard", &dev]));
         run(Command::new("mount").arg(&dev).arg(&fsdir));
         let junk = vec![0x5au8; 32 << 20];
         std::fs::write(fsdir.join("junk"), &junk).unwrap();
         run(&mut Command::new("sync"));
         let full = std::fs::metadata(&img).unwrap().blocks() * 512;
         std::fs::remove_file(fsdir.join("junk")).unwrap();
+        // Commit the journal so the freed blocks are free for fstrim.
+        run(&mut Command::new("sync"));
         run(Command::new("fstrim").arg("-v").arg(&fsdir));
         run(&mut Command::new("sync"));
         let trimmed = std::fs::metadata(&img).unwrap().blocks() * 512;
