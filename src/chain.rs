@@ -29,6 +29,12 @@ pub const DEFAULT_MAX_DEPTH: usize = 64;
 /// are the largest real case).
 const MAX_BLOCK: u64 = 16 << 20;
 
+/// Reads at least this large may be split over threads (compressed chains).
+const PARALLEL_MIN: usize = 256 << 10;
+
+/// Parallel pieces start on this boundary (a common cluster size).
+const PARALLEL_ALIGN: usize = 64 << 10;
+
 /// How to open a chain.
 #[derive(Debug, Clone)]
 pub struct ChainOptions {
@@ -72,6 +78,8 @@ pub enum Status {
 pub struct Chain {
     layers: Vec<Arc<dyn Layer>>,
     caches: Arc<Caches>,
+    /// Set once a compressed block was decoded: large reads then go parallel.
+    seen_compressed: std::sync::atomic::AtomicBool,
 }
 
 impl Chain {
@@ -160,6 +168,7 @@ impl Chain {
         Ok(Chain {
             layers,
             caches: caches.clone(),
+            seen_compressed: Default::default(),
         })
     }
 
@@ -168,7 +177,11 @@ impl Chain {
         if layers.is_empty() {
             return Err(Error::invalid("a chain needs at least one layer"));
         }
-        Ok(Chain { layers, caches })
+        Ok(Chain {
+            layers,
+            caches,
+            seen_compressed: Default::default(),
+        })
     }
 
     /// The guest size: the top layer's virtual size.
@@ -195,7 +208,48 @@ impl Chain {
                 Error::new(ErrorKind::OutOfRange, "read beyond the end of the disk").at(offset)
             })?;
         let _ = end;
-        self.read_layer(0, buf, offset)
+        let parts = self.parallel_parts(buf.len());
+        if parts <= 1 {
+            return self.read_layer(0, buf, offset);
+        }
+        // Decoding compressed blocks is CPU-bound: spread a large request
+        // over several threads (the kernel sends sequential reads as one or
+        // two large requests at a time, so there is nothing else to overlap).
+        let chunk = buf.len().div_ceil(parts).next_multiple_of(PARALLEL_ALIGN);
+        std::thread::scope(|scope| {
+            let mut pieces = buf.chunks_mut(chunk).enumerate();
+            let (_, first) = pieces.next().expect("a non-empty request");
+            let handles: Vec<_> = pieces
+                .map(|(i, piece)| {
+                    let off = offset + (i * chunk) as u64;
+                    scope.spawn(move || self.read_layer(0, piece, off))
+                })
+                .collect();
+            let mut result = self.read_layer(0, first, offset);
+            for h in handles {
+                let r = h.join().unwrap_or_else(|_| {
+                    Err(Error::new(ErrorKind::Io, "a read worker panicked").at(offset))
+                });
+                if result.is_ok() {
+                    result = r;
+                }
+            }
+            result
+        })
+    }
+
+    /// How many threads a read of `len` bytes should use: more than one only
+    /// for large reads of a chain that has served compressed blocks.
+    fn parallel_parts(&self, len: usize) -> usize {
+        if len < PARALLEL_MIN
+            || !self
+                .seen_compressed
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return 1;
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cpus.min(4).min(len / (PARALLEL_MIN / 2))
     }
 
     fn read_layer(&self, idx: usize, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -254,6 +308,8 @@ impl Chain {
             Some(s) if s + out.len() as u64 <= block.len => s as usize,
             _ => return bad("does not cover the mapped range"),
         };
+        self.seen_compressed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let key = (layer.cache_id(), block.key);
         let data = match self.caches.blocks.get(key) {
             Some(d) if d.len() as u64 == block.len => d,

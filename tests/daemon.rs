@@ -404,7 +404,15 @@ fn sigkill_leaves_a_dead_mount_that_unmount_clears() {
     }
     assert!(is_mounted(&mp), "the dead mount stays");
     let err = std::fs::metadata(mp.join("kill.raw")).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
+    // The kernel answers ENOTCONN, or ECONNABORTED while it is still
+    // tearing the connection down.
+    assert!(
+        matches!(
+            err.raw_os_error(),
+            Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)
+        ),
+        "{err}"
+    );
     // list still shows it (no daemon behind it).
     let e = list_entry(&mp).expect("list shows the dead mount");
     assert!(e["pid"].is_null(), "{e}");
