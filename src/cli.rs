@@ -177,8 +177,8 @@ pub struct ListArgs {
 
 fn default_threads() -> usize {
     std::thread::available_parallelism()
-        .map(|n| (n.get() * 2).clamp(4, 16))
-        .unwrap_or(4)
+        .map(|n| (n.get() * 4).clamp(8, 32))
+        .unwrap_or(8)
 }
 
 fn parse_format(s: &str) -> std::result::Result<Format, String> {

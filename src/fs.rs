@@ -502,6 +502,10 @@ impl Filesystem for VdiskFs {
             let _ = config.set_max_background(nearest);
         }
         let _ = config.set_congestion_threshold(MAX_BACKGROUND * 3 / 4);
+        // Our files never carry setuid bits or file capabilities: taking the
+        // "kill privileges on write" duty spares the kernel a
+        // getxattr("security.capability") round trip before every write.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         // FUSE passthrough: the kernel reads and writes the host file of a
         // raw image itself. Needs kernel support and privileges; without
         // them every open falls back to serving I/O here.
