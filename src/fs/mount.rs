@@ -1,0 +1,213 @@
+//! Mounting: our own mount(2) as root (so the mount table says
+//! `fuse.vdiskfs`), fusermount3 otherwise, the session handle, unmounting
+//! from a signal handler, and the readahead of the new mount.
+
+use fuser::MountOption;
+use log::debug;
+
+use super::{VdiskFs, MAX_REQUEST};
+
+/// How to mount.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    /// The source column of the mount table (the images).
+    pub fsname: String,
+    /// Mount read-only.
+    pub read_only: bool,
+    /// Let other users in (`allow_other`).
+    pub allow_other: bool,
+    /// FUSE worker threads.
+    pub threads: usize,
+}
+
+/// A live mount, not yet serving requests.
+pub struct Session {
+    inner: fuser::Session<VdiskFs>,
+    /// Set when we mounted with mount(2) ourselves (and so unmount ourselves).
+    own_mount: Option<std::path::PathBuf>,
+}
+
+/// Unmounts a [`Session`] from another thread (signal handling).
+pub enum Unmounter {
+    /// fuser mounted it (through fusermount3).
+    Fuser(fuser::SessionUnmounter),
+    /// We mounted it with mount(2).
+    Own(std::path::PathBuf),
+}
+
+impl Unmounter {
+    /// Unmounts; the session's [`Session::run`] then returns once no file
+    /// of the mount is in use any more.
+    pub fn unmount(&mut self) -> std::io::Result<()> {
+        match self {
+            Unmounter::Fuser(u) => u.unmount(),
+            Unmounter::Own(path) => umount_detach(path),
+        }
+    }
+}
+
+fn umount_detach(path: &std::path::Path) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: c is a valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        Ok(())
+    } else {
+        let e = std::io::Error::last_os_error();
+        // Already unmounted (by umount(8) or `vdiskfs unmount`): nothing to do.
+        match e.raw_os_error() {
+            Some(libc::EINVAL) | Some(libc::ENOENT) => Ok(()),
+            _ => Err(e),
+        }
+    }
+}
+
+impl Session {
+    /// A handle to unmount from elsewhere.
+    pub fn unmounter(&mut self) -> Unmounter {
+        match &self.own_mount {
+            Some(p) => Unmounter::Own(p.clone()),
+            None => Unmounter::Fuser(self.inner.unmount_callable()),
+        }
+    }
+
+    /// Serves requests until unmounted.
+    pub fn run(self) -> std::io::Result<()> {
+        let own = self.own_mount;
+        let r = self.inner.run();
+        if let Some(p) = own {
+            let _ = umount_detach(&p);
+        }
+        r
+    }
+}
+
+/// Mounts `fs` on `mountpoint`; the mount is live (the FUSE handshake done)
+/// when this returns.
+///
+/// As root we call mount(2) ourselves so the mount table shows the type as
+/// `fuse.vdiskfs` (fuser's own mount(2) path always says `fuse`); other
+/// users go through fusermount3, which sets the subtype itself.
+pub fn mount(
+    fs: VdiskFs,
+    mountpoint: &std::path::Path,
+    cfg: &MountConfig,
+) -> std::io::Result<Session> {
+    use MountOption as O;
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        O::FSName(cfg.fsname.clone()),
+        O::Subtype("vdiskfs".into()),
+        O::NoDev,
+        O::NoSuid,
+        O::DefaultPermissions,
+        if cfg.read_only { O::RO } else { O::RW },
+    ];
+    config.acl = if cfg.allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
+    config.n_threads = Some(cfg.threads.max(1));
+    config.clone_fd = true;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return fuser::Session::new(fs, mountpoint, &config).map(|inner| Session {
+            inner,
+            own_mount: None,
+        });
+    }
+    let fd = mount_sys(mountpoint, cfg)?;
+    match fuser::Session::from_fd(fs, fd, config.acl, config) {
+        Ok(inner) => {
+            raise_readahead(mountpoint);
+            Ok(Session {
+                inner,
+                own_mount: Some(mountpoint.to_path_buf()),
+            })
+        }
+        Err(e) => {
+            let _ = umount_detach(mountpoint);
+            Err(e)
+        }
+    }
+}
+
+/// Readahead the kernel uses on our mount, in KiB: one full-size request.
+const READAHEAD_KB: u32 = MAX_REQUEST / 1024;
+
+/// Raises the mount's readahead window from the kernel's 128 KiB to one
+/// full request, so sequential readers send 1 MiB requests (which
+/// [`Chain::read_at`] can decode in parallel). Best effort: needs root.
+fn raise_readahead(mountpoint: &std::path::Path) {
+    // Never stat the mount point here: the session does not serve requests
+    // yet, so that would wait forever. The mount table has the device.
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let target = mountpoint.to_string_lossy().replace(' ', "\\040");
+    let Some(dev) = table.lines().rev().find_map(|line| {
+        let f: Vec<&str> = line.split(' ').collect();
+        (f.len() > 4 && f[4] == target).then(|| f[2].to_string())
+    }) else {
+        return;
+    };
+    let bdi = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&bdi, READAHEAD_KB.to_string()) {
+        debug!("cannot raise readahead through {bdi}: {e}");
+    }
+}
+
+/// Opens /dev/fuse and mounts it on `mountpoint` as `fuse.vdiskfs`.
+fn mount_sys(
+    mountpoint: &std::path::Path,
+    cfg: &MountConfig,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot open /dev/fuse ({e}): is the fuse module loaded (modprobe fuse)?"),
+            )
+        })?;
+    let rootmode = std::fs::metadata(mountpoint)?.mode() & libc::S_IFMT;
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut opts = format!(
+        "fd={},rootmode={:o},user_id={uid},group_id={gid},default_permissions",
+        dev.as_raw_fd(),
+        rootmode
+    );
+    if cfg.allow_other {
+        opts.push_str(",allow_other");
+    }
+    let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
+    if cfg.read_only {
+        flags |= libc::MS_RDONLY;
+    }
+    let c = |s: &[u8]| {
+        std::ffi::CString::new(s)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let source = c(cfg.fsname.as_bytes())?;
+    let target = c(mountpoint.as_os_str().as_encoded_bytes())?;
+    let opts = c(opts.as_bytes())?;
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            c"fuse.vdiskfs".as_ptr(),
+            flags,
+            opts.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(OwnedFd::from(dev))
+}
