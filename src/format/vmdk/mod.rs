@@ -13,6 +13,7 @@
 //! - [`sparse`]: hosted sparse and stream-optimized extents.
 //! - [`cowd`]: ESXi `COWD` (vmfsSparse) extents.
 //! - [`sesparse`]: ESXi seSparse extents.
+//! - [`write`]: in-place writes (flat and hosted sparse extents).
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -20,7 +21,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
-use super::{BackingSpec, CompressedBlock, Format, Layer, LayerInfo, Mapping, OpenCtx};
+use super::{BackingSpec, CompressedBlock, Format, Layer, LayerInfo, Mapping, OpenCtx, WriteLayer};
 use crate::cache::Caches;
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::HostFile;
@@ -30,6 +31,7 @@ pub mod descriptor;
 pub mod extent;
 pub mod sesparse;
 pub mod sparse;
+pub mod write;
 
 use descriptor::{Access, Descriptor, ExtentLine, ExtentType, NO_PARENT_CID};
 use extent::{Extent, ExtentData, Run, KEY_SHIFT};
@@ -63,6 +65,7 @@ pub struct Vmdk {
     create_type: String,
     caches: Arc<Caches>,
     cache_id: u64,
+    writer: Option<write::Writer>,
 }
 
 /// Opens a VMDK image (descriptor or sparse extent).
@@ -76,11 +79,14 @@ pub fn open(file: Arc<HostFile>, ctx: &OpenCtx<'_>) -> Result<Arc<dyn Layer>> {
 impl Vmdk {
     /// Opens `file` as a VMDK layer.
     pub fn open(file: Arc<HostFile>, ctx: &OpenCtx<'_>) -> Result<Vmdk> {
+        let mut v = Vmdk::open_layout(file, ctx)?;
         if ctx.writable {
-            return Err(Error::unsupported(
-                "writing VMDK images is not supported yet (open read-only)",
-            ));
+            v.writer = Some(write::Writer::new(&v)?);
         }
+        Ok(v)
+    }
+
+    fn open_layout(file: Arc<HostFile>, ctx: &OpenCtx<'_>) -> Result<Vmdk> {
         let cache_id = ctx.caches.new_layer_id();
         let mut head = [0u8; 512];
         let n = file.read_at_most(&mut head, 0)?;
@@ -93,6 +99,7 @@ impl Vmdk {
             create_type: String::new(),
             caches: ctx.caches.clone(),
             cache_id,
+            writer: None,
         };
         if head.starts_with(sparse::MAGIC) {
             let h = sparse::Header::read(&file)?;
@@ -234,7 +241,8 @@ impl Vmdk {
             ));
         }
         let name = line.file.as_deref().unwrap_or("");
-        let file = ctx.policy.open_named(desc_path, name, false)?;
+        let writable = ctx.writable && line.access == Access::ReadWrite;
+        let file = ctx.policy.open_named(desc_path, name, writable)?;
         let data = match line.kind {
             ExtentType::Flat | ExtentType::Vmfs => ExtentData::Flat {
                 file: file.clone(),
@@ -506,5 +514,12 @@ impl Layer for Vmdk {
 
     fn cache_id(&self) -> u64 {
         self.cache_id
+    }
+
+    fn as_write(&self) -> Option<&dyn WriteLayer> {
+        match &self.writer {
+            Some(_) => Some(self),
+            None => None,
+        }
     }
 }

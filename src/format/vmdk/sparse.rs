@@ -288,7 +288,10 @@ pub fn open(
         None
     };
     let mut used_redundant = false;
-    let (p_at, r_at) = (h.gd_offset.wrapping_mul(512), h.rgd_offset.wrapping_mul(512));
+    let (p_at, r_at) = (
+        h.gd_offset.wrapping_mul(512),
+        h.rgd_offset.wrapping_mul(512),
+    );
     let (gd, rgd, gd_at) = match (primary, redundant) {
         (Some(p), None) => (p, None, (p_at, 0)),
         (Some(p), Some(r)) if gd_sane(&p, gt_bytes, file.len()) => (p, Some(r), (p_at, r_at)),
