@@ -457,3 +457,46 @@ fn missing_grain_tables_are_allocated() {
     qemu_img(&["check", "-f", "vmdk", s(&img)]);
     random_test(&img, 9, 200);
 }
+
+/// A hand-written descriptor with RW, RDONLY and ZERO extents: it opens
+/// writable, the RW extent takes writes, the others refuse them (zeroing
+/// the ZERO extent is a no-op), and reads still work everywhere.
+#[test]
+fn read_only_and_zero_extents_refuse_writes() {
+    let dir = scratch();
+    let d = dir.path();
+    std::fs::write(d.join("a-flat.vmdk"), vec![0x11u8; 1 << 20]).unwrap();
+    std::fs::write(d.join("b-flat.vmdk"), vec![0x22u8; 1 << 20]).unwrap();
+    let desc = "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n\
+                createType=\"twoGbMaxExtentFlat\"\n\n# Extent description\n\
+                RW 2048 FLAT \"a-flat.vmdk\" 0\nRDONLY 2048 FLAT \"b-flat.vmdk\" 0\n\
+                RW 2048 ZERO\n\n# The Disk Data Base\n#DDB\n\nddb.virtualHWVersion = \"4\"\n";
+    let img = d.join("mixed.vmdk");
+    std::fs::write(&img, desc).unwrap();
+    let chain = open_rw(&img);
+    let mb = 1u64 << 20;
+    assert_eq!(chain.size(), 3 * mb);
+    chain.write_at(&[0x33; 1000], 100).unwrap();
+    let err = chain.write_at(&[0x44; 1000], mb + 100).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ReadOnly, "{err}");
+    // A write crossing from the RW into the RDONLY extent fails too.
+    let err = chain.write_at(&[0x44; 1000], mb - 500).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ReadOnly, "{err}");
+    let err = chain.write_at(&[0x55; 10], 2 * mb + 5).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ReadOnly, "{err}");
+    chain.write_zeroes(2 * mb, mb).unwrap();
+    chain.flush().unwrap();
+    let mut model = vec![0x11u8; mb as usize];
+    model.extend(vec![0x22u8; mb as usize]);
+    model.extend(vec![0u8; mb as usize]);
+    model[100..1100].fill(0x33);
+    // The failed crossing write may have landed its RW part.
+    let got = read_all(&chain, 4096).unwrap();
+    let crossing = (mb - 500) as usize..mb as usize;
+    model[crossing.clone()].copy_from_slice(&got[crossing]);
+    assert_model(&got, &model, "mixed extents");
+    assert_eq!(
+        std::fs::read(d.join("b-flat.vmdk")).unwrap(),
+        vec![0x22u8; 1 << 20]
+    );
+}

@@ -81,6 +81,8 @@ struct SparseWriter {
     rgd_at: u64,
     zeroed_grain: bool,
     dirty: AtomicBool,
+    /// Host offsets at or after this were allocated by this writer.
+    first_own: u64,
 }
 
 struct Alloc {
@@ -212,7 +214,20 @@ impl SparseWriter {
             rgd_at,
             zeroed_grain,
             dirty: AtomicBool::new(false),
+            first_own: frontier,
         })
+    }
+
+    /// Checks that an existing grain may be written in place: it must not
+    /// straddle the start of the space this writer allocates from.
+    fn check_data(&self, host: u64, gs: u64) -> Result<()> {
+        if host < self.first_own && host + gs > self.first_own {
+            return Err(Error::corrupt(format!(
+                "grain table entry points at host offset {host:#x}, a grain overlapping the end \
+                 of the file"
+            )));
+        }
+        Ok(())
     }
 
     /// Reserves `len` bytes at the frontier, aligned to `align`.
@@ -419,6 +434,7 @@ impl Vmdk {
             let idx = (rel % cover) / gs;
             match t.entry(&gt, idx) {
                 Grain::Data(host) => {
+                    w.check_data(host, gs)?;
                     // Extend over following grains stored right after it.
                     let in_g = rel % gs;
                     let mut n = (gs - in_g).min(buf.len() as u64);
@@ -426,6 +442,7 @@ impl Vmdk {
                     while n < buf.len() as u64
                         && idx + k < t.gt_entries
                         && t.entry(&gt, idx + k) == Grain::Data(host + k * gs)
+                        && w.check_data(host + k * gs, gs).is_ok()
                     {
                         n = (n + gs).min(buf.len() as u64);
                         k += 1;
@@ -624,7 +641,14 @@ impl Vmdk {
             ));
         }
         let end = end.min(cap);
+        let cover = t.gt_cover();
         while pos < end {
+            let gde = t.gd_entry(pos / cover);
+            if gde == GD_ZERO || (gde == GD_NONE && !has_parent) {
+                // The whole table reads as zeros already.
+                pos = end.min((pos / cover + 1) * cover);
+                continue;
+            }
             let c = pos - pos % gs;
             let whole = pos == c && end >= (c + gs).min(cap);
             let grain = grain_at(self, t, pos)?;
@@ -658,6 +682,7 @@ impl Vmdk {
                 continue;
             }
             if let Grain::Data(h) = grain {
+                w.check_data(h, gs)?;
                 w.dirty.store(true, Ordering::Release);
                 t.file.punch_hole(h, gs)?;
                 pos += gs;
