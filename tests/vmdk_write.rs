@@ -150,7 +150,35 @@ fn seed_data(img: &Path) {
     );
 }
 
-fn random_test(img: &Path, seed: u64, ops: usize) {
+/// For a hosted sparse extent file: checks that the redundant grain
+/// directory and tables agree entry for entry with the primary ones (the
+/// writer updates both); returns the number of zeroed-grain entries (1).
+fn check_redundant(extent: &Path) -> usize {
+    let f = std::fs::read(extent).unwrap();
+    if !f.starts_with(b"KDMV") {
+        return 0;
+    }
+    let le32 = |at: usize| u32::from_le_bytes(f[at..at + 4].try_into().unwrap()) as usize;
+    let le64 = |at: usize| u64::from_le_bytes(f[at..at + 8].try_into().unwrap()) as usize;
+    let (capacity, grain, gt_entries) = (le64(12), le64(20), le32(44));
+    let (rgd, gd) = (le64(48) * 512, le64(56) * 512);
+    let entries = capacity.div_ceil(grain * gt_entries);
+    let mut zeroed = 0;
+    for i in 0..entries {
+        let (p, r) = (le32(gd + 4 * i) * 512, le32(rgd + 4 * i) * 512);
+        assert_eq!(p == 0, r == 0, "{}: GDE {i}", extent.display());
+        if p == 0 {
+            continue;
+        }
+        assert_ne!(p, r, "{}: GDE {i} shares its table", extent.display());
+        let (pt, rt) = (&f[p..p + gt_entries * 4], &f[r..r + gt_entries * 4]);
+        assert!(pt == rt, "{}: redundant GT {i} differs", extent.display());
+        zeroed += pt.chunks(4).filter(|c| c == &[1, 0, 0, 0]).count();
+    }
+    zeroed
+}
+
+fn random_test(img: &Path, seed: u64, ops: usize) -> usize {
     let mut model = qemu_raw(img, Some("vmdk"));
     let chain = open_rw(img);
     assert_eq!(chain.size() as usize, model.len());
@@ -159,6 +187,7 @@ fn random_test(img: &Path, seed: u64, ops: usize) {
     chain.flush().unwrap();
     drop(chain);
     check_all(img, &model);
+    check_redundant(img)
 }
 
 #[test]
@@ -186,7 +215,8 @@ fn random_writes_monolithic_sparse_zeroed_grain() {
         None,
     );
     seed_data(&img);
-    random_test(&img, 2, 300);
+    let zeroed = random_test(&img, 2, 300);
+    assert!(zeroed > 0, "no grain was marked zeroed");
 }
 
 #[test]
@@ -201,6 +231,9 @@ fn random_writes_two_gb_max_extent_sparse() {
     );
     seed_data(&img);
     random_test(&img, 3, 300);
+    for n in 1..=1 {
+        check_redundant(&dir.path().join(format!("t-s{n:03}.vmdk")));
+    }
 }
 
 #[test]
@@ -247,7 +280,8 @@ fn delta_test(opts: &str, seed: u64) {
     let child = create(dir.path(), "c.vmdk", "70M", opts, Some(&parent));
     qemu_io("vmdk", &child, &["write -P 0x77 100k 200k"]);
     let parent_before = std::fs::read(&parent).unwrap();
-    random_test(&child, seed, 300);
+    let zeroed = random_test(&child, seed, 300);
+    assert_eq!(zeroed > 0, opts.contains("zeroed_grain=on"));
     assert!(
         std::fs::read(&parent).unwrap() == parent_before,
         "the parent was changed"
@@ -286,6 +320,10 @@ fn zeroing_hides_the_parent() {
         chain.flush().unwrap();
         drop(chain);
         check_all(&child, &vec![0u8; 40 << 20]);
+        let zeroed = check_redundant(&child);
+        if opts.contains("zeroed_grain=on") {
+            assert_eq!(zeroed, 640, "every grain marked zeroed");
+        }
     }
 }
 
