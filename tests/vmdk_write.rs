@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::{caches, open_chain, qemu_img, qemu_io, qemu_raw, read_all, scratch};
+use common::{caches, open_chain, qemu_img, qemu_io, qemu_raw, read_all, scratch, testdata};
 use vdiskfs::chain::{Chain, ChainOptions};
 use vdiskfs::ErrorKind;
 
@@ -537,4 +537,59 @@ fn read_only_and_zero_extents_refuse_writes() {
         std::fs::read(d.join("b-flat.vmdk")).unwrap(),
         vec![0x22u8; 1 << 20]
     );
+}
+
+fn assert_refused_writable(img: &Path) {
+    let opts = ChainOptions {
+        writable: true,
+        ..ChainOptions::default()
+    };
+    let err = match Chain::open(img, &opts, &caches()) {
+        Ok(_) => panic!("{} opened writable", img.display()),
+        Err(e) => e,
+    };
+    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+    assert!(err.to_string().contains("--overlay"), "{err}");
+    open_chain(img).unwrap();
+}
+
+/// ESXi COWD (vmfsSparse) and seSparse extents are refused for writing.
+#[test]
+fn cowd_and_sesparse_are_refused_writable() {
+    let dir = scratch();
+    let d = dir.path();
+    let mut cowd = vec![0u8; 48 * 512];
+    let put = |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    cowd[0..4].copy_from_slice(b"COWD");
+    put(&mut cowd, 4, 1); // version
+    put(&mut cowd, 8, 3); // flags
+    put(&mut cowd, 12, 2048); // capacity, sectors
+    put(&mut cowd, 16, 8); // grain, sectors
+    put(&mut cowd, 20, 4); // GD sector
+    put(&mut cowd, 24, 1); // GD entries
+    put(&mut cowd, 4 * 512, 5); // GD[0] -> GT at sector 5
+    put(&mut cowd, 5 * 512, 40); // GT[0] -> grain at sector 40
+    cowd[40 * 512..48 * 512].fill(0xaa);
+    let bare = d.join("d-delta.vmdk");
+    std::fs::write(&bare, &cowd).unwrap();
+    assert_refused_writable(&bare);
+    let desc = d.join("d.vmdk");
+    std::fs::write(
+        &desc,
+        "# Disk DescriptorFile\nversion=1\nCID=00000042\nparentCID=ffffffff\n\
+         createType=\"vmfsSparse\"\n\nRW 2048 VMFSSPARSE \"d-delta.vmdk\"\n",
+    )
+    .unwrap();
+    assert_refused_writable(&desc);
+    assert!(
+        std::fs::read(&bare).unwrap() == cowd,
+        "the COWD file changed"
+    );
+    // seSparse (a copy: the shared test data is read-only).
+    let src = testdata().join("images/vmdk-dissect-sesparse");
+    for name in ["disk.vmdk", "disk-sesparse.vmdk"] {
+        std::fs::copy(src.join(name), d.join(name)).unwrap();
+    }
+    assert_refused_writable(&d.join("disk.vmdk"));
+    assert_refused_writable(&d.join("disk-sesparse.vmdk"));
 }

@@ -1,5 +1,6 @@
-//! VMDK driver (read): every hosted and ESXi subformat qemu and VMware
-//! write, through one extent list.
+//! VMDK driver: reads every hosted and ESXi subformat qemu and VMware
+//! write, through one extent list; writes flat and hosted sparse extents
+//! in place (see [`write`]).
 //!
 //! An image is a descriptor (a text file, or text embedded in a hosted
 //! sparse extent) listing extents in guest order; each extent is flat
