@@ -1,6 +1,6 @@
 //! VMDK driver: reads every hosted and ESXi subformat qemu and VMware
 //! write, through one extent list; writes flat and hosted sparse extents
-//! in place (see [`write`]).
+//! in place (see [`write`](mod@write)).
 //!
 //! An image is a descriptor (a text file, or text embedded in a hosted
 //! sparse extent) listing extents in guest order; each extent is flat
@@ -14,7 +14,7 @@
 //! - [`sparse`]: hosted sparse and stream-optimized extents.
 //! - [`cowd`]: ESXi `COWD` (vmfsSparse) extents.
 //! - [`sesparse`]: ESXi seSparse extents.
-//! - [`write`]: in-place writes (flat and hosted sparse extents).
+//! - [`write`](mod@write): in-place writes (flat and hosted sparse extents).
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
