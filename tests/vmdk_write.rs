@@ -593,3 +593,52 @@ fn cowd_and_sesparse_are_refused_writable() {
     assert_refused_writable(&d.join("disk.vmdk"));
     assert_refused_writable(&d.join("disk-sesparse.vmdk"));
 }
+
+/// The CID as the descriptor text (standalone or embedded) says.
+fn cid_of(img: &Path) -> String {
+    let f = std::fs::read(img).unwrap();
+    let text = String::from_utf8_lossy(&f[..f.len().min(1 << 20)]).into_owned();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("CID="))
+        .unwrap_or_else(|| panic!("{}: no CID line", img.display()));
+    line[4..].trim().to_string()
+}
+
+/// The first write gives the image a new CID (as qemu does); later writes
+/// keep it; the descriptor stays valid for qemu.
+#[test]
+fn first_write_changes_the_cid() {
+    for sub in ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse"] {
+        let dir = scratch();
+        let img = create(
+            dir.path(),
+            "c.vmdk",
+            "8M",
+            &format!("subformat={sub}"),
+            None,
+        );
+        let before = cid_of(&img);
+        let size_before = std::fs::metadata(&img).unwrap().len();
+        let chain = open_rw(&img);
+        chain.write_at(b"hello", 4096).unwrap();
+        let after = cid_of(&img);
+        assert_ne!(before, after, "{sub}: CID unchanged");
+        assert_eq!(after.len(), 8);
+        assert_eq!(
+            chain.layers()[0].cid(),
+            Some(u32::from_str_radix(&after, 16).unwrap())
+        );
+        chain.write_at(b"again", 8192).unwrap();
+        chain.flush().unwrap();
+        drop(chain);
+        assert_eq!(cid_of(&img), after, "{sub}: CID changed twice");
+        if sub != "monolithicSparse" {
+            assert_eq!(std::fs::metadata(&img).unwrap().len(), size_before);
+        }
+        let mut model = vec![0u8; 8 << 20];
+        model[4096..4101].copy_from_slice(b"hello");
+        model[8192..8197].copy_from_slice(b"again");
+        check_all(&img, &model);
+    }
+}

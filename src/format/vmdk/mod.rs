@@ -400,6 +400,9 @@ impl Layer for Vmdk {
     }
 
     fn cid(&self) -> Option<u32> {
+        if let Some(c) = self.writer.as_ref().and_then(|w| w.new_cid()) {
+            return Some(c);
+        }
         self.desc.as_ref().and_then(|d| d.cid)
     }
 

@@ -32,13 +32,18 @@
 //! grains without a parent already read as zeros. Partial grains go
 //! through writes.
 //!
+//! Before the first write the descriptor gets a new random CID, as qemu
+//! does, so delta children made earlier from this image no longer match
+//! it; the 8 hex digits are overwritten in place (a CID of another width
+//! is left unchanged, never rewritten into a larger descriptor).
+//!
 //! Refused at open (writable): streamOptimized or otherwise compressed
 //! extents, COWD (vmfsSparse) and seSparse extents, images whose primary
 //! grain directory is damaged. `RDONLY`, `NOACCESS` and `ZERO` extents
 //! open, but writes into them fail.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
@@ -58,9 +63,17 @@ const MAX_SECTOR_BYTES: u64 = (u32::MAX as u64) * 512;
 
 const REFUSE_HINT: &str = "use --overlay FILE or --snapshot";
 
-/// The write state of a writable image: one entry per extent.
+/// The write state of a writable image: one entry per extent, and the
+/// content id (CID) update done before the first write.
 pub struct Writer {
     extents: Vec<ExtentWriter>,
+    /// Set once the CID was dealt with (changed, or found unchangeable).
+    cid_done: AtomicBool,
+    cid_lock: Mutex<()>,
+    /// The new CID, once written (`u64::MAX`: unchanged).
+    new_cid: AtomicU64,
+    /// The descriptor was changed and not yet synced.
+    desc_dirty: AtomicBool,
 }
 
 enum ExtentWriter {
@@ -166,7 +179,65 @@ impl Writer {
             };
             extents.push(w);
         }
-        Ok(Writer { extents })
+        Ok(Writer {
+            extents,
+            cid_done: AtomicBool::new(false),
+            cid_lock: Mutex::new(()),
+            new_cid: AtomicU64::new(u64::MAX),
+            desc_dirty: AtomicBool::new(false),
+        })
+    }
+
+    /// The CID written by this writer, if it changed it.
+    pub fn new_cid(&self) -> Option<u32> {
+        match self.new_cid.load(Ordering::Acquire) {
+            u64::MAX => None,
+            c => Some(c as u32),
+        }
+    }
+}
+
+/// Where the hex digits of the `CID=` value lie in descriptor text.
+fn find_cid(text: &[u8]) -> Option<std::ops::Range<usize>> {
+    let mut start = 0;
+    for line in text.split(|&b| b == b'\n') {
+        let here = start;
+        start += line.len() + 1;
+        let lead = line.iter().take_while(|b| b.is_ascii_whitespace()).count();
+        let Some(rest) = line[lead..].strip_prefix(b"CID") else {
+            continue;
+        };
+        let mut i = here + lead + 3;
+        let mut r = rest;
+        while let [b' ' | b'\t', tail @ ..] = r {
+            r = tail;
+            i += 1;
+        }
+        let [b'=', tail @ ..] = r else { continue };
+        r = tail;
+        i += 1;
+        while let [b' ' | b'\t' | b'"', tail @ ..] = r {
+            r = tail;
+            i += 1;
+        }
+        let digits = r.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+        return Some(i..i + digits);
+    }
+    None
+}
+
+/// A fresh random CID different from `old` and from the reserved values.
+fn random_cid(old: Option<u32>) -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut n = 0u64;
+    loop {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(n);
+        let c = h.finish() as u32;
+        if Some(c) != old && c < 0xffff_fffe {
+            return c;
+        }
+        n += 1;
     }
 }
 
@@ -401,6 +472,67 @@ impl Vmdk {
             .ok_or_else(|| {
                 Error::new(ErrorKind::OutOfRange, "offset beyond the last extent").at(offset)
             })
+    }
+
+    /// Before the first write, gives the image a new CID as qemu does, so
+    /// that delta children made from it earlier no longer match. The
+    /// descriptor is rewritten in place, 8 hex digits over 8 hex digits;
+    /// a descriptor whose CID has another width is left alone.
+    fn update_cid_once(&self) {
+        let w = self.writer();
+        if w.cid_done.load(Ordering::Acquire) {
+            return;
+        }
+        let _g = w.cid_lock.lock();
+        if w.cid_done.load(Ordering::Acquire) {
+            return;
+        }
+        if let Err(e) = self.update_cid(w) {
+            log::warn!(
+                "{}: the descriptor's CID was not updated: {e}",
+                self.file.path().display()
+            );
+        }
+        w.cid_done.store(true, Ordering::Release);
+    }
+
+    fn update_cid(&self, w: &Writer) -> Result<()> {
+        let Some(d) = &self.desc else { return Ok(()) };
+        let mut head = [0u8; 4];
+        self.file.read_exact_at(&mut head, 0)?;
+        let (at, len) = if &head == super::sparse::MAGIC {
+            let h = super::sparse::Header::read(&self.file)?;
+            if h.desc_offset == 0 || h.desc_size == 0 {
+                return Ok(());
+            }
+            (h.desc_offset.saturating_mul(512), h.desc_size.saturating_mul(512))
+        } else if &head == super::cowd::MAGIC || super::sesparse::probe(&head) {
+            return Ok(());
+        } else {
+            (0, self.file.len())
+        };
+        let len = len
+            .min(super::descriptor::MAX_DESCRIPTOR)
+            .min(self.file.len().saturating_sub(at));
+        let mut text = vec![0u8; len as usize];
+        self.file.read_exact_at(&mut text, at)?;
+        let Some(r) = find_cid(&text) else {
+            return Ok(());
+        };
+        if r.len() != 8 {
+            log::info!(
+                "{}: CID of {} digits left unchanged",
+                self.file.path().display(),
+                r.len()
+            );
+            return Ok(());
+        }
+        let cid = random_cid(d.cid);
+        w.desc_dirty.store(true, Ordering::Release);
+        self.file
+            .write_all_at(format!("{cid:08x}").as_bytes(), at + r.start as u64)?;
+        w.new_cid.store(u64::from(cid), Ordering::Release);
+        Ok(())
     }
 
     fn has_parent(&self) -> bool {
@@ -726,6 +858,7 @@ fn sparse_tables(e: &Extent) -> &GrainTables {
 impl WriteLayer for Vmdk {
     fn write_at(&self, buf: &[u8], offset: u64, below: &dyn Below) -> Result<()> {
         let w = self.writer();
+        self.update_cid_once();
         let mut done = 0;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -756,6 +889,7 @@ impl WriteLayer for Vmdk {
 
     fn write_zeroes(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()> {
         let w = self.writer();
+        self.update_cid_once();
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
@@ -796,6 +930,12 @@ impl WriteLayer for Vmdk {
                     dirty.store(true, Ordering::Release);
                     return Err(err);
                 }
+            }
+        }
+        if w.desc_dirty.swap(false, Ordering::AcqRel) {
+            if let Err(err) = self.file.sync_data() {
+                w.desc_dirty.store(true, Ordering::Release);
+                return Err(err);
             }
         }
         Ok(())
