@@ -609,7 +609,13 @@ fn cid_of(img: &Path) -> String {
 /// keep it; the descriptor stays valid for qemu.
 #[test]
 fn first_write_changes_the_cid() {
-    for sub in ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse"] {
+    for sub in [
+        "monolithicSparse",
+        "monolithicFlat",
+        "twoGbMaxExtentSparse",
+        "monolithicSparse",
+        "monolithicFlat",
+    ] {
         let dir = scratch();
         let img = create(
             dir.path(),
@@ -624,7 +630,7 @@ fn first_write_changes_the_cid() {
         chain.write_at(b"hello", 4096).unwrap();
         let after = cid_of(&img);
         assert_ne!(before, after, "{sub}: CID unchanged");
-        assert_eq!(after.len(), 8);
+        assert_eq!(after.len(), before.len(), "{sub}: CID width");
         assert_eq!(
             chain.layers()[0].cid(),
             Some(u32::from_str_radix(&after, 16).unwrap())
@@ -641,4 +647,47 @@ fn first_write_changes_the_cid() {
         model[8192..8197].copy_from_slice(b"again");
         check_all(&img, &model);
     }
+}
+
+/// An ESXi `vmfs` (VMFS flat extent) image: written in place like a
+/// flat extent; a hand-written vmfsThin one too (checked without qemu,
+/// which does not open vmfsThin).
+#[test]
+fn random_writes_vmfs_flat() {
+    let dir = scratch();
+    let d = dir.path();
+    let src = testdata().join("images/vmdk-vmdkrs-vmfs");
+    for name in ["vmfs_thick.vmdk", "vmfs_thick-flat.vmdk"] {
+        std::fs::copy(src.join(name), d.join(name)).unwrap();
+        let mut perm = std::fs::metadata(d.join(name)).unwrap().permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perm.set_readonly(false);
+        std::fs::set_permissions(d.join(name), perm).unwrap();
+    }
+    random_test(&d.join("vmfs_thick.vmdk"), 10, 100);
+    std::fs::write(d.join("thin-flat.vmdk"), vec![0u8; 3 << 20]).unwrap();
+    std::fs::write(
+        d.join("thin.vmdk"),
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
+         createType=\"vmfsThin\"\n\nRW 6144 VMFS \"thin-flat.vmdk\"\n",
+    )
+    .unwrap();
+    // qemu does not open vmfsThin: the flat file itself is the oracle.
+    let thin = d.join("thin.vmdk");
+    let mut model = vec![0u8; 3 << 20];
+    let chain = open_rw(&thin);
+    random_ops(&chain, &mut model, 11, 100);
+    chain.flush().unwrap();
+    drop(chain);
+    assert_model(
+        &std::fs::read(d.join("thin-flat.vmdk")).unwrap(),
+        &model,
+        "vmfsThin flat file",
+    );
+    let chain = open_chain(&thin).unwrap();
+    assert_model(
+        &read_all(&chain, 70_000).unwrap(),
+        &model,
+        "vmfsThin reopened",
+    );
 }

@@ -34,8 +34,9 @@
 //!
 //! Before the first write the descriptor gets a new random CID, as qemu
 //! does, so delta children made earlier from this image no longer match
-//! it; the 8 hex digits are overwritten in place (a CID of another width
-//! is left unchanged, never rewritten into a larger descriptor).
+//! it; its hex digits are overwritten in place by as many digits (qemu
+//! writes the CID without zero padding), so the descriptor never changes
+//! size; a CID line without 1 to 8 hex digits is left alone.
 //!
 //! Refused at open (writable): streamOptimized or otherwise compressed
 //! extents, COWD (vmfsSparse) and seSparse extents, images whose primary
@@ -226,14 +227,20 @@ fn find_cid(text: &[u8]) -> Option<std::ops::Range<usize>> {
     None
 }
 
-/// A fresh random CID different from `old` and from the reserved values.
-fn random_cid(old: Option<u32>) -> u32 {
+/// A fresh random CID of at most `digits` hex digits, different from
+/// `old` and from the reserved values.
+fn random_cid(old: Option<u32>, digits: usize) -> u32 {
     use std::hash::{BuildHasher, Hasher};
+    let mask = if digits >= 8 {
+        u32::MAX
+    } else {
+        (1u32 << (4 * digits)) - 1
+    };
     let mut n = 0u64;
     loop {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u64(n);
-        let c = h.finish() as u32;
+        let c = h.finish() as u32 & mask;
         if Some(c) != old && c < 0xffff_fffe {
             return c;
         }
@@ -505,7 +512,10 @@ impl Vmdk {
             if h.desc_offset == 0 || h.desc_size == 0 {
                 return Ok(());
             }
-            (h.desc_offset.saturating_mul(512), h.desc_size.saturating_mul(512))
+            (
+                h.desc_offset.saturating_mul(512),
+                h.desc_size.saturating_mul(512),
+            )
         } else if &head == super::cowd::MAGIC || super::sesparse::probe(&head) {
             return Ok(());
         } else {
@@ -519,18 +529,19 @@ impl Vmdk {
         let Some(r) = find_cid(&text) else {
             return Ok(());
         };
-        if r.len() != 8 {
+        let digits = r.len();
+        if !(1..=8).contains(&digits) {
             log::info!(
-                "{}: CID of {} digits left unchanged",
-                self.file.path().display(),
-                r.len()
+                "{}: CID of {digits} digits left unchanged",
+                self.file.path().display()
             );
             return Ok(());
         }
-        let cid = random_cid(d.cid);
+        // Same width, zero-padded: the text keeps its size.
+        let cid = random_cid(d.cid, digits);
         w.desc_dirty.store(true, Ordering::Release);
         self.file
-            .write_all_at(format!("{cid:08x}").as_bytes(), at + r.start as u64)?;
+            .write_all_at(format!("{cid:0digits$x}").as_bytes(), at + r.start as u64)?;
         w.new_cid.store(u64::from(cid), Ordering::Release);
         Ok(())
     }
@@ -939,5 +950,33 @@ impl WriteLayer for Vmdk {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cid_digits() {
+        let t = b"# Disk DescriptorFile\nversion=1\nparentCID=ffffffff\nCID=79f443a\n";
+        let r = find_cid(t).unwrap();
+        assert_eq!(&t[r], b"79f443a");
+        let t = b"version=1\n  CID = \"0a0b0c0d\"\nparentCID=ffffffff\n";
+        let r = find_cid(t).unwrap();
+        assert_eq!(&t[r], b"0a0b0c0d");
+        assert!(find_cid(b"parentCID=ffffffff\n").is_none());
+    }
+
+    #[test]
+    fn random_cids_keep_their_width() {
+        for digits in 1..=8 {
+            for _ in 0..20 {
+                let c = random_cid(Some(3), digits);
+                assert_ne!(c, 3);
+                assert!(format!("{c:x}").len() <= digits);
+                assert!(c < 0xffff_fffe);
+            }
+        }
     }
 }
