@@ -6,10 +6,10 @@
 //! sector and its number of entries (all 32-bit). Grain tables have 4096
 //! 32-bit entries holding grain sector numbers (0 = not allocated).
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 
-use super::extent::{GrainTables, GteCodec, GD_NONE, MAX_HOST_OFFSET};
+use super::extent::{atomic_gd, GrainTables, GteCodec, GD_NONE, MAX_HOST_OFFSET};
 use super::sparse::{SparseInfo, MAX_GD_ENTRIES, MAX_GRAIN_SECTORS};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
@@ -80,10 +80,12 @@ pub fn open(
         compressed: false,
         markers: false,
         footer: false,
+        gd_at: (0, 0),
     };
+    let end = AtomicU64::new(file.len());
     let tables = GrainTables {
         file,
-        gd,
+        gd: atomic_gd(gd),
         rgd: None,
         gt_entries: GT_ENTRIES,
         grain_size,
@@ -92,6 +94,9 @@ pub fn open(
         cache_id,
         key_base,
         used_redundant: AtomicBool::new(false),
+        end,
+        generation: AtomicU64::new(0),
+        publish: Default::default(),
     };
     Ok((tables, info))
 }

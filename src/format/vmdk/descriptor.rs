@@ -159,12 +159,15 @@ pub fn looks_like_descriptor(head: &[u8]) -> bool {
     if bad > 0 {
         return false;
     }
-    // Anything after the text must be NUL padding only.
-    if head[text_end..].iter().any(|&b| b != 0) {
-        return false;
-    }
     let s = String::from_utf8_lossy(text);
-    if s.trim_start().starts_with("# Disk DescriptorFile") {
+    let signed = s.trim_start().starts_with("# Disk DescriptorFile");
+    // Anything after the text must be NUL padding only, except in a
+    // signed descriptor: qemu leaves the old tail after the NUL when it
+    // rewrites a descriptor with a shorter CID.
+    if head[text_end..].iter().any(|&b| b != 0) {
+        return signed;
+    }
+    if signed {
         return true;
     }
     let mut seen = 0;
@@ -200,9 +203,10 @@ fn as_text(raw: &[u8]) -> Result<String> {
         )));
     }
     if raw[end..].iter().any(|&b| b != 0) {
-        return Err(Error::corrupt(format!(
-            "descriptor is not text (NUL byte at offset {end} followed by data)"
-        )));
+        // qemu leaves the old tail after the NUL when it rewrites an
+        // embedded descriptor with a shorter CID; like qemu, the text ends
+        // at the first NUL.
+        log::debug!("vmdk descriptor: bytes after the NUL at offset {end} ignored");
     }
     Ok(String::from_utf8_lossy(body).into_owned())
 }
@@ -374,5 +378,12 @@ mod tests {
         assert!(looks_like_descriptor(b"# Disk DescriptorFile\nversion=1\n"));
         assert!(looks_like_descriptor(b"version=1\ncreateType=\"vmfs\"\n"));
         assert!(!looks_like_descriptor(b"version=1\nhello there\n"));
+        // qemu's CID rewrite leaves the old tail after the NUL.
+        let t = b"# Disk DescriptorFile\nversion=1\nCID=1234567\n\0\n\0\0";
+        assert!(looks_like_descriptor(t));
+        assert_eq!(parse(t).unwrap().cid, Some(0x1234567));
+        assert!(!looks_like_descriptor(
+            b"version=1\ncreateType=\"vmfs\"\n\0data"
+        ));
     }
 }

@@ -7,8 +7,10 @@
 //! common part and [`GteCodec`] the differences. Grain tables are read on
 //! demand through the shared metadata cache as raw bytes.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use super::descriptor::ExtentLine;
 use super::sparse::SparseInfo;
@@ -133,9 +135,11 @@ pub struct GrainTables {
     /// The extent file.
     pub file: Arc<HostFile>,
     /// Primary grain directory, decoded to GT byte offsets (or `GD_*`).
-    pub gd: Vec<u64>,
+    /// Entries only change (under the writer's lock) from `GD_NONE` or
+    /// `GD_ZERO` to a table that was written before.
+    pub gd: Vec<AtomicU64>,
     /// Redundant grain directory, when the extent has one.
-    pub rgd: Option<Vec<u64>>,
+    pub rgd: Option<Vec<AtomicU64>>,
     /// Entries per grain table.
     pub gt_entries: u64,
     /// Grain size in bytes.
@@ -150,6 +154,18 @@ pub struct GrainTables {
     pub key_base: u64,
     /// Set once a table was taken from the redundant directory.
     pub used_redundant: AtomicBool,
+    /// The end of the extent file as the driver knows it (the length at
+    /// open, then grown by the writer).
+    pub end: AtomicU64,
+    /// Bumped whenever a table is republished; see [`GrainTables::load_gt`].
+    pub generation: AtomicU64,
+    /// Serialises cache inserts of tables read from disk with republication.
+    pub publish: Mutex<()>,
+}
+
+/// A decoded grain directory as the table walker stores it.
+pub fn atomic_gd(gd: Vec<u64>) -> Vec<AtomicU64> {
+    gd.into_iter().map(AtomicU64::new).collect()
 }
 
 impl GrainTables {
@@ -158,7 +174,8 @@ impl GrainTables {
         self.gt_entries * self.grain_size
     }
 
-    fn gt_bytes(&self) -> u64 {
+    /// Bytes of one grain table.
+    pub fn gt_bytes(&self) -> u64 {
         self.gt_entries * self.codec.entry_size() as u64
     }
 
@@ -171,19 +188,35 @@ impl GrainTables {
     }
 
     /// Whether the table at `off` for directory index `gdi` lies inside the file.
-    fn gt_in_file(&self, off: u64, gdi: u64) -> bool {
+    pub fn gt_in_file(&self, off: u64, gdi: u64) -> bool {
         let need = self.needed_entries(gdi) * self.codec.entry_size() as u64;
-        off <= MAX_HOST_OFFSET && off.checked_add(need).is_some_and(|e| e <= self.file.len())
+        let end = self.end.load(Ordering::Acquire);
+        off <= MAX_HOST_OFFSET && off.checked_add(need).is_some_and(|e| e <= end)
+    }
+
+    /// Primary directory entry `gdi` (`GD_NONE` past its end).
+    pub fn gd_entry(&self, gdi: u64) -> u64 {
+        self.gd
+            .get(gdi as usize)
+            .map_or(GD_NONE, |e| e.load(Ordering::Acquire))
+    }
+
+    /// Redundant directory entry `gdi`, when there is one.
+    pub fn rgd_entry(&self, gdi: u64) -> Option<u64> {
+        self.rgd
+            .as_ref()
+            .and_then(|r| r.get(gdi as usize))
+            .map(|e| e.load(Ordering::Acquire))
     }
 
     /// The usable location of grain table `gdi`, falling back to the
     /// redundant directory when the primary entry is out of range.
     fn gt_location(&self, gdi: u64) -> Result<u64> {
-        let primary = self.gd.get(gdi as usize).copied().unwrap_or(GD_NONE);
+        let primary = self.gd_entry(gdi);
         if matches!(primary, GD_NONE | GD_ZERO) || self.gt_in_file(primary, gdi) {
             return Ok(primary);
         }
-        if let Some(alt) = self.rgd.as_ref().and_then(|r| r.get(gdi as usize).copied()) {
+        if let Some(alt) = self.rgd_entry(gdi) {
             if !matches!(alt, GD_NONE | GD_ZERO | GD_BAD) && self.gt_in_file(alt, gdi) {
                 if !self.used_redundant.swap(true, Ordering::Relaxed) {
                     log::warn!(
@@ -202,26 +235,48 @@ impl GrainTables {
         }
         Err(Error::corrupt(format!(
             "grain table {gdi} at offset {primary:#x} lies past the end of the file ({} bytes)",
-            self.file.len()
+            self.end.load(Ordering::Acquire)
         )))
     }
 
     /// Reads (through the cache) the grain table at byte offset `off`.
+    ///
+    /// When the extent is written, tables change on disk; the cache must
+    /// never keep a stale copy: a table read from disk is inserted only if
+    /// no table was republished since the read started (`generation`),
+    /// checked under the same lock [`GrainTables::publish_gt`] takes.
     pub fn load_gt(&self, caches: &Caches, off: u64) -> Result<Arc<[u8]>> {
         let key = (self.cache_id, self.key_base | off);
         if let Some(t) = caches.meta.get(key) {
             return Ok(t);
         }
+        let generation = self.generation.load(Ordering::Acquire);
         let mut buf = vec![0u8; self.gt_bytes() as usize];
         // The last table may be cut short by the end of the file; what the
         // capacity needs was checked to be present.
         self.file.read_zero_fill_at(&mut buf, off)?;
         let t: Arc<[u8]> = buf.into();
-        caches.meta.insert(key, t.clone());
+        let _guard = self.publish.lock();
+        if self.generation.load(Ordering::Acquire) == generation {
+            caches.meta.insert(key, t.clone());
+        }
         Ok(t)
     }
 
-    fn entry(&self, gt: &[u8], i: u64) -> Grain {
+    /// Replaces the cached copy of the table at `off` after it changed on
+    /// disk (`None`: drop it, as after a failed write).
+    pub fn publish_gt(&self, caches: &Caches, off: u64, table: Option<Arc<[u8]>>) {
+        let key = (self.cache_id, self.key_base | off);
+        let _guard = self.publish.lock();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        match table {
+            Some(t) => caches.meta.insert(key, t),
+            None => caches.meta.remove(key),
+        }
+    }
+
+    /// Decodes entry `i` of the raw table `gt`.
+    pub fn entry(&self, gt: &[u8], i: u64) -> Grain {
         let es = self.codec.entry_size();
         let at = i as usize * es;
         let raw = match gt.get(at..at + es) {
@@ -244,11 +299,7 @@ impl GrainTables {
         if loc == GD_NONE || loc == GD_ZERO {
             let mut stop = (gdi + 1) * cover;
             while stop < end {
-                let next = self
-                    .gd
-                    .get((stop / cover) as usize)
-                    .copied()
-                    .unwrap_or(GD_NONE);
+                let next = self.gd_entry(stop / cover);
                 if next != loc {
                     break;
                 }

@@ -1,5 +1,6 @@
-//! VMDK driver (read): every hosted and ESXi subformat qemu and VMware
-//! write, through one extent list.
+//! VMDK driver: reads every hosted and ESXi subformat qemu and VMware
+//! write, through one extent list; writes flat and hosted sparse extents
+//! in place (see [`write`](mod@write)).
 //!
 //! An image is a descriptor (a text file, or text embedded in a hosted
 //! sparse extent) listing extents in guest order; each extent is flat
@@ -13,6 +14,7 @@
 //! - [`sparse`]: hosted sparse and stream-optimized extents.
 //! - [`cowd`]: ESXi `COWD` (vmfsSparse) extents.
 //! - [`sesparse`]: ESXi seSparse extents.
+//! - [`write`](mod@write): in-place writes (flat and hosted sparse extents).
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -20,7 +22,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
-use super::{BackingSpec, CompressedBlock, Format, Layer, LayerInfo, Mapping, OpenCtx};
+use super::{BackingSpec, CompressedBlock, Format, Layer, LayerInfo, Mapping, OpenCtx, WriteLayer};
 use crate::cache::Caches;
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::HostFile;
@@ -30,6 +32,7 @@ pub mod descriptor;
 pub mod extent;
 pub mod sesparse;
 pub mod sparse;
+pub mod write;
 
 use descriptor::{Access, Descriptor, ExtentLine, ExtentType, NO_PARENT_CID};
 use extent::{Extent, ExtentData, Run, KEY_SHIFT};
@@ -63,6 +66,7 @@ pub struct Vmdk {
     create_type: String,
     caches: Arc<Caches>,
     cache_id: u64,
+    writer: Option<write::Writer>,
 }
 
 /// Opens a VMDK image (descriptor or sparse extent).
@@ -76,11 +80,14 @@ pub fn open(file: Arc<HostFile>, ctx: &OpenCtx<'_>) -> Result<Arc<dyn Layer>> {
 impl Vmdk {
     /// Opens `file` as a VMDK layer.
     pub fn open(file: Arc<HostFile>, ctx: &OpenCtx<'_>) -> Result<Vmdk> {
+        let mut v = Vmdk::open_layout(file, ctx)?;
         if ctx.writable {
-            return Err(Error::unsupported(
-                "writing VMDK images is not supported yet (open read-only)",
-            ));
+            v.writer = Some(write::Writer::new(&v)?);
         }
+        Ok(v)
+    }
+
+    fn open_layout(file: Arc<HostFile>, ctx: &OpenCtx<'_>) -> Result<Vmdk> {
         let cache_id = ctx.caches.new_layer_id();
         let mut head = [0u8; 512];
         let n = file.read_at_most(&mut head, 0)?;
@@ -93,6 +100,7 @@ impl Vmdk {
             create_type: String::new(),
             caches: ctx.caches.clone(),
             cache_id,
+            writer: None,
         };
         if head.starts_with(sparse::MAGIC) {
             let h = sparse::Header::read(&file)?;
@@ -234,7 +242,8 @@ impl Vmdk {
             ));
         }
         let name = line.file.as_deref().unwrap_or("");
-        let file = ctx.policy.open_named(desc_path, name, false)?;
+        let writable = ctx.writable && line.access == Access::ReadWrite;
+        let file = ctx.policy.open_named(desc_path, name, writable)?;
         let data = match line.kind {
             ExtentType::Flat | ExtentType::Vmfs => ExtentData::Flat {
                 file: file.clone(),
@@ -391,6 +400,9 @@ impl Layer for Vmdk {
     }
 
     fn cid(&self) -> Option<u32> {
+        if let Some(c) = self.writer.as_ref().and_then(|w| w.new_cid()) {
+            return Some(c);
+        }
         self.desc.as_ref().and_then(|d| d.cid)
     }
 
@@ -506,5 +518,12 @@ impl Layer for Vmdk {
 
     fn cache_id(&self) -> u64 {
         self.cache_id
+    }
+
+    fn as_write(&self) -> Option<&dyn WriteLayer> {
+        match &self.writer {
+            Some(_) => Some(self),
+            None => None,
+        }
     }
 }

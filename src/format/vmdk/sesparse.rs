@@ -11,10 +11,10 @@
 //! top nibble: 0 unallocated, 1 unmapped and 2 zero (both read as zeros),
 //! 3 allocated (a grain number split across the remaining bits).
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 
-use super::extent::{GrainTables, GteCodec, GD_BAD, GD_NONE, MAX_HOST_OFFSET};
+use super::extent::{atomic_gd, GrainTables, GteCodec, GD_BAD, GD_NONE, MAX_HOST_OFFSET};
 use super::sparse::{SparseInfo, MAX_GD_ENTRIES};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
@@ -132,10 +132,12 @@ pub fn open(
         compressed: false,
         markers: false,
         footer: false,
+        gd_at: (0, 0),
     };
+    let end = AtomicU64::new(file.len());
     let tables = GrainTables {
         file,
-        gd,
+        gd: atomic_gd(gd),
         rgd: None,
         gt_entries,
         grain_size,
@@ -146,6 +148,9 @@ pub fn open(
         cache_id,
         key_base,
         used_redundant: AtomicBool::new(false),
+        end,
+        generation: AtomicU64::new(0),
+        publish: Default::default(),
     };
     Ok((tables, info))
 }

@@ -9,10 +9,10 @@
 //! is then the footer in the second-to-last sector, after a footer marker
 //! and before the end-of-stream marker.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 
-use super::extent::{GrainTables, GteCodec, GD_BAD, GD_NONE, GD_ZERO, MAX_HOST_OFFSET};
+use super::extent::{atomic_gd, GrainTables, GteCodec, GD_BAD, GD_NONE, GD_ZERO, MAX_HOST_OFFSET};
 use crate::compress::{self, Method};
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::HostFile;
@@ -55,6 +55,9 @@ pub struct SparseInfo {
     pub markers: bool,
     /// The GD was found through the footer.
     pub footer: bool,
+    /// Byte offsets of the grain directories the tables hold (`gd`, then
+    /// `rgd`), for the writer; 0 where there is none.
+    pub gd_at: (u64, u64),
 }
 
 /// A parsed `KDMV` header.
@@ -285,9 +288,13 @@ pub fn open(
         None
     };
     let mut used_redundant = false;
-    let (gd, rgd) = match (primary, redundant) {
-        (Some(p), None) => (p, None),
-        (Some(p), Some(r)) if gd_sane(&p, gt_bytes, file.len()) => (p, Some(r)),
+    let (p_at, r_at) = (
+        h.gd_offset.wrapping_mul(512),
+        h.rgd_offset.wrapping_mul(512),
+    );
+    let (gd, rgd, gd_at) = match (primary, redundant) {
+        (Some(p), None) => (p, None, (p_at, 0)),
+        (Some(p), Some(r)) if gd_sane(&p, gt_bytes, file.len()) => (p, Some(r), (p_at, r_at)),
         (Some(p), Some(r)) => {
             if gd_sane(&r, gt_bytes, file.len()) {
                 log::warn!(
@@ -295,9 +302,9 @@ pub fn open(
                     file.path().display()
                 );
                 used_redundant = true;
-                (r, Some(p))
+                (r, Some(p), (r_at, p_at))
             } else {
-                (p, Some(r))
+                (p, Some(r), (p_at, r_at))
             }
         }
         (None, Some(r)) => {
@@ -307,9 +314,9 @@ pub fn open(
                 h.gd_offset
             );
             used_redundant = true;
-            (r, None)
+            (r, None, (r_at, 0))
         }
-        (None, None) if entries == 0 => (Vec::new(), None),
+        (None, None) if entries == 0 => (Vec::new(), None, (0, 0)),
         (None, None) => {
             return Err(Error::corrupt(format!(
             "grain directory at sector {:#x} ({entries} entries) lies outside the file ({} bytes)",
@@ -326,11 +333,13 @@ pub fn open(
         compressed: h.compressed(),
         markers: h.flags & FLAG_MARKERS != 0,
         footer,
+        gd_at,
     };
+    let end = AtomicU64::new(file.len());
     let tables = GrainTables {
         file,
-        gd,
-        rgd,
+        gd: atomic_gd(gd),
+        rgd: rgd.map(atomic_gd),
         gt_entries,
         grain_size,
         capacity: cap.min(header_bytes),
@@ -341,6 +350,9 @@ pub fn open(
         cache_id,
         key_base,
         used_redundant: AtomicBool::new(used_redundant),
+        end,
+        generation: AtomicU64::new(0),
+        publish: Default::default(),
     };
     Ok((tables, info, h))
 }
