@@ -356,8 +356,19 @@ pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<()> {
     let c = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes())
         .map_err(|_| Error::invalid("mount point contains a NUL byte"))?;
     let flags = if lazy { libc::MNT_DETACH } else { 0 };
-    // SAFETY: c is a valid NUL-terminated path.
-    if unsafe { libc::umount2(c.as_ptr(), flags) } != 0 {
+    // A loop device detached just before (`losetup -d`) lets go of its
+    // backing file asynchronously: give a busy mount a few seconds.
+    let busy_until = Instant::now() + Duration::from_secs(5);
+    let rc = loop {
+        // SAFETY: c is a valid NUL-terminated path.
+        let rc = unsafe { libc::umount2(c.as_ptr(), flags) };
+        let busy = rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EBUSY);
+        if !busy || Instant::now() >= busy_until {
+            break rc;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if rc != 0 {
         let err = std::io::Error::last_os_error();
         if err.raw_os_error() == Some(libc::EPERM) {
             let status = Command::new("fusermount3")

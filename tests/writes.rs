@@ -13,6 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::fuse::{vdiskfs, Mounted};
+
+/// Tests that attach loop devices and mount guest filesystems run one at a
+/// time: parallel `losetup -f` and asynchronous loop detach race otherwise.
+static LOOP_DEVICES: Mutex<()> = Mutex::new(());
 use common::{qemu_img, qemu_raw, run, scratch};
 
 /// Makes an empty image of `fmt` (`raw`, `qcow2`, `vmdk` = monolithicSparse).
@@ -127,6 +131,7 @@ fn filesystem_through_mount(base_fmt: &str, mode: &str) {
         _ => unreachable!(),
     }
     let refs: Vec<&str> = opts.iter().map(String::as_str).collect();
+    let _serial = LOOP_DEVICES.lock().unwrap_or_else(|e| e.into_inner());
     let m = Mounted::new(&[&img], &refs);
     let exposed = m.file("disk.raw");
     let dev = run(Command::new("losetup").args(["-f", "--show"]).arg(&exposed));
@@ -290,6 +295,7 @@ fn discard_from_fstrim_shrinks_the_host_image() {
     common::require_tool("fstrim", "util-linux");
     let d = scratch();
     let img = make(d.path(), "qcow2", "128M");
+    let _serial = LOOP_DEVICES.lock().unwrap_or_else(|e| e.into_inner());
     let m = Mounted::new(&[&img], &["--rw"]);
     let dev = run(Command::new("losetup")
         .args(["-f", "--show"])
