@@ -28,14 +28,15 @@ const SHARDS: usize = 16;
 struct Shard {
     lru: LruCache<Key, Arc<[u8]>>,
     bytes: usize,
+    /// Counted under the shard's lock: no shared atomics on the hot path.
+    hits: u64,
+    misses: u64,
 }
 
 /// An LRU of byte blocks bounded by their total size.
 pub struct ByteLru {
     shards: Vec<Mutex<Shard>>,
     shard_cap: usize,
-    hits: AtomicU64,
-    misses: AtomicU64,
 }
 
 impl ByteLru {
@@ -47,12 +48,12 @@ impl ByteLru {
                     Mutex::new(Shard {
                         lru: LruCache::unbounded(),
                         bytes: 0,
+                        hits: 0,
+                        misses: 0,
                     })
                 })
                 .collect(),
             shard_cap: capacity / SHARDS,
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
         }
     }
 
@@ -64,11 +65,12 @@ impl ByteLru {
 
     /// The cached block for `key`, marking it recently used.
     pub fn get(&self, key: Key) -> Option<Arc<[u8]>> {
-        let got = self.shard(&key).lock().lru.get(&key).cloned();
+        let mut shard = self.shard(&key).lock();
+        let got = shard.lru.get(&key).cloned();
         if got.is_some() {
-            self.hits.fetch_add(1, Ordering::Relaxed);
+            shard.hits += 1;
         } else {
-            self.misses.fetch_add(1, Ordering::Relaxed);
+            shard.misses += 1;
         }
         got
     }
@@ -126,10 +128,10 @@ impl ByteLru {
 
     /// (hits, misses) since creation.
     pub fn stats(&self) -> (u64, u64) {
-        (
-            self.hits.load(Ordering::Relaxed),
-            self.misses.load(Ordering::Relaxed),
-        )
+        self.shards.iter().fold((0, 0), |(h, m), s| {
+            let s = s.lock();
+            (h + s.hits, m + s.misses)
+        })
     }
 }
 
