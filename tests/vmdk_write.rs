@@ -11,6 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use common::rng::Rng;
 use common::{caches, open_chain, qemu_img, qemu_io, qemu_raw, read_all, scratch, testdata};
 use vdiskfs::chain::{Chain, ChainOptions};
 use vdiskfs::ErrorKind;
@@ -18,42 +19,6 @@ use vdiskfs::ErrorKind;
 const GRAIN: u64 = 65536;
 /// Guest bytes one grain table covers (512 entries of 64 KiB grains).
 const GT_COVER: u64 = 512 * GRAIN;
-
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(len);
-        while out.len() < len {
-            let run = (1 + self.below(700) as usize).min(len - out.len());
-            if self.below(3) == 0 {
-                let b = self.next() as u8 | 1;
-                out.extend(std::iter::repeat_n(b, run));
-            } else {
-                for _ in 0..run {
-                    out.push(self.next() as u8);
-                }
-            }
-        }
-        out
-    }
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 temp path")
