@@ -364,6 +364,15 @@ fn concurrent_writers() {
                         k += 8;
                     }
                     chain.write_at(&shared, 5 * M + 17).unwrap();
+                    // Whole clusters allocated in batches: a 128 KiB stripe
+                    // each, then one 1 MiB range everyone overwrites.
+                    let stripe = [0x80 | t as u8; 128 * K as usize];
+                    chain.write_at(&stripe, 4 * M + t * 128 * K).unwrap();
+                    for _ in 0..3 {
+                        chain
+                            .write_at(&[0x40 | t as u8; M as usize], 6 * M)
+                            .unwrap();
+                    }
                     if t % 2 == 0 {
                         chain.write_zeroes(7 * M, 512 * K).unwrap();
                     }
@@ -380,6 +389,22 @@ fn concurrent_writers() {
             model[a..a + S as usize].fill((k % 8) as u8 + 1);
         }
         model[(5 * M + 17) as usize..(5 * M + 17) as usize + shared.len()].copy_from_slice(&shared);
+        for t in 0..8 {
+            let a = (4 * M + t * 128 * K) as usize;
+            model[a..a + 128 * K as usize].fill(0x80 | t as u8);
+        }
+        // 6..7 MiB: every cluster holds one writer's bytes, never a mix.
+        let mut hot = vec![0u8; M as usize];
+        chain.read_at(&mut hot, 6 * M).unwrap();
+        let cs = if n == 0 { 4 * K } else { 64 * K } as usize;
+        for (i, c) in hot.chunks(cs).enumerate() {
+            assert!(
+                c.iter().all(|&b| b == c[0]) && c[0] & 0xf8 == 0x40,
+                "cluster {i} of the contended range is torn: {:#x}..",
+                c[0]
+            );
+        }
+        model[(6 * M) as usize..(7 * M) as usize].copy_from_slice(&hot);
         model[(7 * M) as usize..(7 * M + 512 * K) as usize].fill(0);
         chain.flush().unwrap();
         drop(chain);

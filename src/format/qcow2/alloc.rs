@@ -215,21 +215,51 @@ impl Alloc {
 
     /// Allocates one host cluster with refcount 1 and returns its offset.
     pub fn alloc(&mut self, file: &HostFile, caches: &Caches, cid: u64) -> Result<u64> {
+        Ok(self.alloc_run(file, caches, cid, 1)?.0)
+    }
+
+    /// Allocates up to `want` (≥ 1) host-contiguous clusters with refcount
+    /// 1, at least one: returns the first one's offset and how many. The
+    /// run stays inside one refcount block, whose changed entries are
+    /// written in one `pwrite`.
+    pub fn alloc_run(
+        &mut self,
+        file: &HostFile,
+        caches: &Caches,
+        cid: u64,
+        want: u64,
+    ) -> Result<(u64, u64)> {
+        let entries = self.entries();
+        let order = self.order;
         loop {
             let c = self.find_free(file)?;
-            let ti = c / self.entries();
+            let ti = c / entries;
             if ti >= self.table.len() as u64 {
                 self.grow(file, caches, cid, c)?;
                 continue;
             }
-            if self.table[ti as usize] & OFFSET_MASK == 0 {
+            let b = self.table[ti as usize] & OFFSET_MASK;
+            if b == 0 {
                 self.new_block(file, caches, cid, c)?;
                 continue;
             }
-            self.set(file, caches, cid, c, 1)?;
-            self.hint = c + 1;
-            self.end = self.end.max(c + 1);
-            return Ok(c << self.cluster_bits);
+            let blk = self.block(file, b)?;
+            let mut k = 1;
+            while k < want && (c + k) % entries != 0 && rc_get(blk, (c + k) % entries, order) == 0 {
+                k += 1;
+            }
+            let (mut lo, mut hi) = (usize::MAX, 0);
+            for i in 0..k {
+                let (at, len) = rc_set(blk, (c + i) % entries, order, 1);
+                lo = lo.min(at);
+                hi = hi.max(at + len);
+            }
+            file.write_all_at(&blk[lo..hi], b + lo as u64)?;
+            // Readers of RefcountLayout (read-only opens) use this key.
+            caches.meta.remove((cid, b | 1));
+            self.hint = c + k;
+            self.end = self.end.max(c + k);
+            return Ok((c << self.cluster_bits, k));
         }
     }
 

@@ -35,17 +35,33 @@ impl Qcow2 {
 
     /// Writes entry `index` of the L2 table at `table`: disk, then cache.
     pub(super) fn set_l2_entry(&self, table: u64, index: u64, e: u64, bm: u64) -> Result<()> {
+        self.set_l2_entries(table, index, &[(e, bm)])
+    }
+
+    /// Writes consecutive entries from `index` on (entry, subcluster
+    /// bitmap), all inside one cached slice, in one `pwrite`.
+    pub(super) fn set_l2_entries(&self, table: u64, index: u64, ents: &[(u64, u64)]) -> Result<()> {
         let per = self.geo.slice_entries();
+        let first = index % per;
+        if first + ents.len() as u64 > per {
+            return Err(Error::corrupt(format!(
+                "internal: {} L2 entries from index {index} cross a table slice",
+                ents.len()
+            )));
+        }
         let slice_off = table + (index / per) * self.slice_bytes();
         let mut v = self.l2_slice(table, index / per)?.to_vec();
-        let at = (index % per * self.geo.entry_bytes) as usize;
-        v[at..at + 8].copy_from_slice(&e.to_be_bytes());
-        if self.geo.extended {
-            v[at + 8..at + 16].copy_from_slice(&bm.to_be_bytes());
-        }
         let eb = self.geo.entry_bytes as usize;
+        let at0 = first as usize * eb;
+        for (i, &(e, bm)) in ents.iter().enumerate() {
+            let at = at0 + i * eb;
+            v[at..at + 8].copy_from_slice(&e.to_be_bytes());
+            if self.geo.extended {
+                v[at + 8..at + 16].copy_from_slice(&bm.to_be_bytes());
+            }
+        }
         self.file
-            .write_all_at(&v[at..at + eb], slice_off + at as u64)?;
+            .write_all_at(&v[at0..at0 + ents.len() * eb], slice_off + at0 as u64)?;
         self.cache_put(slice_off, v.into());
         Ok(())
     }
@@ -73,6 +89,14 @@ impl Qcow2 {
         let at = st.alloc(&self.file, &self.caches, self.cache_id)?;
         self.file_end.fetch_max(st.end_bytes(), Ordering::AcqRel);
         Ok(at)
+    }
+
+    /// Allocates up to `want` host-contiguous clusters (at least one):
+    /// the first one's offset and how many.
+    pub(super) fn alloc_clusters(&self, st: &mut Alloc, want: u64) -> Result<(u64, u64)> {
+        let run = st.alloc_run(&self.file, &self.caches, self.cache_id, want)?;
+        self.file_end.fetch_max(st.end_bytes(), Ordering::AcqRel);
+        Ok(run)
     }
 
     /// Waits until no lock-free in-place write that may have seen a

@@ -5,13 +5,21 @@
 //! and L2 entries. A write into clusters that already belong to the active
 //! image alone (L2 entry flagged COPIED, every touched subcluster
 //! allocated) takes only a shared `gate` and goes straight to the host
-//! file, without the mutex. Everything else (first writes, copy-on-write,
-//! compressed or zero clusters, zeroing) runs under the mutex, data I/O
-//! included, re-reading the entry there, so two first writes into one
-//! cluster cannot both allocate it: the second finds it allocated and
-//! writes in place. Before a cluster whose reference was just dropped can
-//! be freed (and reused), [`Qcow2::quiesce`] takes the gate exclusively:
-//! any lock-free write that looked up the old entry has finished.
+//! file, without the mutex, host-contiguous clusters in one `pwrite`.
+//! Whole clusters that need new host clusters (first writes, overwrites of
+//! compressed, zero or snapshot-shared clusters) are allocated in batches:
+//! under the mutex their guest range is marked busy and host-contiguous
+//! clusters are allocated (one refcount `pwrite` per run); the data is
+//! written with the mutex released; under it again the L2 entries are
+//! written (one `pwrite` per table slice) and the range is released.
+//! Every other metadata change first waits, under the mutex, until its
+//! clusters are not busy. Partial-cluster writes that need copy-on-write,
+//! and zeroing, run under the mutex, data I/O included, re-reading the
+//! entry there, so two first writes into one cluster cannot both allocate
+//! it: the second finds it allocated and writes in place. Before a cluster
+//! whose reference was just dropped can be freed (and reused),
+//! [`Qcow2::quiesce`] takes the gate exclusively: any lock-free write that
+//! looked up the old entry has finished.
 //!
 //! **Ordering.** Metadata is written through (`pwrite` at once, in
 //! dependency order); nothing is kept dirty in memory:
@@ -36,7 +44,7 @@
 //! open; `data_file_raw` is kept, and honoured: data always lands at the
 //! guest offset and zeroed ranges are punched out of the data file too.
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{Below, WriteLayer};
@@ -54,6 +62,11 @@ const ALL_UNITS: u64 = 0xffff_ffff;
 pub(super) struct Writer {
     state: Mutex<Alloc>,
     pub(super) gate: RwLock<()>,
+    /// Guest cluster ranges (first, count) whose new host clusters are
+    /// being filled outside the mutex; changed only under `state`.
+    busy: Mutex<Vec<(u64, u64)>>,
+    /// Signalled (with `state` held) when a busy range is finished.
+    idle: Condvar,
     has_backing: bool,
 }
 
@@ -90,6 +103,8 @@ impl Writer {
         Ok(Writer {
             state: Mutex::new(st),
             gate: RwLock::new(()),
+            busy: Mutex::new(Vec::new()),
+            idle: Condvar::new(),
             has_backing,
         })
     }
@@ -160,8 +175,171 @@ impl Qcow2 {
                 return self.data_target().write_all_at(data, h);
             }
         }
-        let mut st = self.w().state.lock();
+        let mut st = self.lock_clusters(pos >> self.geo.cluster_bits, 1);
         self.write_locked(&mut st, data, pos, below)
+    }
+
+    /// Takes the allocation mutex once no batch is filling any of the
+    /// guest clusters `first..first + count`.
+    fn lock_clusters(&self, first: u64, count: u64) -> MutexGuard<'_, Alloc> {
+        let w = self.w();
+        let mut st = w.state.lock();
+        while w
+            .busy
+            .lock()
+            .iter()
+            .any(|&(a, n)| a < first + count && first < a + n)
+        {
+            w.idle.wait(&mut st);
+        }
+        st
+    }
+
+    /// Writes as much of `data` (from guest `pos`) as goes in place into
+    /// host-contiguous clusters, in one `pwrite`; 0 when the first cluster
+    /// cannot be written in place.
+    fn write_in_place_run(&self, data: &[u8], pos: u64) -> Result<usize> {
+        let cs = self.geo.cluster_size();
+        let _g = self.w().gate.read();
+        let (mut start, mut n) = (None::<u64>, 0usize);
+        while n < data.len() {
+            let p = pos + n as u64;
+            let k = ((cs - p % cs) as usize).min(data.len() - n);
+            let Some(h) = self.in_place_target(p, k as u64)? else {
+                break;
+            };
+            match start {
+                None => start = Some(h),
+                Some(s) if s + n as u64 == h => {}
+                Some(_) => break,
+            }
+            n += k;
+        }
+        if let Some(s) = start {
+            self.data_target().write_all_at(&data[..n], s)?;
+        }
+        Ok(n)
+    }
+
+    /// Writes whole clusters (`data` is a multiple of the cluster size,
+    /// `pos` aligned) that need new host clusters: allocates them as
+    /// host-contiguous runs under the mutex, fills them without it, then
+    /// points the L2 entries at them. Returns the bytes written (at least
+    /// one cluster; a cluster found writable in place is written there).
+    fn write_new_clusters(&self, data: &[u8], pos: u64, below: &dyn Below) -> Result<usize> {
+        let geo = self.geo;
+        let (cs, cb) = (geo.cluster_size(), geo.cluster_bits);
+        let count = data.len() as u64 / cs;
+        let first = pos >> cb;
+        let mut st = self.lock_clusters(first, count);
+        // Which leading clusters need a new host cluster, and their entries.
+        let mut old = Vec::new();
+        for i in 0..count {
+            let (table, index) = self.ensure_l2(&mut st, pos + i * cs)?;
+            let (e, _) = self.l2_entry(table, index)?;
+            let host = e & OFFSET_MASK;
+            let fresh = e & L2_COMPRESSED != 0 || host == 0 || st.get(&self.file, host >> cb)? != 1;
+            if !fresh {
+                break;
+            }
+            old.push((table, index, e));
+        }
+        if old.is_empty() {
+            self.write_locked(&mut st, &data[..cs as usize], pos, below)?;
+            return Ok(cs as usize);
+        }
+        let count = old.len() as u64;
+        let mut runs = Vec::new();
+        let mut got = 0;
+        while got < count {
+            let (h, k) = self.alloc_clusters(&mut st, count - got)?;
+            runs.push((h, k));
+            got += k;
+        }
+        self.w().busy.lock().push((first, count));
+        drop(st);
+
+        let mut filled = Ok(());
+        let mut d = 0usize;
+        for &(h, k) in &runs {
+            let n = (k * cs) as usize;
+            filled = self.file.write_all_at(&data[d..d + n], h);
+            if filled.is_err() {
+                break;
+            }
+            d += n;
+        }
+
+        let mut st = self.w().state.lock();
+        let r = if filled.is_err() {
+            // Nothing points at the new clusters yet: give them back.
+            for &(h, k) in &runs {
+                for c in 0..k {
+                    let _ = st.decref(&self.file, &self.caches, self.cache_id, (h >> cb) + c);
+                }
+            }
+            filled
+        } else {
+            // A failure here leaves at worst leaked clusters.
+            self.link_new_clusters(&mut st, &old, &runs)
+        };
+        self.w()
+            .busy
+            .lock()
+            .retain(|&(a, n)| (a, n) != (first, count));
+        self.w().idle.notify_all();
+        r.map(|()| (count * cs) as usize)
+    }
+
+    /// Points the entries `old` (table, index, previous entry) at the host
+    /// clusters of `runs`, in order, then drops the previous references.
+    fn link_new_clusters(
+        &self,
+        st: &mut Alloc,
+        old: &[(u64, u64, u64)],
+        runs: &[(u64, u64)],
+    ) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let per = self.geo.slice_entries();
+        let bm = if self.geo.extended { ALL_UNITS } else { 0 };
+        let hosts = runs
+            .iter()
+            .flat_map(|&(h, k)| (0..k).map(move |c| h + c * cs));
+        let new: Vec<(u64, u64, u64)> = old
+            .iter()
+            .zip(hosts)
+            .map(|(&(t, i, _), h)| (t, i, h))
+            .collect();
+        let mut a = 0;
+        while a < new.len() {
+            let (t, i0, _) = new[a];
+            let mut b = a + 1;
+            while b < new.len()
+                && new[b].0 == t
+                && new[b].1 == i0 + (b - a) as u64
+                && new[b].1 / per == i0 / per
+            {
+                b += 1;
+            }
+            let ents: Vec<(u64, u64)> = new[a..b]
+                .iter()
+                .map(|&(_, _, h)| (h | L2_COPIED, bm))
+                .collect();
+            self.set_l2_entries(t, i0, &ents)?;
+            a = b;
+        }
+        let dropped: Vec<u64> = old
+            .iter()
+            .map(|&(_, _, e)| e)
+            .filter(|&e| e & L2_COMPRESSED != 0 || e & OFFSET_MASK != 0)
+            .collect();
+        if !dropped.is_empty() {
+            self.quiesce();
+            for e in dropped {
+                self.release(st, e)?;
+            }
+        }
+        Ok(())
     }
 
     /// Fills `out` with what guest `g..` (inside one cluster) reads as now,
@@ -371,7 +549,7 @@ impl Qcow2 {
             let n = cs.min(self.header.size - pos) as usize;
             return self.write_cluster(&vec![0u8; n], pos, below);
         }
-        let mut st = self.w().state.lock();
+        let mut st = self.lock_clusters(pos >> geo.cluster_bits, 1);
         let l1e = self.l1.read()[(pos / geo.l2_coverage()) as usize];
         if l1e & OFFSET_MASK == 0 && !self.w().has_backing {
             return Ok(());
@@ -415,7 +593,7 @@ impl Qcow2 {
             return zeros(off, end);
         }
         {
-            let mut st = self.w().state.lock();
+            let mut st = self.lock_clusters(pos >> geo.cluster_bits, 1);
             let (table, index) = self.ensure_l2(&mut st, pos)?;
             let (e, bm) = self.l2_entry(table, index)?;
             if e & L2_COMPRESSED != 0 {
@@ -450,10 +628,22 @@ impl WriteLayer for Qcow2 {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
-            let n = ((cs - pos % cs) as usize).min(buf.len() - done);
-            self.write_cluster(&buf[done..done + n], pos, below)
-                .map_err(|e| e.at(pos))?;
-            done += n;
+            let rest = &buf[done..];
+            let n = self.write_in_place_run(rest, pos).map_err(|e| e.at(pos))?;
+            if n > 0 {
+                done += n;
+                continue;
+            }
+            let whole = rest.len() as u64 / cs * cs;
+            let n = if pos % cs == 0 && whole > 0 && self.data_file.is_none() {
+                self.write_new_clusters(&rest[..whole as usize], pos, below)
+            } else {
+                let n = ((cs - pos % cs) as usize).min(rest.len());
+                let mut st = self.lock_clusters(pos >> self.geo.cluster_bits, 1);
+                self.write_locked(&mut st, &rest[..n], pos, below)
+                    .map(|()| n)
+            };
+            done += n.map_err(|e| e.at(pos))?;
         }
         Ok(())
     }
