@@ -311,10 +311,33 @@ impl Chain {
         self.seen_compressed
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let key = (layer.cache_id(), block.key);
+        if start == 0 && out.len() as u64 == block.len {
+            // The whole block: decode straight into the reply. Whoever reads
+            // a block whole (sequential streams) has the kernel's page cache
+            // behind it; keeping a second copy here would only evict blocks
+            // that partial reads share.
+            if let Some(d) = self.caches.blocks.get(key).filter(|d| d.len() == out.len()) {
+                out.copy_from_slice(&d);
+                return Ok(());
+            }
+            return layer
+                .decompress(block, out)
+                .map_err(|e| e.at(block.host_offset).with_path(layer.path()));
+        }
+        let need = start + out.len();
         let data = match self.caches.blocks.get(key) {
-            Some(d) if d.len() as u64 == block.len => d,
-            _ => {
-                let mut d = vec![0u8; block.len as usize];
+            Some(d) if d.len() >= need && d.len() as u64 <= block.len => d,
+            cached => {
+                // A first miss decodes only as far as this read needs (a
+                // random read lands in the middle of a block on average, so
+                // this halves the work); a later read past that prefix
+                // decodes the whole block, and the cache keeps it.
+                let len = if cached.is_some() {
+                    block.len as usize
+                } else {
+                    need
+                };
+                let mut d = vec![0u8; len];
                 layer
                     .decompress(block, &mut d)
                     .map_err(|e| e.at(block.host_offset).with_path(layer.path()))?;

@@ -51,8 +51,23 @@ pub fn decompress(method: Method, input: &[u8], out: &mut [u8], allow_short: boo
 /// Inflates straight from `input` into `out` (no intermediate buffer),
 /// stopping at the end of the stream or when `out` is full.
 fn inflate(input: &[u8], out: &mut [u8], zlib_header: bool) -> std::io::Result<usize> {
-    use flate2::{Decompress, FlushDecompress, Status};
-    let mut d = Decompress::new(zlib_header);
+    use flate2::Decompress;
+    use std::cell::RefCell;
+    thread_local! {
+        // One decoder per thread and kind, reset between blocks: its window
+        // and state are allocated once, not per block.
+        static DECODERS: RefCell<[Option<Decompress>; 2]> = const { RefCell::new([None, None]) };
+    }
+    DECODERS.with(|cell| {
+        let mut slots = cell.borrow_mut();
+        let d = slots[usize::from(zlib_header)].get_or_insert_with(|| Decompress::new(zlib_header));
+        d.reset(zlib_header);
+        run_inflate(d, input, out)
+    })
+}
+
+fn run_inflate(d: &mut flate2::Decompress, input: &[u8], out: &mut [u8]) -> std::io::Result<usize> {
+    use flate2::{FlushDecompress, Status};
     loop {
         let (in_pos, out_pos) = (d.total_in() as usize, d.total_out() as usize);
         let status = d

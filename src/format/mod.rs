@@ -188,7 +188,8 @@ pub trait Layer: Send + Sync {
     fn map(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)>;
 
     /// Decodes a block this layer returned as [`Mapping::Compressed`] into
-    /// `out` (exactly `block.len` bytes).
+    /// `out`: `block.len` bytes, or fewer to decode only that prefix of
+    /// the block (decoding stops once `out` is full).
     fn decompress(&self, block: &CompressedBlock, out: &mut [u8]) -> Result<()> {
         let _ = (block, out);
         Err(Error::unsupported("this format has no compressed blocks").with_path(self.path()))

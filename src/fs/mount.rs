@@ -132,12 +132,16 @@ pub fn mount(
     }
 }
 
-/// Readahead the kernel uses on our mount, in KiB: one full-size request.
-const READAHEAD_KB: u32 = MAX_REQUEST / 1024;
+/// Readahead the kernel uses on our mount, in KiB: four full-size requests.
+const READAHEAD_KB: u32 = 4 * MAX_REQUEST / 1024;
 
-/// Raises the mount's readahead window from the kernel's 128 KiB to one
-/// full request, so sequential readers send 1 MiB requests (which
-/// [`Chain::read_at`] can decode in parallel). Best effort: needs root.
+/// Raises the mount's readahead window from the kernel's 128 KiB to four
+/// full requests, so sequential readers send 1 MiB requests (which
+/// [`Chain::read_at`] can decode in parallel) and several are in flight
+/// at once, served by different workers: decoding a compressed stream
+/// overlaps with the reader consuming the previous window (measured on the
+/// benchmark's compressed qcow2: 1 MiB → 4 MiB raised buffered sequential
+/// reads by about a fifth). Best effort: needs root.
 fn raise_readahead(mountpoint: &std::path::Path) {
     // Never stat the mount point here: the session does not serve requests
     // yet, so that would wait forever. The mount table has the device.

@@ -212,7 +212,7 @@ impl Layer for Qcow {
 
     fn decompress(&self, block: &CompressedBlock, out: &mut [u8]) -> Result<()> {
         let cluster = self.tables.geometry().cluster_size();
-        if out.len() as u64 != cluster || block.len != cluster {
+        if out.len() as u64 > cluster || block.len != cluster {
             return Err(Error::corrupt(format!(
                 "compressed block of {} bytes does not match the cluster size {cluster}",
                 out.len()

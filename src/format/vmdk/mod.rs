@@ -385,8 +385,14 @@ impl Layer for Vmdk {
         else {
             return Err(Error::corrupt("compressed block of an unknown extent"));
         };
-        sparse::decompress_grain(&tables.file, block.host_offset, info.markers, out)
-            .map_err(|e| e.with_path(tables.file.path()))
+        sparse::decompress_grain(
+            &tables.file,
+            block.host_offset,
+            info.markers,
+            block.len,
+            out,
+        )
+        .map_err(|e| e.with_path(tables.file.path()))
     }
 
     fn backing(&self) -> Option<BackingSpec> {

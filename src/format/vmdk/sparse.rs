@@ -357,11 +357,16 @@ pub fn open(
     Ok((tables, info, h))
 }
 
-/// Decodes the compressed grain whose marker (or data) is at `host` into
-/// `out` (one grain). The marker's size is checked against the grain size
+/// Decodes the compressed grain of `grain` bytes whose marker (or data) is
+/// at `host` into `out` (the whole grain or a prefix). The marker's size is checked against the grain size
 /// and the file length before anything is allocated.
-pub fn decompress_grain(file: &HostFile, host: u64, markers: bool, out: &mut [u8]) -> Result<()> {
-    let grain = out.len() as u64;
+pub fn decompress_grain(
+    file: &HostFile,
+    host: u64,
+    markers: bool,
+    grain: u64,
+    out: &mut [u8],
+) -> Result<()> {
     // Deflate can expand incompressible data slightly; allow generous slack.
     let cap = grain * 2 + 4096;
     let left = file.len().saturating_sub(host);
