@@ -212,7 +212,7 @@ build_image() { # NAME
 		done | qemu-io -f qcow2 "$mid" >/dev/null || return 1
 		for ((i = 0; i < stripes; i++)); do
 			echo "write -P $((i % 200 + 31)) $((i * 8 + 4))M 2M"
-			echo "write -P $((i % 200 + 61)) $((i * 8 + 3))M 1M"
+			echo "write -P $((i % 190 + 61)) $((i * 8 + 3))M 1M"
 		done | qemu-io -f qcow2 "$tmp" >/dev/null || return 1
 		# qemu-io wrote through the final name's backing path; rename last.
 		;;
