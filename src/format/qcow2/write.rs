@@ -13,10 +13,13 @@
 //! written with the mutex released; under it again the L2 entries are
 //! written (one `pwrite` per table slice) and the range is released.
 //! Every other metadata change first waits, under the mutex, until its
-//! clusters are not busy. Partial-cluster writes that need copy-on-write,
-//! and zeroing, run under the mutex, data I/O included, re-reading the
-//! entry there, so two first writes into one cluster cannot both allocate
-//! it: the second finds it allocated and writes in place. Before a cluster
+//! clusters are not busy. A partial-cluster write into a cluster that
+//! needs a new host cluster goes the same way (its copy-on-write fill,
+//! often a cold read from the backing file, runs without the mutex).
+//! Subcluster images, data files and zeroing run under the mutex, data
+//! I/O included, re-reading the entry there, so two first writes into one
+//! cluster cannot both allocate it: the second finds it allocated and
+//! writes in place. Before a cluster
 //! whose reference was just dropped can be freed (and reused),
 //! [`Qcow2::quiesce`] takes the gate exclusively: any lock-free write that
 //! looked up the old entry has finished.
@@ -270,10 +273,96 @@ impl Qcow2 {
             d += n;
         }
 
+        self.finish_batch(first, count, filled, &old, &runs)
+            .map(|()| (count * cs) as usize)
+    }
+
+    /// Writes `data` at `pos` (inside one cluster, not all of it). When
+    /// the cluster needs a new host cluster, the rest of it is copied from
+    /// what it reads as now (the backing chain, the decompressed old
+    /// cluster, a snapshot's shared cluster, zeros) with the mutex
+    /// released, as for whole clusters; images with subclusters or a data
+    /// file, and clusters writable in place by now, take the locked path.
+    fn write_partial(&self, data: &[u8], pos: u64, below: &dyn Below) -> Result<()> {
+        let geo = self.geo;
+        let cb = geo.cluster_bits;
+        let first = pos >> cb;
+        let mut st = self.lock_clusters(first, 1);
+        if geo.extended || self.data_file.is_some() {
+            return self.write_locked(&mut st, data, pos, below);
+        }
+        let (table, index) = self.ensure_l2(&mut st, pos)?;
+        let (e, bm) = self.l2_entry(table, index)?;
+        let host = e & OFFSET_MASK;
+        if e & L2_COMPRESSED == 0 && host != 0 && st.get(&self.file, host >> cb)? == 1 {
+            return self.write_locked(&mut st, data, pos, below);
+        }
+        let (new, _) = self.alloc_clusters(&mut st, 1)?;
+        self.w().busy.lock().push((first, 1));
+        drop(st);
+        let filled = self.fill_new_cluster(data, pos, e, bm, new, below);
+        self.finish_batch(first, 1, filled, &[(table, index, e)], &[(new, 1)])
+    }
+
+    /// Writes the whole new host cluster `new`: `data` at its place, the
+    /// rest as guest cluster `pos` reads with entry `e` (unchanged: the
+    /// cluster is busy).
+    fn fill_new_cluster(
+        &self,
+        data: &[u8],
+        pos: u64,
+        e: u64,
+        bm: u64,
+        new: u64,
+        below: &dyn Below,
+    ) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let cstart = pos - pos % cs;
+        let off = (pos - cstart) as usize;
+        let end = off + data.len();
+        let dec = if e & L2_COMPRESSED != 0 {
+            let (h, len) = compressed_descriptor(e, self.geo.cluster_bits)?;
+            let block = CompressedBlock {
+                guest_start: cstart,
+                len: cs,
+                key: h,
+                host_offset: h,
+                host_len: len,
+            };
+            let mut d = vec![0u8; cs as usize];
+            self.decompress(&block, &mut d)?;
+            Some(d)
+        } else {
+            None
+        };
+        let mut buf = vec![0u8; cs as usize];
+        if off > 0 {
+            self.current(&mut buf[..off], cstart, e, bm, dec.as_deref(), below)?;
+        }
+        if end < buf.len() {
+            let g = cstart + end as u64;
+            self.current(&mut buf[end..], g, e, bm, dec.as_deref(), below)?;
+        }
+        buf[off..end].copy_from_slice(data);
+        self.file.write_all_at(&buf, new)
+    }
+
+    /// Ends a batch begun by marking guest clusters `first..first + count`
+    /// busy: links the new clusters if they were `filled` (else gives them
+    /// back), then releases the range and wakes whoever waits for it.
+    fn finish_batch(
+        &self,
+        first: u64,
+        count: u64,
+        filled: Result<()>,
+        old: &[(u64, u64, u64)],
+        runs: &[(u64, u64)],
+    ) -> Result<()> {
+        let cb = self.geo.cluster_bits;
         let mut st = self.w().state.lock();
         let r = if filled.is_err() {
             // Nothing points at the new clusters yet: give them back.
-            for &(h, k) in &runs {
+            for &(h, k) in runs {
                 for c in 0..k {
                     let _ = st.decref(&self.file, &self.caches, self.cache_id, (h >> cb) + c);
                 }
@@ -281,14 +370,14 @@ impl Qcow2 {
             filled
         } else {
             // A failure here leaves at worst leaked clusters.
-            self.link_new_clusters(&mut st, &old, &runs)
+            self.link_new_clusters(&mut st, old, runs)
         };
         self.w()
             .busy
             .lock()
             .retain(|&(a, n)| (a, n) != (first, count));
         self.w().idle.notify_all();
-        r.map(|()| (count * cs) as usize)
+        r
     }
 
     /// Points the entries `old` (table, index, previous entry) at the host
@@ -639,9 +728,7 @@ impl WriteLayer for Qcow2 {
                 self.write_new_clusters(&rest[..whole as usize], pos, below)
             } else {
                 let n = ((cs - pos % cs) as usize).min(rest.len());
-                let mut st = self.lock_clusters(pos >> self.geo.cluster_bits, 1);
-                self.write_locked(&mut st, &rest[..n], pos, below)
-                    .map(|()| n)
+                self.write_partial(&rest[..n], pos, below).map(|()| n)
             };
             done += n.map_err(|e| e.at(pos))?;
         }
