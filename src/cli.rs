@@ -498,9 +498,21 @@ fn plan(args: &MountArgs) -> Result<MountPlan> {
     })
 }
 
-fn open_disks(plan: &MountPlan, cache_size: u64) -> Result<Vec<Disk>> {
-    let cache_bytes = usize::try_from(cache_size).unwrap_or(usize::MAX);
-    let caches: Arc<Caches> = Caches::new(cache_bytes);
+/// Memory each FUSE worker may hold beyond the caches: its request buffer
+/// and its read-reply buffer, one full request each.
+const WORKER_BUFFERS: u64 = 2 * crate::fs::MAX_REQUEST as u64;
+
+/// The caches' share of `--cache-size`: what the workers' buffers leave,
+/// and at least half, so that the daemon stays within the cache size plus
+/// a fixed margin whatever the number of workers.
+fn cache_budget(cache_size: u64, threads: usize) -> usize {
+    let workers = WORKER_BUFFERS.saturating_mul(threads as u64);
+    let bytes = cache_size - workers.min(cache_size / 2);
+    usize::try_from(bytes).unwrap_or(usize::MAX)
+}
+
+fn open_disks(plan: &MountPlan, cache_size: u64, threads: usize) -> Result<Vec<Disk>> {
+    let caches: Arc<Caches> = Caches::new(cache_budget(cache_size, threads));
     let mut disks = Vec::new();
     for (path, name) in &plan.images {
         let chain = overlay::open(path, &plan.mode, &plan.chain_opts, &caches, plan.force_lock)?;
@@ -570,7 +582,7 @@ fn mount(args: MountArgs) -> Result<()> {
     let plan = plan(&args)?;
     if !args.foreground {
         // Validate everything we can before detaching, so errors reach the user.
-        drop(open_disks(&plan, args.cache_size)?);
+        drop(open_disks(&plan, args.cache_size, args.threads)?);
         return daemon::spawn_detached(&[]);
     }
     let mut notifier = Notifier::new(args.notify_fd);
@@ -582,7 +594,7 @@ fn mount(args: MountArgs) -> Result<()> {
 }
 
 fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<()> {
-    let disks = open_disks(plan, args.cache_size)?;
+    let disks = open_disks(plan, args.cache_size, args.threads.max(1))?;
     // SAFETY: getuid/getgid have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let access = Access {
@@ -640,6 +652,15 @@ fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workers_buffers_come_out_of_the_cache_size_up_to_half() {
+        const M: u64 = 1 << 20;
+        assert_eq!(cache_budget(256 * M, 32), (256 - 64) as usize * M as usize);
+        assert_eq!(cache_budget(256 * M, 8), (256 - 16) as usize * M as usize);
+        assert_eq!(cache_budget(64 * M, 32), 32 * M as usize);
+        assert_eq!(cache_budget(0, 32), 0);
+    }
 
     #[test]
     fn exposed_names_drop_the_last_extension() {
