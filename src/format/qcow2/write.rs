@@ -320,21 +320,7 @@ impl Qcow2 {
         let cstart = pos - pos % cs;
         let off = (pos - cstart) as usize;
         let end = off + data.len();
-        let dec = if e & L2_COMPRESSED != 0 {
-            let (h, len) = compressed_descriptor(e, self.geo.cluster_bits)?;
-            let block = CompressedBlock {
-                guest_start: cstart,
-                len: cs,
-                key: h,
-                host_offset: h,
-                host_len: len,
-            };
-            let mut d = vec![0u8; cs as usize];
-            self.decompress(&block, &mut d)?;
-            Some(d)
-        } else {
-            None
-        };
+        let dec = self.decompressed_old(e, cstart)?;
         let mut buf = vec![0u8; cs as usize];
         if off > 0 {
             self.current(&mut buf[..off], cstart, e, bm, dec.as_deref(), below)?;
@@ -345,6 +331,26 @@ impl Qcow2 {
         }
         buf[off..end].copy_from_slice(data);
         self.file.write_all_at(&buf, new)
+    }
+
+    /// The cluster at guest `cstart` decoded, when its entry `e` is a
+    /// compressed one (the source of a copy-on-write).
+    fn decompressed_old(&self, e: u64, cstart: u64) -> Result<Option<Vec<u8>>> {
+        if e & L2_COMPRESSED == 0 {
+            return Ok(None);
+        }
+        let cs = self.geo.cluster_size();
+        let (h, len) = compressed_descriptor(e, self.geo.cluster_bits)?;
+        let block = CompressedBlock {
+            guest_start: cstart,
+            len: cs,
+            key: h,
+            host_offset: h,
+            host_len: len,
+        };
+        let mut d = vec![0u8; cs as usize];
+        self.decompress(&block, &mut d)?;
+        Ok(Some(d))
     }
 
     /// Ends a batch begun by marking guest clusters `first..first + count`
@@ -563,21 +569,7 @@ impl Qcow2 {
         }
 
         // A new cluster: copy-on-write from what the cluster reads as now.
-        let dec = if compressed {
-            let (h, len) = compressed_descriptor(e, cb)?;
-            let block = CompressedBlock {
-                guest_start: cstart,
-                len: cs,
-                key: h,
-                host_offset: h,
-                host_len: len,
-            };
-            let mut d = vec![0u8; cs as usize];
-            self.decompress(&block, &mut d)?;
-            Some(d)
-        } else {
-            None
-        };
+        let dec = self.decompressed_old(e, cstart)?;
         let write_units = match (ext, compressed) {
             (false, _) => 1,
             (true, true) => ALL_UNITS,
