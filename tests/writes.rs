@@ -80,6 +80,8 @@ fn fio_verify(file: &Path) {
         "--verify=crc32c",
         "--verify_fatal=1",
         "--do_verify=1",
+        // No local-verify-*.state files in the working directory.
+        "--verify_state_save=0",
         "--group_reporting",
         &format!("--filename={}", file.display()),
     ]));
