@@ -20,6 +20,23 @@ use std::time::{Duration, Instant};
 use common::fuse::{bin, vdiskfs, Mounted};
 use common::{qemu_img, qemu_io, qemu_raw, require_tool, run, scratch};
 
+/// `umount MP` as a user types it, retried while the mount is busy: a
+/// process another test forks at the wrong moment holds a copy of our
+/// just-closed descriptor until it execs (an O_CLOEXEC race of parallel
+/// tests, not of the daemon).
+fn umount(mp: &Path) {
+    for _ in 0..50 {
+        let o = Command::new("umount").arg(mp).output().unwrap();
+        if o.status.success() {
+            return;
+        }
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("busy"), "umount {}: {err}", mp.display());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("umount {}: still busy after 5 s", mp.display());
+}
+
 fn require_root() {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(
@@ -246,7 +263,7 @@ fn mount8_helper_fstab_and_umount() {
     assert_eq!(entry["mode"], "ro");
     let pid = entry["pid"].as_u64().unwrap() as u32;
     // umount(8) ends the daemon.
-    run(Command::new("umount").arg(&mp));
+    umount(&mp);
     assert_daemon_ends(pid, &mp, "umount after mount -t vdiskfs");
 
     // Options: vdiskfs ones, mount(8)-only ones (dropped), as fuse.vdiskfs too.
@@ -272,7 +289,7 @@ fn mount8_helper_fstab_and_umount() {
         assert!(o.status.success(), "nobody cannot read: {}", out_text(&o));
         assert_eq!(o.stdout, expected);
         let pid = daemon_pid(&mp);
-        run(Command::new("umount").arg(&mp));
+        umount(&mp);
         assert_daemon_ends(pid, &mp, fstype);
     }
 
@@ -297,7 +314,7 @@ fn mount8_helper_fstab_and_umount() {
     let entry = list_entry(&mp).unwrap();
     assert_eq!(entry["mode"], "rw");
     let pid = entry["pid"].as_u64().unwrap() as u32;
-    run(Command::new("umount").arg(&mp));
+    umount(&mp);
     assert_daemon_ends(pid, &mp, "umount of the rw mount");
 
     // fstab: `IMG MP vdiskfs ro,noauto 0 0`, then `mount MP` / `umount MP`.
@@ -318,7 +335,7 @@ fn mount8_helper_fstab_and_umount() {
     assert!(opts.starts_with("ro,"), "{opts}");
     assert_eq!(std::fs::read(mp.join("m8.raw")).unwrap(), expected);
     let pid = daemon_pid(&mp);
-    run(Command::new("umount").arg(&mp));
+    umount(&mp);
     assert_daemon_ends(pid, &mp, "umount of the fstab mount");
 }
 
@@ -371,7 +388,7 @@ fn sigterm_sigint_umount_and_unmount_end_the_daemon_cleanly() {
                 assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
             }
             "umount" => {
-                run(Command::new("umount").arg(&mp));
+                umount(&mp);
             }
             _ => {
                 let o = vdiskfs(&["unmount", s(&mp)]);
