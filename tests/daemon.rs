@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 use common::fuse::{bin, vdiskfs, Mounted};
 use common::{qemu_img, qemu_io, qemu_raw, require_tool, run, scratch};
 
-/// `umount MP` as a user types it, retried while the mount is busy: a
-/// process another test forks at the wrong moment holds a copy of our
-/// just-closed descriptor until it execs (an O_CLOEXEC race of parallel
-/// tests, not of the daemon).
+/// `umount MP` as a user types it, retried while the mount is busy. Seen
+/// once in CI right after reading the exposed file; the likely holder is a
+/// process another test forked at that moment, which keeps a copy of our
+/// just-closed descriptor until it execs (parallel tests, not the daemon).
 fn umount(mp: &Path) {
     for _ in 0..50 {
         let o = Command::new("umount").arg(mp).output().unwrap();
