@@ -32,7 +32,7 @@ fn umount(mp: &Path) {
         }
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains("busy"), "umount {}: {err}", mp.display());
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(100));
     }
     panic!("umount {}: still busy after 5 s", mp.display());
 }

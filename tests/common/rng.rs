@@ -1,4 +1,4 @@
-//! A small deterministic generator shared by the write tests.
+//! A small deterministic generator shared by the tests (random writes, random read offsets).
 
 /// A small deterministic generator (xorshift64*).
 pub struct Rng(u64);

@@ -19,10 +19,9 @@
 //! Subcluster images, data files and zeroing run under the mutex, data
 //! I/O included, re-reading the entry there, so two first writes into one
 //! cluster cannot both allocate it: the second finds it allocated and
-//! writes in place. Before a cluster
-//! whose reference was just dropped can be freed (and reused),
-//! [`Qcow2::quiesce`] takes the gate exclusively: any lock-free write that
-//! looked up the old entry has finished.
+//! writes in place. Before a cluster whose reference was just dropped can
+//! be freed (and reused), [`Qcow2::quiesce`] takes the gate exclusively:
+//! any lock-free write that looked up the old entry has finished.
 //!
 //! **Ordering.** Metadata is written through (`pwrite` at once, in
 //! dependency order); nothing is kept dirty in memory:
@@ -172,14 +171,22 @@ impl Qcow2 {
 
     /// Writes `data` at `pos`, all inside one cluster.
     fn write_cluster(&self, data: &[u8], pos: u64, below: &dyn Below) -> Result<()> {
-        {
-            let _g = self.w().gate.read();
-            if let Some(h) = self.in_place_target(pos, data.len() as u64)? {
-                return self.data_target().write_all_at(data, h);
-            }
+        // Inside one cluster the lock-free path writes all of it or nothing.
+        if self.write_in_place_run(data, pos)? > 0 {
+            return Ok(());
         }
         let mut st = self.lock_clusters(pos >> self.geo.cluster_bits, 1);
         self.write_locked(&mut st, data, pos, below)
+    }
+
+    /// Whether a write into the cluster with entry `e` needs a new host
+    /// cluster (no data file): it is compressed, unallocated, or shared
+    /// with a snapshot.
+    fn needs_new_cluster(&self, st: &mut Alloc, e: u64) -> Result<bool> {
+        let host = e & OFFSET_MASK;
+        Ok(e & L2_COMPRESSED != 0
+            || host == 0
+            || st.get(&self.file, host >> self.geo.cluster_bits)? != 1)
     }
 
     /// Takes the allocation mutex once no batch is filling any of the
@@ -240,9 +247,7 @@ impl Qcow2 {
         for i in 0..count {
             let (table, index) = self.ensure_l2(&mut st, pos + i * cs)?;
             let (e, _) = self.l2_entry(table, index)?;
-            let host = e & OFFSET_MASK;
-            let fresh = e & L2_COMPRESSED != 0 || host == 0 || st.get(&self.file, host >> cb)? != 1;
-            if !fresh {
+            if !self.needs_new_cluster(&mut st, e)? {
                 break;
             }
             old.push((table, index, e));
@@ -293,8 +298,7 @@ impl Qcow2 {
         }
         let (table, index) = self.ensure_l2(&mut st, pos)?;
         let (e, bm) = self.l2_entry(table, index)?;
-        let host = e & OFFSET_MASK;
-        if e & L2_COMPRESSED == 0 && host != 0 && st.get(&self.file, host >> cb)? == 1 {
+        if !self.needs_new_cluster(&mut st, e)? {
             return self.write_locked(&mut st, data, pos, below);
         }
         let (new, _) = self.alloc_clusters(&mut st, 1)?;
@@ -509,7 +513,7 @@ impl Qcow2 {
     /// The slow path of a write inside one cluster, under the mutex.
     fn write_locked(&self, st: &mut Alloc, data: &[u8], pos: u64, below: &dyn Below) -> Result<()> {
         let geo = self.geo;
-        let (cs, cb) = (geo.cluster_size(), geo.cluster_bits);
+        let cs = geo.cluster_size();
         let ext = geo.extended;
         let cstart = pos - pos % cs;
         let (off, end) = (pos - cstart, pos - cstart + data.len() as u64);
@@ -519,7 +523,7 @@ impl Qcow2 {
         let host = e & OFFSET_MASK;
         let df = self.data_file.is_some();
         let has_host = !compressed && (host != 0 || (df && e & L2_COPIED != 0));
-        let in_place = !compressed && (df || (host != 0 && st.get(&self.file, host >> cb)? == 1));
+        let in_place = !compressed && (df || !self.needs_new_cluster(st, e)?);
         let (unit, u0, u1) = if ext {
             let u = geo.unit_size();
             (u, off / u, end.div_ceil(u))

@@ -358,8 +358,9 @@ pub fn open(
 }
 
 /// Decodes the compressed grain of `grain` bytes whose marker (or data) is
-/// at `host` into `out` (the whole grain or a prefix). The marker's size is checked against the grain size
-/// and the file length before anything is allocated.
+/// at `host` into `out` (the whole grain or a prefix). The marker's size is
+/// checked against the grain size and the file length before anything is
+/// allocated.
 pub fn decompress_grain(
     file: &HostFile,
     host: u64,
