@@ -113,6 +113,19 @@ def fmt_val(v, unit):
     return f"{v:,.1f}"
 
 
+def paired_ratio(runs, workload, image, other_image, other="qsd"):
+    """vdiskfs/OTHER per round (rounds where both ran) and their geometric mean."""
+    def by_round(image, target):
+        return {r["round"]: r["value"] for r in runs
+                if r["workload"] == workload and r["image"] == image
+                and r["target"] == target and r["status"] == "ok" and r["value"] > 0}
+    mine, theirs = by_round(image, "vdiskfs"), by_round(other_image, other)
+    per_round = {k: mine[k] / theirs[k] for k in sorted(mine) if k in theirs}
+    if not per_round:
+        return None, {}
+    return statistics.geometric_mean(per_round.values()), per_round
+
+
 def report(outdir):
     runs = []
     with open(os.path.join(outdir, "runs.jsonl")) as f:
@@ -163,9 +176,12 @@ def report(outdir):
                 "status": "ok" if vals else ("fail" if statuses else "missing"),
                 "note": notes[0] if notes else "",
             }
-            v, q, rf = cell["vdiskfs"]["median"], cell["qsd"]["median"], cell["rawfile"]["median"]
-            ratio_q = v / q if v is not None and q else None
-            ratio_r = v / rf if v is not None and rf else None
+            # Ratios pair the runs of one round (taken minutes apart, where
+            # the rounds can be an hour apart) and take the geometric mean
+            # over the rounds: with the daemons' order flipped every round,
+            # an advantage of going first or second cancels out.
+            ratio_q, per_round_q = paired_ratio(runs, w, img, img)
+            ratio_r, per_round_r = paired_ratio(runs, w, img, "-", "rawfile")
             checks = []
             for wp, ip, against, minimum in TARGETS:
                 if not (wp(w) and ip(img)):
@@ -185,6 +201,7 @@ def report(outdir):
                 "workload": w, "image": img, "unit": unit,
                 "vdiskfs": cell["vdiskfs"], "qsd": cell["qsd"], "rawfile": cell["rawfile"],
                 "ratio_qsd": ratio_q, "ratio_raw": ratio_r, "checks": checks,
+                "ratio_qsd_per_round": per_round_q, "ratio_raw_per_round": per_round_r,
                 "rss_hwm_kib_max": max(rss) if rss else None,
             })
 
@@ -235,8 +252,8 @@ def report(outdir):
     n_na = verdicts.count("n/a")
     lines.append("")
     lines.append(f"targets: {n_pass} pass, {n_fail} fail, {n_na} n/a"
-                 f"   (medians of {meta.get('rounds', '?')} round(s); image {meta.get('size_mib', '?')} MiB;"
-                 f" mode {meta.get('mode', '?')})")
+                 f"   (values: medians of {meta.get('rounds', '?')} round(s); ratios: geometric mean of"
+                 f" the rounds' paired ratios; image {meta.get('size_mib', '?')} MiB; mode {meta.get('mode', '?')})")
     text = "\n".join(lines) + "\n"
 
     md = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]

@@ -17,7 +17,7 @@ usage: benches/run.sh [OPTIONS]
   --only PATTERN       run only WORKLOAD/IMAGE pairs matching the shell glob PATTERN
                        (a pattern without '/' means PATTERN/*), e.g. 'randread-*/qcow2';
                        may be given more than once
-  --rounds N           rounds (default: quick 1, full 3)
+  --rounds N           rounds (default: quick 1, full 4; even numbers balance the order)
   --size MIB           image size in MiB (default: quick 512, full 4096)
   --runtime S          seconds per time-based fio run (default: quick 3, full 15)
   --cache-size SIZE    vdiskfs --cache-size (default 256M)
@@ -31,6 +31,9 @@ workloads: seqread-psync seqread-aio16 randread-qd1 randread-qd32 sha256sum
            qemu-img-convert seqwrite-1m randwrite-4k
 images:    raw qcow2 vmdk-sparse vmdk-stream qcow2-comp chain (reads)
            qcow2-rw qcow2-overlay (writes)
+
+environment: VDISKFS=PATH measures that vdiskfs binary instead of
+             target/release/vdiskfs (for A/B runs of two builds; implies --no-build)
 EOF
 }
 
@@ -73,7 +76,12 @@ done
 if [ "$MODE" = quick ]; then
 	: "${ROUNDS:=1}" "${SIZE_MIB:=512}" "${RUNTIME:=3}"
 else
-	: "${ROUNDS:=3}" "${SIZE_MIB:=4096}" "${RUNTIME:=15}"
+	: "${ROUNDS:=4}" "${SIZE_MIB:=4096}" "${RUNTIME:=15}"
+fi
+# The daemons take turns going first; only an even number of rounds gives
+# each the first place equally often for every workload and image.
+if [ "$ROUNDS" -gt 1 ] && [ $((ROUNDS % 2)) = 1 ]; then
+	echo "run.sh: warning: $ROUNDS rounds (odd): one daemon goes first more often in every row" >&2
 fi
 # Sequential runs read the whole image once, capped at this many seconds.
 SEQ_CAP=$((RUNTIME * 10 + 20))
@@ -99,7 +107,8 @@ RUNS="$OUT/runs.jsonl"
 LOG="$OUT/run.log"
 : >"$RUNS"
 : >"$LOG"
-VDISKFS="$REPO/target/release/vdiskfs"
+[ -n "${VDISKFS:-}" ] && BUILD=0
+VDISKFS="${VDISKFS:-$REPO/target/release/vdiskfs}"
 
 log() { echo "[$(date +%T)] $*" | tee -a "$LOG" >&2; }
 
