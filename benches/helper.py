@@ -176,10 +176,11 @@ def report(outdir):
                 "status": "ok" if vals else ("fail" if statuses else "missing"),
                 "note": notes[0] if notes else "",
             }
-            # Ratios pair the runs of one round (taken minutes apart, where
-            # the rounds can be an hour apart) and take the geometric mean
-            # over the rounds: with the daemons' order flipped every round,
-            # an advantage of going first or second cancels out.
+            # Ratios pair the two runs of one round (minutes apart; rounds
+            # are tens of minutes apart, and the disk drifts in between) and
+            # take the geometric mean over the rounds: with the daemons'
+            # order flipped every round, an advantage of going first or
+            # second cancels out.
             ratio_q, per_round_q = paired_ratio(runs, w, img, img)
             ratio_r, per_round_r = paired_ratio(runs, w, img, "-", "rawfile")
             checks = []
