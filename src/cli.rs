@@ -180,6 +180,13 @@ pub struct ListArgs {
 /// queue on the device (random 4 KiB reads of a cold 4 GiB qcow2 on 2
 /// cores: 34k IOPS with 8 workers, 41–47k with 32, no gain at 64; see
 /// docs/performance.md) and bounds the per-worker read buffers to 32 MiB.
+impl MountArgs {
+    /// The FUSE workers actually started: `--threads 0` means one.
+    fn workers(&self) -> usize {
+        self.threads.max(1)
+    }
+}
+
 fn default_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| (n.get() * 16).clamp(16, 32))
@@ -582,7 +589,7 @@ fn mount(args: MountArgs) -> Result<()> {
     let plan = plan(&args)?;
     if !args.foreground {
         // Validate everything we can before detaching, so errors reach the user.
-        drop(open_disks(&plan, args.cache_size, args.threads)?);
+        drop(open_disks(&plan, args.cache_size, args.workers())?);
         return daemon::spawn_detached(&[]);
     }
     let mut notifier = Notifier::new(args.notify_fd);
@@ -594,7 +601,7 @@ fn mount(args: MountArgs) -> Result<()> {
 }
 
 fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<()> {
-    let disks = open_disks(plan, args.cache_size, args.threads.max(1))?;
+    let disks = open_disks(plan, args.cache_size, args.workers())?;
     // SAFETY: getuid/getgid have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let access = Access {
@@ -622,7 +629,7 @@ fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<
             fsname,
             read_only: !plan.mode.writable(),
             allow_other: args.allow_other,
-            threads: args.threads.max(1),
+            threads: args.workers(),
         },
     )
     .map_err(|e| Error::io("cannot mount", e).with_path(&plan.mountpoint))?;
