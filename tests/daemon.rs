@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::fuse::{bin, vdiskfs, Mounted};
+use common::fuse::{alive, bin, vdiskfs, Mounted};
 use common::{qemu_img, qemu_io, qemu_raw, require_tool, run, scratch};
 
 /// `umount MP` as a user types it, retried while the mount is busy. Seen
@@ -64,17 +64,6 @@ fn is_mounted(mp: &Path) -> bool {
         .unwrap()
         .lines()
         .any(|l| l.split(' ').nth(4) == Some(s(mp)))
-}
-
-/// True while `pid` runs (a zombie counts as gone).
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .map(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
-            .unwrap_or(false),
-        Err(_) => false,
-    }
 }
 
 fn state_file(pid: u32) -> PathBuf {

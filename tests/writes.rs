@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::fuse::{vdiskfs, Mounted};
+use common::fuse::{vdiskfs, wait_gone, Mounted};
 
 /// Tests that attach loop devices and mount guest filesystems run one at a
 /// time: parallel `losetup -f` and asynchronous loop detach race otherwise.
@@ -452,6 +452,10 @@ fn crash_test(fmt: &str, rounds: usize) {
         unsafe { libc::kill(pid, libc::SIGKILL) };
         stop.store(true, Ordering::Relaxed);
         writer.join().unwrap();
+        // The writer can see the connection end before the dying daemon has
+        // closed the image (and released its lock); qemu-img check must
+        // come after that.
+        wait_gone(pid as u32);
         drop(m); // lazy unmount of the dead mount
         let done = done.lock().unwrap().clone();
         next_block += done.len() as u64 + 1;

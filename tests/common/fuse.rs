@@ -8,6 +8,30 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_vdiskfs")
 }
 
+/// True while `pid` runs. A zombie counts as gone: it has closed its
+/// files (image locks included) and its /dev/fuse descriptor.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// Waits until the process `pid` is gone (see [`alive`]); panics after 20 s.
+pub fn wait_gone(pid: u32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while alive(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} still running 20 s after it was told to end"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// Fails (never skips) when FUSE is not usable here.
 pub fn require_fuse() {
     assert!(
