@@ -20,10 +20,16 @@ use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::policy::OpenPolicy;
 
+pub mod blockmap;
+pub mod detect;
+pub mod parallels;
 pub mod qcow;
 pub mod qcow2;
 pub mod raw;
+pub mod vdi;
 pub mod vmdk;
+
+pub use detect::{detect, detect_bytes, detect_parts};
 
 /// An image format vdiskfs can open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -37,6 +43,25 @@ pub enum Format {
     Qcow,
     /// VMDK, any subformat (descriptor file or sparse extent).
     Vmdk,
+    /// Microsoft VHD (qemu's `vpc`): fixed, dynamic or differencing.
+    #[serde(rename = "vpc")]
+    Vhd,
+    /// Microsoft VHDX.
+    Vhdx,
+    /// VirtualBox VDI.
+    Vdi,
+    /// Parallels / OpenVZ ploop expanding or plain image.
+    Parallels,
+    /// QED (recognised so it is refused by name, never served as raw).
+    Qed,
+    /// LUKS-encrypted image (recognised and refused: we do not decrypt).
+    Luks,
+    /// Bochs growing image (recognised and refused).
+    Bochs,
+    /// cloop compressed loop image (recognised and refused).
+    Cloop,
+    /// Apple disk image with a `koly` trailer (recognised and refused).
+    Dmg,
 }
 
 impl Format {
@@ -47,6 +72,15 @@ impl Format {
             Format::Qcow2 => "qcow2",
             Format::Qcow => "qcow",
             Format::Vmdk => "vmdk",
+            Format::Vhd => "vpc",
+            Format::Vhdx => "vhdx",
+            Format::Vdi => "vdi",
+            Format::Parallels => "parallels",
+            Format::Qed => "qed",
+            Format::Luks => "luks",
+            Format::Bochs => "bochs",
+            Format::Cloop => "cloop",
+            Format::Dmg => "dmg",
         }
     }
 
@@ -57,8 +91,17 @@ impl Format {
             "qcow2" => Ok(Format::Qcow2),
             "qcow" => Ok(Format::Qcow),
             "vmdk" => Ok(Format::Vmdk),
+            "vpc" | "vhd" => Ok(Format::Vhd),
+            "vhdx" => Ok(Format::Vhdx),
+            "vdi" => Ok(Format::Vdi),
+            "parallels" => Ok(Format::Parallels),
+            "qed" => Ok(Format::Qed),
+            "luks" => Ok(Format::Luks),
+            "bochs" => Ok(Format::Bochs),
+            "cloop" => Ok(Format::Cloop),
+            "dmg" => Ok(Format::Dmg),
             other => Err(Error::unsupported(format!(
-                "unsupported format '{other}' (supported: raw, qcow2, qcow, vmdk)"
+                "unsupported format '{other}' (supported: raw, qcow2, qcow, vmdk, vdi, parallels)"
             ))),
         }
     }
@@ -284,31 +327,6 @@ pub struct OpenCtx<'a> {
     pub writable: bool,
 }
 
-/// Detects the format of `file` from its first bytes.
-pub fn detect(file: &HostFile) -> Result<Format> {
-    let mut head = [0u8; 4096];
-    let n = file.read_at_most(&mut head, 0)?;
-    Ok(detect_bytes(&head[..n]))
-}
-
-/// Detects a format from an image's first bytes (up to 4 KiB). Anything
-/// unrecognised is raw.
-pub fn detect_bytes(head: &[u8]) -> Format {
-    if head.len() >= 8 && &head[0..4] == b"QFI\xfb" {
-        let version = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
-        return if version == 1 {
-            Format::Qcow
-        } else {
-            // Versions 2 and 3 are qcow2; others are refused by its driver.
-            Format::Qcow2
-        };
-    }
-    if vmdk::probe(head) {
-        return Format::Vmdk;
-    }
-    Format::Raw
-}
-
 /// Opens `path` as a `format` layer.
 pub fn open_layer(path: &Path, format: Format, ctx: &OpenCtx<'_>) -> Result<Arc<dyn Layer>> {
     let file = ctx.policy.open_path(path, ctx.writable)?;
@@ -326,6 +344,23 @@ pub fn open_layer_on(
         Format::Qcow2 => qcow2::open(file, ctx)?,
         Format::Qcow => qcow::open(file, ctx)?,
         Format::Vmdk => vmdk::open(file, ctx)?,
+        Format::Vdi => vdi::open(file, ctx)?,
+        Format::Parallels => parallels::open(file, ctx)?,
+        Format::Vhd => {
+            return Err(Error::unsupported(
+                "VHD images are not supported yet (format vpc); convert with qemu-img convert -O qcow2",
+            )
+            .with_path(file.path()))
+        }
+        Format::Vhdx => {
+            return Err(Error::unsupported(
+                "VHDX images are not supported yet (format vhdx); convert with qemu-img convert -O qcow2",
+            )
+            .with_path(file.path()))
+        }
+        Format::Qed | Format::Luks | Format::Bochs | Format::Cloop | Format::Dmg => {
+            return Err(detect::refusal(format).with_path(file.path()))
+        }
     };
     Ok(layer)
 }
@@ -335,19 +370,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn detection_is_by_content() {
-        assert_eq!(detect_bytes(b"QFI\xfb\0\0\0\x03rest"), Format::Qcow2);
-        assert_eq!(detect_bytes(b"QFI\xfb\0\0\0\x02rest"), Format::Qcow2);
-        assert_eq!(detect_bytes(b"QFI\xfb\0\0\0\x01rest"), Format::Qcow);
-        assert_eq!(detect_bytes(b"hello world"), Format::Raw);
-        assert_eq!(detect_bytes(b""), Format::Raw);
-    }
-
-    #[test]
     fn format_names_round_trip() {
-        for f in [Format::Raw, Format::Qcow2, Format::Qcow, Format::Vmdk] {
+        for f in [
+            Format::Raw,
+            Format::Qcow2,
+            Format::Qcow,
+            Format::Vmdk,
+            Format::Vhd,
+            Format::Vhdx,
+            Format::Vdi,
+            Format::Parallels,
+            Format::Qed,
+            Format::Luks,
+            Format::Bochs,
+            Format::Cloop,
+            Format::Dmg,
+        ] {
             assert_eq!(Format::from_name(f.name()).unwrap(), f);
         }
-        assert!(Format::from_name("vpc").is_err());
+        assert_eq!(Format::from_name("vhd").unwrap(), Format::Vhd);
+        assert!(Format::from_name("vvfat").is_err());
     }
 }
