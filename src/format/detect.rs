@@ -100,7 +100,8 @@ fn detect_head(head: &[u8]) -> Option<Format> {
     if head.starts_with(b"vhdxfile") {
         return Some(Format::Vhdx);
     }
-    if le32(head, VDI_SIGNATURE_AT) == Some(VDI_SIGNATURE) && head.len() >= 512 {
+    if le32(head, VDI_SIGNATURE_AT) == Some(VDI_SIGNATURE) {
+        // Even a header cut short is VDI: its driver refuses it by name.
         return Some(Format::Vdi);
     }
     if (head.starts_with(b"WithoutFreeSpace") || head.starts_with(b"WithouFreSpacExt"))
