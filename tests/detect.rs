@@ -221,8 +221,7 @@ fn probed_raw_cannot_become_another_format_through_the_library() {
     let chain = Chain::open(&p, &rw, &Caches::new(1 << 20)).unwrap();
     let e = chain
         .write_at(&header, 0)
-        .err()
-        .expect("qcow2 header refused");
+        .expect_err("qcow2 header refused");
     assert_eq!(e.errno(), libc::EPERM, "{e}");
     assert!(
         e.to_string().contains("qcow2") && e.to_string().contains("--format raw"),
@@ -230,15 +229,13 @@ fn probed_raw_cannot_become_another_format_through_the_library() {
     );
     let e = chain
         .write_at(&footer, len - 512)
-        .err()
-        .expect("VHD footer refused");
+        .expect_err("VHD footer refused");
     assert_eq!(e.errno(), libc::EPERM, "{e}");
     // Two writes that only together form the magic: the second is refused.
     chain.write_at(&header[4..512], 4).unwrap();
     let e = chain
         .write_at(&header[..4], 0)
-        .err()
-        .expect("magic completing a header refused");
+        .expect_err("magic completing a header refused");
     assert_eq!(e.errno(), libc::EPERM, "{e}");
     // Ordinary data in sector 0 and at the end is fine; so are zeros.
     chain.write_at(&[0x11; 4096], 0).unwrap();
@@ -277,7 +274,7 @@ fn probed_raw_cannot_become_another_format_through_fuse() {
         .open(m.file(name.to_str().unwrap()))
         .unwrap();
     let res = f.write_all_at(&header, 0).and_then(|()| f.sync_all());
-    let e = res.err().expect("the write of a qcow2 header must fail");
+    let e = res.expect_err("the write of a qcow2 header must fail");
     assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
     drop(f);
     m.unmount();

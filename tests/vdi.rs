@@ -334,7 +334,7 @@ fn damaged_vdi_is_refused_or_fails_only_the_damaged_block() {
     patch(&p, map + 2 * 4, &0x00ff_ffffu32.to_le_bytes());
     let chain = common::open_chain(&p).unwrap();
     let mut buf = vec![0u8; 4096];
-    let e = chain.read_at(&mut buf, 2 * MIB + 4096).err().expect("EIO");
+    let e = chain.read_at(&mut buf, 2 * MIB + 4096).expect_err("EIO");
     assert_eq!(e.kind(), ErrorKind::Corrupt);
     chain.read_at(&mut buf, MIB).unwrap();
     assert!(buf.iter().all(|&b| b == 0x44));
