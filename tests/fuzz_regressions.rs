@@ -24,7 +24,14 @@ fn every_saved_input_is_handled() {
     let inputs = inputs();
     for (name, data) in &inputs {
         eprintln!("replaying {name}");
-        for f in [Format::Qcow2, Format::Qcow, Format::Vmdk, Format::Raw] {
+        for f in [
+            Format::Qcow2,
+            Format::Qcow,
+            Format::Vmdk,
+            Format::Vdi,
+            Format::Parallels,
+            Format::Raw,
+        ] {
             open_layer(data, f);
             open_and_read(data, Some(f), &[]);
         }
@@ -67,5 +74,29 @@ fn synthetic_edge_blobs_are_handled() {
         for f in [Format::Qcow2, Format::Qcow, Format::Vmdk] {
             open_layer(b, f);
         }
+    }
+}
+
+#[test]
+fn vdi_and_parallels_headers_at_extremes_are_handled() {
+    let mut blobs = Vec::new();
+    for fill in [0x00u8, 0xff] {
+        let mut vdi = vec![fill; 0x1c8 + 64];
+        vdi[0x40..0x44].copy_from_slice(&0xbeda_107fu32.to_le_bytes());
+        vdi[0x44..0x48].copy_from_slice(&0x0001_0001u32.to_le_bytes());
+        blobs.push(vdi);
+        for magic in [b"WithoutFreeSpace", b"WithouFreSpacExt"] {
+            let mut p = magic.to_vec();
+            p.extend_from_slice(&2u32.to_le_bytes());
+            p.resize(64 + 64, fill);
+            blobs.push(p);
+        }
+    }
+    for b in &blobs {
+        let started = std::time::Instant::now();
+        open_and_read(b, None, &[]);
+        open_layer(b, Format::Vdi);
+        open_layer(b, Format::Parallels);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 }

@@ -280,3 +280,26 @@ fn damaged_parallels_is_refused_or_fails_only_the_damaged_cluster() {
     chain.read_at(&mut buf, MIB).unwrap();
     assert!(buf.iter().all(|&b| b == 0), "a zero entry reads as zeros");
 }
+
+#[test]
+fn random_header_and_bat_mutations_never_panic() {
+    let d = scratch();
+    let p = hds(d.path(), "seed.hds", 2 * MIB, "64k", 20, 4);
+    let seed = std::fs::read(&p).unwrap();
+    let bat_end = 64 + 32 * 4;
+    let mut rng = Rng::new(78);
+    let started = std::time::Instant::now();
+    for i in 0..1500 {
+        let mut blob = seed.clone();
+        for _ in 0..1 + rng.below(6) {
+            let at = rng.below(bat_end as u64) as usize;
+            blob[at] = rng.below(256) as u8;
+        }
+        if i % 7 == 0 {
+            blob.truncate(rng.below(seed.len() as u64) as usize);
+        }
+        vdiskfs::fuzzing::open_layer(&blob, vdiskfs::format::Format::Parallels);
+        vdiskfs::fuzzing::open_and_read(&blob, None, &blob[..64.min(blob.len())]);
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(120));
+}

@@ -341,3 +341,26 @@ fn damaged_vdi_is_refused_or_fails_only_the_damaged_block() {
     chain.read_at(&mut buf, 3 * MIB).unwrap();
     assert!(buf.iter().all(|&b| b == 0x44));
 }
+
+#[test]
+fn random_header_and_map_mutations_never_panic() {
+    let d = scratch();
+    let p = vdi(d.path(), "seed.vdi", 4 * MIB, false, 20, 4);
+    let seed = std::fs::read(&p).unwrap();
+    let map_end = 0x200 + 4 * 4;
+    let mut rng = Rng::new(77);
+    let started = std::time::Instant::now();
+    for i in 0..1500 {
+        let mut blob = seed.clone();
+        for _ in 0..1 + rng.below(6) {
+            let at = rng.below(map_end as u64) as usize;
+            blob[at] = rng.below(256) as u8;
+        }
+        if i % 7 == 0 {
+            blob.truncate(rng.below(seed.len() as u64) as usize);
+        }
+        vdiskfs::fuzzing::open_layer(&blob, vdiskfs::format::Format::Vdi);
+        vdiskfs::fuzzing::open_and_read(&blob, None, &blob[..64.min(blob.len())]);
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(120));
+}

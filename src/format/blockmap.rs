@@ -24,23 +24,33 @@ pub enum Block {
     Data(u64),
 }
 
+/// Most entries one call looks at: keeps every call bounded whatever the
+/// table holds (a run longer than this is answered in several calls).
+const MAX_RUN_BLOCKS: u64 = 1 << 16;
+
 /// Maps the run at guest `offset` (at most `max_len` bytes) for a table of
-/// `block_size`-byte blocks, where `entry(i)` answers for block `i` (and
-/// checks the host offset it returns).
+/// `entries` blocks of `block_size` bytes, where `entry(i)` answers for
+/// block `i` (and checks the host offset it returns). Past the table's end
+/// everything is [`Block::Zero`], in one run.
 pub fn map_blocks(
     file: &Arc<HostFile>,
     block_size: u64,
+    entries: u64,
     offset: u64,
     max_len: u64,
     entry: impl Fn(u64) -> Result<Block>,
 ) -> Result<(Mapping, u64)> {
-    let end = offset.saturating_add(max_len);
     let first_idx = offset / block_size;
+    if first_idx >= entries {
+        return Ok((Mapping::Zero, max_len));
+    }
+    let table_end = entries.saturating_mul(block_size);
+    let end = offset.saturating_add(max_len).min(table_end);
     let in_block = offset % block_size;
     let first = entry(first_idx)?;
     let mut run_end = (first_idx + 1).saturating_mul(block_size);
     let mut k = 1u64;
-    while run_end < end {
+    while run_end < end && k < MAX_RUN_BLOCKS {
         let next = match entry(first_idx + k) {
             Ok(b) => b,
             Err(_) => break,

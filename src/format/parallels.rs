@@ -230,8 +230,15 @@ impl Layer for Parallels {
 
     fn map(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)> {
         let cs = self.header.cluster_size();
-        map_blocks(&self.file, cs, offset, max_len, |i| self.block(i))
-            .map_err(|e| e.at(offset).with_path(self.file.path()))
+        map_blocks(
+            &self.file,
+            cs,
+            self.bat.len() as u64,
+            offset,
+            max_len,
+            |i| self.block(i),
+        )
+        .map_err(|e| e.at(offset).with_path(self.file.path()))
     }
 
     fn backing(&self) -> Option<BackingSpec> {

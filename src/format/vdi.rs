@@ -364,8 +364,15 @@ impl Layer for Vdi {
 
     fn map(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)> {
         let bs = u64::from(self.header.block_size);
-        let (m, n) = map_blocks(&self.file, bs, offset, max_len, |i| self.block(i))
-            .map_err(|e| e.at(offset).with_path(self.file.path()))?;
+        let (m, n) = map_blocks(
+            &self.file,
+            bs,
+            self.map.len() as u64,
+            offset,
+            max_len,
+            |i| self.block(i),
+        )
+        .map_err(|e| e.at(offset).with_path(self.file.path()))?;
         // A static or dynamic image has no parent: unallocated reads as zeros.
         let m = match (m, &self.parent) {
             (Mapping::Backing, None) => Mapping::Zero,
