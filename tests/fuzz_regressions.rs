@@ -92,6 +92,12 @@ fn vdi_and_parallels_headers_at_extremes_are_handled() {
             blobs.push(p);
         }
     }
+    blobs.push(
+        b"<?xml version='1.0'?>\n<Parallels_disk_image><Disk_Parameters><Disk_size>99999999999999999999\
+          </Disk_size></Disk_Parameters><StorageData><Storage><Start>0</Start><End>18446744073709551615</End>\
+          <Image><Type>Plain</Type><File>x</File></Image></Storage></StorageData></Parallels_disk_image>"
+            .to_vec(),
+    );
     for b in &blobs {
         let started = std::time::Instant::now();
         open_and_read(b, None, &[]);

@@ -161,24 +161,110 @@ fn parallels_info_rw_refusal_and_fuse_mount() {
     m.unmount();
 }
 
-#[test]
-fn disk_descriptor_xml_is_refused_by_name() {
-    let d = scratch();
-    let xml = d.path().join("DiskDescriptor.xml");
-    std::fs::write(
-        &xml,
-        "<?xml version='1.0' encoding='UTF-8'?>\n<Parallels_disk_image Version=\"1.0\">\n \
-         <Disk_Parameters><Disk_size>8192</Disk_size></Disk_Parameters>\n</Parallels_disk_image>\n",
-    )
-    .unwrap();
-    let e = common::open_chain(&xml).err().expect("refused");
-    assert_eq!(e.kind(), ErrorKind::Unsupported);
-    let msg = e.to_string();
-    assert!(
-        msg.contains("DiskDescriptor.xml") && msg.contains(".hds"),
-        "{msg}"
+/// One storage of a descriptor: start and end sector, type, file.
+type StorageRow<'a> = (u64, u64, &'a str, &'a str);
+
+/// A DiskDescriptor.xml over `storages` (start, end in sectors, type, file).
+fn descriptor(dir: &Path, sectors: u64, storages: &[StorageRow], snapshots: &str) -> PathBuf {
+    let mut xml = format!(
+        "<?xml version='1.0' encoding='UTF-8'?>\n<Parallels_disk_image Version=\"1.0\">\n  \
+         <Disk_Parameters>\n    <Disk_size>{sectors}</Disk_size>\n    <Cylinders>16</Cylinders>\n    \
+         <Heads>16</Heads>\n    <Sectors>63</Sectors>\n  </Disk_Parameters>\n  <StorageData>\n"
     );
-    assert!(!msg.contains('\n'));
+    for (i, (start, end, kind, file)) in storages.iter().enumerate() {
+        xml += &format!(
+            "    <Storage>\n      <Start>{start}</Start>\n      <End>{end}</End>\n      <Blocksize>2048</Blocksize>\n      \
+             <Image>\n        <GUID>{{5fbaabe3-6958-40ff-92a7-860e329aab4{i}}}</GUID>\n        <Type>{kind}</Type>\n        \
+             <File>{file}</File>\n      </Image>\n    </Storage>\n"
+        );
+    }
+    xml += "  </StorageData>\n";
+    xml += snapshots;
+    xml += "</Parallels_disk_image>\n";
+    let p = dir.join("DiskDescriptor.xml");
+    std::fs::write(&p, xml).unwrap();
+    p
+}
+
+#[test]
+fn split_bundle_reads_every_storage() {
+    let d = scratch();
+    let a = hds(d.path(), "harddisk.hdd.0.hds", 2 * MIB, "1M", 30, 21);
+    let b = d.path().join("harddisk.hdd.1.raw");
+    std::fs::write(&b, Rng::new(3).bytes(MIB as usize)).unwrap();
+    let c = hds(d.path(), "harddisk.hdd.2.hds", 3 * MIB, "64k", 30, 22);
+    let mut expected = qemu_raw(&a, None);
+    expected.extend(std::fs::read(&b).unwrap());
+    expected.extend(qemu_raw(&c, None));
+    let shot = "  <Snapshots>\n    <Shot>\n      <GUID>{5fbaabe3-6958-40ff-92a7-860e329aab40}</GUID>\n      \
+                <ParentGUID>{00000000-0000-0000-0000-000000000000}</ParentGUID>\n    </Shot>\n  </Snapshots>\n";
+    let xml = descriptor(
+        d.path(),
+        12288,
+        &[
+            (0, 4096, "Compressed", "harddisk.hdd.0.hds"),
+            (4096, 6144, "Plain", "harddisk.hdd.1.raw"),
+            (6144, 12288, "Compressed", "harddisk.hdd.2.hds"),
+        ],
+        shot,
+    );
+    let chain = common::open_chain(&xml).unwrap();
+    assert_eq!(chain.size(), 6 * MIB);
+    for piece in [MIB as usize, 100_000, 4096 + 512] {
+        assert!(
+            read_all(&chain, piece).unwrap() == expected,
+            "bundle read in {piece}"
+        );
+    }
+    let info = chain.layers()[0].info();
+    assert_eq!(info.subformat.as_deref(), Some("DiskDescriptor.xml"));
+    let m = Mounted::new(&[&xml], &[]);
+    let name = vdiskfs::cli::exposed_name(&xml).unwrap();
+    assert!(std::fs::read(m.file(name.to_str().unwrap())).unwrap() == expected);
+    m.unmount();
+    // Refusals: snapshots, a missing file, a gap between storages.
+    let two = "  <Snapshots>\n    <Shot><GUID>{a}</GUID><ParentGUID>{00000000-0000-0000-0000-000000000000}</ParentGUID></Shot>\n    \
+               <Shot><GUID>{b}</GUID><ParentGUID>{a}</ParentGUID></Shot>\n  </Snapshots>\n";
+    let cases: Vec<(Vec<StorageRow>, &str, ErrorKind, &str)> = vec![
+        (
+            vec![(0, 4096, "Compressed", "harddisk.hdd.0.hds")],
+            two,
+            ErrorKind::Unsupported,
+            "snapshots",
+        ),
+        (
+            vec![(0, 4096, "Compressed", "gone.hds")],
+            "",
+            ErrorKind::NotFound,
+            "gone.hds",
+        ),
+        (
+            vec![
+                (0, 2048, "Plain", "harddisk.hdd.1.raw"),
+                (4096, 8192, "Compressed", "harddisk.hdd.0.hds"),
+            ],
+            "",
+            ErrorKind::Corrupt,
+            "does not continue",
+        ),
+        (
+            vec![(0, 4096, "Plain", "harddisk.hdd.1.raw")],
+            "",
+            ErrorKind::Corrupt,
+            "holds",
+        ),
+    ];
+    for (storages, snaps, kind, words) in cases {
+        let end = storages.last().unwrap().1;
+        let xml = descriptor(d.path(), end, &storages, snaps);
+        let e = common::open_chain(&xml).err().expect("refused");
+        assert_eq!(e.kind(), kind, "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains(words) && !msg.contains('\n'), "{msg}");
+    }
+    std::fs::write(&xml, "<?xml version='1.0'?>\n<Parallels_disk_image><oops").unwrap();
+    let e = common::open_chain(&xml).err().expect("refused");
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
 }
 
 fn info_bounded(path: &Path) -> (Option<i32>, String) {

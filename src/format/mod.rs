@@ -23,6 +23,7 @@ use crate::policy::OpenPolicy;
 pub mod blockmap;
 pub mod detect;
 pub mod parallels;
+pub mod parallels_bundle;
 pub mod qcow;
 pub mod qcow2;
 pub mod raw;

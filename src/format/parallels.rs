@@ -24,6 +24,7 @@ use serde_json::Value;
 
 use super::blockmap::{map_blocks, Block};
 use super::detect::is_parallels_descriptor;
+use super::parallels_bundle::Bundle;
 use super::{BackingSpec, Format, Layer, LayerInfo, Mapping, OpenCtx};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
@@ -39,6 +40,12 @@ const MAX_TRACKS: u32 = i32::MAX as u32 / 513;
 
 /// Opens a Parallels image.
 pub fn open(file: Arc<HostFile>, ctx: &OpenCtx<'_>) -> Result<Arc<dyn Layer>> {
+    let mut head = vec![0u8; 1024];
+    let n = file.read_at_most(&mut head, 0)?;
+    if is_parallels_descriptor(&head[..n]) {
+        let bundle = Bundle::open(file.clone(), ctx).map_err(|e| e.with_path(file.path()))?;
+        return Ok(Arc::new(bundle));
+    }
     let layer = Parallels::open(file.clone(), ctx).map_err(|e| e.with_path(file.path()))?;
     Ok(Arc::new(layer))
 }
@@ -164,12 +171,6 @@ impl Parallels {
         let mut head = vec![0u8; 1024];
         let n = file.read_at_most(&mut head, 0)?;
         head.truncate(n);
-        if is_parallels_descriptor(&head) {
-            return Err(Error::unsupported(
-                "is a Parallels bundle descriptor (DiskDescriptor.xml); bundles are not read yet: \
-                 open the .hds image file it names instead",
-            ));
-        }
         let header = Header::parse(&head, file.len())?;
         // The BAT lies inside the file (checked), so its size is bounded by it.
         let mut raw = vec![0u8; header.bat_entries as usize * 4];
