@@ -23,6 +23,7 @@ use crate::policy::OpenPolicy;
 pub mod qcow;
 pub mod qcow2;
 pub mod raw;
+pub mod vhd;
 pub mod vmdk;
 
 /// An image format vdiskfs can open.
@@ -37,6 +38,8 @@ pub enum Format {
     Qcow,
     /// VMDK, any subformat (descriptor file or sparse extent).
     Vmdk,
+    /// VHD (Microsoft Virtual Hard Disk; qemu's `vpc`): fixed, dynamic, differencing.
+    Vhd,
 }
 
 impl Format {
@@ -47,6 +50,7 @@ impl Format {
             Format::Qcow2 => "qcow2",
             Format::Qcow => "qcow",
             Format::Vmdk => "vmdk",
+            Format::Vhd => "vpc",
         }
     }
 
@@ -57,8 +61,9 @@ impl Format {
             "qcow2" => Ok(Format::Qcow2),
             "qcow" => Ok(Format::Qcow),
             "vmdk" => Ok(Format::Vmdk),
+            "vpc" | "vhd" => Ok(Format::Vhd),
             other => Err(Error::unsupported(format!(
-                "unsupported format '{other}' (supported: raw, qcow2, qcow, vmdk)"
+                "unsupported format '{other}' (supported: raw, qcow2, qcow, vmdk, vpc)"
             ))),
         }
     }
@@ -203,6 +208,17 @@ pub trait Layer: Send + Sync {
         None
     }
 
+    /// The unique id a child names this layer by (VHD footer unique id).
+    fn unique_id(&self) -> Option<[u8; 16]> {
+        None
+    }
+
+    /// The unique id this layer expects of its parent (differencing VHD);
+    /// the chain checks it against the parent's [`Layer::unique_id`].
+    fn parent_unique_id(&self) -> Option<[u8; 16]> {
+        None
+    }
+
     /// Facts for `vdiskfs info`.
     fn info(&self) -> LayerInfo;
 
@@ -288,7 +304,16 @@ pub struct OpenCtx<'a> {
 pub fn detect(file: &HostFile) -> Result<Format> {
     let mut head = [0u8; 4096];
     let n = file.read_at_most(&mut head, 0)?;
-    Ok(detect_bytes(&head[..n]))
+    let found = detect_bytes(&head[..n]);
+    // A fixed VHD has no header, only a footer in its last 512 bytes.
+    if found == Format::Raw && file.len() >= 512 {
+        let mut tail = [0u8; 512];
+        file.read_exact_at(&mut tail, file.len() - 512)?;
+        if vhd::probe_footer(&tail) {
+            return Ok(Format::Vhd);
+        }
+    }
+    Ok(found)
 }
 
 /// Detects a format from an image's first bytes (up to 4 KiB). Anything
@@ -305,6 +330,9 @@ pub fn detect_bytes(head: &[u8]) -> Format {
     }
     if vmdk::probe(head) {
         return Format::Vmdk;
+    }
+    if vhd::probe(head) {
+        return Format::Vhd;
     }
     Format::Raw
 }
@@ -326,6 +354,7 @@ pub fn open_layer_on(
         Format::Qcow2 => qcow2::open(file, ctx)?,
         Format::Qcow => qcow::open(file, ctx)?,
         Format::Vmdk => vmdk::open(file, ctx)?,
+        Format::Vhd => vhd::open(file, ctx)?,
     };
     Ok(layer)
 }
@@ -345,9 +374,16 @@ mod tests {
 
     #[test]
     fn format_names_round_trip() {
-        for f in [Format::Raw, Format::Qcow2, Format::Qcow, Format::Vmdk] {
+        for f in [
+            Format::Raw,
+            Format::Qcow2,
+            Format::Qcow,
+            Format::Vmdk,
+            Format::Vhd,
+        ] {
             assert_eq!(Format::from_name(f.name()).unwrap(), f);
         }
-        assert!(Format::from_name("vpc").is_err());
+        assert_eq!(Format::from_name("vhd").unwrap(), Format::Vhd);
+        assert!(Format::from_name("vhdx").is_err());
     }
 }
