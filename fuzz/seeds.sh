@@ -20,6 +20,8 @@ mk -f vmdk -o subformat=monolithicSparse "$tmp/sparse.vmdk" 1M; io -f vmdk -c 'w
 head -c 65536 /dev/urandom > "$tmp/data.raw"
 qemu-img convert -q -f raw -O vmdk -o subformat=streamOptimized "$tmp/data.raw" "$tmp/stream.vmdk"
 mk -f vmdk -o subformat=monolithicFlat "$tmp/flat.vmdk" 64k
+mk -f vpc "$tmp/dyn.vhd" 3M;                                 io -f vpc -c 'write -P 9 0 40k' "$tmp/dyn.vhd"
+mk -f vpc -o subformat=fixed "$tmp/fixed.vhd" 256k
 
 seed() { local t=$1; shift; mkdir -p "corpus/$t"; for f in "$@"; do [ -f "$f" ] && cp "$f" "corpus/$t/"; done; true; }
 small() { find "$shared" -type f -size -300k -name "$1" 2>/dev/null; }
@@ -29,6 +31,7 @@ seed qcow_open "$tmp"/v1.qcow $(small '*.qcow')
 seed vmdk_descriptor "$tmp/flat.vmdk" $(find "$shared" -name '*.vmdk' -size -4k)
 seed vmdk_open "$tmp"/*.vmdk $(small '*.vmdk')
 seed vmdk_read "$tmp"/sparse.vmdk "$tmp"/stream.vmdk $(small '*.vmdk')
+seed vhd_open "$tmp"/*.vhd $(small '*.vhd')
 seed chain_read "$tmp"/* $(small '*')
 mkdir -p corpus/decompress
 python3 - <<'PY'
