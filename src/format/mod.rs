@@ -368,8 +368,24 @@ mod tests {
         assert_eq!(detect_bytes(b"QFI\xfb\0\0\0\x03rest"), Format::Qcow2);
         assert_eq!(detect_bytes(b"QFI\xfb\0\0\0\x02rest"), Format::Qcow2);
         assert_eq!(detect_bytes(b"QFI\xfb\0\0\0\x01rest"), Format::Qcow);
+        assert_eq!(detect_bytes(b"conectix\0\0\0\x02rest"), Format::Vhd);
         assert_eq!(detect_bytes(b"hello world"), Format::Raw);
         assert_eq!(detect_bytes(b""), Format::Raw);
+    }
+
+    #[test]
+    fn a_fixed_vhd_is_detected_by_its_footer_only() {
+        let mut img = vec![0u8; 4096];
+        let n = img.len();
+        img[n - 512..n - 504].copy_from_slice(b"conectix");
+        img[n - 452..n - 448].copy_from_slice(&2u32.to_be_bytes());
+        let f = HostFile::from_bytes("fixed.vhd", &img).unwrap();
+        assert_eq!(detect(&f).unwrap(), Format::Vhd);
+        // A dynamic disk's footer at the end, without its copy at 0, is
+        // not taken for a fixed disk: it could point at tables and parents.
+        img[n - 452..n - 448].copy_from_slice(&3u32.to_be_bytes());
+        let f = HostFile::from_bytes("dyn.vhd", &img).unwrap();
+        assert_eq!(detect(&f).unwrap(), Format::Raw);
     }
 
     #[test]
