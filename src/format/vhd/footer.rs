@@ -119,7 +119,7 @@ impl Footer {
     pub fn parse(b: &[u8]) -> Result<Footer> {
         if b.len() < FOOTER_LEN || &b[0..8] != FOOTER_COOKIE {
             return Err(Error::corrupt(
-                "no VHD footer ('conectix' cookie) found at the start or the end of the file",
+                "not a VHD (vpc) image: no 'conectix' footer at the start or the end of the file",
             ));
         }
         let stored = be32(b, 64);
