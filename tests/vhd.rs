@@ -431,3 +431,26 @@ fn mutated_images_never_panic() {
     }
     assert!(started.elapsed() < std::time::Duration::from_secs(120));
 }
+
+/// `vdiskfs info --json` names the format as qemu does and shows the
+/// VixDiskLib-style facts of the footer and dynamic header.
+#[test]
+fn info_json_describes_a_vhd() {
+    let d = scratch();
+    let p = d.path().join("i.vhd");
+    qemu_img(&["create", "-q", "-f", "vpc", s(&p), "10M"]);
+    qemu_io("vpc", &p, &["write -P 1 0 3M"]);
+    let out = vdiskfs(&["info", "--json", s(&p)]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["format"], "vpc");
+    assert_eq!(v["allocated_bytes"], 4 << 20);
+    let link = &v["chain"][0];
+    assert_eq!(link["subformat"], "dynamic");
+    let dt = &link["details"];
+    assert_eq!(dt["creator_app"], "qemu");
+    assert_eq!(dt["block_size"], 2 << 20);
+    assert_eq!(dt["size_from"], "chs");
+    assert!(dt["geometry"]["cylinders"].as_u64().unwrap() > 0);
+    assert!(dt["uuid"].as_str().unwrap().len() == 36);
+}

@@ -39,6 +39,7 @@ pub enum Format {
     /// VMDK, any subformat (descriptor file or sparse extent).
     Vmdk,
     /// VHD (Microsoft Virtual Hard Disk; qemu's `vpc`): fixed, dynamic, differencing.
+    #[serde(rename = "vpc")]
     Vhd,
 }
 

@@ -85,7 +85,6 @@ pub fn candidates(file: &HostFile, header: &DynHeader) -> Result<Vec<Candidate>>
         });
     }
     rel.extend(abs);
-    rel.dedup_by(|a, b| a.name == b.name);
     Ok(rel)
 }
 
