@@ -7,7 +7,7 @@ mod common;
 
 use common::fuse::vdiskfs;
 use common::vhd::*;
-use common::{qemu_img, qemu_raw, scratch, testdata};
+use common::{qemu_img, qemu_raw, read_all, scratch, testdata};
 use vdiskfs::chain::ChainOptions;
 use vdiskfs::ErrorKind;
 
@@ -46,6 +46,28 @@ fn differencing_chains_read_child_over_parent() {
     let chain = open(&top).unwrap();
     assert_eq!(chain.layers().len(), 3);
     assert_reads(&chain, &oracle, "three-level differencing chain");
+    // An absolute MacX URL (percent-encoded) that does not exist here:
+    // the parent is found by its file name beside the child.
+    let mac = d.path().join("mac child.vhd");
+    let mut mac_oracle = read_all(&open(&mid).unwrap(), 1 << 20).unwrap();
+    let mac_diff = Diff {
+        uuid: [0x23; 16],
+        parent_uuid: [0x11; 16],
+        size,
+        locators: vec![(
+            b"MacX",
+            b"file://localhost/Volumes/VMs%20old/mid.vhd".to_vec(),
+        )],
+        parent_name: String::new(),
+    };
+    build_diff(&mac, &mac_diff, &mut mac_oracle, 7);
+    let chain = open(&mac).unwrap();
+    assert_eq!(chain.layers()[1].path(), mid.as_path());
+    assert_reads(
+        &chain,
+        &mac_oracle,
+        "parent found through an absolute MacX URL",
+    );
     // Over a fixed parent, found by its absolute W2ku name's file name.
     let fixed = d.path().join("fixed.vhd");
     qemu_img(&[

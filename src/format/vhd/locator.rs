@@ -12,8 +12,9 @@
 //! names for [`crate::policy::OpenPolicy::resolve`]: a relative path keeps
 //! its directories (backslashes become slashes); an absolute one (drive
 //! letter or UNC) keeps only its file name, looked up beside the child, as
-//! people move a parent and its children together. A wrong file found that
-//! way is caught by the parent UUID check.
+//! people move a parent and its children together. An absolute URL path is
+//! tried as written, then by its file name beside the child. A wrong file
+//! found that way is caught by the parent UUID check.
 
 use super::footer::{fourcc, DynHeader};
 use crate::error::{Error, Result};
@@ -66,13 +67,29 @@ pub fn candidates(file: &HostFile, header: &DynHeader) -> Result<Vec<Candidate>>
                 let written = String::from_utf8_lossy(&blob)
                     .trim_end_matches('\0')
                     .to_string();
-                if let Some(name) = url_path(&written) {
-                    rel.push(Candidate {
-                        source,
-                        written,
-                        name,
-                    });
+                // An old `Mac ` locator is an alias record, not text: only
+                // one that holds a file URL is used.
+                if &loc.code == b"Mac " && !written.starts_with("file://") {
+                    continue;
                 }
+                let Some(name) = url_path(&written) else {
+                    continue;
+                };
+                if name.starts_with('/') {
+                    // As for Windows paths: the file name beside the child too.
+                    if let Some(last) = name.rsplit('/').next().filter(|l| !l.is_empty()) {
+                        abs.push(Candidate {
+                            source: source.clone(),
+                            written: written.clone(),
+                            name: last.to_string(),
+                        });
+                    }
+                }
+                rel.push(Candidate {
+                    source,
+                    written,
+                    name,
+                });
             }
             _ => {}
         }
