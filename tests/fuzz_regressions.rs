@@ -28,6 +28,7 @@ fn every_saved_input_is_handled() {
             Format::Qcow2,
             Format::Qcow,
             Format::Vmdk,
+            Format::Vhd,
             Format::Vdi,
             Format::Parallels,
             Format::Raw,

@@ -6,13 +6,13 @@
 //! fixed VHD has no header copy at offset 0, only its footer, and an Apple
 //! disk image ends with its `koly` trailer. The checks follow what qemu's
 //! probes look at (magic plus version where qemu checks one), and are
-//! strict enough that a guest's ordinary data does not match by accident —
-//! the VHD footer must also carry a valid checksum.
+//! strict enough that a guest's ordinary data does not match by accident
+//! (a tail footer must be a fixed VHD's).
 //!
 //! [`refusal`] is the one-line error for the formats we recognise but do
 //! not serve (QED, LUKS, bochs, cloop, dmg).
 
-use super::{vmdk, Format};
+use super::{vhd, vmdk, Format};
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::HostFile;
 
@@ -62,7 +62,9 @@ pub fn detect_parts(head: &[u8], tail: &[u8]) -> Format {
         return f;
     }
     if tail.len() == TAIL_LEN {
-        if is_vhd_footer(tail) {
+        // Only a fixed disk's footer: a dynamic one there, without its copy
+        // at 0, could point at tables and parents.
+        if vhd::probe_footer(tail) {
             return Format::Vhd;
         }
         if is_dmg_trailer(tail) {
@@ -93,7 +95,7 @@ fn detect_head(head: &[u8]) -> Option<Format> {
     if head.starts_with(b"QED\0") {
         return Some(Format::Qed);
     }
-    if head.starts_with(b"conectix") {
+    if vhd::probe(head) {
         // A dynamic or differencing VHD: the footer's copy at offset 0.
         return Some(Format::Vhd);
     }
@@ -141,23 +143,6 @@ pub fn is_parallels_descriptor(head: &[u8]) -> bool {
         && text
             .windows(b"<Parallels_disk_image".len())
             .any(|w| w == b"<Parallels_disk_image")
-}
-
-/// Whether `tail` (512 bytes) is a VHD footer with a valid checksum.
-pub fn is_vhd_footer(tail: &[u8]) -> bool {
-    if tail.len() != TAIL_LEN || !tail.starts_with(b"conectix") {
-        return false;
-    }
-    let Some(stored) = be32(tail, 64) else {
-        return false;
-    };
-    let sum = tail
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !(64..68).contains(i))
-        .fold(0u32, |s, (_, &b)| s.wrapping_add(u32::from(b)));
-    let disk_type = be32(tail, 60).unwrap_or(0);
-    !sum == stored && (2..=4).contains(&disk_type)
 }
 
 /// Whether `tail` (512 bytes) is an Apple disk image's `koly` trailer.
@@ -230,10 +215,9 @@ mod tests {
     fn tail_signatures() {
         let head = [0u8; 4096];
         assert_eq!(detect_parts(&head, &footer(2)), Format::Vhd);
-        assert_eq!(detect_parts(&head, &footer(3)), Format::Vhd);
-        let mut bad = footer(2);
-        bad[100] ^= 1;
-        assert_eq!(detect_parts(&head, &bad), Format::Raw, "bad checksum");
+        // A dynamic disk's footer at the end, without its copy at 0, is
+        // not taken for a fixed disk.
+        assert_eq!(detect_parts(&head, &footer(3)), Format::Raw);
         assert_eq!(detect_parts(&head, &footer(7)), Format::Raw, "bad type");
         let mut koly = vec![0u8; 512];
         koly[..4].copy_from_slice(b"koly");

@@ -28,6 +28,7 @@ pub mod qcow;
 pub mod qcow2;
 pub mod raw;
 pub mod vdi;
+pub mod vhd;
 pub mod vmdk;
 
 pub use detect::{detect, detect_bytes, detect_parts};
@@ -102,7 +103,7 @@ impl Format {
             "cloop" => Ok(Format::Cloop),
             "dmg" => Ok(Format::Dmg),
             other => Err(Error::unsupported(format!(
-                "unsupported format '{other}' (supported: raw, qcow2, qcow, vmdk, vdi, parallels)"
+                "unsupported format '{other}' (supported: raw, qcow2, qcow, vmdk, vpc, vdi, parallels)"
             ))),
         }
     }
@@ -247,6 +248,17 @@ pub trait Layer: Send + Sync {
         None
     }
 
+    /// The unique id a child names this layer by (VHD footer unique id).
+    fn unique_id(&self) -> Option<[u8; 16]> {
+        None
+    }
+
+    /// The unique id this layer expects of its parent (differencing VHD);
+    /// the chain checks it against the parent's [`Layer::unique_id`].
+    fn parent_unique_id(&self) -> Option<[u8; 16]> {
+        None
+    }
+
     /// Facts for `vdiskfs info`.
     fn info(&self) -> LayerInfo;
 
@@ -347,12 +359,7 @@ pub fn open_layer_on(
         Format::Vmdk => vmdk::open(file, ctx)?,
         Format::Vdi => vdi::open(file, ctx)?,
         Format::Parallels => parallels::open(file, ctx)?,
-        Format::Vhd => {
-            return Err(Error::unsupported(
-                "VHD images are not supported yet (format vpc); convert with qemu-img convert -O qcow2",
-            )
-            .with_path(file.path()))
-        }
+        Format::Vhd => vhd::open(file, ctx)?,
         Format::Vhdx => {
             return Err(Error::unsupported(
                 "VHDX images are not supported yet (format vhdx); convert with qemu-img convert -O qcow2",
