@@ -490,22 +490,27 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Drops the references entry `e` held (after it was replaced).
+    /// Drops the references entry `e` held (after it was replaced by an
+    /// ordered write): the refcounts are lowered after the next flush.
     fn release(&self, st: &mut Alloc, e: u64) -> Result<()> {
         let cb = self.geo.cluster_bits;
         if e & L2_COMPRESSED != 0 {
             let (off, len) = compressed_descriptor(e, cb)?;
             for c in ((off & !511) >> cb)..=((off + len - 1) >> cb) {
-                st.decref(&self.file, &self.caches, self.cache_id, c)?;
+                st.decref_later(c);
             }
             self.caches.blocks.remove((self.cache_id, off));
         } else if e & OFFSET_MASK != 0 && self.data_file.is_none() {
-            st.decref(
-                &self.file,
-                &self.caches,
-                self.cache_id,
-                (e & OFFSET_MASK) >> cb,
-            )?;
+            st.decref_later((e & OFFSET_MASK) >> cb);
+        }
+        Ok(())
+    }
+
+    /// Flushes the queued metadata when it is large or old (bounding what
+    /// a power cut can lose and what the queue holds).
+    fn flush_if_due(&self) -> Result<()> {
+        if self.file.flush_due() {
+            self.flush()?;
         }
         Ok(())
     }
@@ -728,7 +733,7 @@ impl WriteLayer for Qcow2 {
             };
             done += n.map_err(|e| e.at(pos))?;
         }
-        Ok(())
+        self.flush_if_due()
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()> {
@@ -749,15 +754,23 @@ impl WriteLayer for Qcow2 {
             r.map_err(|e| e.at(pos))?;
             pos += n;
         }
-        Ok(())
+        self.flush_if_due()
     }
 
     fn flush(&self) -> Result<()> {
+        // Frees noted before the flush have their reference removals in it.
+        let frees = self.w().state.lock().take_deferred();
         // Guest data in a data file first, then the image with the tables.
-        if let Some(d) = &self.data_file {
-            d.sync_data()?;
+        let first: Vec<&HostFile> = self.data_file.as_deref().into_iter().collect();
+        self.file.flush_ordered(&first)?;
+        if frees.is_empty() {
+            return Ok(());
         }
-        self.file.sync_data()
+        let mut st = self.w().state.lock();
+        for c in frees {
+            st.decref(&self.file, &self.caches, self.cache_id, c)?;
+        }
+        Ok(())
     }
 }
 
@@ -765,5 +778,17 @@ impl Qcow2 {
     /// Host clusters freed (refcount dropped to 0) since the image was opened.
     pub fn clusters_freed(&self) -> u64 {
         self.writer.as_ref().map_or(0, |w| w.state.lock().freed)
+    }
+}
+
+impl Drop for Qcow2 {
+    /// Closing writes out the queued metadata (after the data file) and
+    /// applies the deferred frees, as a flush does.
+    fn drop(&mut self) {
+        if self.writer.is_some() {
+            if let Err(e) = self.flush() {
+                log::error!("{}: final flush failed: {e}", self.file.path().display());
+            }
+        }
     }
 }

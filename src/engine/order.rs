@@ -1,0 +1,317 @@
+//! Ordering of metadata writes so that a power cut at any instant leaves a
+//! consistent image.
+//!
+//! The host page cache writes pages back in any order, so two writes
+//! issued one after the other may reach the disk the other way round; only
+//! a barrier (fdatasync) orders them. A barrier per dependent write would
+//! cost several fdatasyncs per allocating write, so, as qemu's qcow2
+//! metadata cache does, the drivers split their writes in two kinds:
+//!
+//! - *Immediate* writes (plain [`HostFile::write_all_at`](crate::host::HostFile::write_all_at)): guest data,
+//!   copy-on-write fill, refcount raises, whole new tables and refcount
+//!   blocks. Nothing durable points at what they write yet (or, for a
+//!   refcount raise, the worst a lone raise can do is leak a cluster), so
+//!   they may reach the disk in any order.
+//! - *Ordered* writes ([`HostFile::write_ordered_at`](crate::host::HostFile::write_ordered_at)): the updates that
+//!   make something reachable — table entries and pointers to new tables
+//!   or blocks. They are applied to a per-file [`Queue`] of 512-byte
+//!   sectors at once (every read of the file sees them at once: reads are
+//!   overlaid with the queue), and written to the file by [`Queue::flush`]
+//!   in [`Stage`] order with a barrier before each stage:
+//!
+//! ```text
+//! take the queued sectors        (everything queued so far)
+//! barrier                        immediate writes before them are durable
+//! write the Link sectors, barrier   new refcount blocks / tables linked
+//! write the Map sectors, barrier    entries pointing at data and tables
+//! ```
+//!
+//! So whatever a queued update points at is durable before the update can
+//! be, and a Map entry never reaches the disk before the Link update it
+//! depends on. Lowering a refcount needs the reverse (the reference gone
+//! for good first); drivers do it after a flush returns (see
+//! `qcow2::alloc::Alloc::decref_later`). A burst of allocations costs one
+//! flush, i.e. at most three fdatasyncs, whatever its size; a guest fsync
+//! is a flush. The queue is bounded by [`Queue::due`]: drivers flush it
+//! when it holds [`FLUSH_BYTES`] or its oldest update is [`FLUSH_AGE`] old.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::error::Result;
+
+/// The dependency stage of an ordered write: every stage is durable
+/// before the next one is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stage {
+    /// Links a new refcount block or table into the structure that
+    /// finds it (refcount table entry, header pointer): what later table
+    /// entries' refcounts live in.
+    Link,
+    /// Mapping entries (L1/L2, grain directory/table): point at data and
+    /// tables written immediately, and at clusters counted by Link.
+    Map,
+}
+
+/// Sector size of the queue: the unit a disk writes atomically.
+pub const SECTOR: u64 = 512;
+
+/// Queued bytes past which drivers flush the queue.
+pub const FLUSH_BYTES: usize = 1 << 20;
+
+/// Age of the oldest queued update past which drivers flush the queue.
+pub const FLUSH_AGE: Duration = Duration::from_millis(500);
+
+/// One queued sector: its whole content, stage and change number.
+#[derive(Debug)]
+struct Sector {
+    stage: Stage,
+    seq: u64,
+    data: Box<[u8]>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    sectors: BTreeMap<u64, Sector>,
+    seq: u64,
+    oldest: Option<Instant>,
+}
+
+impl Inner {
+    fn bump(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+}
+
+/// The ordered writes of one host file not yet written to it.
+#[derive(Debug, Default)]
+pub struct Queue {
+    /// True while any sector is queued: the read path checks only this.
+    nonempty: AtomicBool,
+    inner: RwLock<Inner>,
+    /// One flush at a time.
+    flushing: Mutex<()>,
+}
+
+/// What one flush writes: per stage, sector index, change number, content.
+type Batch = Vec<(u64, u64, Box<[u8]>)>;
+
+impl Queue {
+    /// True when nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        !self.nonempty.load(Ordering::Acquire)
+    }
+
+    /// True when the queue should be flushed: it holds [`FLUSH_BYTES`] or
+    /// its oldest update is [`FLUSH_AGE`] old.
+    pub fn due(&self) -> bool {
+        if self.is_empty() {
+            return false;
+        }
+        let inner = self.inner.read();
+        inner.sectors.len() * SECTOR as usize >= FLUSH_BYTES
+            || inner.oldest.is_some_and(|t| t.elapsed() >= FLUSH_AGE)
+    }
+
+    /// Copies the queued bytes inside `offset..offset + buf.len()` over
+    /// `buf` (just read from the file).
+    pub fn overlay(&self, buf: &mut [u8], offset: u64) {
+        if self.is_empty() || buf.is_empty() {
+            return;
+        }
+        let end = offset.saturating_add(buf.len() as u64);
+        let inner = self.inner.read();
+        for (&s, sec) in inner.sectors.range(offset / SECTOR..end.div_ceil(SECTOR)) {
+            let so = s * SECTOR;
+            let (a, b) = (so.max(offset), (so + SECTOR).min(end));
+            buf[(a - offset) as usize..(b - offset) as usize]
+                .copy_from_slice(&sec.data[(a - so) as usize..(b - so) as usize]);
+        }
+    }
+
+    /// Queues `buf` at `offset` in `stage`. A sector not queued yet is
+    /// first filled by `read` (the file's bytes there). Returns false,
+    /// queueing nothing, when a touched sector is queued in another stage:
+    /// the caller flushes and retries.
+    pub fn queue(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        stage: Stage,
+        mut read: impl FnMut(&mut [u8], u64) -> Result<()>,
+    ) -> Result<bool> {
+        if buf.is_empty() {
+            return Ok(true);
+        }
+        let end = offset.saturating_add(buf.len() as u64);
+        let (first, last) = (offset / SECTOR, end.div_ceil(SECTOR));
+        let mut inner = self.inner.write();
+        if inner
+            .sectors
+            .range(first..last)
+            .any(|(_, s)| s.stage != stage)
+        {
+            return Ok(false);
+        }
+        let seq = inner.bump();
+        for s in first..last {
+            let so = s * SECTOR;
+            if !inner.sectors.contains_key(&s) {
+                let mut data = vec![0u8; SECTOR as usize].into_boxed_slice();
+                read(&mut data, so)?;
+                inner.sectors.insert(s, Sector { stage, seq, data });
+            }
+            let sec = inner.sectors.get_mut(&s).expect("present");
+            let (a, b) = (so.max(offset), (so + SECTOR).min(end));
+            sec.data[(a - so) as usize..(b - so) as usize]
+                .copy_from_slice(&buf[(a - offset) as usize..(b - offset) as usize]);
+            sec.seq = seq;
+        }
+        inner.oldest.get_or_insert_with(Instant::now);
+        self.nonempty.store(true, Ordering::Release);
+        Ok(true)
+    }
+
+    /// Applies an immediate write of `buf` at `offset` (`None`: zeros, for
+    /// a punched hole) to the queued sectors it overlaps, so that a later
+    /// flush does not bring back older bytes.
+    pub fn patch(&self, buf: Option<&[u8]>, offset: u64, len: u64) {
+        if self.is_empty() || len == 0 {
+            return;
+        }
+        let end = offset.saturating_add(len);
+        let mut inner = self.inner.write();
+        let seq = inner.bump();
+        for (&s, sec) in inner
+            .sectors
+            .range_mut(offset / SECTOR..end.div_ceil(SECTOR))
+        {
+            let so = s * SECTOR;
+            let (a, b) = (so.max(offset), (so + SECTOR).min(end));
+            let dst = &mut sec.data[(a - so) as usize..(b - so) as usize];
+            match buf {
+                Some(buf) => {
+                    dst.copy_from_slice(&buf[(a - offset) as usize..(b - offset) as usize])
+                }
+                None => dst.fill(0),
+            }
+            sec.seq = seq;
+        }
+    }
+
+    /// Writes every queued sector to the file, stage by stage, each stage
+    /// after a barrier, and ends with a barrier: afterwards everything
+    /// written (immediately or queued) before the call is durable.
+    /// `sync` is the barrier, `write` a raw write to the file.
+    pub fn flush(
+        &self,
+        sync: impl Fn() -> Result<()>,
+        write: impl Fn(&[u8], u64) -> Result<()>,
+    ) -> Result<()> {
+        let _one = self.flushing.lock();
+        let batches = self.take();
+        // Whatever the queued updates point at was written before they
+        // were queued: make it durable before any of them is written.
+        sync()?;
+        for batch in batches.iter().filter(|b| !b.is_empty()) {
+            write_runs(batch, &write)?;
+            sync()?;
+        }
+        self.retire(&batches);
+        Ok(())
+    }
+
+    /// Copies of the queued sectors, per stage in stage order.
+    fn take(&self) -> [Batch; 2] {
+        let mut out: [Batch; 2] = [Vec::new(), Vec::new()];
+        if self.is_empty() {
+            return out;
+        }
+        let inner = self.inner.read();
+        for (&s, sec) in &inner.sectors {
+            out[sec.stage as usize].push((s, sec.seq, sec.data.clone()));
+        }
+        out
+    }
+
+    /// Forgets the sectors of `batches` (now in the file) unless they
+    /// changed since they were taken.
+    fn retire(&self, batches: &[Batch; 2]) {
+        let mut inner = self.inner.write();
+        for &(s, seq, _) in batches.iter().flatten() {
+            if inner.sectors.get(&s).is_some_and(|sec| sec.seq == seq) {
+                inner.sectors.remove(&s);
+            }
+        }
+        if inner.sectors.is_empty() {
+            inner.oldest = None;
+            self.nonempty.store(false, Ordering::Release);
+        } else {
+            inner.oldest = Some(Instant::now());
+        }
+    }
+}
+
+/// Writes the sectors of `batch` (sorted by index), adjacent ones in one
+/// write.
+fn write_runs(batch: &Batch, write: &impl Fn(&[u8], u64) -> Result<()>) -> Result<()> {
+    let mut i = 0;
+    while i < batch.len() {
+        let start = batch[i].0;
+        let mut buf = Vec::new();
+        while i < batch.len() && batch[i].0 == start + (buf.len() as u64 / SECTOR) {
+            buf.extend_from_slice(&batch[i].2);
+            i += 1;
+        }
+        write(&buf, start * SECTOR)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    #[test]
+    fn queued_bytes_are_read_back_and_flushed_by_stage() {
+        let q = Queue::default();
+        let disk = RefCell::new(vec![7u8; 4096]);
+        let read = |b: &mut [u8], at: u64| {
+            b.copy_from_slice(&disk.borrow()[at as usize..at as usize + b.len()]);
+            Ok(())
+        };
+        assert!(q.queue(&[1, 2, 3], 1000, Stage::Map, read).unwrap());
+        assert!(q.queue(&[9; 8], 2048, Stage::Link, read).unwrap());
+        // Another stage in a queued sector: refused, nothing changed.
+        assert!(!q.queue(&[5], 1001, Stage::Link, read).unwrap());
+        let mut buf = vec![0u8; 8];
+        buf.copy_from_slice(&disk.borrow()[998..1006]);
+        q.overlay(&mut buf, 998);
+        assert_eq!(buf, [7, 7, 1, 2, 3, 7, 7, 7]);
+        let log = RefCell::new(Vec::new());
+        q.flush(
+            || {
+                log.borrow_mut().push("sync".to_string());
+                Ok(())
+            },
+            |b, at| {
+                log.borrow_mut().push(format!("write {at} {}", b.len()));
+                disk.borrow_mut()[at as usize..at as usize + b.len()].copy_from_slice(b);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            *log.borrow(),
+            ["sync", "write 2048 512", "sync", "write 512 512", "sync"]
+        );
+        assert!(q.is_empty());
+        assert_eq!(&disk.borrow()[998..1006], &[7, 7, 1, 2, 3, 7, 7, 7]);
+        assert_eq!(disk.borrow()[1006], 7);
+    }
+}
