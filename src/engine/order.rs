@@ -108,8 +108,10 @@ impl Queue {
 
     /// True when the queue should be flushed: it holds [`FLUSH_BYTES`] or
     /// its oldest update is [`FLUSH_AGE`] old.
+    /// False while a flush runs (it may well cover the caller's updates;
+    /// writers do not queue up behind it).
     pub fn due(&self) -> bool {
-        if self.is_empty() {
+        if self.is_empty() || self.flushing.is_locked() {
             return false;
         }
         let inner = self.inner.read();

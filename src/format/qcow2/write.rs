@@ -23,21 +23,22 @@
 //! be freed (and reused), [`Qcow2::quiesce`] takes the gate exclusively:
 //! any lock-free write that looked up the old entry has finished.
 //!
-//! **Ordering.** Metadata is written through (`pwrite` at once, in
-//! dependency order); nothing is kept dirty in memory:
+//! **Ordering** ([`crate::engine::order`]). Data, copy-on-write fill,
+//! refcount raises and new tables are written at once; L1 and L2 entries
+//! are ordered writes (stage Map) and refcount-table entries and the
+//! header's refcount-table pointer stage Link, applied in memory at once
+//! and written by the next flush after barriers:
 //! 1. a new cluster's refcount is raised (and its refcount block written
 //!    and linked, or the refcount table grown) before anything points to it;
-//! 2. data (including copy-on-write fill) is written before the L2 entry
+//! 2. data (including copy-on-write fill) is durable before the L2 entry
 //!    that makes it visible, and a new L2 table before its L1 entry;
-//! 3. references are removed before refcounts are lowered; a cluster whose
-//!    refcount reaches 0 has its host space punched out.
+//! 3. a dropped reference is only noted ([`Alloc::decref_later`]);
+//!    [`WriteLayer::flush`] lowers the refcount (punching the cluster's
+//!    host space at 0, making it reusable) once the removal is durable.
 //!
-//! A process crash (SIGKILL) at any instant therefore leaves at worst
-//! leaked clusters. [`WriteLayer::flush`] fdatasyncs the image and the data
-//! file: everything written before it is durable afterwards. Between
-//! flushes the host kernel may write pages back in any order, so a power
-//! loss between flushes can leave metadata ahead of data (as with qemu's
-//! writeback cache mode); the guest's flush is the durability point.
+//! A crash or a power cut at any instant therefore leaves at worst leaked
+//! clusters; everything written before a completed [`WriteLayer::flush`]
+//! is durable (the data file first, then the image).
 //!
 //! **Refcounts** are always exact: the dirty bit is never set, even on
 //! images with lazy refcounts enabled. Images with the dirty or corrupt
