@@ -71,11 +71,12 @@ fn create(dir: &Path, case: &Case) -> PathBuf {
             let size = if case.unit >= M { "8M" } else { "4M" };
             qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, &s(&img), size]);
             // Existing data to overwrite, one compressed cluster.
-            qemu_io(
-                "qcow2",
-                &img,
-                &["write -P 0x11 0 96k", "write -c -P 0x22 1M 64k"],
-            );
+            let comp = if case.unit >= M {
+                "write -c -P 0x22 4M 2M"
+            } else {
+                "write -c -P 0x22 1M 64k"
+            };
+            qemu_io("qcow2", &img, &["write -P 0x11 0 96k", comp]);
             img
         }
         "qcow2-over-vmdk" => {
