@@ -332,7 +332,7 @@ fn simulate(case: &Case, image: &Path, orig: &[u8], run: &Run, cuts: usize, seed
             .map(|t| {
                 s.spawn(move || {
                     let mut tally = Tally::default();
-                    let mut rng = Rng::new(seed ^ (t as u64 + 1) * 0x1234_5678);
+                    let mut rng = Rng::new(seed ^ ((t as u64 + 1) * 0x1234_5678));
                     let out = image.with_file_name(format!(
                         "cut{t}.{}",
                         image.extension().unwrap().to_str().unwrap()

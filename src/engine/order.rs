@@ -159,15 +159,19 @@ impl Queue {
         {
             return Ok(false);
         }
+        // Read every missing sector first: a failed read queues nothing.
+        let mut fresh = Vec::new();
+        for s in (first..last).filter(|s| !inner.sectors.contains_key(s)) {
+            let mut data = vec![0u8; SECTOR as usize].into_boxed_slice();
+            read(&mut data, s * SECTOR)?;
+            fresh.push((s, data));
+        }
         let seq = inner.bump();
-        for s in first..last {
+        for (s, data) in fresh {
+            inner.sectors.insert(s, Sector { stage, seq, data });
+        }
+        for (&s, sec) in inner.sectors.range_mut(first..last) {
             let so = s * SECTOR;
-            if !inner.sectors.contains_key(&s) {
-                let mut data = vec![0u8; SECTOR as usize].into_boxed_slice();
-                read(&mut data, so)?;
-                inner.sectors.insert(s, Sector { stage, seq, data });
-            }
-            let sec = inner.sectors.get_mut(&s).expect("present");
             let (a, b) = (so.max(offset), (so + SECTOR).min(end));
             sec.data[(a - so) as usize..(b - so) as usize]
                 .copy_from_slice(&buf[(a - offset) as usize..(b - offset) as usize]);
