@@ -33,6 +33,9 @@ pub struct HostFile {
     queue: Queue,
     /// Where host I/O is logged, when a test asked for it.
     recorder: OnceLock<Arc<Recorder>>,
+    /// Files synced before this one's queued metadata is written (a qcow2
+    /// data file: the guest data its L2 entries point at).
+    flush_first: OnceLock<Arc<HostFile>>,
 }
 
 /// Writes at least this long go to one host file one at a time.
@@ -103,7 +106,7 @@ impl HostFile {
             )
             .with_path(path));
         };
-        Ok(Arc::new(HostFile {
+        Ok(watched(HostFile {
             file,
             path: path.to_path_buf(),
             len,
@@ -112,6 +115,7 @@ impl HostFile {
             large_writes: parking_lot::Mutex::new(()),
             queue: Queue::default(),
             recorder: OnceLock::new(),
+            flush_first: OnceLock::new(),
         }))
     }
 
@@ -122,7 +126,7 @@ impl HostFile {
             .metadata()
             .map_err(|e| Error::io("cannot stat", e).with_path(&path))?
             .len();
-        Ok(Arc::new(HostFile {
+        Ok(watched(HostFile {
             file,
             path,
             len,
@@ -131,6 +135,7 @@ impl HostFile {
             large_writes: parking_lot::Mutex::new(()),
             queue: Queue::default(),
             recorder: OnceLock::new(),
+            flush_first: OnceLock::new(),
         }))
     }
 
@@ -293,21 +298,26 @@ impl HostFile {
                 return Ok(());
             }
             // A sector shared with another stage: write out what is queued.
-            self.flush_ordered(&[])?;
+            self.flush_ordered()?;
         }
     }
 
     /// Writes the queued metadata in dependency order with barriers (see
-    /// [`crate::engine::order::Queue::flush`]), after making the files of
-    /// `first` (a data file holding what the metadata points at) durable.
-    /// Afterwards everything written to this file and `first` before the
-    /// call is durable.
-    pub fn flush_ordered(&self, first: &[&HostFile]) -> Result<()> {
-        for f in first {
+    /// [`crate::engine::order::Queue::flush`]), after making the file set
+    /// by [`HostFile::flush_first`] durable. Afterwards everything written
+    /// to both before the call is durable.
+    pub fn flush_ordered(&self) -> Result<()> {
+        if let Some(f) = self.flush_first.get() {
             f.sync_data()?;
         }
         self.queue
             .flush(|| self.sync_data(), |b, at| self.write_through(b, at))
+    }
+
+    /// Makes every flush of this file's queued metadata sync `first`
+    /// before (the data file guest data of this image lives in); once.
+    pub fn flush_first(&self, first: Arc<HostFile>) {
+        let _ = self.flush_first.set(first);
     }
 
     /// True when the queued metadata should be flushed (large or old).
@@ -430,11 +440,20 @@ impl Drop for HostFile {
     /// nothing that was written to it.
     fn drop(&mut self) {
         if !self.queue.is_empty() {
-            if let Err(e) = self.flush_ordered(&[]) {
+            if let Err(e) = self.flush_ordered() {
                 log::error!("{e}");
             }
         }
     }
+}
+
+/// A new host file, watched by the background flusher when writable.
+fn watched(f: HostFile) -> Arc<HostFile> {
+    let f = Arc::new(f);
+    if f.writable {
+        crate::engine::order::watch(&f);
+    }
+    f
 }
 
 fn block_device_size(file: &File) -> std::io::Result<u64> {

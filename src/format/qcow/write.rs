@@ -532,7 +532,7 @@ impl WriteLayer for Qcow {
     }
 
     fn flush(&self) -> Result<()> {
-        self.file.flush_ordered(&[])
+        self.file.flush_ordered()
     }
 }
 
@@ -540,7 +540,7 @@ impl Qcow {
     /// Flushes the queued table updates when they are large or old.
     fn flush_if_due(&self) -> Result<()> {
         if self.file.flush_due() {
-            self.file.flush_ordered(&[])?;
+            self.file.flush_ordered()?;
         }
         Ok(())
     }

@@ -761,9 +761,9 @@ impl WriteLayer for Qcow2 {
     fn flush(&self) -> Result<()> {
         // Frees noted before the flush have their reference removals in it.
         let frees = self.w().state.lock().take_deferred();
-        // Guest data in a data file first, then the image with the tables.
-        let first: Vec<&HostFile> = self.data_file.as_deref().into_iter().collect();
-        self.file.flush_ordered(&first)?;
+        // Guest data in a data file first (HostFile::flush_first), then the
+        // image with the tables.
+        self.file.flush_ordered()?;
         if frees.is_empty() {
             return Ok(());
         }

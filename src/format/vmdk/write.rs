@@ -872,7 +872,7 @@ fn flat_file(e: &Extent) -> (&Arc<HostFile>, u64) {
 /// old.
 fn flush_if_due(file: &HostFile) -> Result<()> {
     if file.flush_due() {
-        file.flush_ordered(&[])?;
+        file.flush_ordered()?;
     }
     Ok(())
 }
@@ -964,7 +964,7 @@ impl WriteLayer for Vmdk {
             };
             if dirty.swap(false, Ordering::AcqRel) {
                 // Sparse extents: queued table updates after their grains.
-                if let Err(err) = file.flush_ordered(&[]) {
+                if let Err(err) = file.flush_ordered() {
                     dirty.store(true, Ordering::Release);
                     return Err(err);
                 }
