@@ -36,6 +36,16 @@
 //! when it holds [`FLUSH_BYTES`] or its oldest update is [`FLUSH_AGE`]
 //! old, checked after each write and, for idle files, by a background
 //! thread ([`watch`]).
+//!
+//! Details that keep the queue honest: an immediate write or punched hole
+//! over a queued sector updates the queued copy too (a flush never brings
+//! back older bytes); a sector is queued in one stage only — a write for
+//! another stage first flushes the queue (no driver mixes stages in one
+//! sector, so this does not happen in practice); a flush writes copies
+//! taken before its first barrier, and a sector changed meanwhile stays
+//! queued for the next flush. Holes punched on discard (qcow v1, VMDK
+//! grains; a qcow2 data file) are immediate: before the flush a cut may
+//! show the discarded range as zeros, which is its new content.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
