@@ -8,6 +8,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::engine::overlap::Structure;
 use crate::error::{Error, Result};
 
 use super::alloc::Alloc;
@@ -120,8 +121,14 @@ impl Qcow2 {
         })?;
         let cs = geo.cluster_size();
         let table = l1e & OFFSET_MASK;
+        let map = &self
+            .writer
+            .as_ref()
+            .expect("writes reach writable layers")
+            .map;
         if table == 0 {
             let new = self.alloc_cluster(st)?;
+            map.add(new, cs, Structure::L2Table);
             self.write_l2_table(new, &vec![0u8; cs as usize])?;
             self.set_l1_entry(l1i, new | L2_COPIED)?;
             return Ok((new, index));
@@ -149,8 +156,11 @@ impl Qcow2 {
             }
         }
         let new = self.alloc_cluster(st)?;
+        map.add(new, cs, Structure::L2Table);
         self.write_l2_table(new, &content)?;
         self.set_l1_entry(l1i, new | L2_COPIED)?;
+        // The old table stays recorded as a snapshot's L2 table, if it is one.
+        map.remove(table, Structure::L2Table);
         self.quiesce();
         st.decref(
             &self.file,

@@ -8,6 +8,7 @@
 //! - [`meta`]: L1/L2 table updates and cache coherence (writes).
 //! - [`write`]: the [`WriteLayer`] side: in-place writes, copy-on-write,
 //!   zeroing; its module documentation gives the ordering and locking rules.
+//! - [`guard`]: the map of metadata ranges no data write may touch.
 //! - [`create`]: new empty images (overlays).
 //!
 //! Opening reads and validates the header, the extensions, the backing
@@ -43,6 +44,7 @@ use crate::host::HostFile;
 
 mod alloc;
 pub mod create;
+mod guard;
 pub mod header;
 mod meta;
 pub mod refcount;
@@ -117,6 +119,7 @@ impl Qcow2 {
                 data_file.as_deref(),
                 &header,
                 backing.is_some(),
+                &l1,
             )?)
         } else {
             None

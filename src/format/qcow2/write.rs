@@ -46,7 +46,11 @@
 //! open; `data_file_raw` is kept, and honoured: data always lands at the
 //! guest offset and zeroed ranges are punched out of the data file too.
 
+use std::sync::Arc;
+
 use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
+
+use crate::engine::overlap::MetadataMap;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{Below, WriteLayer};
@@ -70,15 +74,18 @@ pub(super) struct Writer {
     /// Signalled (with `state` held) when a busy range is finished.
     idle: Condvar,
     has_backing: bool,
+    /// Metadata ranges no data write may touch.
+    pub(super) map: Arc<MetadataMap>,
 }
 
 impl Writer {
     /// Checks that `h` may be written and prepares the refcount state.
     pub(super) fn open(
-        file: &HostFile,
+        file: &Arc<HostFile>,
         data_file: Option<&HostFile>,
         h: &Header,
         has_backing: bool,
+        l1: &[u64],
     ) -> Result<Writer> {
         if h.incompatible & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT) != 0 {
             let what = if h.incompatible & INCOMPAT_CORRUPT != 0 {
@@ -97,7 +104,8 @@ impl Writer {
                 "the image file is open read-only",
             ));
         }
-        let st = Alloc::open(file, h)?;
+        let map = Arc::new(super::guard::build(file, h, l1)?);
+        let st = Alloc::open(file, h, map.clone())?;
         if h.version >= 3 && h.autoclear & !AUTOCLEAR_DATA_FILE_RAW != 0 {
             let keep = h.autoclear & AUTOCLEAR_DATA_FILE_RAW;
             file.write_all_at(&keep.to_be_bytes(), 88)?;
@@ -108,6 +116,7 @@ impl Writer {
             busy: Mutex::new(Vec::new()),
             idle: Condvar::new(),
             has_backing,
+            map,
         })
     }
 
@@ -133,6 +142,30 @@ impl Qcow2 {
         self.writer
             .as_ref()
             .expect("write calls only reach writable layers")
+    }
+
+    /// Checks a data write of `len` bytes at host `host` (guest `guest`)
+    /// into the image file against its metadata map (a data file holds
+    /// no metadata).
+    fn guard(&self, host: u64, len: u64, guest: u64) -> Result<()> {
+        match &self.writer {
+            Some(w) if self.data_file.is_none() => w.map.guard(host, len, guest),
+            _ => Ok(()),
+        }
+    }
+
+    /// Before an entry stops pointing at its data cluster (which may then
+    /// be freed): that cluster must not be metadata.
+    fn guard_old_data(&self, e: u64, pos: u64) -> Result<()> {
+        let host = e & OFFSET_MASK;
+        if e & L2_COMPRESSED != 0 || host == 0 {
+            return Ok(());
+        }
+        self.guard(
+            host,
+            self.geo.cluster_size(),
+            pos - pos % self.geo.cluster_size(),
+        )
     }
 
     /// The file guest data lives in.
@@ -226,6 +259,7 @@ impl Qcow2 {
             n += k;
         }
         if let Some(s) = start {
+            self.guard(s, n as u64, pos)?;
             self.data_target().write_all_at(&data[..n], s)?;
         }
         Ok(n)
@@ -271,7 +305,9 @@ impl Qcow2 {
         let mut d = 0usize;
         for &(h, k) in &runs {
             let n = (k * cs) as usize;
-            filled = self.file.write_all_at(&data[d..d + n], h);
+            filled = self
+                .guard(h, n as u64, pos + d as u64)
+                .and_then(|()| self.file.write_all_at(&data[d..d + n], h));
             if filled.is_err() {
                 break;
             }
@@ -334,6 +370,7 @@ impl Qcow2 {
             self.current(&mut buf[end..], g, e, bm, dec.as_deref(), below)?;
         }
         buf[off..end].copy_from_slice(data);
+        self.guard(new, cs, cstart)?;
         self.file.write_all_at(&buf, new)
     }
 
@@ -545,6 +582,8 @@ impl Qcow2 {
                     "L2 entry host offset {target:#x} is not aligned to the cluster size"
                 )));
             }
+            // The units this write and its fills touch.
+            self.guard(target + u0 * unit, (u1 - u0) * unit, cstart + u0 * unit)?;
             let f = self.data_target();
             f.write_all_at(data, target + off)?;
             // Complete the units this write allocates from what they read as.
@@ -597,6 +636,7 @@ impl Qcow2 {
         }
         buf[off as usize..end as usize].copy_from_slice(data);
         let new = self.alloc_cluster(st)?;
+        self.guard(new, cs, cstart)?;
         let mut k = 0;
         while k < nunits {
             if write_units >> k & 1 == 0 {
@@ -649,6 +689,7 @@ impl Qcow2 {
         if (e, bm) == (ne, nbm) {
             return Ok(());
         }
+        self.guard_old_data(e, pos)?;
         self.set_l2_entry(table, index, ne, nbm)?;
         self.quiesce();
         if let Some(d) = &self.data_file {
@@ -692,6 +733,9 @@ impl Qcow2 {
             let drop_host = alloc == 0 && !df && e & OFFSET_MASK != 0;
             let ne = if drop_host { 0 } else { e };
             if (ne, alloc | zero << 32) != (e, bm) {
+                if drop_host {
+                    self.guard_old_data(e, pos)?;
+                }
                 self.set_l2_entry(table, index, ne, alloc | zero << 32)?;
                 if drop_host {
                     self.quiesce();
@@ -709,6 +753,7 @@ impl Qcow2 {
 
 impl WriteLayer for Qcow2 {
     fn write_at(&self, buf: &[u8], offset: u64, below: &dyn Below) -> Result<()> {
+        self.w().map.refuse_if_tripped()?;
         let cs = self.geo.cluster_size();
         let mut done = 0usize;
         while done < buf.len() {
@@ -732,6 +777,7 @@ impl WriteLayer for Qcow2 {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()> {
+        self.w().map.refuse_if_tripped()?;
         let cs = self.geo.cluster_size();
         let size = self.header.size;
         let end = offset + len;

@@ -52,6 +52,7 @@ use parking_lot::{Condvar, Mutex};
 use super::descriptor::{Access, ExtentType};
 use super::extent::{Extent, ExtentData, Grain, GrainTables, GteCodec, GD_BAD, GD_NONE, GD_ZERO};
 use super::Vmdk;
+use crate::engine::overlap::{MetadataMap, Structure};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{Below, Layer, WriteLayer};
 use crate::host::HostFile;
@@ -97,6 +98,9 @@ struct SparseWriter {
     dirty: AtomicBool,
     /// Host offsets at or after this were allocated by this writer.
     first_own: u64,
+    /// Metadata ranges of the extent file no grain write may touch: the
+    /// header, the embedded descriptor, both directories, every table.
+    map: MetadataMap,
 }
 
 struct Alloc {
@@ -282,7 +286,23 @@ impl SparseWriter {
         }
         let frontier = round_up(end, t.grain_size)
             .ok_or_else(|| Error::corrupt("the extent file is too large to grow"))?;
+        let map = MetadataMap::new(file.path());
+        map.add(0, 512, Structure::Header);
+        let (d_at, d_len) = info.descriptor_at;
+        map.add(d_at, d_len, Structure::Descriptor);
+        let gd_bytes = t.gd.len() as u64 * 4;
+        map.add(gd_at, gd_bytes, Structure::GrainDirectory);
+        if rgd_at != 0 {
+            map.add(rgd_at, gd_bytes, Structure::RedundantGrainDirectory);
+        }
+        for e in t.gd.iter().chain(t.rgd.iter().flatten()) {
+            let o = e.load(Ordering::Relaxed);
+            if !matches!(o, GD_NONE | GD_ZERO | GD_BAD) {
+                map.add(o, gt_bytes, Structure::GrainTable);
+            }
+        }
         Ok(SparseWriter {
+            map,
             state: Mutex::new(Alloc {
                 frontier,
                 pending: HashSet::new(),
@@ -356,12 +376,14 @@ impl SparseWriter {
         self.dirty.store(true, Ordering::Release);
         let rhost = if redundant {
             let h = self.reserve(t, st, space, 512)?;
+            self.map.add(h, space, Structure::GrainTable);
             t.file.write_all_at(&table, h)?;
             Some(h)
         } else {
             None
         };
         let host = self.reserve(t, st, space, 512)?;
+        self.map.add(host, space, Structure::GrainTable);
         t.file.write_all_at(&table, host)?;
         let entry_at = gdi * 4;
         if let Some(rh) = rhost {
@@ -563,6 +585,7 @@ impl Vmdk {
         below: &dyn Below,
         zeros: bool,
     ) -> Result<usize> {
+        w.map.refuse_if_tripped()?;
         if rel >= t.capacity {
             return Err(Error::unsupported(
                 "write beyond the capacity the sparse extent's header describes",
@@ -590,6 +613,7 @@ impl Vmdk {
                         n = (n + gs).min(buf.len() as u64);
                         k += 1;
                     }
+                    w.map.guard(host + in_g, n, e.start + rel)?;
                     let n = n as usize;
                     w.dirty.store(true, Ordering::Release);
                     t.file.write_all_at(&buf[..n], host + in_g)?;
@@ -693,6 +717,7 @@ impl Vmdk {
         let n = (buf_end.min(run_end) - rel) as usize;
         let cap = t.capacity;
         let covers_all = rel == run.rel && buf_end >= run_end.min(cap);
+        w.map.guard(run.host, count * gs, e.start + run.rel)?;
         w.dirty.store(true, Ordering::Release);
         if zeros && covers_all {
             // The reserved space was never written: it reads as zeros.
@@ -771,6 +796,7 @@ impl Vmdk {
         end: u64,
         below: &dyn Below,
     ) -> Result<()> {
+        w.map.refuse_if_tripped()?;
         let gs = t.grain_size;
         let has_parent = self.has_parent();
         let zeros = vec![0u8; MAX_RUN_BYTES.max(gs) as usize];
@@ -826,6 +852,7 @@ impl Vmdk {
             }
             if let Grain::Data(h) = grain {
                 w.check_data(h, gs)?;
+                w.map.guard(h, gs, e.start + pos)?;
                 w.dirty.store(true, Ordering::Release);
                 t.file.punch_hole(h, gs)?;
                 pos += gs;
