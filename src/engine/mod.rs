@@ -3,5 +3,8 @@
 //!
 //! - [`overlap`]: metadata overlap protection (no data write lands on a
 //!   header, table or directory).
+//! - [`reclaim`]: frees that wait for the reads that may still use a
+//!   freed cluster.
 
 pub mod overlap;
+pub mod reclaim;

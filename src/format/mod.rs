@@ -218,6 +218,14 @@ pub trait Layer: Send + Sync {
         None
     }
 
+    /// Pins the layer's table state for one mapped run: held by a reader
+    /// from [`Layer::map`] until the run's bytes are read, so that a
+    /// cluster freed meanwhile is not reused under it (see
+    /// [`crate::engine::reclaim`]). `None` for layers that never free.
+    fn pin_reads(&self) -> Option<crate::engine::reclaim::ReadPin<'_>> {
+        None
+    }
+
     /// The write side, when the layer was opened writable and its format
     /// (or subformat) can be written in place.
     fn as_write(&self) -> Option<&dyn WriteLayer> {

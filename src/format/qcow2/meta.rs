@@ -100,12 +100,12 @@ impl Qcow2 {
         Ok(run)
     }
 
-    /// Waits until no lock-free in-place write that may have seen a
-    /// reference dropped before this call is still running. Called after
-    /// a reference is removed and before its cluster may become free.
+    /// Waits until no read and no lock-free in-place write that may have
+    /// seen a reference dropped before this call is still running. Called
+    /// after a reference is removed and before its cluster may become free.
     pub(super) fn quiesce(&self) {
         if let Some(w) = &self.writer {
-            drop(w.gate.write());
+            w.gate.wait_for_readers();
         }
     }
 

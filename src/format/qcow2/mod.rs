@@ -454,6 +454,10 @@ impl Layer for Qcow2 {
         self.cache_id
     }
 
+    fn pin_reads(&self) -> Option<crate::engine::reclaim::ReadPin<'_>> {
+        self.writer.as_ref().map(|w| w.gate.pin())
+    }
+
     fn as_write(&self) -> Option<&dyn WriteLayer> {
         self.writer.as_ref().map(|_| self as &dyn WriteLayer)
     }

@@ -48,9 +48,10 @@
 
 use std::sync::Arc;
 
-use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::engine::overlap::MetadataMap;
+use crate::engine::reclaim::ReadGate;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{Below, WriteLayer};
@@ -67,7 +68,8 @@ const ALL_UNITS: u64 = 0xffff_ffff;
 /// The write side of an open image.
 pub(super) struct Writer {
     state: Mutex<Alloc>,
-    pub(super) gate: RwLock<()>,
+    /// Pinned by readers and lock-free in-place writes; see [`ReadGate`].
+    pub(super) gate: ReadGate,
     /// Guest cluster ranges (first, count) whose new host clusters are
     /// being filled outside the mutex; changed only under `state`.
     busy: Mutex<Vec<(u64, u64)>>,
@@ -112,7 +114,7 @@ impl Writer {
         }
         Ok(Writer {
             state: Mutex::new(st),
-            gate: RwLock::new(()),
+            gate: ReadGate::new(),
             busy: Mutex::new(Vec::new()),
             idle: Condvar::new(),
             has_backing,
@@ -243,7 +245,7 @@ impl Qcow2 {
     /// cannot be written in place.
     fn write_in_place_run(&self, data: &[u8], pos: u64) -> Result<usize> {
         let cs = self.geo.cluster_size();
-        let _g = self.w().gate.read();
+        let _g = self.w().gate.pin();
         let (mut start, mut n) = (None::<u64>, 0usize);
         while n < data.len() {
             let p = pos + n as u64;
