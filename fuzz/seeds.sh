@@ -30,6 +30,12 @@ seed vmdk_descriptor "$tmp/flat.vmdk" $(find "$shared" -name '*.vmdk' -size -4k)
 seed vmdk_open "$tmp"/*.vmdk $(small '*.vmdk')
 seed vmdk_read "$tmp"/sparse.vmdk "$tmp"/stream.vmdk $(small '*.vmdk')
 seed chain_read "$tmp"/* $(small '*')
+# write_paths: the first byte picks the format (0 qcow2, 1 qcow, 2 vmdk).
+mkdir -p corpus/write_paths
+for f in "$tmp"/c512.qcow2 "$tmp"/c4k.qcow2 "$tmp"/ext.qcow2 "$tmp"/v2.qcow2; do
+  { printf '\x00'; cat "$f"; } > "corpus/write_paths/$(basename "$f")"; done
+{ printf '\x01'; cat "$tmp/v1.qcow"; } > corpus/write_paths/v1.qcow
+{ printf '\x02'; cat "$tmp/sparse.vmdk"; } > corpus/write_paths/sparse.vmdk
 mkdir -p corpus/decompress
 python3 - <<'PY'
 import os, zlib

@@ -136,7 +136,10 @@ fn reads_never_see_another_offsets_data_under_discards_and_reuse() {
     if let Some(msg) = bad.into_inner() {
         panic!("{msg} (after {reads} reads, {frees} discards)");
     }
-    assert!(reads > 1000 && frees > 1000, "too little work: {reads} reads, {frees} discards");
+    assert!(
+        reads > 1000 && frees > 1000,
+        "too little work: {reads} reads, {frees} discards"
+    );
     chain.flush().unwrap();
     drop(chain);
     let out = std::process::Command::new("qemu-img")

@@ -143,6 +143,11 @@ impl MetadataMap {
         }
     }
 
+    /// The host file the map describes.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Sets what runs once when the first overlapping write is refused.
     pub fn set_on_trip(&mut self, f: OnTrip) {
         self.on_trip = Some(f);

@@ -279,6 +279,12 @@ pub trait WriteLayer: Send + Sync {
     /// Makes every completed write durable, metadata after the data it
     /// points to.
     fn flush(&self) -> Result<()>;
+
+    /// The metadata maps no data write may touch (one per host file with
+    /// metadata), for checks by tests and fuzzing.
+    fn metadata_maps(&self) -> Vec<&crate::engine::overlap::MetadataMap> {
+        Vec::new()
+    }
 }
 
 /// What a driver needs to open a layer.

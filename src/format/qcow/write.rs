@@ -553,4 +553,8 @@ impl WriteLayer for Qcow {
     fn flush(&self) -> Result<()> {
         self.file.sync_data()
     }
+
+    fn metadata_maps(&self) -> Vec<&MetadataMap> {
+        vec![&self.writer().map]
+    }
 }

@@ -201,6 +201,14 @@ impl Qcow2 {
         if host % geo.cluster_size() != 0 || (host == 0 && self.data_file.is_none()) {
             return Ok(None);
         }
+        // As the read path does: data past the end of the image is corrupt
+        // (writing there would grow the file to wherever the entry says).
+        let end = self.file_end.load(std::sync::atomic::Ordering::Acquire);
+        if self.data_file.is_none() && host >= end {
+            return Err(Error::corrupt(format!(
+                "data cluster at {host:#x} lies past the end of the file ({end} bytes)"
+            )));
+        }
         Ok(Some(host + off))
     }
 
@@ -584,6 +592,12 @@ impl Qcow2 {
                     "L2 entry host offset {target:#x} is not aligned to the cluster size"
                 )));
             }
+            let end = self.file_end.load(std::sync::atomic::Ordering::Acquire);
+            if !df && target >= end {
+                return Err(Error::corrupt(format!(
+                    "data cluster at {target:#x} lies past the end of the file ({end} bytes)"
+                )));
+            }
             // The units this write and its fills touch.
             self.guard(target + u0 * unit, (u1 - u0) * unit, cstart + u0 * unit)?;
             let f = self.data_target();
@@ -798,6 +812,10 @@ impl WriteLayer for Qcow2 {
             pos += n;
         }
         Ok(())
+    }
+
+    fn metadata_maps(&self) -> Vec<&MetadataMap> {
+        vec![&self.w().map]
     }
 
     fn flush(&self) -> Result<()> {

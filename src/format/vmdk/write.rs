@@ -955,6 +955,17 @@ impl WriteLayer for Vmdk {
         Ok(())
     }
 
+    fn metadata_maps(&self) -> Vec<&MetadataMap> {
+        let w = self.writer();
+        w.extents
+            .iter()
+            .filter_map(|ew| match ew {
+                ExtentWriter::Sparse(s) => Some(&s.map),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn flush(&self) -> Result<()> {
         let w = self.writer();
         for (e, ew) in self.extents.iter().zip(&w.extents) {
