@@ -318,7 +318,16 @@ impl SparseWriter {
 
     /// Checks that an existing grain may be written in place: it must not
     /// straddle the start of the space this writer allocates from.
-    fn check_data(&self, host: u64, gs: u64) -> Result<()> {
+    fn check_data(&self, host: u64, gs: u64, t: &GrainTables) -> Result<()> {
+        // As on reads: a grain past the end of the file is corrupt (writing
+        // there would grow the file to wherever the entry says).
+        let end = t.end.load(Ordering::Acquire);
+        if host >= end {
+            return Err(Error::corrupt(format!(
+                "grain table entry points at host offset {host:#x}, past the end of the file \
+                 ({end} bytes)"
+            )));
+        }
         if host < self.first_own && host + gs > self.first_own {
             return Err(Error::corrupt(format!(
                 "grain table entry points at host offset {host:#x}, a grain overlapping the end \
@@ -600,7 +609,7 @@ impl Vmdk {
             let idx = (rel % cover) / gs;
             match t.entry(&gt, idx) {
                 Grain::Data(host) => {
-                    w.check_data(host, gs)?;
+                    w.check_data(host, gs, t)?;
                     // Extend over following grains stored right after it.
                     let in_g = rel % gs;
                     let mut n = (gs - in_g).min(buf.len() as u64);
@@ -608,7 +617,7 @@ impl Vmdk {
                     while n < buf.len() as u64
                         && idx + k < t.gt_entries
                         && t.entry(&gt, idx + k) == Grain::Data(host + k * gs)
-                        && w.check_data(host + k * gs, gs).is_ok()
+                        && w.check_data(host + k * gs, gs, t).is_ok()
                     {
                         n = (n + gs).min(buf.len() as u64);
                         k += 1;
@@ -851,7 +860,7 @@ impl Vmdk {
                 continue;
             }
             if let Grain::Data(h) = grain {
-                w.check_data(h, gs)?;
+                w.check_data(h, gs, t)?;
                 w.map.guard(h, gs, e.start + pos)?;
                 w.dirty.store(true, Ordering::Release);
                 t.file.punch_hole(h, gs)?;
