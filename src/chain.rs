@@ -273,6 +273,9 @@ impl Chain {
                 break;
             }
             let want = ((buf.len() - done) as u64).min(size - pos);
+            // Held until the run's bytes are read: a cluster freed
+            // meanwhile is not reused before (see engine::reclaim).
+            let pin = layer.pin_reads();
             let (mapping, n) = layer
                 .map(pos, want)
                 .map_err(|e| e.with_path(layer.path()))?;
@@ -287,7 +290,10 @@ impl Chain {
             match mapping {
                 Mapping::Data { file, offset } => file.read_zero_fill_at(chunk, offset)?,
                 Mapping::Zero => chunk.fill(0),
-                Mapping::Backing => self.read_layer(idx + 1, chunk, pos)?,
+                Mapping::Backing => {
+                    drop(pin);
+                    self.read_layer(idx + 1, chunk, pos)?
+                }
                 Mapping::Compressed(block) => self.read_compressed(layer, &block, chunk, pos)?,
             }
             done += n as usize;

@@ -91,3 +91,138 @@ fn exercise(chain: &Chain, script: &[u8]) {
         read(off, len);
     }
 }
+
+/// Nothing below the fuzzed layer: copy-on-write fills read zeros.
+struct NoBelow;
+
+impl crate::format::Below for NoBelow {
+    fn read_below(&self, buf: &mut [u8], _offset: u64) -> crate::Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+}
+
+/// Largest image a writable fuzz run may grow its memfd to.
+const MAX_GROWN: u64 = 256 << 20;
+
+/// Opens `data` writable as `format` (on a memfd copy) and runs the
+/// operations `script` describes, 8 bytes each (at most 64): byte 0 picks
+/// write (pattern), zeroing, flush or read; bytes 1..3 a length (up to
+/// 128 KiB); bytes 4..8 an offset in 512-byte sectors. Errors are
+/// expected. Panics if an operation panics, if the image grows without
+/// bound, or if a write that succeeded left its data where the image,
+/// opened afresh, keeps metadata.
+pub fn open_and_write(data: &[u8], format: Format, script: &[u8]) {
+    let Ok(file) = HostFile::from_bytes_rw("fuzz.img", data) else {
+        return;
+    };
+    let caches = Caches::new(8 << 20);
+    let policy = OpenPolicy {
+        untrusted: true,
+        root: Some("/nonexistent-vdiskfs-fuzz".into()),
+        ..Default::default()
+    };
+    let ctx = OpenCtx {
+        caches: &caches,
+        policy: &policy,
+        writable: true,
+    };
+    let Ok(layer) = format::open_layer_on(file.clone(), format, &ctx) else {
+        return;
+    };
+    let Some(w) = layer.as_write() else {
+        return;
+    };
+    let size = layer.virtual_size();
+    if size == 0 {
+        return;
+    }
+    let mut written = Vec::new();
+    for (i, op) in script.chunks_exact(8).take(64).enumerate() {
+        let len = u64::from(u16::from_le_bytes([op[1], op[2]])) * 2 + 1;
+        let off = u64::from(u32::from_le_bytes([op[4], op[5], op[6], op[7]])) * 512 % size;
+        let len = len.min(size - off);
+        match op[0] % 4 {
+            0 => {
+                let buf = vec![(i as u8) | 1; len as usize];
+                if w.write_at(&buf, off, &NoBelow).is_ok() {
+                    written.push((off, len));
+                }
+            }
+            1 => {
+                let _ = w.write_zeroes(off, len, &NoBelow);
+            }
+            2 => {
+                let _ = w.flush();
+            }
+            _ => {
+                let mut buf = vec![0u8; len as usize];
+                let mut pos = 0;
+                while pos < len {
+                    match layer.map(off + pos, len - pos) {
+                        Ok((_, n)) => pos += n.max(1),
+                        Err(_) => break,
+                    }
+                }
+                let _ = file.read_at_most(&mut buf, off);
+            }
+        }
+        let grown = file.file().metadata().map_or(0, |m| m.len());
+        assert!(
+            grown <= (data.len() as u64).max(1 << 20) + MAX_GROWN,
+            "{format}: the image grew to {grown} bytes (op {i})"
+        );
+    }
+    let _ = w.flush();
+    drop(layer);
+    check_written(&file, format, &caches, &policy, &written);
+}
+
+/// Reopens the written image and checks that no range a successful write
+/// covered maps to host bytes the fresh open counts as metadata.
+fn check_written(
+    file: &Arc<HostFile>,
+    format: Format,
+    caches: &Arc<Caches>,
+    policy: &OpenPolicy,
+    written: &[(u64, u64)],
+) {
+    let Ok(dup) = file.file().try_clone() else {
+        return;
+    };
+    let Ok(again) = HostFile::from_file(dup, "fuzz.img".into(), true) else {
+        return;
+    };
+    let ctx = OpenCtx {
+        caches,
+        policy,
+        writable: true,
+    };
+    let Ok(layer) = format::open_layer_on(again, format, &ctx) else {
+        return;
+    };
+    let Some(w) = layer.as_write() else {
+        return;
+    };
+    let maps = w.metadata_maps();
+    for &(off, len) in written {
+        let mut pos = off;
+        while pos < off + len {
+            let Ok((m, n)) = layer.map(pos, off + len - pos) else {
+                break;
+            };
+            if let crate::format::Mapping::Data { file, offset } = m {
+                for map in maps.iter().filter(|m| m.path() == file.path()) {
+                    if let Some(hit) = map.find(offset, n) {
+                        panic!(
+                            "guest {pos:#x}+{n} was written to host {offset:#x}, which holds \
+                             the {} at {:#x}",
+                            hit.what, hit.start
+                        );
+                    }
+                }
+            }
+            pos += n.max(1);
+        }
+    }
+}

@@ -156,6 +156,17 @@ impl HostFile {
         Self::from_file(file, PathBuf::from(name), false)
     }
 
+    /// [`HostFile::from_bytes`], open for writing (the memfd grows as
+    /// the image is written).
+    pub fn from_bytes_rw(name: &str, bytes: &[u8]) -> Result<Arc<HostFile>> {
+        let ro = Self::from_bytes(name, bytes)?;
+        let file = ro
+            .file
+            .try_clone()
+            .map_err(|e| Error::io("cannot duplicate memfd", e))?;
+        Self::from_file(file, PathBuf::from(name), true)
+    }
+
     /// The path the file was opened under.
     pub fn path(&self) -> &Path {
         &self.path

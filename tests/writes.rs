@@ -426,38 +426,58 @@ fn crash_test(fmt: &str, rounds: usize) {
         };
         let stop = Arc::new(AtomicBool::new(false));
         let done: Arc<Mutex<Vec<(u64, u8)>>> = Arc::new(Mutex::new(Vec::new()));
+        // Why the writer ended, once it has: set before the kill, that is
+        // a writer that stopped early (and the round would test nothing).
+        let ended: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
         let start_block = next_block;
         let writer = {
-            let (stop, done) = (stop.clone(), done.clone());
+            let (stop, done, ended) = (stop.clone(), done.clone(), ended.clone());
             std::thread::spawn(move || {
-                let Ok(f) = std::fs::OpenOptions::new().write(true).open(&path) else {
-                    return;
-                };
-                let mut b = start_block;
-                while !stop.load(Ordering::Relaxed) && b < 1000 {
-                    let pat = (b % 251 + 1) as u8;
-                    // Spread blocks over the disk: 1000 slots of 64 KiB.
-                    let off = (b * 7919 % 1000) * block;
-                    let buf = vec![pat; block as usize / 2];
-                    if f.write_all_at(&buf, off + block / 4).is_err() || f.sync_data().is_err() {
-                        return;
+                let why = (|| {
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .map_err(|e| format!("open: {e}"))?;
+                    let mut b = start_block;
+                    while !stop.load(Ordering::Relaxed) && b < 1000 {
+                        let pat = (b % 251 + 1) as u8;
+                        // Spread blocks over the disk: 1000 slots of 64 KiB.
+                        let off = (b * 7919 % 1000) * block;
+                        let buf = vec![pat; block as usize / 2];
+                        f.write_all_at(&buf, off + block / 4)
+                            .and_then(|()| f.sync_data())
+                            .map_err(|e| format!("write+fsync of block {b}: {e}"))?;
+                        done.lock().unwrap().push((off, pat));
+                        b += 1;
                     }
-                    done.lock().unwrap().push((off, pat));
-                    b += 1;
-                }
+                    Ok::<String, String>(format!("stopped after block {b}"))
+                })();
+                *ended.lock().unwrap() = Some(why.unwrap_or_else(|e| e));
             })
         };
         std::thread::sleep(Duration::from_millis(50 + (round as u64 * 37) % 250));
+        let early = ended.lock().unwrap().clone();
         // SAFETY: killing the daemon we started.
         unsafe { libc::kill(pid, libc::SIGKILL) };
         stop.store(true, Ordering::Relaxed);
         writer.join().unwrap();
+        if let Some(why) = early {
+            // Only running out of blocks (the 1000 slots) may end it early.
+            assert!(
+                why.starts_with("stopped after block 1000"),
+                "{fmt} round {round}: the writer ended before the kill: {why}"
+            );
+        }
         // The writer can see the connection end before the dying daemon has
         // closed the image (and released its lock); qemu-img check must
         // come after that.
         wait_gone(pid as u32);
         drop(m); // lazy unmount of the dead mount
         let done = done.lock().unwrap().clone();
+        assert!(
+            !done.is_empty(),
+            "{fmt} round {round}: no write+fsync was acknowledged before the kill"
+        );
         next_block += done.len() as u64 + 1;
         for (off, pat) in done {
             acked.insert(off, pat);
@@ -467,6 +487,7 @@ fn crash_test(fmt: &str, rounds: usize) {
             break;
         }
     }
+    assert!(!acked.is_empty(), "{fmt}: no acknowledged writes to verify");
     let raw = qemu_raw(&img, Some(fmt));
     for (off, pat) in &acked {
         let s = (*off + block / 4) as usize;

@@ -1,10 +1,17 @@
-//! The write engine: mechanics shared by every writable format driver.
+//! The write engine: mechanics shared by every writable format driver,
+//! kept out of the drivers.
 //!
 //! - [`order`]: ordering of metadata writes against power loss — table
 //!   updates are applied in memory at once and written to the host file
 //!   later, in dependency stages separated by barriers (fdatasync).
+//! - [`overlap`]: metadata overlap protection (no data write lands on a
+//!   header, table or directory).
+//! - [`reclaim`]: frees that wait for the reads that may still use a
+//!   freed cluster.
 //! - [`record`]: an optional recorder of every host write and barrier, for
 //!   the power-cut simulation (tests/powercut.rs).
 
 pub mod order;
+pub mod overlap;
+pub mod reclaim;
 pub mod record;

@@ -274,6 +274,14 @@ pub trait Layer: Send + Sync {
         None
     }
 
+    /// Pins the layer's table state for one mapped run: held by a reader
+    /// from [`Layer::map`] until the run's bytes are read, so that a
+    /// cluster freed meanwhile is not reused under it (see
+    /// [`crate::engine::reclaim`]). `None` for layers that never free.
+    fn pin_reads(&self) -> Option<crate::engine::reclaim::ReadPin<'_>> {
+        None
+    }
+
     /// The write side, when the layer was opened writable and its format
     /// (or subformat) can be written in place.
     fn as_write(&self) -> Option<&dyn WriteLayer> {
@@ -329,6 +337,12 @@ pub trait WriteLayer: Send + Sync {
     /// Makes every completed write durable, metadata after the data it
     /// points to.
     fn flush(&self) -> Result<()>;
+
+    /// The metadata maps no data write may touch (one per host file with
+    /// metadata), for checks by tests and fuzzing.
+    fn metadata_maps(&self) -> Vec<&crate::engine::overlap::MetadataMap> {
+        Vec::new()
+    }
 }
 
 /// What a driver needs to open a layer.

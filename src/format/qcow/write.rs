@@ -37,6 +37,7 @@ use super::header::Header;
 use super::table::{raw_entry, Entry, Tables};
 use super::Qcow;
 use crate::engine::order::Stage;
+use crate::engine::overlap::{MetadataMap, Structure};
 use crate::error::{Error, Result};
 use crate::format::{Below, CompressedBlock, Layer, WriteLayer};
 use crate::host::HostFile;
@@ -52,6 +53,9 @@ pub struct Writer {
     /// Host offsets at or after this were allocated by this writer: no
     /// other entry of the image can point there.
     first_own: u64,
+    /// Metadata ranges no data write may touch: the header and backing
+    /// name, the L1 table, every L2 table.
+    map: MetadataMap,
 }
 
 struct Alloc {
@@ -104,7 +108,23 @@ impl Writer {
         }
         let frontier = round_up(end, cluster)
             .ok_or_else(|| Error::corrupt("the image file is too large to grow"))?;
+        let map = MetadataMap::new(file.path());
+        map.add(0, super::header::HEADER_LEN as u64, Structure::Header);
+        map.add(
+            header.backing_file_offset,
+            u64::from(header.backing_file_size),
+            Structure::Header,
+        );
+        map.add(
+            header.l1_table_offset,
+            tables.l1_len() as u64 * 8,
+            Structure::L1Table,
+        );
+        for l2 in tables.l1_entries().filter(|&o| o != 0) {
+            map.add(l2, l2_bytes, Structure::L2Table);
+        }
         Ok(Writer {
+            map,
             state: Mutex::new(Alloc {
                 frontier,
                 pending: HashSet::new(),
@@ -152,6 +172,7 @@ impl Qcow {
         let bytes = g.l2_bytes();
         let space = round_up(bytes, g.cluster_size()).expect("L2 tables are small");
         let host = self.reserve(st, space)?;
+        self.writer().map.add(host, bytes, Structure::L2Table);
         let zeros: Arc<[u8]> = vec![0u8; bytes as usize].into();
         self.file.write_all_at(&zeros, host)?;
         let idx = g.l1_index(pos);
@@ -214,6 +235,7 @@ impl Qcow {
                     n = (n + cs).min(buf.len() as u64);
                     k += 1;
                 }
+                self.writer().map.guard(host + in_c, n, pos)?;
                 let n = n as usize;
                 self.file.write_all_at(&buf[..n], host + in_c)?;
                 return Ok(n);
@@ -303,6 +325,7 @@ impl Qcow {
         let n = (buf_end.min(run_end) - pos) as usize;
         let vsize = self.virtual_size();
         let covers_all = pos == run.guest && buf_end >= run_end.min(vsize);
+        self.writer().map.guard(run.host, count * cs, run.guest)?;
         if zeros && covers_all {
             // The reserved space was never written: it reads as zeros.
             // Writing its last sector makes the file cover it.
@@ -409,6 +432,7 @@ impl Qcow {
             let raw = raw_entry(&table, idx + k);
             if let Entry::Data(h) = g.decode(raw) {
                 if h >= w.first_own {
+                    w.map.guard(h, cs, pos + k as u64 * cs)?;
                     punch.push(h);
                 }
             }
@@ -484,6 +508,7 @@ impl Qcow {
             if let Some((_, table)) = self.l2_for(pos)? {
                 if let Entry::Data(h) = g.decode(raw_entry(&table, g.l2_index(pos))) {
                     self.check_writable_data(h)?;
+                    self.writer().map.guard(h, cs, pos)?;
                     self.file.punch_hole(h, cs)?;
                     pos += cs;
                     continue;
@@ -515,6 +540,7 @@ fn punch_runs(file: &HostFile, hosts: &mut [u64], cs: u64) -> Result<()> {
 
 impl WriteLayer for Qcow {
     fn write_at(&self, buf: &[u8], offset: u64, below: &dyn Below) -> Result<()> {
+        self.writer().map.refuse_if_tripped()?;
         let mut done = 0;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -526,6 +552,7 @@ impl WriteLayer for Qcow {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()> {
+        self.writer().map.refuse_if_tripped()?;
         self.write_zeroes_inner(offset, len, below)
             .map_err(|e| e.at(offset))?;
         self.flush_if_due()
@@ -533,6 +560,10 @@ impl WriteLayer for Qcow {
 
     fn flush(&self) -> Result<()> {
         self.file.flush_ordered()
+    }
+
+    fn metadata_maps(&self) -> Vec<&MetadataMap> {
+        vec![&self.writer().map]
     }
 }
 

@@ -24,9 +24,11 @@
 //!   reusable) after it, once the removal of the reference is durable.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::cache::Caches;
 use crate::engine::order::Stage;
+use crate::engine::overlap::{MetadataMap, Structure, NO_GUEST};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 
@@ -51,11 +53,14 @@ pub struct Alloc {
     /// Clusters that lost a reference not yet durably removed: their
     /// refcounts are lowered after the next flush.
     deferred: Vec<u64>,
+    /// The image's metadata ranges: refcount structures are added and
+    /// removed here; no cluster in it is handed out or freed.
+    map: Arc<MetadataMap>,
 }
 
 impl Alloc {
     /// Loads the refcount table of `file` described by `h`.
-    pub fn open(file: &HostFile, h: &Header) -> Result<Alloc> {
+    pub fn open(file: &HostFile, h: &Header, map: Arc<MetadataMap>) -> Result<Alloc> {
         let cs = h.cluster_size();
         let bytes = u64::from(h.refcount_table_clusters) * cs;
         if bytes > MAX_REFCOUNT_TABLE_BYTES || bytes == 0 {
@@ -84,7 +89,9 @@ impl Alloc {
                     "refcount table entry {i} points to a bad refcount block offset {b:#x}"
                 )));
             }
+            map.add(b, cs, Structure::RefcountBlock);
         }
+        map.add(h.refcount_table_offset, bytes, Structure::RefcountTable);
         Ok(Alloc {
             cluster_bits: h.cluster_bits,
             order: h.refcount_order,
@@ -95,6 +102,7 @@ impl Alloc {
             end: file.len().div_ceil(cs),
             freed: 0,
             deferred: Vec::new(),
+            map,
         })
     }
 
@@ -203,6 +211,12 @@ impl Alloc {
                 cluster << self.cluster_bits
             )));
         }
+        if v == 1 {
+            // Freeing a cluster that still holds metadata: a data entry
+            // pointed into it (legitimately freed tables leave the map first).
+            self.map
+                .guard(cluster << self.cluster_bits, self.cs(), NO_GUEST)?;
+        }
         self.set(file, caches, cid, cluster, v - 1)?;
         if v == 1 {
             file.punch_hole(cluster << self.cluster_bits, self.cs())?;
@@ -268,11 +282,15 @@ impl Alloc {
                 self.new_block(file, caches, cid, c)?;
                 continue;
             }
+            let cs = self.cs();
             let blk = self.block(file, b)?;
             let mut k = 1;
             while k < want && (c + k) % entries != 0 && rc_get(blk, (c + k) % entries, order) == 0 {
                 k += 1;
             }
+            // A "free" cluster holding metadata: the refcounts are wrong.
+            self.map.guard(c * cs, k * cs, NO_GUEST)?;
+            let blk = self.block(file, b)?;
             let (mut lo, mut hi) = (usize::MAX, 0);
             for i in 0..k {
                 let (at, len) = rc_set(blk, (c + i) % entries, order, 1);
@@ -295,7 +313,9 @@ impl Alloc {
         let mut blk = vec![0u8; self.cs() as usize].into_boxed_slice();
         rc_set(&mut blk, c % entries, self.order, 1);
         let at = c << self.cluster_bits;
+        self.map.guard(at, self.cs(), NO_GUEST)?;
         file.write_all_at(&blk, at)?;
+        self.map.add(at, self.cs(), Structure::RefcountBlock);
         caches.meta.remove((cid, at | 1));
         self.blocks.insert(at, blk);
         file.write_ordered_at(&at.to_be_bytes(), self.table_offset + ti * 8, Stage::Link)?;
@@ -331,6 +351,7 @@ impl Alloc {
         }
         // 1. The new blocks, counting themselves and the new table.
         let used = start..start + k + n;
+        self.map.guard(start * cs, (k + n) * cs, NO_GUEST)?;
         let mut new_table = self.table.clone();
         new_table.resize(tbl_entries as usize, 0);
         for j in 0..k {
@@ -341,6 +362,7 @@ impl Alloc {
             }
             let at = (start + j) << self.cluster_bits;
             file.write_all_at(&blk, at)?;
+            self.map.add(at, cs, Structure::RefcountBlock);
             caches.meta.remove((cid, at | 1));
             self.blocks.insert(at, blk);
             new_table[ti as usize] = at;
@@ -349,6 +371,7 @@ impl Alloc {
         let tbl_at = (start + k) << self.cluster_bits;
         let raw: Vec<u8> = new_table.iter().flat_map(|e| e.to_be_bytes()).collect();
         file.write_all_at(&raw, tbl_at)?;
+        self.map.add(tbl_at, n * cs, Structure::RefcountTable);
         // 3. Switch the header (offset and cluster count in one write).
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&tbl_at.to_be_bytes());
@@ -361,6 +384,7 @@ impl Alloc {
         self.end = self.end.max(start + k + n);
         self.hint = start + k + n;
         // 4. Free the old table once the switch is durable.
+        self.map.remove(old_at, Structure::RefcountTable);
         for i in 0..old_clusters {
             self.decref_later((old_at >> self.cluster_bits) + i);
         }

@@ -127,6 +127,8 @@ pub struct Header {
     pub feature_names: Vec<FeatureName>,
     /// Whether a bitmaps extension is present.
     pub has_bitmaps_ext: bool,
+    /// The bitmaps directory (offset, bytes) the bitmaps extension names.
+    pub bitmap_directory: Option<(u64, u64)>,
     /// Number of header extensions of unknown type that were skipped.
     pub unknown_extensions: u32,
 }
@@ -226,6 +228,7 @@ impl Header {
             data_file: None,
             feature_names: Vec::new(),
             has_bitmaps_ext: false,
+            bitmap_directory: None,
             unknown_extensions: 0,
         };
         let cluster_size = h.cluster_size();
@@ -352,7 +355,13 @@ impl Header {
                         });
                     }
                 }
-                EXT_BITMAPS => self.has_bitmaps_ext = true,
+                EXT_BITMAPS => {
+                    self.has_bitmaps_ext = true;
+                    // nb_bitmaps, reserved, directory size, directory offset.
+                    if data.len() >= 24 {
+                        self.bitmap_directory = Some((be64(data, 16), be64(data, 8)));
+                    }
+                }
                 // Encryption is refused from crypt_method before we get here.
                 EXT_CRYPTO => {}
                 _ => self.unknown_extensions += 1,

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::engine::order::Stage;
+use crate::engine::overlap::Structure;
 use crate::error::{Error, Result};
 
 use super::alloc::Alloc;
@@ -107,12 +108,12 @@ impl Qcow2 {
         Ok(run)
     }
 
-    /// Waits until no lock-free in-place write that may have seen a
-    /// reference dropped before this call is still running. Called after
-    /// a reference is removed and before its cluster may become free.
+    /// Waits until no read and no lock-free in-place write that may have
+    /// seen a reference dropped before this call is still running. Called
+    /// after a reference is removed and before its cluster may become free.
     pub(super) fn quiesce(&self) {
         if let Some(w) = &self.writer {
-            drop(w.gate.write());
+            w.gate.wait_for_readers();
         }
     }
 
@@ -128,8 +129,14 @@ impl Qcow2 {
         })?;
         let cs = geo.cluster_size();
         let table = l1e & OFFSET_MASK;
+        let map = &self
+            .writer
+            .as_ref()
+            .expect("writes reach writable layers")
+            .map;
         if table == 0 {
             let new = self.alloc_cluster(st)?;
+            map.add(new, cs, Structure::L2Table);
             self.write_l2_table(new, &vec![0u8; cs as usize])?;
             self.set_l1_entry(l1i, new | L2_COPIED)?;
             return Ok((new, index));
@@ -157,8 +164,11 @@ impl Qcow2 {
             }
         }
         let new = self.alloc_cluster(st)?;
+        map.add(new, cs, Structure::L2Table);
         self.write_l2_table(new, &content)?;
         self.set_l1_entry(l1i, new | L2_COPIED)?;
+        // The old table stays recorded as a snapshot's L2 table, if it is one.
+        map.remove(table, Structure::L2Table);
         self.quiesce();
         st.decref_later(table >> geo.cluster_bits);
         Ok((new, index))

@@ -8,6 +8,7 @@
 //! - [`meta`]: L1/L2 table updates and cache coherence (writes).
 //! - [`write`]: the [`WriteLayer`] side: in-place writes, copy-on-write,
 //!   zeroing; its module documentation gives the ordering and locking rules.
+//! - [`guard`]: the map of metadata ranges no data write may touch.
 //! - [`create`]: new empty images (overlays).
 //!
 //! Opening reads and validates the header, the extensions, the backing
@@ -43,6 +44,7 @@ use crate::host::HostFile;
 
 mod alloc;
 pub mod create;
+mod guard;
 pub mod header;
 mod meta;
 pub mod refcount;
@@ -117,6 +119,7 @@ impl Qcow2 {
                 data_file.as_deref(),
                 &header,
                 backing.is_some(),
+                &l1,
             )?)
         } else {
             None
@@ -292,6 +295,10 @@ impl Walker<'_> {
             Some(s) if self.slice_idx == sidx => s.clone(),
             _ => {
                 let s = self.q.l2_slice(self.table, sidx)?;
+                // The file's end as of this slice (read after it): an entry
+                // is linked only after its cluster was allocated, so an end
+                // loaded before the slice could miss a concurrent growth.
+                self.rules = self.q.rules();
                 self.slice = Some(s.clone());
                 self.slice_idx = sidx;
                 s
@@ -453,6 +460,10 @@ impl Layer for Qcow2 {
 
     fn cache_id(&self) -> u64 {
         self.cache_id
+    }
+
+    fn pin_reads(&self) -> Option<crate::engine::reclaim::ReadPin<'_>> {
+        self.writer.as_ref().map(|w| w.gate.pin())
     }
 
     fn as_write(&self) -> Option<&dyn WriteLayer> {

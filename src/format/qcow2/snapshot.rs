@@ -84,6 +84,40 @@ fn be64(b: &[u8], at: usize) -> u64 {
 
 /// The snapshots of the image, and the reason parsing stopped early, if it did.
 pub fn read_snapshots(file: &HostFile, h: &Header) -> Result<(Vec<SnapshotInfo>, Option<String>)> {
+    let (list, _, why) = read_entries(file, h)?;
+    Ok((list.into_iter().map(|(s, _)| s).collect(), why))
+}
+
+/// The snapshot table's extent (bytes parsed) and each snapshot's L1
+/// table (offset, entries): the metadata a write must never overwrite.
+pub fn snapshot_metadata(file: &HostFile, h: &Header) -> Result<(u64, Vec<(u64, u32)>)> {
+    let (list, len, _) = read_entries(file, h)?;
+    Ok((len, list.into_iter().map(|(_, l1)| l1).collect()))
+}
+
+/// Snapshot entries with their L1 table (offset, entries), the bytes of
+/// the table parsed, and why parsing stopped early, if it did.
+#[allow(clippy::type_complexity)]
+fn read_entries(
+    file: &HostFile,
+    h: &Header,
+) -> Result<(Vec<(SnapshotInfo, (u64, u32))>, u64, Option<String>)> {
+    let (list, why) = read_entries_inner(file, h)?;
+    let len = list
+        .last()
+        .map_or(0, |&(_, _, end)| end - h.snapshots_offset);
+    Ok((
+        list.into_iter().map(|(s, l1, _)| (s, l1)).collect(),
+        len,
+        why,
+    ))
+}
+
+#[allow(clippy::type_complexity)]
+fn read_entries_inner(
+    file: &HostFile,
+    h: &Header,
+) -> Result<(Vec<(SnapshotInfo, (u64, u32), u64)>, Option<String>)> {
     let count = h.nb_snapshots.min(MAX_SNAPSHOTS);
     let mut out = Vec::new();
     if count == 0 {
@@ -94,6 +128,7 @@ pub fn read_snapshots(file: &HostFile, h: &Header) -> Result<(Vec<SnapshotInfo>,
         let Some(fixed) = r.take(ENTRY_FIXED)? else {
             return Ok((out, Some(cut_short(i, count))));
         };
+        let l1 = (be64(fixed, 0), be32(fixed, 8));
         let id_len = usize::from(be16(fixed, 12));
         let name_len = usize::from(be16(fixed, 14));
         let date_sec = u64::from(be32(fixed, 16));
@@ -130,13 +165,17 @@ pub fn read_snapshots(file: &HostFile, h: &Header) -> Result<(Vec<SnapshotInfo>,
         let name = String::from_utf8_lossy(name).into_owned();
         let used = ENTRY_FIXED + extra_len as usize + id_len + name_len;
         let pad = used.next_multiple_of(8) - used;
-        out.push(SnapshotInfo {
-            id,
-            name,
-            virtual_size,
-            date_sec,
-            vm_state_size,
-        });
+        out.push((
+            SnapshotInfo {
+                id,
+                name,
+                virtual_size,
+                date_sec,
+                vm_state_size,
+            },
+            l1,
+            r.pos,
+        ));
         // The padding of the last entry may be missing at end of file.
         if i + 1 < count && r.take(pad)?.is_none() {
             return Ok((out, Some(cut_short(i + 1, count))));

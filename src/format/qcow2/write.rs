@@ -47,7 +47,12 @@
 //! open; `data_file_raw` is kept, and honoured: data always lands at the
 //! guest offset and zeroed ranges are punched out of the data file too.
 
-use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex, MutexGuard};
+
+use crate::engine::overlap::MetadataMap;
+use crate::engine::reclaim::ReadGate;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{Below, WriteLayer};
@@ -64,22 +69,26 @@ const ALL_UNITS: u64 = 0xffff_ffff;
 /// The write side of an open image.
 pub(super) struct Writer {
     state: Mutex<Alloc>,
-    pub(super) gate: RwLock<()>,
+    /// Pinned by readers and lock-free in-place writes; see [`ReadGate`].
+    pub(super) gate: ReadGate,
     /// Guest cluster ranges (first, count) whose new host clusters are
     /// being filled outside the mutex; changed only under `state`.
     busy: Mutex<Vec<(u64, u64)>>,
     /// Signalled (with `state` held) when a busy range is finished.
     idle: Condvar,
     has_backing: bool,
+    /// Metadata ranges no data write may touch.
+    pub(super) map: Arc<MetadataMap>,
 }
 
 impl Writer {
     /// Checks that `h` may be written and prepares the refcount state.
     pub(super) fn open(
-        file: &HostFile,
+        file: &Arc<HostFile>,
         data_file: Option<&HostFile>,
         h: &Header,
         has_backing: bool,
+        l1: &[u64],
     ) -> Result<Writer> {
         if h.incompatible & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT) != 0 {
             let what = if h.incompatible & INCOMPAT_CORRUPT != 0 {
@@ -98,17 +107,19 @@ impl Writer {
                 "the image file is open read-only",
             ));
         }
-        let st = Alloc::open(file, h)?;
+        let map = Arc::new(super::guard::build(file, h, l1)?);
+        let st = Alloc::open(file, h, map.clone())?;
         if h.version >= 3 && h.autoclear & !AUTOCLEAR_DATA_FILE_RAW != 0 {
             let keep = h.autoclear & AUTOCLEAR_DATA_FILE_RAW;
             file.write_all_at(&keep.to_be_bytes(), 88)?;
         }
         Ok(Writer {
             state: Mutex::new(st),
-            gate: RwLock::new(()),
+            gate: ReadGate::new(),
             busy: Mutex::new(Vec::new()),
             idle: Condvar::new(),
             has_backing,
+            map,
         })
     }
 
@@ -134,6 +145,30 @@ impl Qcow2 {
         self.writer
             .as_ref()
             .expect("write calls only reach writable layers")
+    }
+
+    /// Checks a data write of `len` bytes at host `host` (guest `guest`)
+    /// into the image file against its metadata map (a data file holds
+    /// no metadata).
+    fn guard(&self, host: u64, len: u64, guest: u64) -> Result<()> {
+        match &self.writer {
+            Some(w) if self.data_file.is_none() => w.map.guard(host, len, guest),
+            _ => Ok(()),
+        }
+    }
+
+    /// Before an entry stops pointing at its data cluster (which may then
+    /// be freed): that cluster must not be metadata.
+    fn guard_old_data(&self, e: u64, pos: u64) -> Result<()> {
+        let host = e & OFFSET_MASK;
+        if e & L2_COMPRESSED != 0 || host == 0 {
+            return Ok(());
+        }
+        self.guard(
+            host,
+            self.geo.cluster_size(),
+            pos - pos % self.geo.cluster_size(),
+        )
     }
 
     /// The file guest data lives in.
@@ -166,6 +201,14 @@ impl Qcow2 {
         }
         if host % geo.cluster_size() != 0 || (host == 0 && self.data_file.is_none()) {
             return Ok(None);
+        }
+        // As the read path does: data past the end of the image is corrupt
+        // (writing there would grow the file to wherever the entry says).
+        let end = self.file_end.load(std::sync::atomic::Ordering::Acquire);
+        if self.data_file.is_none() && host >= end {
+            return Err(Error::corrupt(format!(
+                "data cluster at {host:#x} lies past the end of the file ({end} bytes)"
+            )));
         }
         Ok(Some(host + off))
     }
@@ -211,7 +254,7 @@ impl Qcow2 {
     /// cannot be written in place.
     fn write_in_place_run(&self, data: &[u8], pos: u64) -> Result<usize> {
         let cs = self.geo.cluster_size();
-        let _g = self.w().gate.read();
+        let _g = self.w().gate.pin();
         let (mut start, mut n) = (None::<u64>, 0usize);
         while n < data.len() {
             let p = pos + n as u64;
@@ -227,6 +270,7 @@ impl Qcow2 {
             n += k;
         }
         if let Some(s) = start {
+            self.guard(s, n as u64, pos)?;
             self.data_target().write_all_at(&data[..n], s)?;
         }
         Ok(n)
@@ -272,7 +316,9 @@ impl Qcow2 {
         let mut d = 0usize;
         for &(h, k) in &runs {
             let n = (k * cs) as usize;
-            filled = self.file.write_all_at(&data[d..d + n], h);
+            filled = self
+                .guard(h, n as u64, pos + d as u64)
+                .and_then(|()| self.file.write_all_at(&data[d..d + n], h));
             if filled.is_err() {
                 break;
             }
@@ -335,6 +381,7 @@ impl Qcow2 {
             self.current(&mut buf[end..], g, e, bm, dec.as_deref(), below)?;
         }
         buf[off..end].copy_from_slice(data);
+        self.guard(new, cs, cstart)?;
         self.file.write_all_at(&buf, new)
     }
 
@@ -551,6 +598,14 @@ impl Qcow2 {
                     "L2 entry host offset {target:#x} is not aligned to the cluster size"
                 )));
             }
+            let file_end = self.file_end.load(std::sync::atomic::Ordering::Acquire);
+            if !df && target >= file_end {
+                return Err(Error::corrupt(format!(
+                    "data cluster at {target:#x} lies past the end of the file ({file_end} bytes)"
+                )));
+            }
+            // The units this write and its fills touch.
+            self.guard(target + u0 * unit, (u1 - u0) * unit, cstart + u0 * unit)?;
             let f = self.data_target();
             f.write_all_at(data, target + off)?;
             // Complete the units this write allocates from what they read as.
@@ -603,6 +658,7 @@ impl Qcow2 {
         }
         buf[off as usize..end as usize].copy_from_slice(data);
         let new = self.alloc_cluster(st)?;
+        self.guard(new, cs, cstart)?;
         let mut k = 0;
         while k < nunits {
             if write_units >> k & 1 == 0 {
@@ -655,6 +711,7 @@ impl Qcow2 {
         if (e, bm) == (ne, nbm) {
             return Ok(());
         }
+        self.guard_old_data(e, pos)?;
         self.set_l2_entry(table, index, ne, nbm)?;
         self.quiesce();
         if let Some(d) = &self.data_file {
@@ -698,6 +755,9 @@ impl Qcow2 {
             let drop_host = alloc == 0 && !df && e & OFFSET_MASK != 0;
             let ne = if drop_host { 0 } else { e };
             if (ne, alloc | zero << 32) != (e, bm) {
+                if drop_host {
+                    self.guard_old_data(e, pos)?;
+                }
                 self.set_l2_entry(table, index, ne, alloc | zero << 32)?;
                 if drop_host {
                     self.quiesce();
@@ -715,6 +775,7 @@ impl Qcow2 {
 
 impl WriteLayer for Qcow2 {
     fn write_at(&self, buf: &[u8], offset: u64, below: &dyn Below) -> Result<()> {
+        self.w().map.refuse_if_tripped()?;
         let cs = self.geo.cluster_size();
         let mut done = 0usize;
         while done < buf.len() {
@@ -738,6 +799,7 @@ impl WriteLayer for Qcow2 {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()> {
+        self.w().map.refuse_if_tripped()?;
         let cs = self.geo.cluster_size();
         let size = self.header.size;
         let end = offset + len;
@@ -756,6 +818,10 @@ impl WriteLayer for Qcow2 {
             pos += n;
         }
         self.flush_if_due()
+    }
+
+    fn metadata_maps(&self) -> Vec<&MetadataMap> {
+        vec![&self.w().map]
     }
 
     fn flush(&self) -> Result<()> {

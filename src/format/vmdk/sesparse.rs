@@ -133,6 +133,7 @@ pub fn open(
         markers: false,
         footer: false,
         gd_at: (0, 0),
+        descriptor_at: (0, 0),
     };
     let end = AtomicU64::new(file.len());
     let tables = GrainTables {

@@ -58,6 +58,8 @@ pub struct SparseInfo {
     /// Byte offsets of the grain directories the tables hold (`gd`, then
     /// `rgd`), for the writer; 0 where there is none.
     pub gd_at: (u64, u64),
+    /// Byte offset and length of the embedded descriptor ((0, 0): none).
+    pub descriptor_at: (u64, u64),
 }
 
 /// A parsed `KDMV` header.
@@ -334,6 +336,10 @@ pub fn open(
         markers: h.flags & FLAG_MARKERS != 0,
         footer,
         gd_at,
+        descriptor_at: (
+            h.desc_offset.saturating_mul(512),
+            h.desc_size.saturating_mul(512),
+        ),
     };
     let end = AtomicU64::new(file.len());
     let tables = GrainTables {

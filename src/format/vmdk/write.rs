@@ -52,6 +52,7 @@ use super::descriptor::{Access, ExtentType};
 use super::extent::{Extent, ExtentData, Grain, GrainTables, GteCodec, GD_BAD, GD_NONE, GD_ZERO};
 use super::Vmdk;
 use crate::engine::order::Stage;
+use crate::engine::overlap::{MetadataMap, Structure};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{Below, Layer, WriteLayer};
 use crate::host::HostFile;
@@ -97,6 +98,9 @@ struct SparseWriter {
     dirty: AtomicBool,
     /// Host offsets at or after this were allocated by this writer.
     first_own: u64,
+    /// Metadata ranges of the extent file no grain write may touch: the
+    /// header, the embedded descriptor, both directories, every table.
+    map: MetadataMap,
 }
 
 struct Alloc {
@@ -282,7 +286,23 @@ impl SparseWriter {
         }
         let frontier = round_up(end, t.grain_size)
             .ok_or_else(|| Error::corrupt("the extent file is too large to grow"))?;
+        let map = MetadataMap::new(file.path());
+        map.add(0, 512, Structure::Header);
+        let (d_at, d_len) = info.descriptor_at;
+        map.add(d_at, d_len, Structure::Descriptor);
+        let gd_bytes = t.gd.len() as u64 * 4;
+        map.add(gd_at, gd_bytes, Structure::GrainDirectory);
+        if rgd_at != 0 {
+            map.add(rgd_at, gd_bytes, Structure::RedundantGrainDirectory);
+        }
+        for e in t.gd.iter().chain(t.rgd.iter().flatten()) {
+            let o = e.load(Ordering::Relaxed);
+            if !matches!(o, GD_NONE | GD_ZERO | GD_BAD) {
+                map.add(o, gt_bytes, Structure::GrainTable);
+            }
+        }
         Ok(SparseWriter {
+            map,
             state: Mutex::new(Alloc {
                 frontier,
                 pending: HashSet::new(),
@@ -298,7 +318,16 @@ impl SparseWriter {
 
     /// Checks that an existing grain may be written in place: it must not
     /// straddle the start of the space this writer allocates from.
-    fn check_data(&self, host: u64, gs: u64) -> Result<()> {
+    fn check_data(&self, host: u64, gs: u64, t: &GrainTables) -> Result<()> {
+        // As on reads: a grain past the end of the file is corrupt (writing
+        // there would grow the file to wherever the entry says).
+        let end = t.end.load(Ordering::Acquire);
+        if host >= end {
+            return Err(Error::corrupt(format!(
+                "grain table entry points at host offset {host:#x}, past the end of the file \
+                 ({end} bytes)"
+            )));
+        }
         if host < self.first_own && host + gs > self.first_own {
             return Err(Error::corrupt(format!(
                 "grain table entry points at host offset {host:#x}, a grain overlapping the end \
@@ -356,12 +385,14 @@ impl SparseWriter {
         self.dirty.store(true, Ordering::Release);
         let rhost = if redundant {
             let h = self.reserve(t, st, space, 512)?;
+            self.map.add(h, space, Structure::GrainTable);
             t.file.write_all_at(&table, h)?;
             Some(h)
         } else {
             None
         };
         let host = self.reserve(t, st, space, 512)?;
+        self.map.add(host, space, Structure::GrainTable);
         t.file.write_all_at(&table, host)?;
         let entry_at = gdi * 4;
         if let Some(rh) = rhost {
@@ -572,6 +603,7 @@ impl Vmdk {
         below: &dyn Below,
         zeros: bool,
     ) -> Result<usize> {
+        w.map.refuse_if_tripped()?;
         if rel >= t.capacity {
             return Err(Error::unsupported(
                 "write beyond the capacity the sparse extent's header describes",
@@ -586,7 +618,7 @@ impl Vmdk {
             let idx = (rel % cover) / gs;
             match t.entry(&gt, idx) {
                 Grain::Data(host) => {
-                    w.check_data(host, gs)?;
+                    w.check_data(host, gs, t)?;
                     // Extend over following grains stored right after it.
                     let in_g = rel % gs;
                     let mut n = (gs - in_g).min(buf.len() as u64);
@@ -594,11 +626,12 @@ impl Vmdk {
                     while n < buf.len() as u64
                         && idx + k < t.gt_entries
                         && t.entry(&gt, idx + k) == Grain::Data(host + k * gs)
-                        && w.check_data(host + k * gs, gs).is_ok()
+                        && w.check_data(host + k * gs, gs, t).is_ok()
                     {
                         n = (n + gs).min(buf.len() as u64);
                         k += 1;
                     }
+                    w.map.guard(host + in_g, n, e.start + rel)?;
                     let n = n as usize;
                     w.dirty.store(true, Ordering::Release);
                     t.file.write_all_at(&buf[..n], host + in_g)?;
@@ -702,6 +735,7 @@ impl Vmdk {
         let n = (buf_end.min(run_end) - rel) as usize;
         let cap = t.capacity;
         let covers_all = rel == run.rel && buf_end >= run_end.min(cap);
+        w.map.guard(run.host, count * gs, e.start + run.rel)?;
         w.dirty.store(true, Ordering::Release);
         if zeros && covers_all {
             // The reserved space was never written: it reads as zeros.
@@ -780,6 +814,7 @@ impl Vmdk {
         end: u64,
         below: &dyn Below,
     ) -> Result<()> {
+        w.map.refuse_if_tripped()?;
         let gs = t.grain_size;
         let has_parent = self.has_parent();
         let zeros = vec![0u8; MAX_RUN_BYTES.max(gs) as usize];
@@ -834,7 +869,8 @@ impl Vmdk {
                 continue;
             }
             if let Grain::Data(h) = grain {
-                w.check_data(h, gs)?;
+                w.check_data(h, gs, t)?;
+                w.map.guard(h, gs, e.start + pos)?;
                 w.dirty.store(true, Ordering::Release);
                 t.file.punch_hole(h, gs)?;
                 pos += gs;
@@ -952,6 +988,17 @@ impl WriteLayer for Vmdk {
             pos += n;
         }
         Ok(())
+    }
+
+    fn metadata_maps(&self) -> Vec<&MetadataMap> {
+        let w = self.writer();
+        w.extents
+            .iter()
+            .filter_map(|ew| match ew {
+                ExtentWriter::Sparse(s) => Some(&s.map),
+                _ => None,
+            })
+            .collect()
     }
 
     fn flush(&self) -> Result<()> {

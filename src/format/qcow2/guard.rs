@@ -1,0 +1,75 @@
+//! The metadata map of a writable qcow2 image (see
+//! [`crate::engine::overlap`]): which host ranges of the image file hold
+//! metadata, built at open; the allocator and the table code keep it up
+//! to date as they add and free tables.
+//!
+//! Recorded: the header cluster, the active L1 table and every L2 table it
+//! names, the refcount table and every refcount block (added by
+//! [`super::alloc::Alloc::open`]), the snapshot table, each snapshot's L1
+//! table and the L2 tables those name (read up to [`SNAPSHOT_L1_BUDGET`]
+//! bytes of snapshot L1 tables in all), and the bitmaps directory.
+//! Guest data in an external data file is never checked: no metadata
+//! lives there.
+
+use std::sync::Arc;
+
+use crate::engine::overlap::{MetadataMap, Structure};
+use crate::error::Result;
+use crate::host::HostFile;
+
+use super::header::{Header, INCOMPAT_CORRUPT};
+use super::snapshot::snapshot_metadata;
+use super::tables::{MAX_L1_BYTES, OFFSET_MASK};
+
+/// Bytes of snapshot L1 tables read at open to find their L2 tables.
+pub const SNAPSHOT_L1_BUDGET: u64 = 64 << 20;
+
+/// The metadata map of `file` (header `h`, active L1 entries `l1`),
+/// marking a v3 image corrupt when a write trips it.
+pub fn build(file: &Arc<HostFile>, h: &Header, l1: &[u64]) -> Result<MetadataMap> {
+    let cs = h.cluster_size();
+    let mut map = MetadataMap::new(file.path());
+    map.add(0, cs, Structure::Header);
+    map.add(
+        h.l1_table_offset,
+        u64::from(h.l1_size) * 8,
+        Structure::L1Table,
+    );
+    for &e in l1.iter().filter(|&&e| e & OFFSET_MASK != 0) {
+        map.add(e & OFFSET_MASK, cs, Structure::L2Table);
+    }
+    if h.nb_snapshots > 0 {
+        let (len, l1s) = snapshot_metadata(file, h)?;
+        map.add(h.snapshots_offset, len, Structure::SnapshotTable);
+        let mut budget = SNAPSHOT_L1_BUDGET;
+        for (off, n) in l1s {
+            let bytes = (u64::from(n) * 8).min(MAX_L1_BYTES);
+            map.add(off, bytes, Structure::SnapshotL1Table);
+            if bytes > budget || off.checked_add(bytes).is_none_or(|e| e > file.len()) {
+                continue;
+            }
+            budget -= bytes;
+            let mut raw = vec![0u8; bytes as usize];
+            file.read_exact_at(&mut raw, off)?;
+            for c in raw.chunks_exact(8) {
+                let e = u64::from_be_bytes(c.try_into().unwrap_or_default()) & OFFSET_MASK;
+                if e != 0 {
+                    map.add(e, cs, Structure::SnapshotL2Table);
+                }
+            }
+        }
+    }
+    if let Some((off, len)) = h.bitmap_directory {
+        map.add(off, len.min(64 << 20), Structure::BitmapDirectory);
+    }
+    if h.version >= 3 {
+        let f = file.clone();
+        let bits = h.incompatible | INCOMPAT_CORRUPT;
+        map.set_on_trip(Box::new(move || {
+            // As qemu does: the image is unusable until repaired.
+            f.write_all_at(&bits.to_be_bytes(), 72)?;
+            f.sync_data()
+        }));
+    }
+    Ok(map)
+}
