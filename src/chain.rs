@@ -163,6 +163,11 @@ impl Chain {
                     .with_path(child.path()));
                 }
             }
+            if !opts.ignore_cid {
+                child
+                    .check_parent(parent.as_ref())
+                    .map_err(|e| e.with_path(child.path()))?;
+            }
             layers.push(parent);
         }
         Ok(Chain {

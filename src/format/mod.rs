@@ -23,6 +23,7 @@ use crate::policy::OpenPolicy;
 pub mod qcow;
 pub mod qcow2;
 pub mod raw;
+pub mod vhdx;
 pub mod vmdk;
 
 /// An image format vdiskfs can open.
@@ -37,6 +38,8 @@ pub enum Format {
     Qcow,
     /// VMDK, any subformat (descriptor file or sparse extent).
     Vmdk,
+    /// VHDX (Hyper-V), fixed, dynamic or differencing.
+    Vhdx,
 }
 
 impl Format {
@@ -47,6 +50,7 @@ impl Format {
             Format::Qcow2 => "qcow2",
             Format::Qcow => "qcow",
             Format::Vmdk => "vmdk",
+            Format::Vhdx => "vhdx",
         }
     }
 
@@ -57,8 +61,9 @@ impl Format {
             "qcow2" => Ok(Format::Qcow2),
             "qcow" => Ok(Format::Qcow),
             "vmdk" => Ok(Format::Vmdk),
+            "vhdx" => Ok(Format::Vhdx),
             other => Err(Error::unsupported(format!(
-                "unsupported format '{other}' (supported: raw, qcow2, qcow, vmdk)"
+                "unsupported format '{other}' (supported: raw, qcow2, qcow, vmdk, vhdx)"
             ))),
         }
     }
@@ -203,6 +208,20 @@ pub trait Layer: Send + Sync {
         None
     }
 
+    /// The identity children record of their parent, beyond VMDK's CID
+    /// (VHDX: the DataWriteGuid).
+    fn data_guid(&self) -> Option<[u8; 16]> {
+        None
+    }
+
+    /// Checks that `parent` is the image this layer was made against
+    /// (VHDX: parent_linkage against the parent's DataWriteGuid). The chain
+    /// skips it under `--ignore-cid`.
+    fn check_parent(&self, parent: &dyn Layer) -> Result<()> {
+        let _ = parent;
+        Ok(())
+    }
+
     /// Facts for `vdiskfs info`.
     fn info(&self) -> LayerInfo;
 
@@ -306,6 +325,9 @@ pub fn detect_bytes(head: &[u8]) -> Format {
     if vmdk::probe(head) {
         return Format::Vmdk;
     }
+    if vhdx::probe(head) {
+        return Format::Vhdx;
+    }
     Format::Raw
 }
 
@@ -326,6 +348,7 @@ pub fn open_layer_on(
         Format::Qcow2 => qcow2::open(file, ctx)?,
         Format::Qcow => qcow::open(file, ctx)?,
         Format::Vmdk => vmdk::open(file, ctx)?,
+        Format::Vhdx => vhdx::open(file, ctx)?,
     };
     Ok(layer)
 }
@@ -345,7 +368,13 @@ mod tests {
 
     #[test]
     fn format_names_round_trip() {
-        for f in [Format::Raw, Format::Qcow2, Format::Qcow, Format::Vmdk] {
+        for f in [
+            Format::Raw,
+            Format::Qcow2,
+            Format::Qcow,
+            Format::Vmdk,
+            Format::Vhdx,
+        ] {
             assert_eq!(Format::from_name(f.name()).unwrap(), f);
         }
         assert!(Format::from_name("vpc").is_err());

@@ -1,0 +1,376 @@
+//! The VHDX metadata log, replayed in memory.
+//!
+//! VHDX updates its metadata (BAT, sector bitmaps, metadata region) through
+//! a write-ahead log: a circular buffer of entries, each a header, a list of
+//! descriptors (write this 4 KiB page / zero this range) and the data pages,
+//! all under one CRC-32C and one sequence number. After a crash the file
+//! itself may hold stale metadata until the log is replayed; the header's
+//! log GUID is non-zero exactly while the log may hold unreplayed entries.
+//!
+//! We never write in read-only mode, so instead of replaying in place the
+//! replayed writes become an [`Overlay`]: an interval map of file ranges to
+//! page contents or zeros, applied on top of every read of the file
+//! ([`Source`]), and consulted by the driver before it sends a payload read
+//! straight to the host file.
+//!
+//! Finding what to replay (MS-VHDX "log replay"): every valid entry whose
+//! successor (the entry right after it in the buffer) has the next sequence
+//! number forms a chain; the active sequence ends at the valid entry with
+//! the highest sequence number whose `tail` field points at an entry of its
+//! own chain, and is replayed from that tail to the head, in order.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use super::header::{crc_with_zeroed, le32, le64, Guid, Header};
+use crate::error::{Error, Result};
+use crate::host::HostFile;
+
+const SECTOR: usize = 4096;
+/// Logs larger than this are refused rather than read into memory
+/// (Hyper-V and qemu write 1 MiB logs).
+pub const MAX_LOG: u64 = 64 << 20;
+
+/// One piece of the overlay: the bytes of `[start, end)` once the log is applied.
+#[derive(Debug, Clone)]
+struct Piece {
+    end: u64,
+    /// `None` reads as zeros.
+    data: Option<Arc<[u8]>>,
+}
+
+/// File ranges whose content the log replaces, non-overlapping.
+#[derive(Debug, Default, Clone)]
+pub struct Overlay {
+    pieces: BTreeMap<u64, Piece>,
+}
+
+/// What the overlay holds at one file offset.
+pub enum Hit<'a> {
+    /// Not overlaid: the file's own bytes, up to `next` (the start of the
+    /// next overlaid range, or `u64::MAX`).
+    File {
+        /// Where the next overlaid range starts.
+        next: u64,
+    },
+    /// Zeros up to `end`.
+    Zero {
+        /// End of the zero range.
+        end: u64,
+    },
+    /// Logged data: `data` starts at file offset `start`.
+    Data {
+        /// File offset of `data[0]`.
+        start: u64,
+        /// The page.
+        data: &'a [u8],
+    },
+}
+
+impl Overlay {
+    /// True when the log replaced nothing.
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
+    /// Number of overlaid ranges.
+    pub fn len(&self) -> usize {
+        self.pieces.len()
+    }
+
+    /// The end of the last overlaid range (0 when empty).
+    pub fn end(&self) -> u64 {
+        self.pieces.values().map(|p| p.end).max().unwrap_or(0)
+    }
+
+    /// Records that `[start, end)` now reads as `data` (or zeros).
+    fn put(&mut self, start: u64, end: u64, data: Option<Arc<[u8]>>) {
+        let hit: Vec<u64> = self
+            .pieces
+            .range(..end)
+            .filter(|(_, p)| p.end > start)
+            .map(|(&s, _)| s)
+            .collect();
+        for s in hit {
+            let Some(p) = self.pieces.remove(&s) else {
+                continue;
+            };
+            if s < start {
+                let keep = p.data.as_ref().map(|d| d[..(start - s) as usize].into());
+                self.pieces.insert(
+                    s,
+                    Piece {
+                        end: start,
+                        data: keep,
+                    },
+                );
+            }
+            if p.end > end {
+                let keep = p.data.as_ref().map(|d| d[(end - s) as usize..].into());
+                self.pieces.insert(
+                    end,
+                    Piece {
+                        end: p.end,
+                        data: keep,
+                    },
+                );
+            }
+        }
+        self.pieces.insert(start, Piece { end, data });
+    }
+
+    /// What lies at `offset`.
+    pub fn at(&self, offset: u64) -> Hit<'_> {
+        if let Some((&s, p)) = self.pieces.range(..=offset).next_back() {
+            if p.end > offset {
+                return match &p.data {
+                    Some(d) => Hit::Data { start: s, data: d },
+                    None => Hit::Zero { end: p.end },
+                };
+            }
+        }
+        let next = self
+            .pieces
+            .range(offset..)
+            .next()
+            .map_or(u64::MAX, |(&s, _)| s);
+        Hit::File { next }
+    }
+
+    /// Applies the overlay to `buf`, which holds the file's bytes at `offset`.
+    pub fn patch(&self, buf: &mut [u8], offset: u64) {
+        let end = offset.saturating_add(buf.len() as u64);
+        let first = self
+            .pieces
+            .range(..=offset)
+            .next_back()
+            .map_or(offset, |(&s, _)| s);
+        for (&s, p) in self.pieces.range(first..end) {
+            let lo = s.max(offset);
+            let hi = p.end.min(end);
+            if lo >= hi {
+                continue;
+            }
+            let dst = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
+            match &p.data {
+                Some(d) => dst.copy_from_slice(&d[(lo - s) as usize..(hi - s) as usize]),
+                None => dst.fill(0),
+            }
+        }
+    }
+}
+
+/// The image file as the replayed log leaves it.
+pub struct Source {
+    /// The host file.
+    pub file: Arc<HostFile>,
+    /// The replayed log.
+    pub overlay: Overlay,
+    /// The file's length once the log is applied.
+    pub end: u64,
+    /// Sequence number of the replayed log's head entry, if any.
+    pub replayed_head: Option<u64>,
+}
+
+impl Source {
+    /// Reads `buf.len()` bytes at `offset` through the overlay (zeros past the end).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.file.read_zero_fill_at(buf, offset)?;
+        self.overlay.patch(buf, offset);
+        Ok(())
+    }
+
+    /// Opens `file` with its log (if any) replayed into an overlay.
+    pub fn open(file: Arc<HostFile>, header: &Header) -> Result<Source> {
+        let mut src = Source {
+            end: file.len(),
+            file,
+            overlay: Overlay::default(),
+            replayed_head: None,
+        };
+        if header.log_guid.is_zero() {
+            return Ok(src);
+        }
+        header.check_log(src.file.len())?;
+        let len = u64::from(header.log_length);
+        if len > MAX_LOG {
+            return Err(Error::unsupported(format!(
+                "VHDX log of {len} bytes is larger than the {MAX_LOG} bytes we replay"
+            )));
+        }
+        let mut log = vec![0u8; len as usize];
+        src.file.read_exact_at(&mut log, header.log_offset)?;
+        if let Some((head, entries)) = active_sequence(&log, header.log_guid) {
+            for e in entries {
+                for w in e.writes {
+                    match w {
+                        Write::Page { offset, data } => {
+                            src.overlay.put(offset, offset + SECTOR as u64, Some(data))
+                        }
+                        Write::Zero { offset, len } => src.overlay.put(offset, offset + len, None),
+                    }
+                }
+                src.end = src.end.max(e.last_file_offset);
+            }
+            src.end = src.end.max(src.overlay.end());
+            src.replayed_head = Some(head);
+        }
+        Ok(src)
+    }
+}
+
+/// One write an entry makes.
+enum Write {
+    Page { offset: u64, data: Arc<[u8]> },
+    Zero { offset: u64, len: u64 },
+}
+
+struct Entry {
+    seq: u64,
+    length: u64,
+    tail: u64,
+    last_file_offset: u64,
+    writes: Vec<Write>,
+}
+
+/// Copies `len` bytes of the circular `log` starting at `at`.
+fn circular(log: &[u8], at: u64, len: u64) -> Vec<u8> {
+    let n = log.len() as u64;
+    let mut out = Vec::with_capacity(len as usize);
+    let mut pos = at % n;
+    while (out.len() as u64) < len {
+        let take = (n - pos).min(len - out.len() as u64);
+        out.extend_from_slice(&log[pos as usize..(pos + take) as usize]);
+        pos = (pos + take) % n;
+    }
+    out
+}
+
+/// Parses and fully validates the entry at `at`; `None` if it is not one.
+fn parse_entry(log: &[u8], at: u64, guid: Guid) -> Option<Entry> {
+    let n = log.len() as u64;
+    let h = &log[at as usize..at as usize + SECTOR];
+    if &h[0..4] != b"loge" {
+        return None;
+    }
+    let length = u64::from(le32(h, 8));
+    let tail = u64::from(le32(h, 12));
+    let seq = le64(h, 16);
+    let count = u64::from(le32(h, 24));
+    if length == 0 || length % SECTOR as u64 != 0 || length > n || tail % SECTOR as u64 != 0 {
+        return None;
+    }
+    if tail >= n || seq == 0 || Guid::read(h, 32) != guid {
+        return None;
+    }
+    let desc_sectors = (64 + 32 * count).div_ceil(SECTOR as u64);
+    if desc_sectors * SECTOR as u64 > length {
+        return None;
+    }
+    let bytes = circular(log, at, length);
+    if crc_with_zeroed(&bytes, 4) != le32(&bytes, 4) {
+        return None;
+    }
+    let mut writes = Vec::with_capacity(count as usize);
+    let mut data_at = desc_sectors * SECTOR as u64;
+    for i in 0..count as usize {
+        let d = &bytes[64 + 32 * i..96 + 32 * i];
+        if le64(d, 24) != seq {
+            return None;
+        }
+        let offset = le64(d, 16);
+        if offset % SECTOR as u64 != 0 {
+            return None;
+        }
+        match &d[0..4] {
+            b"zero" => {
+                let len = le64(d, 8);
+                if len == 0 || len % SECTOR as u64 != 0 || offset.checked_add(len).is_none() {
+                    return None;
+                }
+                writes.push(Write::Zero { offset, len });
+            }
+            b"desc" => {
+                offset.checked_add(SECTOR as u64)?;
+                if data_at + SECTOR as u64 > length {
+                    return None;
+                }
+                let s = &bytes[data_at as usize..data_at as usize + SECTOR];
+                let sector_seq = (u64::from(le32(s, 4)) << 32) | u64::from(le32(s, 4092));
+                if &s[0..4] != b"data" || sector_seq != seq {
+                    return None;
+                }
+                // The sector's signature and sequence halves stand in for the
+                // page's first 8 and last 4 bytes, which the descriptor keeps.
+                let mut page = vec![0u8; SECTOR];
+                page[..8].copy_from_slice(&d[8..16]);
+                page[8..4092].copy_from_slice(&s[8..4092]);
+                page[4092..].copy_from_slice(&d[4..8]);
+                writes.push(Write::Page {
+                    offset,
+                    data: page.into(),
+                });
+                data_at += SECTOR as u64;
+            }
+            _ => return None,
+        }
+    }
+    Some(Entry {
+        seq,
+        length,
+        tail,
+        last_file_offset: le64(h, 56),
+        writes,
+    })
+}
+
+/// Finds the active sequence: the head's sequence number and its entries
+/// from the tail to the head.
+fn active_sequence(log: &[u8], guid: Guid) -> Option<(u64, Vec<Entry>)> {
+    let n = log.len() as u64;
+    let mut entries: HashMap<u64, Entry> = HashMap::new();
+    for at in (0..n).step_by(SECTOR) {
+        if let Some(e) = parse_entry(log, at, guid) {
+            entries.insert(at, e);
+        }
+    }
+    // next[at]: the entry that continues the chain from `at`.
+    let mut next: HashMap<u64, u64> = HashMap::new();
+    for (&at, e) in &entries {
+        let nx = (at + e.length) % n;
+        if entries.get(&nx).map(|f| f.seq) == e.seq.checked_add(1) {
+            next.insert(at, nx);
+        }
+    }
+    // Heads of chains, memoised from the highest sequence number down
+    // (sequence numbers rise along a chain, so chains cannot loop).
+    let mut head_of: HashMap<u64, u64> = HashMap::new();
+    let mut order: Vec<u64> = entries.keys().copied().collect();
+    order.sort_by_key(|at| std::cmp::Reverse(entries[at].seq));
+    for &at in &order {
+        let h = match next.get(&at) {
+            Some(nx) => head_of.get(nx).copied().unwrap_or(*nx),
+            None => at,
+        };
+        head_of.insert(at, h);
+    }
+    let best = order.iter().copied().find(|&h| {
+        let t = entries[&h].tail;
+        entries.contains_key(&t)
+            && head_of.get(&t) == Some(&h)
+            && entries[&t].seq <= entries[&h].seq
+    })?;
+    let head_seq = entries[&best].seq;
+    let mut at = entries[&best].tail;
+    let mut out = Vec::new();
+    loop {
+        let nx = next.get(&at).copied();
+        let e = entries.remove(&at)?;
+        let done = e.seq == head_seq;
+        out.push(e);
+        if done {
+            return Some((head_seq, out));
+        }
+        at = nx?;
+    }
+}
