@@ -281,3 +281,72 @@ fn hostile_images_are_refused_or_fail_only_their_range() {
     }
     assert!(failures.is_empty(), "failures:\n{}", failures.join("\n"));
 }
+
+/// Random damage to every structure (checksums recomputed where the
+/// structure has one, so the damage reaches the parsers behind them),
+/// through the fuzzing entry points: errors are fine, panics and hangs not.
+#[test]
+fn random_structure_damage_never_panics() {
+    use super::crafted::{install_log, log_entry, Desc};
+    let dir = scratch();
+    let base = created(
+        dir.path(),
+        "m.vhdx",
+        "6M",
+        "block_size=1M",
+        &["write -P 0x41 0 2M", "write -z 3M 1M"],
+    );
+    let clean = std::fs::read(&base).unwrap();
+    let b0 = le64(&clean, bat_offset(&clean)) & !0xfffff;
+    let bat = bat_offset(&clean);
+    let e = log_entry(
+        5,
+        0,
+        b"vdiskfs-log-guid",
+        &[Desc::Page(b0, vec![3; 4096]), Desc::Zero(bat, 4096)],
+        clean.len() as u64,
+    );
+    let mut logged = clean.clone();
+    install_log(&mut logged, &[(0, e)], true);
+    let mut rng = common::rng::Rng::new(0x7668_6478);
+    let started = Instant::now();
+    for i in 0..240 {
+        let mut b = if i % 2 == 0 {
+            clean.clone()
+        } else {
+            logged.clone()
+        };
+        let h = current_header(&b);
+        let log = le64(&b, h + 72);
+        let (at, len, crc): (u64, u64, Option<(u64, usize)>) = match i % 6 {
+            0 => (h, 80, Some((h, 4096))),
+            1 => (192 << 10, 16 + 32 * 3, Some((192 << 10, 64 << 10))),
+            2 => (metadata_offset(&b), 64 << 10, None),
+            3 => (metadata_item(&b, 0xcaa1_6737), 64, None),
+            4 => (bat_offset(&b), 64, None),
+            // The crafted entry (header sector + one data sector), re-checksummed.
+            _ => (log, 8192, Some((log, 8192))),
+        };
+        for _ in 0..1 + rng.below(6) {
+            let p = (at + rng.below(len)) as usize;
+            b[p] = match rng.below(3) {
+                0 => b[p] ^ (1 << rng.below(8)),
+                1 => 0xff,
+                _ => rng.below(256) as u8,
+            };
+        }
+        if let Some((c, n)) = crc {
+            fix_crc(&mut b, c, n);
+            if c == 192 << 10 {
+                // Keep both copies equal, or the second would hide the damage.
+                let (t1, t2) = (192usize << 10, 256usize << 10);
+                let copy = b[t1..t1 + (64 << 10)].to_vec();
+                b[t2..t2 + (64 << 10)].copy_from_slice(&copy);
+            }
+        }
+        let script: Vec<u8> = (0..64).map(|_| rng.below(256) as u8).collect();
+        vdiskfs::fuzzing::open_layer(&b, vdiskfs::format::Format::Vhdx);
+        vdiskfs::fuzzing::open_and_read(&b, None, &script);
+    }
+    assert!(started.elapsed() < Duration::from_secs(120));
+}

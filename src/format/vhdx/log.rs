@@ -30,6 +30,8 @@ const SECTOR: usize = 4096;
 /// Logs larger than this are refused rather than read into memory
 /// (Hyper-V and qemu write 1 MiB logs).
 pub const MAX_LOG: u64 = 64 << 20;
+/// Bytes of entries checksummed per byte of log before we give up.
+const CRC_BUDGET_PER_LOG_BYTE: u64 = 64;
 
 /// One piece of the overlay: the bytes of `[start, end)` once the log is applied.
 #[derive(Debug, Clone)]
@@ -200,7 +202,7 @@ impl Source {
         }
         let mut log = vec![0u8; len as usize];
         src.file.read_exact_at(&mut log, header.log_offset)?;
-        if let Some((head, entries)) = active_sequence(&log, header.log_guid) {
+        if let Some((head, entries)) = active_sequence(&log, header.log_guid)? {
             for e in entries {
                 for w in e.writes {
                     match w {
@@ -247,7 +249,33 @@ fn circular(log: &[u8], at: u64, len: u64) -> Vec<u8> {
 }
 
 /// Parses and fully validates the entry at `at`; `None` if it is not one.
-fn parse_entry(log: &[u8], at: u64, guid: Guid) -> Option<Entry> {
+/// Each checksummed entry spends its length from `budget`; `Err(())` when
+/// the budget runs out.
+fn parse_entry(
+    log: &[u8],
+    at: u64,
+    guid: Guid,
+    budget: &mut u64,
+) -> std::result::Result<Option<Entry>, ()> {
+    let Some(rest) = budget.checked_sub(entry_cost(log, at, guid)) else {
+        return Err(());
+    };
+    *budget = rest;
+    Ok(parse_checked(log, at, guid))
+}
+
+/// The bytes checksumming the entry at `at` would cost (0 when its header
+/// is not even plausible: wrong signature or another log's GUID).
+fn entry_cost(log: &[u8], at: u64, guid: Guid) -> u64 {
+    let h = &log[at as usize..at as usize + SECTOR];
+    if &h[0..4] == b"loge" && Guid::read(h, 32) == guid {
+        u64::from(le32(h, 8)).min(log.len() as u64)
+    } else {
+        0
+    }
+}
+
+fn parse_checked(log: &[u8], at: u64, guid: Guid) -> Option<Entry> {
     let n = log.len() as u64;
     let h = &log[at as usize..at as usize + SECTOR];
     if &h[0..4] != b"loge" {
@@ -271,7 +299,7 @@ fn parse_entry(log: &[u8], at: u64, guid: Guid) -> Option<Entry> {
     if crc_with_zeroed(&bytes, 4) != le32(&bytes, 4) {
         return None;
     }
-    let mut writes = Vec::with_capacity(count as usize);
+    let mut writes = Vec::with_capacity(count.min(1024) as usize);
     let mut data_at = desc_sectors * SECTOR as u64;
     for i in 0..count as usize {
         let d = &bytes[64 + 32 * i..96 + 32 * i];
@@ -326,12 +354,25 @@ fn parse_entry(log: &[u8], at: u64, guid: Guid) -> Option<Entry> {
 
 /// Finds the active sequence: the head's sequence number and its entries
 /// from the tail to the head.
-fn active_sequence(log: &[u8], guid: Guid) -> Option<(u64, Vec<Entry>)> {
+fn active_sequence(log: &[u8], guid: Guid) -> Result<Option<(u64, Vec<Entry>)>> {
     let n = log.len() as u64;
     let mut entries: HashMap<u64, Entry> = HashMap::new();
+    // A real log checksums a few times its own length (entries of older
+    // laps included; those of earlier sessions carry another GUID and cost
+    // nothing); a crafted one claiming a full-log entry at every sector
+    // would cost n^2 / 4096 bytes of CRC, 1 TiB for a 64 MiB log.
+    let mut budget = CRC_BUDGET_PER_LOG_BYTE * n + MAX_LOG;
     for at in (0..n).step_by(SECTOR) {
-        if let Some(e) = parse_entry(log, at, guid) {
-            entries.insert(at, e);
+        match parse_entry(log, at, guid, &mut budget) {
+            Ok(Some(e)) => {
+                entries.insert(at, e);
+            }
+            Ok(None) => {}
+            Err(()) => {
+                return Err(Error::corrupt(format!(
+                    "VHDX log of {n} bytes holds too many overlapping entries to replay"
+                )))
+            }
         }
     }
     // next[at]: the entry that continues the chain from `at`.
@@ -354,23 +395,76 @@ fn active_sequence(log: &[u8], guid: Guid) -> Option<(u64, Vec<Entry>)> {
         };
         head_of.insert(at, h);
     }
-    let best = order.iter().copied().find(|&h| {
+    let Some(best) = order.iter().copied().find(|&h| {
         let t = entries[&h].tail;
         entries.contains_key(&t)
             && head_of.get(&t) == Some(&h)
             && entries[&t].seq <= entries[&h].seq
-    })?;
+    }) else {
+        return Ok(None);
+    };
     let head_seq = entries[&best].seq;
     let mut at = entries[&best].tail;
     let mut out = Vec::new();
     loop {
-        let nx = next.get(&at).copied();
-        let e = entries.remove(&at)?;
+        // The chain from the tail reaches the head by construction.
+        let (Some(e), nx) = (entries.remove(&at), next.get(&at).copied()) else {
+            return Ok(None);
+        };
         let done = e.seq == head_seq;
         out.push(e);
         if done {
-            return Some((head_seq, out));
+            return Ok(Some((head_seq, out)));
         }
-        at = nx?;
+        let Some(nx) = nx else {
+            return Ok(None);
+        };
+        at = nx;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(v: u8) -> Option<Arc<[u8]>> {
+        Some(vec![v; SECTOR].into())
+    }
+
+    #[test]
+    fn later_writes_replace_earlier_ones_piecewise() {
+        let mut o = Overlay::default();
+        o.put(0, 4096, page(1));
+        o.put(8192, 8192 + 4096, page(2));
+        o.put(2048, 10240, None);
+        let mut buf = vec![9u8; 16384];
+        o.patch(&mut buf, 0);
+        assert!(buf[..2048].iter().all(|&b| b == 1));
+        assert!(buf[2048..10240].iter().all(|&b| b == 0));
+        assert!(buf[10240..12288].iter().all(|&b| b == 2));
+        assert!(buf[12288..].iter().all(|&b| b == 9));
+        assert!(matches!(o.at(4096), Hit::Zero { end: 10240 }));
+        assert!(matches!(o.at(10240), Hit::Data { start: 10240, .. }));
+        assert!(matches!(o.at(12288), Hit::File { next: u64::MAX }));
+        assert_eq!(o.len(), 3);
+    }
+
+    #[test]
+    fn a_log_of_overlapping_full_length_entries_is_refused_quickly() {
+        let n = 4 << 20;
+        let guid = Guid(*b"0123456789abcdef");
+        let mut log = vec![0u8; n];
+        for at in (0..n).step_by(SECTOR) {
+            let h = &mut log[at..at + SECTOR];
+            h[0..4].copy_from_slice(b"loge");
+            h[8..12].copy_from_slice(&(n as u32).to_le_bytes());
+            h[16..24].copy_from_slice(&1u64.to_le_bytes());
+            h[32..48].copy_from_slice(&guid.0);
+        }
+        let started = std::time::Instant::now();
+        assert!(active_sequence(&log, guid).is_err());
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        // Entries of another log cost nothing and replay nothing.
+        assert!(matches!(active_sequence(&log, Guid::default()), Ok(None)));
     }
 }
