@@ -248,12 +248,16 @@ fn locator(pairs: &[(&str, &str)]) -> Vec<u8> {
     b
 }
 
-/// Sectors of block 1 the child stores (the rest come from the parent).
-const CHILD_SECTORS: [std::ops::Range<u64>; 3] = [0..8, 100..300, 2047..2048];
+/// Byte ranges of block 1 the child stores (the rest come from the
+/// parent), whole 4 KiB sectors so that both sector sizes can express them.
+const CHILD_RANGES: [std::ops::Range<u64>; 3] = [0..8192, 409600..614400, 1044480..1048576];
 
 /// Turns qemu's dynamic VHDX `b` (8 MiB, 1 MiB blocks, blocks 0 and 1
-/// written) into a differencing disk naming `linkage`.
-fn make_child(b: &mut Vec<u8>, linkage: &str) {
+/// written) into a differencing disk naming `linkage`, with `sector`-byte
+/// logical sectors.
+fn make_child(b: &mut Vec<u8>, linkage: &str, sector: u64) {
+    let lss = metadata_item(b, 0x8141_bf1d);
+    put32(b, lss, sector as u32);
     let fp = metadata_item(b, 0xcaa1_6737);
     let flags = le32(b, fp + 4);
     put32(b, fp + 4, flags | 2);
@@ -279,15 +283,17 @@ fn make_child(b: &mut Vec<u8>, linkage: &str) {
     // The sector bitmap of chunk 0, appended at the next MiB.
     let bitmap = (b.len() as u64).next_multiple_of(MIB);
     b.resize((bitmap + MIB) as usize, 0);
-    let first_bit = 2048; // block 1 of 2048 sectors
-    for r in CHILD_SECTORS {
-        for sct in r {
+    // Chunk ratio 2^23 * sector / 1 MiB; block 1's bits follow block 0's.
+    let chunk_ratio = (1 << 23) * sector / MIB;
+    let first_bit = MIB / sector;
+    for r in CHILD_RANGES {
+        for sct in r.start / sector..r.end / sector {
             let bit = first_bit + sct;
             b[(bitmap + bit / 8) as usize] |= 1 << (bit % 8);
         }
     }
     let bat = bat_offset(b);
-    put64(b, bat + 8 * 4096, bitmap | 6);
+    put64(b, bat + 8 * chunk_ratio, bitmap | 6);
     let b1 = le64(b, bat + 8);
     put64(b, bat + 8, (b1 & !7) | 7);
     // qemu leaves unwritten blocks ZERO (block_state_zero=on): make them absent.
@@ -320,15 +326,26 @@ fn differencing_disk_reads_through_its_parent() {
     let mut expected = qemu_raw(&parent, None);
     let mb = MIB as usize;
     expected[..mb].copy_from_slice(&child_own[..mb]);
-    for r in CHILD_SECTORS {
-        let (a, z) = (mb + 512 * r.start as usize, mb + 512 * r.end as usize);
+    for r in CHILD_RANGES {
+        let (a, z) = (mb + r.start as usize, mb + r.end as usize);
         expected[a..z].copy_from_slice(&child_own[a..z]);
     }
     expected[3 * mb..4 * mb].fill(0);
     expected[5 * mb..6 * mb].fill(0);
 
+    // 4096-byte sectors: the same data, a bitmap bit per 4 KiB and another chunk ratio.
+    let child4k = patched(&base, dir.path(), "child4k.avhdx", |b| {
+        make_child(b, &linkage, 4096)
+    });
+    let c = open_chain(&child4k).unwrap_or_else(|e| panic!("{e}"));
+    assert_same(
+        &read_all(&c, 4096 + 512).unwrap(),
+        &expected,
+        &child4k,
+        4608,
+    );
     let child = patched(&base, dir.path(), "child.avhdx", |b| {
-        make_child(b, &linkage)
+        make_child(b, &linkage, 512)
     });
     let c = open_chain(&child).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.layers().len(), 2);
@@ -366,7 +383,7 @@ fn differencing_disk_reads_through_its_parent() {
     // Another DataWriteGuid: refused, unless --ignore-cid.
     let wrong = "{01234567-89AB-CDEF-0123-456789ABCDEF}";
     let stranger = patched(&base, dir.path(), "stranger.avhdx", |b| {
-        make_child(b, wrong)
+        make_child(b, wrong, 512)
     });
     let e = open_err(&stranger);
     assert_eq!(e.kind(), ErrorKind::CidMismatch, "{e}");
