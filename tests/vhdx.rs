@@ -298,6 +298,8 @@ fn qcow2_overlay_over_vhdx_matches_qemu() {
     assert_matches_qemu(&top2);
 }
 
+/// The VHDX rows of MANIFEST-next.tsv (real images), through the library
+/// and through FUSE.
 #[test]
 fn manifest_next_vhdx_rows_read_exactly() {
     let root = testdata();
@@ -322,6 +324,12 @@ fn manifest_next_vhdx_rows_read_exactly() {
             "{}",
             f[0]
         );
+        // And through FUSE.
+        let m = Mounted::new(&[&path], &[]);
+        let stem = path.file_stem().unwrap().to_str().unwrap();
+        let exposed = m.file(&format!("{stem}.raw"));
+        assert_eq!(common::sha256_file(&exposed), want, "{} through FUSE", f[0]);
+        m.unmount();
         seen += 1;
     }
     assert!(seen >= 1, "no vhdx row in MANIFEST-next.tsv");
