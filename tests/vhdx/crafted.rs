@@ -202,6 +202,34 @@ fn log_entries_of_another_log_guid_are_ignored() {
     );
 }
 
+#[test]
+fn a_log_from_a_longer_file_is_refused() {
+    let dir = scratch();
+    let base = created(
+        dir.path(),
+        "t.vhdx",
+        "4M",
+        "block_size=1M",
+        &["write -P 5 0 1M"],
+    );
+    let orig = std::fs::read(&base).unwrap();
+    let b0 = block_host(&orig, 0);
+    // Written when the file was 1 MiB longer than it is now.
+    let e = log_entry(
+        7,
+        0,
+        &LOG_GUID,
+        &[Desc::Page(b0, page(9))],
+        orig.len() as u64 + MIB,
+    );
+    let img = patched(&base, dir.path(), "cut.vhdx", |b| {
+        install_log(b, &[(0, e)], true)
+    });
+    let err = open_err(&img);
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+    assert_one_line(&err, &img, "truncated");
+}
+
 fn utf16(s: &str) -> Vec<u8> {
     s.encode_utf16().flat_map(|u| u.to_le_bytes()).collect()
 }

@@ -204,6 +204,17 @@ impl Source {
         src.file.read_exact_at(&mut log, header.log_offset)?;
         if let Some((head, entries)) = active_sequence(&log, header.log_guid)? {
             for e in entries {
+                // The file was this long when the entry was written: a
+                // shorter one lost data the log does not hold (qemu refuses
+                // it too).
+                if e.flushed_file_offset > src.file.len() {
+                    return Err(Error::corrupt(format!(
+                        "VHDX log entry {} expects a file of at least {} bytes; it has {} (truncated)",
+                        e.seq,
+                        e.flushed_file_offset,
+                        src.file.len()
+                    )));
+                }
                 for w in e.writes {
                     match w {
                         Write::Page { offset, data } => {
@@ -231,6 +242,7 @@ struct Entry {
     seq: u64,
     length: u64,
     tail: u64,
+    flushed_file_offset: u64,
     last_file_offset: u64,
     writes: Vec<Write>,
 }
@@ -347,6 +359,7 @@ fn parse_checked(log: &[u8], at: u64, guid: Guid) -> Option<Entry> {
         seq,
         length,
         tail,
+        flushed_file_offset: le64(h, 48),
         last_file_offset: le64(h, 56),
         writes,
     })
