@@ -284,6 +284,11 @@ const CHILD_RANGES: [std::ops::Range<u64>; 3] = [0..8192, 409600..614400, 104448
 /// written) into a differencing disk naming `linkage`, with `sector`-byte
 /// logical sectors.
 fn make_child(b: &mut Vec<u8>, linkage: &str, sector: u64) {
+    make_child_of(b, linkage, sector, ".\\parent.vhdx")
+}
+
+/// [`make_child`] with the parent's relative path given.
+fn make_child_of(b: &mut Vec<u8>, linkage: &str, sector: u64, rel: &str) {
     let lss = metadata_item(b, 0x8141_bf1d);
     put32(b, lss, sector as u32);
     let fp = metadata_item(b, 0xcaa1_6737);
@@ -293,7 +298,7 @@ fn make_child(b: &mut Vec<u8>, linkage: &str, sector: u64) {
     let n = u64::from(u16::from_le_bytes([b[m as usize + 10], b[m as usize + 11]]));
     let item = locator(&[
         ("parent_linkage", linkage),
-        ("relative_path", ".\\parent.vhdx"),
+        ("relative_path", rel),
         ("absolute_win32_path", "C:\\elsewhere\\parent.vhdx"),
     ]);
     let item_at = 512 << 10;
@@ -422,6 +427,28 @@ fn differencing_disk_reads_through_its_parent() {
     };
     let c = Chain::open(&stranger, &opts, &Caches::new(16 << 20)).unwrap();
     assert_same(&read_all(&c, 1 << 20).unwrap(), &expected, &stranger, 0);
+
+    // A child naming itself is a loop.
+    let selfish = patched(&base, dir.path(), "selfish.avhdx", |b| {
+        make_child_of(b, &linkage, 512, "selfish.avhdx")
+    });
+    assert_eq!(open_err(&selfish).kind(), ErrorKind::ChainLoop);
+
+    // A sector bitmap entry that is not present fails the partially
+    // present block only.
+    let nobitmap = patched(&base, dir.path(), "nobitmap.avhdx", |b| {
+        make_child(b, &linkage, 512);
+        let bat = bat_offset(b);
+        put64(b, bat + 8 * 4096, 0);
+    });
+    let c = open_chain(&nobitmap).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let e = c.read_at(&mut buf, MIB + 8192).unwrap_err();
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    for at in [0, 2 * MIB, 7 * MIB] {
+        c.read_at(&mut buf, at).unwrap();
+        assert!(buf[..] == expected[at as usize..at as usize + 4096]);
+    }
 
     // A missing parent is a clean error naming it.
     std::fs::rename(&parent, dir.path().join("moved.vhdx")).unwrap();
