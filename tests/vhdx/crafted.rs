@@ -141,7 +141,9 @@ fn log_replay_overlays_pages_bat_entries_and_zeros() {
     assert_same(&read_all(&c, 4096 + 512).unwrap(), &expected, &img, 4608);
     let info = vdiskfs::info::gather(&c).unwrap();
     assert!(
-        info.features.iter().any(|f| f.contains("head sequence 11")),
+        info.features
+            .iter()
+            .any(|f| f.contains("2 entries, head sequence 11")),
         "{:?}",
         info.features
     );
@@ -199,6 +201,21 @@ fn log_entries_of_another_log_guid_are_ignored() {
         &qemu_raw(&base, None),
         &img,
         0,
+    );
+    // Read as qemu reads it (nothing to replay), and said so.
+    assert_same(
+        &read_all(&c, 1 << 20).unwrap(),
+        &qemu_raw(&img, None),
+        &img,
+        0,
+    );
+    let info = vdiskfs::info::gather(&c).unwrap();
+    assert!(
+        info.features
+            .iter()
+            .any(|f| f.contains("no valid log sequence")),
+        "{:?}",
+        info.features
     );
 }
 
@@ -363,8 +380,8 @@ fn differencing_disk_reads_through_its_parent() {
         let (a, z) = (mb + r.start as usize, mb + r.end as usize);
         expected[a..z].copy_from_slice(&child_own[a..z]);
     }
-    expected[3 * mb..4 * mb].fill(0);
-    expected[5 * mb..6 * mb].fill(0);
+    // ZERO, UNDEFINED and UNMAPPED blocks read as zeros, hiding the parent.
+    expected[3 * mb..6 * mb].fill(0);
 
     // 4096-byte sectors: the same data, a bitmap bit per 4 KiB and another chunk ratio.
     let child4k = patched(&base, dir.path(), "child4k.avhdx", |b| {

@@ -25,11 +25,11 @@ pub const MAX_BAT: u64 = 128 << 20;
 pub enum State {
     /// Never written: zeros, or the parent's data in a differencing disk.
     NotPresent,
-    /// Content undefined (reads as zeros, as qemu does; the parent's in a child).
+    /// Content undefined: reads as zeros (one of the answers MS-VHDX allows).
     Undefined,
     /// Reads as zeros.
     Zero,
-    /// Trimmed: reads as zeros (qemu's answer; the parent's in a child).
+    /// Unmapped (trimmed): reads as zeros.
     Unmapped,
     /// Every sector stored at `offset`.
     Full(u64),

@@ -170,8 +170,27 @@ pub struct Source {
     pub overlay: Overlay,
     /// The file's length once the log is applied.
     pub end: u64,
-    /// Sequence number of the replayed log's head entry, if any.
-    pub replayed_head: Option<u64>,
+    /// What became of the log: `None` when it was empty (zero log GUID).
+    pub log: Option<LogState>,
+}
+
+/// The outcome of log replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogState {
+    /// The active sequence, up to the head entry with this sequence number,
+    /// was replayed.
+    Replayed {
+        /// Sequence number of the head entry.
+        head: u64,
+        /// Number of entries replayed.
+        entries: usize,
+    },
+    /// The header names a log but no valid sequence was found. MS-VHDX
+    /// calls such a file corrupt; qemu opens it with nothing replayed
+    /// (no update survives to be applied: the state after a crash between
+    /// setting the log GUID and flushing the first entry), and so do we,
+    /// saying so in `info` and the log.
+    NoValidSequence,
 }
 
 impl Source {
@@ -188,7 +207,7 @@ impl Source {
             end: file.len(),
             file,
             overlay: Overlay::default(),
-            replayed_head: None,
+            log: None,
         };
         if header.log_guid.is_zero() {
             return Ok(src);
@@ -202,7 +221,18 @@ impl Source {
         }
         let mut log = vec![0u8; len as usize];
         src.file.read_exact_at(&mut log, header.log_offset)?;
-        if let Some((head, entries)) = active_sequence(&log, header.log_guid)? {
+        let Some((head, entries)) = active_sequence(&log, header.log_guid)? else {
+            log::warn!(
+                "{}: the VHDX log GUID is set but the log holds no valid sequence; nothing replayed",
+                src.file.path().display()
+            );
+            src.log = Some(LogState::NoValidSequence);
+            return Ok(src);
+        };
+        let count = entries.len();
+        // The head entry's LastFileOffset: every structure fits below it.
+        let last_file_offset = entries.last().map_or(0, |e| e.last_file_offset);
+        {
             for e in entries {
                 // The file was this long when the entry was written: a
                 // shorter one lost data the log does not hold (qemu refuses
@@ -223,10 +253,12 @@ impl Source {
                         Write::Zero { offset, len } => src.overlay.put(offset, offset + len, None),
                     }
                 }
-                src.end = src.end.max(e.last_file_offset);
             }
-            src.end = src.end.max(src.overlay.end());
-            src.replayed_head = Some(head);
+            src.end = src.end.max(last_file_offset).max(src.overlay.end());
+            src.log = Some(LogState::Replayed {
+                head,
+                entries: count,
+            });
         }
         Ok(src)
     }

@@ -31,7 +31,7 @@ pub mod metadata;
 
 use bat::{Bat, State};
 use header::{Guid, Header, Regions};
-use log::{Hit, Source};
+use log::{Hit, LogState, Source};
 use metadata::Metadata;
 
 /// True when `head` starts with the VHDX file type identifier.
@@ -104,8 +104,10 @@ impl Vhdx {
     /// the overlay are looked at; `Data` carries the block's host start.
     fn block_mapping(&self, state: State) -> Mapping {
         match state {
-            State::NotPresent | State::Undefined => self.absent(),
-            State::Zero | State::Unmapped => Mapping::Zero,
+            State::NotPresent => self.absent(),
+            // MS-VHDX lets both read as zeros (or stale bytes, which we
+            // never serve), in differencing disks too.
+            State::Undefined | State::Zero | State::Unmapped => Mapping::Zero,
             State::Full(host) | State::Partial(host) => Mapping::Data {
                 file: self.src.file.clone(),
                 offset: host,
@@ -363,9 +365,14 @@ impl Layer for Vhdx {
             .into(),
         );
         info.cluster_size = Some(self.bat.block_size);
-        if let Some(head) = self.src.replayed_head {
-            info.features
-                .push(format!("log replayed in memory (head sequence {head})"));
+        match self.src.log {
+            Some(LogState::Replayed { head, entries }) => info.features.push(format!(
+                "log replayed in memory ({entries} entries, head sequence {head})"
+            )),
+            Some(LogState::NoValidSequence) => info
+                .features
+                .push("log GUID set but no valid log sequence (nothing replayed)".into()),
+            None => {}
         }
         let census = self.bat.census(self.src.end);
         let d = &mut info.details;
