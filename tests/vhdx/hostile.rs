@@ -94,6 +94,43 @@ fn hostile_images_are_refused_or_fail_only_their_range() {
             Expect::Reads,
         ),
         (
+            "headers-share-a-sequence",
+            Box::new(|b| {
+                for h in [64u64 << 10, 128 << 10] {
+                    put64(b, h + 8, 77);
+                    b[h as usize + 16] ^= h as u8 ^ 0x5a; // FileWriteGuids differ
+                    fix_crc(b, h, 4096);
+                }
+            }),
+            Expect::Refused(ErrorKind::Corrupt, "share sequence number 77"),
+        ),
+        (
+            "headers-identical",
+            Box::new(|b| {
+                let h = current_header(b) as usize;
+                let copy = b[h..h + 4096].to_vec();
+                b[(64 << 10)..(64 << 10) + 4096].copy_from_slice(&copy);
+                b[(128 << 10)..(128 << 10) + 4096].copy_from_slice(&copy);
+            }),
+            Expect::Reads,
+        ),
+        (
+            "regions-overlap",
+            Box::new(|b| {
+                let bat = bat_offset(b);
+                for t in [192u64 << 10, 256 << 10] {
+                    for i in 0..u64::from(le32(b, t + 8)) {
+                        let e = t + 16 + 32 * i;
+                        if le32(b, e) == 0x8b7c_a206 {
+                            put64(b, e + 16, bat);
+                        }
+                    }
+                    fix_crc(b, t, 64 << 10);
+                }
+            }),
+            Expect::Refused(ErrorKind::Corrupt, "overlaps"),
+        ),
+        (
             "both-region-tables-bad",
             Box::new(|b| {
                 b[(192 << 10) + 4] ^= 1;

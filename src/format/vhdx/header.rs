@@ -222,20 +222,35 @@ impl Header {
     /// Reads both copies and returns the current one: the valid copy with
     /// the higher sequence number.
     pub fn read_current(file: &HostFile) -> Result<Header> {
-        let mut best: Option<Header> = None;
+        let mut valid: Vec<(Header, Vec<u8>)> = Vec::new();
         let mut why = Vec::new();
         for (i, &off) in HEADER_OFFSETS.iter().enumerate() {
             let mut b = vec![0u8; HEADER_LEN];
             let n = file.read_at_most(&mut b, off)?;
             match Header::parse(&b[..n], i as u8 + 1) {
-                Ok(h) => {
-                    if best.as_ref().is_none_or(|b| h.sequence > b.sequence) {
-                        best = Some(h);
-                    }
-                }
+                Ok(h) => valid.push((h, b)),
                 Err(e) => why.push(e.message().to_string()),
             }
         }
+        let best = match valid.as_slice() {
+            [(h1, b1), (h2, b2)] => {
+                if h1.sequence > h2.sequence {
+                    Some(h1.clone())
+                } else if h2.sequence > h1.sequence {
+                    Some(h2.clone())
+                } else if b1 == b2 {
+                    // Disk2vhd writes two identical headers; qemu accepts them.
+                    Some(h1.clone())
+                } else {
+                    return Err(Error::corrupt(format!(
+                        "the two VHDX headers differ but share sequence number {}, so neither is current",
+                        h1.sequence
+                    )));
+                }
+            }
+            [(h, _), ..] => Some(h.clone()),
+            [] => None,
+        };
         let h = best
             .ok_or_else(|| Error::corrupt(format!("no valid VHDX header ({})", why.join("; "))))?;
         if h.version != 1 {
@@ -376,6 +391,13 @@ impl Regions {
                 Ok(r) => {
                     for reg in [r.bat, r.metadata] {
                         check_region(&reg, end)?;
+                    }
+                    let (a, b) = (r.bat, r.metadata);
+                    if a.offset < b.offset + b.length && b.offset < a.offset + a.length {
+                        return Err(Error::corrupt(format!(
+                            "the VHDX BAT region ({:#x}+{}) overlaps the metadata region ({:#x}+{})",
+                            a.offset, a.length, b.offset, b.length
+                        )));
                     }
                     return Ok(r);
                 }
