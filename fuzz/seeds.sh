@@ -20,6 +20,8 @@ mk -f vmdk -o subformat=monolithicSparse "$tmp/sparse.vmdk" 1M; io -f vmdk -c 'w
 head -c 65536 /dev/urandom > "$tmp/data.raw"
 qemu-img convert -q -f raw -O vmdk -o subformat=streamOptimized "$tmp/data.raw" "$tmp/stream.vmdk"
 mk -f vmdk -o subformat=monolithicFlat "$tmp/flat.vmdk" 64k
+mk -f vpc "$tmp/dyn.vhd" 3M;                                 io -f vpc -c 'write -P 9 0 40k' "$tmp/dyn.vhd"
+mk -f vpc -o subformat=fixed "$tmp/fixed.vhd" 256k
 mk -f vhdx -o block_size=1M "$tmp/small.vhdx" 3M;            io -f vhdx -c 'write -P 9 0 1536k' -c 'write -z 2M 512k' "$tmp/small.vhdx"
 
 seed() { local t=$1; shift; mkdir -p "corpus/$t"; for f in "$@"; do [ -f "$f" ] && cp "$f" "corpus/$t/"; done; true; }
@@ -30,6 +32,7 @@ seed qcow_open "$tmp"/v1.qcow $(small '*.qcow')
 seed vmdk_descriptor "$tmp/flat.vmdk" $(find "$shared" -name '*.vmdk' -size -4k)
 seed vmdk_open "$tmp"/*.vmdk $(small '*.vmdk')
 seed vmdk_read "$tmp"/sparse.vmdk "$tmp"/stream.vmdk $(small '*.vmdk')
+seed vhd_open "$tmp"/*.vhd $(small '*.vhd')
 seed vhdx_open "$tmp"/small.vhdx
 seed chain_read "$tmp"/* $(small '*')
 mkdir -p corpus/decompress

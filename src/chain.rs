@@ -163,6 +163,7 @@ impl Chain {
                     .with_path(child.path()));
                 }
             }
+            check_parent_id(&child, &parent, &spec.name, opts.ignore_cid)?;
             if !opts.ignore_cid {
                 child
                     .check_parent(parent.as_ref())
@@ -470,6 +471,33 @@ impl Chain {
         }
         (total, first_error)
     }
+}
+
+/// Checks a differencing VHD's parent UUID against the parent's unique
+/// id, as the VMDK parentCID check does (`--ignore-cid` overrides both).
+fn check_parent_id(
+    child: &Arc<dyn Layer>,
+    parent: &Arc<dyn Layer>,
+    name: &str,
+    ignore: bool,
+) -> Result<()> {
+    let (Some(expected), Some(actual)) = (child.parent_unique_id(), parent.unique_id()) else {
+        return Ok(());
+    };
+    if expected == actual || ignore {
+        return Ok(());
+    }
+    let hex = |id: [u8; 16]| crate::format::vhd::footer::uuid_string(&id);
+    Err(Error::new(
+        ErrorKind::CidMismatch,
+        format!(
+            "parent UUID {} does not match unique id {} of parent {name:?} \
+             (not the parent this disk was made from; --ignore-cid overrides)",
+            hex(expected),
+            hex(actual)
+        ),
+    )
+    .with_path(child.path()))
 }
 
 /// What the layers under the top one hold, for copy-on-write.

@@ -63,7 +63,7 @@ pub struct MountArgs {
     /// Stay in the foreground instead of detaching.
     #[arg(short, long)]
     pub foreground: bool,
-    /// Format of the top image(s) (raw, qcow2, qcow, vmdk); detected from content if absent.
+    /// Format of the top image(s) (raw, qcow2, qcow, vmdk, vpc); detected from content if absent.
     #[arg(long, value_parser = parse_format)]
     pub format: Option<Format>,
     /// Cache size for metadata and decompressed blocks (e.g. 64M, 1G).
@@ -108,7 +108,8 @@ pub struct MountArgs {
     /// Allow backing/extent files that are devices, FIFOs or under /proc, /sys, /dev.
     #[arg(long)]
     pub allow_devices: bool,
-    /// Accept a VMDK parent whose CID differs from the child's parentCID.
+    /// Accept a VMDK parent whose CID differs from the child's parentCID (or a
+    /// VHD parent whose unique id differs from the child's parent UUID).
     #[arg(long)]
     pub ignore_cid: bool,
     /// Refuse backing chains longer than this.
@@ -162,7 +163,8 @@ pub struct InfoArgs {
     /// Confine backing and extent files as for an untrusted mount.
     #[arg(long)]
     pub untrusted: bool,
-    /// Accept a VMDK parent whose CID differs from the child's parentCID.
+    /// Accept a VMDK parent whose CID differs from the child's parentCID (or a
+    /// VHD parent whose unique id differs from the child's parent UUID).
     #[arg(long)]
     pub ignore_cid: bool,
 }

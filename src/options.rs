@@ -470,7 +470,7 @@ mod tests {
             ("noauto=1", Err("takes no value")),
             ("uid", Err("needs a value")),
             ("overlay=", Err("needs a file name")),
-            ("format=vpc", Err("vpc")),
+            ("format=xyz", Err("xyz")),
             ("cache_size=12X", Err("cache_size=12X")),
             ("mode=999", Err("bad mode")),
             ("threads=0", Err("at least 1")),

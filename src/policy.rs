@@ -1,7 +1,7 @@
 //! Which files an image may make us open, and how names inside images are
 //! resolved.
 //!
-//! Backing files (qcow2, qcow, VMDK parents), VMDK extent files and qcow2
+//! Backing files (qcow2, qcow, VMDK and VHD parents), VMDK extent files and qcow2
 //! external data files are named *inside* an image, so a crafted image could
 //! name `/etc/shadow`, `/dev/sda` or `../../secret`. Every such name goes
 //! through [`OpenPolicy::resolve`], which:

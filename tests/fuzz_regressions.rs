@@ -24,7 +24,13 @@ fn every_saved_input_is_handled() {
     let inputs = inputs();
     for (name, data) in &inputs {
         eprintln!("replaying {name}");
-        for f in [Format::Qcow2, Format::Qcow, Format::Vmdk, Format::Raw] {
+        for f in [
+            Format::Qcow2,
+            Format::Qcow,
+            Format::Vmdk,
+            Format::Vhd,
+            Format::Raw,
+        ] {
             open_layer(data, f);
             open_and_read(data, Some(f), &[]);
         }

@@ -405,7 +405,7 @@ fn qcow2_cases(d: &Path) -> Vec<Case> {
         Expect::Refused(ErrorKind::NotFound),
     );
 
-    let p = with_backing(d, "vpc.qcow2", "x.vhd", "vpc");
+    let p = with_backing(d, "cloop.qcow2", "x.cloop", "cloop");
     add(
         "unsupported backing format",
         p,

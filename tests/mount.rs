@@ -324,11 +324,11 @@ fn bad_invocations_fail_with_one_line_naming_the_problem() {
         (
             vec![
                 "--format".into(),
-                "vpc".into(),
+                "cloop".into(),
                 img1.display().to_string(),
                 mp.display().to_string(),
             ],
-            "vpc",
+            "cloop",
         ),
     ];
     for (args, needle) in cases {

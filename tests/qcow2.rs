@@ -371,11 +371,11 @@ fn unknown_backing_format_is_unsupported() {
         "1M",
     ]);
     let off = find(&top, &0xe279_2acau32.to_be_bytes());
-    patch(&top, off + 8, b"vpc\0\0");
+    patch(&top, off + 8, b"xyz\0\0");
     patch(&top, off + 4, &3u32.to_be_bytes());
     let e = open_err(&top);
     assert_eq!(e.kind(), ErrorKind::Unsupported);
-    assert!(e.to_string().contains("unsupported format 'vpc'"), "{e}");
+    assert!(e.to_string().contains("unsupported format 'xyz'"), "{e}");
 }
 
 fn small_image(dir: &Path, name: &str) -> PathBuf {

@@ -23,6 +23,7 @@ use crate::policy::OpenPolicy;
 pub mod qcow;
 pub mod qcow2;
 pub mod raw;
+pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
 
@@ -38,6 +39,9 @@ pub enum Format {
     Qcow,
     /// VMDK, any subformat (descriptor file or sparse extent).
     Vmdk,
+    /// VHD (Microsoft Virtual Hard Disk; qemu's `vpc`): fixed, dynamic, differencing.
+    #[serde(rename = "vpc")]
+    Vhd,
     /// VHDX (Hyper-V), fixed, dynamic or differencing.
     Vhdx,
 }
@@ -50,6 +54,7 @@ impl Format {
             Format::Qcow2 => "qcow2",
             Format::Qcow => "qcow",
             Format::Vmdk => "vmdk",
+            Format::Vhd => "vpc",
             Format::Vhdx => "vhdx",
         }
     }
@@ -61,9 +66,10 @@ impl Format {
             "qcow2" => Ok(Format::Qcow2),
             "qcow" => Ok(Format::Qcow),
             "vmdk" => Ok(Format::Vmdk),
+            "vpc" | "vhd" => Ok(Format::Vhd),
             "vhdx" => Ok(Format::Vhdx),
             other => Err(Error::unsupported(format!(
-                "unsupported format '{other}' (supported: raw, qcow2, qcow, vmdk, vhdx)"
+                "unsupported format '{other}' (supported: raw, qcow2, qcow, vmdk, vpc, vhdx)"
             ))),
         }
     }
@@ -208,6 +214,17 @@ pub trait Layer: Send + Sync {
         None
     }
 
+    /// The unique id a child names this layer by (VHD footer unique id).
+    fn unique_id(&self) -> Option<[u8; 16]> {
+        None
+    }
+
+    /// The unique id this layer expects of its parent (differencing VHD);
+    /// the chain checks it against the parent's [`Layer::unique_id`].
+    fn parent_unique_id(&self) -> Option<[u8; 16]> {
+        None
+    }
+
     /// The identity children record of their parent, beyond VMDK's CID
     /// (VHDX: the DataWriteGuid).
     fn data_guid(&self) -> Option<[u8; 16]> {
@@ -307,7 +324,16 @@ pub struct OpenCtx<'a> {
 pub fn detect(file: &HostFile) -> Result<Format> {
     let mut head = [0u8; 4096];
     let n = file.read_at_most(&mut head, 0)?;
-    Ok(detect_bytes(&head[..n]))
+    let found = detect_bytes(&head[..n]);
+    // A fixed VHD has no header, only a footer in its last 512 bytes.
+    if found == Format::Raw && file.len() >= 512 {
+        let mut tail = [0u8; 512];
+        file.read_exact_at(&mut tail, file.len() - 512)?;
+        if vhd::probe_footer(&tail) {
+            return Ok(Format::Vhd);
+        }
+    }
+    Ok(found)
 }
 
 /// Detects a format from an image's first bytes (up to 4 KiB). Anything
@@ -324,6 +350,9 @@ pub fn detect_bytes(head: &[u8]) -> Format {
     }
     if vmdk::probe(head) {
         return Format::Vmdk;
+    }
+    if vhd::probe(head) {
+        return Format::Vhd;
     }
     if vhdx::probe(head) {
         return Format::Vhdx;
@@ -348,6 +377,7 @@ pub fn open_layer_on(
         Format::Qcow2 => qcow2::open(file, ctx)?,
         Format::Qcow => qcow::open(file, ctx)?,
         Format::Vmdk => vmdk::open(file, ctx)?,
+        Format::Vhd => vhd::open(file, ctx)?,
         Format::Vhdx => vhdx::open(file, ctx)?,
     };
     Ok(layer)
@@ -362,8 +392,24 @@ mod tests {
         assert_eq!(detect_bytes(b"QFI\xfb\0\0\0\x03rest"), Format::Qcow2);
         assert_eq!(detect_bytes(b"QFI\xfb\0\0\0\x02rest"), Format::Qcow2);
         assert_eq!(detect_bytes(b"QFI\xfb\0\0\0\x01rest"), Format::Qcow);
+        assert_eq!(detect_bytes(b"conectix\0\0\0\x02rest"), Format::Vhd);
         assert_eq!(detect_bytes(b"hello world"), Format::Raw);
         assert_eq!(detect_bytes(b""), Format::Raw);
+    }
+
+    #[test]
+    fn a_fixed_vhd_is_detected_by_its_footer_only() {
+        let mut img = vec![0u8; 4096];
+        let n = img.len();
+        img[n - 512..n - 504].copy_from_slice(b"conectix");
+        img[n - 452..n - 448].copy_from_slice(&2u32.to_be_bytes());
+        let f = HostFile::from_bytes("fixed.vhd", &img).unwrap();
+        assert_eq!(detect(&f).unwrap(), Format::Vhd);
+        // A dynamic disk's footer at the end, without its copy at 0, is
+        // not taken for a fixed disk: it could point at tables and parents.
+        img[n - 452..n - 448].copy_from_slice(&3u32.to_be_bytes());
+        let f = HostFile::from_bytes("dyn.vhd", &img).unwrap();
+        assert_eq!(detect(&f).unwrap(), Format::Raw);
     }
 
     #[test]
@@ -373,10 +419,12 @@ mod tests {
             Format::Qcow2,
             Format::Qcow,
             Format::Vmdk,
+            Format::Vhd,
             Format::Vhdx,
         ] {
             assert_eq!(Format::from_name(f.name()).unwrap(), f);
         }
-        assert!(Format::from_name("vpc").is_err());
+        assert_eq!(Format::from_name("vhd").unwrap(), Format::Vhd);
+        assert!(Format::from_name("nonesuch").is_err());
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod fuse;
 pub mod rng;
+pub mod vhd;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
