@@ -111,7 +111,12 @@ impl Chain {
             policy: &policy,
             writable: opts.writable,
         };
-        let top = format::open_layer_on(top_file, top_format, &top_ctx)?;
+        let top: Arc<dyn Layer> = if opts.format.is_none() && top_format == Format::Raw {
+            // Probed raw: guard writes that would turn it into another format.
+            Arc::new(format::raw::Raw::open_probed(top_file, &top_ctx)?)
+        } else {
+            format::open_layer_on(top_file, top_format, &top_ctx)?
+        };
         if opts.writable && top.as_write().is_none() {
             return Err(Error::unsupported(format!(
                 "{} images of this kind cannot be written in place; use --overlay FILE or --snapshot",

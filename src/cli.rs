@@ -63,7 +63,7 @@ pub struct MountArgs {
     /// Stay in the foreground instead of detaching.
     #[arg(short, long)]
     pub foreground: bool,
-    /// Format of the top image(s) (raw, qcow2, qcow, vmdk, vpc); detected from content if absent.
+    /// Format of the top image(s) (raw, qcow2, qcow, vmdk, vpc, vdi, parallels); detected from content if absent.
     #[arg(long, value_parser = parse_format)]
     pub format: Option<Format>,
     /// Cache size for metadata and decompressed blocks (e.g. 64M, 1G).

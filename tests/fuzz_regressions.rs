@@ -29,6 +29,8 @@ fn every_saved_input_is_handled() {
             Format::Qcow,
             Format::Vmdk,
             Format::Vhd,
+            Format::Vdi,
+            Format::Parallels,
             Format::Raw,
         ] {
             open_layer(data, f);
@@ -73,5 +75,35 @@ fn synthetic_edge_blobs_are_handled() {
         for f in [Format::Qcow2, Format::Qcow, Format::Vmdk] {
             open_layer(b, f);
         }
+    }
+}
+
+#[test]
+fn vdi_and_parallels_headers_at_extremes_are_handled() {
+    let mut blobs = Vec::new();
+    for fill in [0x00u8, 0xff] {
+        let mut vdi = vec![fill; 0x1c8 + 64];
+        vdi[0x40..0x44].copy_from_slice(&0xbeda_107fu32.to_le_bytes());
+        vdi[0x44..0x48].copy_from_slice(&0x0001_0001u32.to_le_bytes());
+        blobs.push(vdi);
+        for magic in [b"WithoutFreeSpace", b"WithouFreSpacExt"] {
+            let mut p = magic.to_vec();
+            p.extend_from_slice(&2u32.to_le_bytes());
+            p.resize(64 + 64, fill);
+            blobs.push(p);
+        }
+    }
+    blobs.push(
+        b"<?xml version='1.0'?>\n<Parallels_disk_image><Disk_Parameters><Disk_size>99999999999999999999\
+          </Disk_size></Disk_Parameters><StorageData><Storage><Start>0</Start><End>18446744073709551615</End>\
+          <Image><Type>Plain</Type><File>x</File></Image></Storage></StorageData></Parallels_disk_image>"
+            .to_vec(),
+    );
+    for b in &blobs {
+        let started = std::time::Instant::now();
+        open_and_read(b, None, &[]);
+        open_layer(b, Format::Vdi);
+        open_layer(b, Format::Parallels);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 }

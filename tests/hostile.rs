@@ -405,7 +405,15 @@ fn qcow2_cases(d: &Path) -> Vec<Case> {
         Expect::Refused(ErrorKind::NotFound),
     );
 
-    let p = with_backing(d, "cloop.qcow2", "x.cloop", "cloop");
+    // A backing format qemu knows and vdiskfs refuses (QED), on a real file.
+    qemu_img(&[
+        "create",
+        "-f",
+        "qed",
+        d.join("x.qed").to_str().unwrap(),
+        "1M",
+    ]);
+    let p = with_backing(d, "qed.qcow2", "x.qed", "qed");
     add(
         "unsupported backing format",
         p,

@@ -20,12 +20,19 @@ use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::policy::OpenPolicy;
 
+pub mod blockmap;
+pub mod detect;
+pub mod parallels;
+pub mod parallels_bundle;
 pub mod qcow;
 pub mod qcow2;
 pub mod raw;
+pub mod vdi;
 pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
+
+pub use detect::{detect, detect_bytes, detect_parts};
 
 /// An image format vdiskfs can open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -39,11 +46,25 @@ pub enum Format {
     Qcow,
     /// VMDK, any subformat (descriptor file or sparse extent).
     Vmdk,
-    /// VHD (Microsoft Virtual Hard Disk; qemu's `vpc`): fixed, dynamic, differencing.
+    /// Microsoft VHD (qemu's `vpc`): fixed, dynamic or differencing.
     #[serde(rename = "vpc")]
     Vhd,
     /// VHDX (Hyper-V), fixed, dynamic or differencing.
     Vhdx,
+    /// VirtualBox VDI.
+    Vdi,
+    /// Parallels / OpenVZ ploop expanding or plain image.
+    Parallels,
+    /// QED (recognised so it is refused by name, never served as raw).
+    Qed,
+    /// LUKS-encrypted image (recognised and refused: we do not decrypt).
+    Luks,
+    /// Bochs growing image (recognised and refused).
+    Bochs,
+    /// cloop compressed loop image (recognised and refused).
+    Cloop,
+    /// Apple disk image with a `koly` trailer (recognised and refused).
+    Dmg,
 }
 
 impl Format {
@@ -56,6 +77,13 @@ impl Format {
             Format::Vmdk => "vmdk",
             Format::Vhd => "vpc",
             Format::Vhdx => "vhdx",
+            Format::Vdi => "vdi",
+            Format::Parallels => "parallels",
+            Format::Qed => "qed",
+            Format::Luks => "luks",
+            Format::Bochs => "bochs",
+            Format::Cloop => "cloop",
+            Format::Dmg => "dmg",
         }
     }
 
@@ -68,8 +96,15 @@ impl Format {
             "vmdk" => Ok(Format::Vmdk),
             "vpc" | "vhd" => Ok(Format::Vhd),
             "vhdx" => Ok(Format::Vhdx),
+            "vdi" => Ok(Format::Vdi),
+            "parallels" => Ok(Format::Parallels),
+            "qed" => Ok(Format::Qed),
+            "luks" => Ok(Format::Luks),
+            "bochs" => Ok(Format::Bochs),
+            "cloop" => Ok(Format::Cloop),
+            "dmg" => Ok(Format::Dmg),
             other => Err(Error::unsupported(format!(
-                "unsupported format '{other}' (supported: raw, qcow2, qcow, vmdk, vpc, vhdx)"
+                "unsupported format '{other}' (supported: raw, qcow2, qcow, vmdk, vpc, vhdx, vdi, parallels)"
             ))),
         }
     }
@@ -320,46 +355,6 @@ pub struct OpenCtx<'a> {
     pub writable: bool,
 }
 
-/// Detects the format of `file` from its first bytes.
-pub fn detect(file: &HostFile) -> Result<Format> {
-    let mut head = [0u8; 4096];
-    let n = file.read_at_most(&mut head, 0)?;
-    let found = detect_bytes(&head[..n]);
-    // A fixed VHD has no header, only a footer in its last 512 bytes.
-    if found == Format::Raw && file.len() >= 512 {
-        let mut tail = [0u8; 512];
-        file.read_exact_at(&mut tail, file.len() - 512)?;
-        if vhd::probe_footer(&tail) {
-            return Ok(Format::Vhd);
-        }
-    }
-    Ok(found)
-}
-
-/// Detects a format from an image's first bytes (up to 4 KiB). Anything
-/// unrecognised is raw.
-pub fn detect_bytes(head: &[u8]) -> Format {
-    if head.len() >= 8 && &head[0..4] == b"QFI\xfb" {
-        let version = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
-        return if version == 1 {
-            Format::Qcow
-        } else {
-            // Versions 2 and 3 are qcow2; others are refused by its driver.
-            Format::Qcow2
-        };
-    }
-    if vmdk::probe(head) {
-        return Format::Vmdk;
-    }
-    if vhd::probe(head) {
-        return Format::Vhd;
-    }
-    if vhdx::probe(head) {
-        return Format::Vhdx;
-    }
-    Format::Raw
-}
-
 /// Opens `path` as a `format` layer.
 pub fn open_layer(path: &Path, format: Format, ctx: &OpenCtx<'_>) -> Result<Arc<dyn Layer>> {
     let file = ctx.policy.open_path(path, ctx.writable)?;
@@ -377,8 +372,13 @@ pub fn open_layer_on(
         Format::Qcow2 => qcow2::open(file, ctx)?,
         Format::Qcow => qcow::open(file, ctx)?,
         Format::Vmdk => vmdk::open(file, ctx)?,
+        Format::Vdi => vdi::open(file, ctx)?,
+        Format::Parallels => parallels::open(file, ctx)?,
         Format::Vhd => vhd::open(file, ctx)?,
         Format::Vhdx => vhdx::open(file, ctx)?,
+        Format::Qed | Format::Luks | Format::Bochs | Format::Cloop | Format::Dmg => {
+            return Err(detect::refusal(format).with_path(file.path()))
+        }
     };
     Ok(layer)
 }
@@ -386,31 +386,6 @@ pub fn open_layer_on(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn detection_is_by_content() {
-        assert_eq!(detect_bytes(b"QFI\xfb\0\0\0\x03rest"), Format::Qcow2);
-        assert_eq!(detect_bytes(b"QFI\xfb\0\0\0\x02rest"), Format::Qcow2);
-        assert_eq!(detect_bytes(b"QFI\xfb\0\0\0\x01rest"), Format::Qcow);
-        assert_eq!(detect_bytes(b"conectix\0\0\0\x02rest"), Format::Vhd);
-        assert_eq!(detect_bytes(b"hello world"), Format::Raw);
-        assert_eq!(detect_bytes(b""), Format::Raw);
-    }
-
-    #[test]
-    fn a_fixed_vhd_is_detected_by_its_footer_only() {
-        let mut img = vec![0u8; 4096];
-        let n = img.len();
-        img[n - 512..n - 504].copy_from_slice(b"conectix");
-        img[n - 452..n - 448].copy_from_slice(&2u32.to_be_bytes());
-        let f = HostFile::from_bytes("fixed.vhd", &img).unwrap();
-        assert_eq!(detect(&f).unwrap(), Format::Vhd);
-        // A dynamic disk's footer at the end, without its copy at 0, is
-        // not taken for a fixed disk: it could point at tables and parents.
-        img[n - 452..n - 448].copy_from_slice(&3u32.to_be_bytes());
-        let f = HostFile::from_bytes("dyn.vhd", &img).unwrap();
-        assert_eq!(detect(&f).unwrap(), Format::Raw);
-    }
 
     #[test]
     fn format_names_round_trip() {
@@ -421,10 +396,17 @@ mod tests {
             Format::Vmdk,
             Format::Vhd,
             Format::Vhdx,
+            Format::Vdi,
+            Format::Parallels,
+            Format::Qed,
+            Format::Luks,
+            Format::Bochs,
+            Format::Cloop,
+            Format::Dmg,
         ] {
             assert_eq!(Format::from_name(f.name()).unwrap(), f);
         }
         assert_eq!(Format::from_name("vhd").unwrap(), Format::Vhd);
-        assert!(Format::from_name("nonesuch").is_err());
+        assert!(Format::from_name("vvfat").is_err());
     }
 }
