@@ -3,12 +3,19 @@
 //! A [`HostFile`] is an open file plus its path, with positional I/O only
 //! (`*_at`), so any number of threads can read one file at once without a
 //! lock. Errors name the file and the offset.
+//!
+//! Every host write and fdatasync of the write path goes through here:
+//! each file carries the [`Queue`] of its ordered metadata writes (see
+//! [`crate::engine::order`]; reads are overlaid with it) and, for tests,
+//! an optional [`Recorder`].
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use crate::engine::order::{Queue, Stage};
+use crate::engine::record::{Event, Recorder};
 use crate::error::{Error, ErrorKind, Result};
 
 /// An open host file with positional I/O.
@@ -22,6 +29,13 @@ pub struct HostFile {
     /// Taken by writes of [`LARGE_WRITE`] bytes or more; see
     /// [`HostFile::write_all_at`].
     large_writes: parking_lot::Mutex<()>,
+    /// Ordered metadata writes not yet in the file.
+    queue: Queue,
+    /// Where host I/O is logged, when a test asked for it.
+    recorder: OnceLock<Arc<Recorder>>,
+    /// Files synced before this one's queued metadata is written (a qcow2
+    /// data file: the guest data its L2 entries point at).
+    flush_first: OnceLock<Arc<HostFile>>,
 }
 
 /// Writes at least this long go to one host file one at a time.
@@ -92,13 +106,16 @@ impl HostFile {
             )
             .with_path(path));
         };
-        Ok(Arc::new(HostFile {
+        Ok(watched(HostFile {
             file,
             path: path.to_path_buf(),
             len,
             writable: how.writable,
             direct: how.direct,
             large_writes: parking_lot::Mutex::new(()),
+            queue: Queue::default(),
+            recorder: OnceLock::new(),
+            flush_first: OnceLock::new(),
         }))
     }
 
@@ -109,13 +126,16 @@ impl HostFile {
             .metadata()
             .map_err(|e| Error::io("cannot stat", e).with_path(&path))?
             .len();
-        Ok(Arc::new(HostFile {
+        Ok(watched(HostFile {
             file,
             path,
             len,
             writable,
             direct: false,
             large_writes: parking_lot::Mutex::new(()),
+            queue: Queue::default(),
+            recorder: OnceLock::new(),
+            flush_first: OnceLock::new(),
         }))
     }
 
@@ -188,6 +208,16 @@ impl HostFile {
     /// Reads up to `buf.len()` bytes, stopping only at end of file.
     /// Returns the number of bytes read.
     pub fn read_at_most(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        let n = self.read_from_file(buf, offset)?;
+        // Queued metadata lies inside the file: it extends a short read.
+        if !self.queue.is_empty() {
+            self.queue.overlay(buf, offset);
+        }
+        Ok(n)
+    }
+
+    /// [`HostFile::read_at_most`] without the queued writes.
+    fn read_from_file(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
         if self.direct {
             return self.read_direct(buf, offset);
         }
@@ -249,7 +279,73 @@ impl HostFile {
         Ok(done)
     }
 
-    /// Writes all of `buf` at `offset`.
+    /// Writes all of `buf` at `offset` at once (an *immediate* write: see
+    /// [`crate::engine::order`]).
+    pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.queue.patch(Some(buf), offset, buf.len() as u64);
+        self.write_through(buf, offset)
+    }
+
+    /// Queues an ordered metadata write of `buf` at `offset` in `stage`
+    /// (see [`crate::engine::order`]): reads of this file see it at once;
+    /// [`HostFile::flush_ordered`] writes it after everything it depends on
+    /// is durable.
+    pub fn write_ordered_at(&self, buf: &[u8], offset: u64, stage: Stage) -> Result<()> {
+        self.check_writable()?;
+        loop {
+            let read = |b: &mut [u8], at: u64| self.read_from_file(b, at).map(|n| b[n..].fill(0));
+            if self.queue.queue(buf, offset, stage, read)? {
+                return Ok(());
+            }
+            // A sector shared with another stage: write out what is queued.
+            self.flush_ordered()?;
+        }
+    }
+
+    /// Writes the queued metadata in dependency order with barriers (see
+    /// [`crate::engine::order::Queue::flush`]), after making the file set
+    /// by [`HostFile::flush_first`] durable. Afterwards everything written
+    /// to both before the call is durable.
+    pub fn flush_ordered(&self) -> Result<()> {
+        if let Some(f) = self.flush_first.get() {
+            f.sync_data()?;
+        }
+        self.queue
+            .flush(|| self.sync_data(), |b, at| self.write_through(b, at))
+    }
+
+    /// Makes every flush of this file's queued metadata sync `first`
+    /// before (the data file guest data of this image lives in); once.
+    pub fn flush_first(&self, first: Arc<HostFile>) {
+        let _ = self.flush_first.set(first);
+    }
+
+    /// True when the queued metadata should be flushed (large or old).
+    pub fn flush_due(&self) -> bool {
+        self.queue.due()
+    }
+
+    /// Logs this file's host I/O to `r` from now on (once per file).
+    pub fn set_recorder(&self, r: Arc<Recorder>) {
+        let _ = self.recorder.set(r);
+    }
+
+    fn record(&self, e: impl FnOnce() -> Event) {
+        if let Some(r) = self.recorder.get() {
+            r.record(e());
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if !self.writable {
+            return Err(
+                Error::new(ErrorKind::ReadOnly, "file is open read-only").with_path(&self.path)
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at `offset`, bypassing the queue.
     ///
     /// Large writes to one file are queued here: Linux filesystems (ext4,
     /// xfs, btrfs) hold the inode lock exclusively across a buffered write,
@@ -259,18 +355,19 @@ impl HostFile {
     /// sequential 1 MiB writes: +8 % in place and into an overlay
     /// (docs/performance.md). Small writes, where the lock is held briefly,
     /// are not queued.
-    pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        if !self.writable {
-            return Err(
-                Error::new(ErrorKind::ReadOnly, "file is open read-only").with_path(&self.path)
-            );
-        }
+    fn write_through(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable()?;
         let _one_at_a_time = (buf.len() >= LARGE_WRITE).then(|| self.large_writes.lock());
         self.file.write_all_at(buf, offset).map_err(|e| {
             Error::io("write failed", e)
                 .at(offset)
                 .with_path(&self.path)
-        })
+        })?;
+        self.record(|| Event::Write {
+            offset,
+            data: buf.to_vec(),
+        });
+        Ok(())
     }
 
     /// Deallocates `len` bytes at `offset` (they read as zeros afterwards)
@@ -278,11 +375,8 @@ impl HostFile {
     /// punch holes, writes zeros instead.
     pub fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
         use std::os::fd::AsRawFd;
-        if !self.writable {
-            return Err(
-                Error::new(ErrorKind::ReadOnly, "file is open read-only").with_path(&self.path)
-            );
-        }
+        self.check_writable()?;
+        self.queue.patch(None, offset, len);
         let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
             return Err(Error::new(ErrorKind::OutOfRange, "hole beyond any file size").at(offset));
         };
@@ -296,6 +390,7 @@ impl HostFile {
             )
         };
         if rc == 0 {
+            self.record(|| Event::Punch { offset, len });
             return Ok(());
         }
         let e = std::io::Error::last_os_error();
@@ -308,7 +403,7 @@ impl HostFile {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(zeros.len() as u64) as usize;
-            self.write_all_at(&zeros[..n], offset + done)?;
+            self.write_through(&zeros[..n], offset + done)?;
             done += n as u64;
         }
         Ok(())
@@ -318,7 +413,19 @@ impl HostFile {
     pub fn sync_data(&self) -> Result<()> {
         self.file
             .sync_data()
-            .map_err(|e| Error::io("fdatasync failed", e).with_path(&self.path))
+            .map_err(|e| Error::io("fdatasync failed", e).with_path(&self.path))?;
+        self.record(|| Event::Barrier);
+        Ok(())
+    }
+
+    /// Sets the file's length.
+    pub fn set_len(&self, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.file
+            .set_len(len)
+            .map_err(|e| Error::io("cannot set the length", e).with_path(&self.path))?;
+        self.record(|| Event::SetLen(len));
+        Ok(())
     }
 
     /// Bytes the file occupies on the host (st_blocks * 512).
@@ -326,6 +433,27 @@ impl HostFile {
         use std::os::unix::fs::MetadataExt;
         self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
     }
+}
+
+impl Drop for HostFile {
+    /// Queued metadata is written out in order: closing a file loses
+    /// nothing that was written to it.
+    fn drop(&mut self) {
+        if !self.queue.is_empty() {
+            if let Err(e) = self.flush_ordered() {
+                log::error!("{e}");
+            }
+        }
+    }
+}
+
+/// A new host file, watched by the background flusher when writable.
+fn watched(f: HostFile) -> Arc<HostFile> {
+    let f = Arc::new(f);
+    if f.writable {
+        crate::engine::order::watch(&f);
+    }
+    f
 }
 
 fn block_device_size(file: &File) -> std::io::Result<u64> {

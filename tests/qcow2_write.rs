@@ -624,8 +624,11 @@ fn crash_child() {
     let cs = chain.layers()[0].info().cluster_size.unwrap();
     // Signal readiness, then write until killed.
     println!("CHILD-READY");
+    // Table updates stay queued in memory until a flush (engine::order):
+    // flush often, so that the kill finds flushed writes on disk.
     for round in 0.. {
-        scribble(&chain, &mut model, seed + round, 200, cs);
+        scribble(&chain, &mut model, seed + round, 20, cs);
+        chain.flush().unwrap();
     }
 }
 

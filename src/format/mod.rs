@@ -322,8 +322,10 @@ impl Below for NothingBelow {
 ///   does not hold a lock across data I/O it can do outside one.
 /// - Ordering: data is written before the table entry that points to it;
 ///   a cluster's refcount (or allocation record) is raised before any
-///   reference to it is written. A crash at any instant leaves an image
-///   whose checker finds at most leaked clusters.
+///   reference to it is written; table entries go through
+///   [`crate::host::HostFile::write_ordered_at`], so that these orders hold
+///   on disk too ([`crate::engine::order`]). A crash or a power cut at any
+///   instant leaves an image whose checker finds at most leaked clusters.
 /// - After [`WriteLayer::flush`] returns, every write that completed
 ///   before it was called is durable (fdatasync of every file written).
 pub trait WriteLayer: Send + Sync {

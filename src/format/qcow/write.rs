@@ -3,12 +3,11 @@
 //! qcow v1 has no refcounts and no zero flag. Like qemu, new clusters and
 //! new L2 tables are appended at the end of the file, rounded up to the
 //! cluster size; space is never reused, so a crash or a failed write
-//! leaves at most leaked space. The order on disk is always data, then
-//! the L2 entry pointing at it, then (for a new L2 table, written zeroed
-//! first) the L1 entry pointing at the table. This is the order of the
-//! writes as issued; no fdatasync separates them (as for the other
-//! drivers), so it holds against a crash of the daemon, and
-//! [`WriteLayer::flush`] makes everything durable.
+//! leaves at most leaked space. Data and new (zeroed) L2 tables are
+//! written at once; L2 and L1 entries are ordered writes
+//! ([`crate::engine::order`], stage Map), written after a barrier, so on
+//! disk, even after a power cut, an entry never exists without what it
+//! points at. [`WriteLayer::flush`] makes everything durable.
 //!
 //! Zeroing: without a backing file, whole clusters are unlinked (entry 0),
 //! and the host space is punched only for clusters this writer allocated
@@ -37,6 +36,7 @@ use parking_lot::{Condvar, Mutex};
 use super::header::Header;
 use super::table::{raw_entry, Entry, Tables};
 use super::Qcow;
+use crate::engine::order::Stage;
 use crate::error::{Error, Result};
 use crate::format::{Below, CompressedBlock, Layer, WriteLayer};
 use crate::host::HostFile;
@@ -155,8 +155,11 @@ impl Qcow {
         let zeros: Arc<[u8]> = vec![0u8; bytes as usize].into();
         self.file.write_all_at(&zeros, host)?;
         let idx = g.l1_index(pos);
-        self.file
-            .write_all_at(&host.to_be_bytes(), self.header.l1_table_offset + idx * 8)?;
+        self.file.write_ordered_at(
+            &host.to_be_bytes(),
+            self.header.l1_table_offset + idx * 8,
+            Stage::Map,
+        )?;
         self.tables.set_l1_entry(idx as usize, host);
         self.tables.publish_l2(host, Some(zeros));
         Ok(host)
@@ -340,9 +343,11 @@ impl Qcow {
             t[at..at + 8].copy_from_slice(&(run.host + k as u64 * cs).to_be_bytes());
         }
         let span = run.idx * 8..(run.idx + count as usize) * 8;
-        let written = self
-            .file
-            .write_all_at(&t[span.clone()], run.l2_offset + span.start as u64);
+        let written = self.file.write_ordered_at(
+            &t[span.clone()],
+            run.l2_offset + span.start as u64,
+            Stage::Map,
+        );
         match written {
             Ok(()) => self.tables.publish_l2(run.l2_offset, Some(t.into())),
             Err(e) => {
@@ -411,9 +416,11 @@ impl Qcow {
         }
         if t[..] != table[..] {
             let span = idx * 8..(idx + count as usize) * 8;
-            let written = self
-                .file
-                .write_all_at(&t[span.clone()], l2_offset + span.start as u64);
+            let written = self.file.write_ordered_at(
+                &t[span.clone()],
+                l2_offset + span.start as u64,
+                Stage::Map,
+            );
             match written {
                 Ok(()) => self.tables.publish_l2(l2_offset, Some(t.into())),
                 Err(e) => {
@@ -515,15 +522,26 @@ impl WriteLayer for Qcow {
                 .write_some(&buf[done..], pos, below, false)
                 .map_err(|e| e.at(pos))?;
         }
-        Ok(())
+        self.flush_if_due()
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()> {
         self.write_zeroes_inner(offset, len, below)
-            .map_err(|e| e.at(offset))
+            .map_err(|e| e.at(offset))?;
+        self.flush_if_due()
     }
 
     fn flush(&self) -> Result<()> {
-        self.file.sync_data()
+        self.file.flush_ordered()
+    }
+}
+
+impl Qcow {
+    /// Flushes the queued table updates when they are large or old.
+    fn flush_if_due(&self) -> Result<()> {
+        if self.file.flush_due() {
+            self.file.flush_ordered()?;
+        }
+        Ok(())
     }
 }

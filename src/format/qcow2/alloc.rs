@@ -2,24 +2,31 @@
 //! in memory (loaded on demand), free-cluster search, refcount changes
 //! and refcount-table growth.
 //!
-//! Everything here runs under the writer's allocation mutex. Refcount
-//! changes are written through (one `pwrite` of the changed bytes, in call
-//! order); the in-memory copy is the only one the write path consults, so
-//! the shared metadata cache is never asked for refcounts while writing.
+//! Everything here runs under the writer's allocation mutex. The
+//! in-memory copy is the only one the write path consults, so the shared
+//! metadata cache is never asked for refcounts while writing.
 //!
-//! Crash safety comes from the order of the calls:
-//! - [`Alloc::alloc`] raises the new cluster's refcount on disk before it
-//!   returns, so any reference written afterwards points to a counted
-//!   cluster; a crash before the reference exists leaks the cluster.
+//! Crash and power-loss safety (see [`crate::engine::order`]):
+//! - [`Alloc::alloc_run`] raises the new clusters' refcounts with an
+//!   immediate write; references to them are ordered writes, written only
+//!   after a barrier. A cut before the reference is durable leaks the
+//!   cluster.
 //! - A missing refcount block is placed in the very cluster it is first
-//!   needed for (it describes itself), written whole, and only then linked
-//!   into the table.
-//! - Table growth writes the new blocks and the new table first, switches
-//!   the header's two fields in one write, and frees the old table last.
+//!   needed for (it describes itself), written whole at once, and linked
+//!   into the table by a [`Stage::Link`] write: durable before any
+//!   [`Stage::Map`] entry that names a cluster it counts.
+//! - Table growth writes the new blocks and the new table at once and
+//!   switches the header's two fields in one Link write; the old table is
+//!   freed only once that is durable.
+//! - Dropping a reference: [`Alloc::decref_later`] only notes the cluster.
+//!   The driver takes the notes before a flush and applies them
+//!   ([`Alloc::decref`]: refcount lowered, host space punched, cluster
+//!   reusable) after it, once the removal of the reference is durable.
 
 use std::collections::HashMap;
 
 use crate::cache::Caches;
+use crate::engine::order::Stage;
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 
@@ -41,6 +48,9 @@ pub struct Alloc {
     end: u64,
     /// Clusters whose refcount reached zero (their host space was returned).
     pub freed: u64,
+    /// Clusters that lost a reference not yet durably removed: their
+    /// refcounts are lowered after the next flush.
+    deferred: Vec<u64>,
 }
 
 impl Alloc {
@@ -84,6 +94,7 @@ impl Alloc {
             hint: 0,
             end: file.len().div_ceil(cs),
             freed: 0,
+            deferred: Vec::new(),
         })
     }
 
@@ -162,8 +173,22 @@ impl Alloc {
         Ok(())
     }
 
-    /// Drops one reference to `cluster`; at zero the host space is punched
-    /// out and the cluster becomes free for reuse. Returns the new count.
+    /// Notes that a reference to `cluster` was removed (by an ordered
+    /// write): its refcount is lowered once that removal is durable.
+    pub fn decref_later(&mut self, cluster: u64) {
+        self.deferred.push(cluster);
+    }
+
+    /// Takes the clusters noted by [`Alloc::decref_later`] so far: the
+    /// caller applies [`Alloc::decref`] to each after the next flush.
+    pub fn take_deferred(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.deferred)
+    }
+
+    /// Drops one reference to `cluster` now (no durable reference to it
+    /// may be left: the cluster was never linked, or its removal is
+    /// durable); at zero the host space is punched out and the cluster
+    /// becomes free for reuse. Returns the new count.
     pub fn decref(
         &mut self,
         file: &HostFile,
@@ -273,7 +298,7 @@ impl Alloc {
         file.write_all_at(&blk, at)?;
         caches.meta.remove((cid, at | 1));
         self.blocks.insert(at, blk);
-        file.write_all_at(&at.to_be_bytes(), self.table_offset + ti * 8)?;
+        file.write_ordered_at(&at.to_be_bytes(), self.table_offset + ti * 8, Stage::Link)?;
         let base = (self.table_offset + ti * 8) & !(self.cs() - 1);
         caches.meta.remove((cid, base | 1));
         self.table[ti as usize] = at;
@@ -328,16 +353,16 @@ impl Alloc {
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&tbl_at.to_be_bytes());
         hdr[8..].copy_from_slice(&(n as u32).to_be_bytes());
-        file.write_all_at(&hdr, 48)?;
+        file.write_ordered_at(&hdr, 48, Stage::Link)?;
         let old_at = self.table_offset;
         let old_clusters = (old_len * 8).div_ceil(cs);
         self.table = new_table;
         self.table_offset = tbl_at;
         self.end = self.end.max(start + k + n);
         self.hint = start + k + n;
-        // 4. Free the old table.
+        // 4. Free the old table once the switch is durable.
         for i in 0..old_clusters {
-            self.decref(file, caches, cid, (old_at >> self.cluster_bits) + i)?;
+            self.decref_later((old_at >> self.cluster_bits) + i);
         }
         Ok(())
     }

@@ -8,6 +8,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::engine::order::Stage;
 use crate::error::{Error, Result};
 
 use super::alloc::Alloc;
@@ -60,8 +61,13 @@ impl Qcow2 {
                 v[at + 8..at + 16].copy_from_slice(&bm.to_be_bytes());
             }
         }
-        self.file
-            .write_all_at(&v[at0..at0 + ents.len() * eb], slice_off + at0 as u64)?;
+        // Ordered: the entries point at data and clusters written and
+        // counted before (engine::order).
+        self.file.write_ordered_at(
+            &v[at0..at0 + ents.len() * eb],
+            slice_off + at0 as u64,
+            Stage::Map,
+        )?;
         self.cache_put(slice_off, v.into());
         Ok(())
     }
@@ -76,10 +82,12 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Writes L1 entry `idx`: disk, then the in-memory table.
+    /// Writes L1 entry `idx` (ordered: after the table it points at), then
+    /// the in-memory table.
     fn set_l1_entry(&self, idx: usize, e: u64) -> Result<()> {
         let at = self.header.l1_table_offset + idx as u64 * 8;
-        self.file.write_all_at(&e.to_be_bytes(), at)?;
+        self.file
+            .write_ordered_at(&e.to_be_bytes(), at, Stage::Map)?;
         self.l1.write()[idx] = e;
         Ok(())
     }
@@ -152,12 +160,7 @@ impl Qcow2 {
         self.write_l2_table(new, &content)?;
         self.set_l1_entry(l1i, new | L2_COPIED)?;
         self.quiesce();
-        st.decref(
-            &self.file,
-            &self.caches,
-            self.cache_id,
-            table >> geo.cluster_bits,
-        )?;
+        st.decref_later(table >> geo.cluster_bits);
         Ok((new, index))
     }
 }

@@ -121,6 +121,10 @@ impl Qcow2 {
         } else {
             None
         };
+        if let (Some(_), Some(d)) = (&writer, &data_file) {
+            // L2 entries point at guest data in the data file: durable first.
+            file.flush_first(d.clone());
+        }
         let image_len = file.len();
         let rules = EntryRules {
             version: header.version,

@@ -23,21 +23,22 @@
 //! be freed (and reused), [`Qcow2::quiesce`] takes the gate exclusively:
 //! any lock-free write that looked up the old entry has finished.
 //!
-//! **Ordering.** Metadata is written through (`pwrite` at once, in
-//! dependency order); nothing is kept dirty in memory:
+//! **Ordering** ([`crate::engine::order`]). Data, copy-on-write fill,
+//! refcount raises and new tables are written at once; L1 and L2 entries
+//! are ordered writes (stage Map) and refcount-table entries and the
+//! header's refcount-table pointer stage Link, applied in memory at once
+//! and written by the next flush after barriers:
 //! 1. a new cluster's refcount is raised (and its refcount block written
 //!    and linked, or the refcount table grown) before anything points to it;
-//! 2. data (including copy-on-write fill) is written before the L2 entry
+//! 2. data (including copy-on-write fill) is durable before the L2 entry
 //!    that makes it visible, and a new L2 table before its L1 entry;
-//! 3. references are removed before refcounts are lowered; a cluster whose
-//!    refcount reaches 0 has its host space punched out.
+//! 3. a dropped reference is only noted ([`Alloc::decref_later`]);
+//!    [`WriteLayer::flush`] lowers the refcount (punching the cluster's
+//!    host space at 0, making it reusable) once the removal is durable.
 //!
-//! A process crash (SIGKILL) at any instant therefore leaves at worst
-//! leaked clusters. [`WriteLayer::flush`] fdatasyncs the image and the data
-//! file: everything written before it is durable afterwards. Between
-//! flushes the host kernel may write pages back in any order, so a power
-//! loss between flushes can leave metadata ahead of data (as with qemu's
-//! writeback cache mode); the guest's flush is the durability point.
+//! A crash or a power cut at any instant therefore leaves at worst leaked
+//! clusters; everything written before a completed [`WriteLayer::flush`]
+//! is durable (the data file first, then the image).
 //!
 //! **Refcounts** are always exact: the dirty bit is never set, even on
 //! images with lazy refcounts enabled. Images with the dirty or corrupt
@@ -490,22 +491,27 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Drops the references entry `e` held (after it was replaced).
+    /// Drops the references entry `e` held (after it was replaced by an
+    /// ordered write): the refcounts are lowered after the next flush.
     fn release(&self, st: &mut Alloc, e: u64) -> Result<()> {
         let cb = self.geo.cluster_bits;
         if e & L2_COMPRESSED != 0 {
             let (off, len) = compressed_descriptor(e, cb)?;
             for c in ((off & !511) >> cb)..=((off + len - 1) >> cb) {
-                st.decref(&self.file, &self.caches, self.cache_id, c)?;
+                st.decref_later(c);
             }
             self.caches.blocks.remove((self.cache_id, off));
         } else if e & OFFSET_MASK != 0 && self.data_file.is_none() {
-            st.decref(
-                &self.file,
-                &self.caches,
-                self.cache_id,
-                (e & OFFSET_MASK) >> cb,
-            )?;
+            st.decref_later((e & OFFSET_MASK) >> cb);
+        }
+        Ok(())
+    }
+
+    /// Flushes the queued metadata when it is large or old (bounding what
+    /// a power cut can lose and what the queue holds).
+    fn flush_if_due(&self) -> Result<()> {
+        if self.file.flush_due() {
+            self.flush()?;
         }
         Ok(())
     }
@@ -728,7 +734,7 @@ impl WriteLayer for Qcow2 {
             };
             done += n.map_err(|e| e.at(pos))?;
         }
-        Ok(())
+        self.flush_if_due()
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()> {
@@ -749,15 +755,23 @@ impl WriteLayer for Qcow2 {
             r.map_err(|e| e.at(pos))?;
             pos += n;
         }
-        Ok(())
+        self.flush_if_due()
     }
 
     fn flush(&self) -> Result<()> {
-        // Guest data in a data file first, then the image with the tables.
-        if let Some(d) = &self.data_file {
-            d.sync_data()?;
+        // Frees noted before the flush have their reference removals in it.
+        let frees = self.w().state.lock().take_deferred();
+        // Guest data in a data file first (HostFile::flush_first), then the
+        // image with the tables.
+        self.file.flush_ordered()?;
+        if frees.is_empty() {
+            return Ok(());
         }
-        self.file.sync_data()
+        let mut st = self.w().state.lock();
+        for c in frees {
+            st.decref(&self.file, &self.caches, self.cache_id, c)?;
+        }
+        Ok(())
     }
 }
 
@@ -765,5 +779,17 @@ impl Qcow2 {
     /// Host clusters freed (refcount dropped to 0) since the image was opened.
     pub fn clusters_freed(&self) -> u64 {
         self.writer.as_ref().map_or(0, |w| w.state.lock().freed)
+    }
+}
+
+impl Drop for Qcow2 {
+    /// Closing writes out the queued metadata (after the data file) and
+    /// applies the deferred frees, as a flush does.
+    fn drop(&mut self) {
+        if self.writer.is_some() {
+            if let Err(e) = self.flush() {
+                log::error!("{}: final flush failed: {e}", self.file.path().display());
+            }
+        }
     }
 }

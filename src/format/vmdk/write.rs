@@ -6,13 +6,12 @@
 //! like qemu's driver: VMDK has no refcounts, so new grains and new grain
 //! tables are appended at the end of the extent file (grains aligned to
 //! the grain size) and space is never reused; a crash or a failed write
-//! leaves at most leaked space. The order on disk is always: the grain's
-//! data, then its entry in the redundant grain table, then in the primary
-//! one; a missing grain table is written (zeroed, both copies) before the
-//! redundant and then the primary directory entry point at it. The writes
-//! are issued in that order without fdatasync between them, so the order
-//! holds against a crash of the daemon; [`WriteLayer::flush`] makes
-//! everything durable.
+//! leaves at most leaked space. Grain data and new (zeroed) grain tables
+//! are written at once; grain-table and grain-directory entries (redundant
+//! copy, then primary) are ordered writes ([`crate::engine::order`], stage
+//! Map), written after a barrier: on disk, even after a power cut, an
+//! entry never exists without the grain or table it points at.
+//! [`WriteLayer::flush`] makes everything durable.
 //!
 //! Writes into allocated grains go straight to the host file, without a
 //! lock. Everything else takes the extent's allocation lock: it reserves
@@ -52,6 +51,7 @@ use parking_lot::{Condvar, Mutex};
 use super::descriptor::{Access, ExtentType};
 use super::extent::{Extent, ExtentData, Grain, GrainTables, GteCodec, GD_BAD, GD_NONE, GD_ZERO};
 use super::Vmdk;
+use crate::engine::order::Stage;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{Below, Layer, WriteLayer};
 use crate::host::HostFile;
@@ -365,14 +365,20 @@ impl SparseWriter {
         t.file.write_all_at(&table, host)?;
         let entry_at = gdi * 4;
         if let Some(rh) = rhost {
-            t.file
-                .write_all_at(&((rh / 512) as u32).to_le_bytes(), self.rgd_at + entry_at)?;
+            t.file.write_ordered_at(
+                &((rh / 512) as u32).to_le_bytes(),
+                self.rgd_at + entry_at,
+                Stage::Map,
+            )?;
             if let Some(r) = &t.rgd {
                 r[gdi as usize].store(rh, Ordering::Release);
             }
         }
-        t.file
-            .write_all_at(&((host / 512) as u32).to_le_bytes(), self.gd_at + entry_at)?;
+        t.file.write_ordered_at(
+            &((host / 512) as u32).to_le_bytes(),
+            self.gd_at + entry_at,
+            Stage::Map,
+        )?;
         t.publish_gt(&v.caches, host, Some(table.into()));
         t.gd[gdi as usize].store(host, Ordering::Release);
         Ok(host)
@@ -403,14 +409,17 @@ impl SparseWriter {
         if self.rgd_at != 0 {
             if let Some(rgt) = t.rgd_entry(gdi) {
                 if !matches!(rgt, GD_NONE | GD_ZERO | GD_BAD) && t.gt_in_file(rgt, gdi) {
-                    t.file
-                        .write_all_at(&new[span.clone()], rgt + span.start as u64)?;
+                    t.file.write_ordered_at(
+                        &new[span.clone()],
+                        rgt + span.start as u64,
+                        Stage::Map,
+                    )?;
                 }
             }
         }
         match t
             .file
-            .write_all_at(&new[span.clone()], gt + span.start as u64)
+            .write_ordered_at(&new[span.clone()], gt + span.start as u64, Stage::Map)
         {
             Ok(()) => {
                 t.publish_gt(&v.caches, gt, Some(new.into()));
@@ -859,6 +868,15 @@ fn flat_file(e: &Extent) -> (&Arc<HostFile>, u64) {
     }
 }
 
+/// Flushes a sparse extent's queued table updates when they are large or
+/// old.
+fn flush_if_due(file: &HostFile) -> Result<()> {
+    if file.flush_due() {
+        file.flush_ordered()?;
+    }
+    Ok(())
+}
+
 fn sparse_tables(e: &Extent) -> &GrainTables {
     match &e.data {
         ExtentData::Sparse { tables, .. } => tables,
@@ -886,9 +904,14 @@ impl WriteLayer for Vmdk {
                         .map_err(|err| err.at(pos))?;
                     n
                 }
-                ExtentWriter::Sparse(sw) => self
-                    .sparse_write(e, sparse_tables(e), sw, piece, rel, below, false)
-                    .map_err(|err| err.at(pos))?,
+                ExtentWriter::Sparse(sw) => {
+                    let t = sparse_tables(e);
+                    let n = self
+                        .sparse_write(e, t, sw, piece, rel, below, false)
+                        .map_err(|err| err.at(pos))?;
+                    flush_if_due(&t.file)?;
+                    n
+                }
                 ExtentWriter::Refused(kind, msg) => {
                     return Err(refused(*kind, msg, e).at(pos));
                 }
@@ -914,9 +937,12 @@ impl WriteLayer for Vmdk {
                     dirty.store(true, Ordering::Release);
                     file.punch_hole(base + rel, n).map_err(|err| err.at(pos))?;
                 }
-                ExtentWriter::Sparse(sw) => self
-                    .sparse_zeroes(e, sparse_tables(e), sw, rel, rel + n, below)
-                    .map_err(|err| err.at(pos))?,
+                ExtentWriter::Sparse(sw) => {
+                    let t = sparse_tables(e);
+                    self.sparse_zeroes(e, t, sw, rel, rel + n, below)
+                        .map_err(|err| err.at(pos))?;
+                    flush_if_due(&t.file)?;
+                }
                 // A ZERO extent already reads as zeros.
                 ExtentWriter::Refused(..) if matches!(e.data, ExtentData::Zero) => {}
                 ExtentWriter::Refused(kind, msg) => {
@@ -937,7 +963,8 @@ impl WriteLayer for Vmdk {
                 ExtentWriter::Refused(..) => continue,
             };
             if dirty.swap(false, Ordering::AcqRel) {
-                if let Err(err) = file.sync_data() {
+                // Sparse extents: queued table updates after their grains.
+                if let Err(err) = file.flush_ordered() {
                     dirty.store(true, Ordering::Release);
                     return Err(err);
                 }
