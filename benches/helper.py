@@ -74,7 +74,7 @@ def record(path, pairs):
 
 # Targets: (workload predicate, image predicate, against, minimum ratio).
 SEQ = ("seqread-psync", "seqread-aio16")
-PLAIN = ("qcow2", "vmdk-sparse", "vhd-dynamic")
+PLAIN = ("qcow2", "vmdk-sparse", "vhd-dynamic", "vhdx")
 COMPRESSED = ("qcow2-comp", "vmdk-stream")
 TARGETS = [
     (lambda w: w in SEQ, lambda i: i in PLAIN, "qsd", 1.5),
@@ -92,7 +92,7 @@ WORKLOAD_ORDER = [
     "sha256sum", "qemu-img-convert", "seqwrite-1m", "randwrite-4k",
 ]
 IMAGE_ORDER = [
-    "raw", "qcow2", "vmdk-sparse", "vmdk-stream", "qcow2-comp", "chain", "vhd-dynamic",
+    "raw", "qcow2", "vmdk-sparse", "vmdk-stream", "qcow2-comp", "chain", "vhd-dynamic", "vhdx",
     "qcow2-rw", "qcow2-overlay",
 ]
 

@@ -29,7 +29,7 @@ usage: benches/run.sh [OPTIONS]
 
 workloads: seqread-psync seqread-aio16 randread-qd1 randread-qd32 sha256sum
            qemu-img-convert seqwrite-1m randwrite-4k
-images:    raw qcow2 vmdk-sparse vmdk-stream qcow2-comp chain vhd-dynamic (reads)
+images:    raw qcow2 vmdk-sparse vmdk-stream qcow2-comp chain vhd-dynamic vhdx (reads)
            qcow2-rw qcow2-overlay (writes)
 
 environment: VDISKFS=PATH measures that vdiskfs binary instead of
@@ -146,7 +146,7 @@ fi
 # ---------------------------------------------------------------- selection
 READ_WORKLOADS=(seqread-psync seqread-aio16 randread-qd1 randread-qd32 sha256sum qemu-img-convert)
 WRITE_WORKLOADS=(seqwrite-1m randwrite-4k)
-READ_IMAGES=(raw qcow2 vmdk-sparse vmdk-stream qcow2-comp chain vhd-dynamic)
+READ_IMAGES=(raw qcow2 vmdk-sparse vmdk-stream qcow2-comp chain vhd-dynamic vhdx)
 WRITE_IMAGES=(qcow2-rw qcow2-overlay)
 
 selected() { # WORKLOAD IMAGE
@@ -174,11 +174,13 @@ declare -A IMG_FILE=(
 	[raw]=data.raw [qcow2]=disk.qcow2 [vmdk-sparse]=sparse.vmdk [vmdk-stream]=stream.vmdk
 	[qcow2-comp]=comp.qcow2 [chain]=chain-top.qcow2 [qcow2-rw]=disk.qcow2 [qcow2-overlay]=disk.qcow2
 	[vhd-dynamic]=dynamic.vhd
+	[vhdx]=disk.vhdx
 )
 declare -A IMG_FMT=(
 	[raw]=raw [qcow2]=qcow2 [vmdk-sparse]=vmdk [vmdk-stream]=vmdk
 	[qcow2-comp]=qcow2 [chain]=qcow2 [qcow2-rw]=qcow2 [qcow2-overlay]=qcow2
 	[vhd-dynamic]=vpc
+	[vhdx]=vhdx
 )
 
 build_image() { # NAME
@@ -206,6 +208,10 @@ build_image() { # NAME
 	vhd-dynamic)
 		build_image raw || return 1
 		qemu-img convert -f raw -O vpc -o subformat=dynamic "$IMAGES/data.raw" "$tmp" || return 1
+		;;
+	vhdx)
+		build_image raw || return 1
+		qemu-img convert -f raw -O vhdx -o subformat=dynamic "$IMAGES/data.raw" "$tmp" || return 1
 		;;
 	qcow2-comp)
 		build_image raw || return 1

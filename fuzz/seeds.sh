@@ -22,6 +22,7 @@ qemu-img convert -q -f raw -O vmdk -o subformat=streamOptimized "$tmp/data.raw" 
 mk -f vmdk -o subformat=monolithicFlat "$tmp/flat.vmdk" 64k
 mk -f vpc "$tmp/dyn.vhd" 3M;                                 io -f vpc -c 'write -P 9 0 40k' "$tmp/dyn.vhd"
 mk -f vpc -o subformat=fixed "$tmp/fixed.vhd" 256k
+mk -f vhdx -o block_size=1M "$tmp/small.vhdx" 3M;            io -f vhdx -c 'write -P 9 0 1536k' -c 'write -z 2M 512k' "$tmp/small.vhdx"
 mk -f vdi "$tmp/dyn.vdi" 4M;                                 io -f vdi -c 'write -P 9 1M 600k' "$tmp/dyn.vdi"
 mk -f vdi -o static=on "$tmp/static.vdi" 1M
 mk -f parallels -o cluster_size=4k "$tmp/p4k.hds" 256k;       io -f parallels -c 'write -P 10 8k 20k' "$tmp/p4k.hds"
@@ -35,6 +36,7 @@ seed vmdk_descriptor "$tmp/flat.vmdk" $(find "$shared" -name '*.vmdk' -size -4k)
 seed vmdk_open "$tmp"/*.vmdk $(small '*.vmdk')
 seed vmdk_read "$tmp"/sparse.vmdk "$tmp"/stream.vmdk $(small '*.vmdk')
 seed vhd_open "$tmp"/*.vhd $(small '*.vhd')
+seed vhdx_open "$tmp"/small.vhdx
 seed vdi_open "$tmp"/*.vdi $(small '*.vdi')
 seed parallels_open "$tmp"/*.hds $(small '*.hds')
 seed chain_read "$tmp"/* $(small '*')

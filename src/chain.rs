@@ -169,6 +169,11 @@ impl Chain {
                 }
             }
             check_parent_id(&child, &parent, &spec.name, opts.ignore_cid)?;
+            if !opts.ignore_cid {
+                child
+                    .check_parent(parent.as_ref())
+                    .map_err(|e| e.with_path(child.path()))?;
+            }
             layers.push(parent);
         }
         Ok(Chain {

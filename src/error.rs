@@ -36,7 +36,8 @@ pub enum ErrorKind {
     Policy,
     /// Another process holds a lock on the image.
     Locked,
-    /// A VMDK parent's CID does not match its child's parentCID.
+    /// A parent is not the image its child was made against (VMDK CID,
+    /// VHDX DataWriteGuid).
     CidMismatch,
 }
 

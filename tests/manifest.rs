@@ -28,7 +28,16 @@ use vdiskfs::ErrorKind;
 
 /// Formats (qemu's driver names) vdiskfs reads; rows of any other format
 /// must be refused by name. Add a format here when its driver lands.
-const LANDED: &[&str] = &["raw", "qcow2", "qcow", "vmdk", "vpc", "vdi", "parallels"];
+const LANDED: &[&str] = &[
+    "raw",
+    "qcow2",
+    "qcow",
+    "vmdk",
+    "vpc",
+    "vhdx",
+    "vdi",
+    "parallels",
+];
 
 /// The error kind each "must refuse" row (`-`) must fail with.
 const REFUSALS: &[(&str, ErrorKind)] = &[

@@ -29,6 +29,7 @@ pub mod qcow2;
 pub mod raw;
 pub mod vdi;
 pub mod vhd;
+pub mod vhdx;
 pub mod vmdk;
 
 pub use detect::{detect, detect_bytes, detect_parts};
@@ -48,7 +49,7 @@ pub enum Format {
     /// Microsoft VHD (qemu's `vpc`): fixed, dynamic or differencing.
     #[serde(rename = "vpc")]
     Vhd,
-    /// Microsoft VHDX.
+    /// VHDX (Hyper-V), fixed, dynamic or differencing.
     Vhdx,
     /// VirtualBox VDI.
     Vdi,
@@ -103,7 +104,7 @@ impl Format {
             "cloop" => Ok(Format::Cloop),
             "dmg" => Ok(Format::Dmg),
             other => Err(Error::unsupported(format!(
-                "unsupported format '{other}' (supported: raw, qcow2, qcow, vmdk, vpc, vdi, parallels)"
+                "unsupported format '{other}' (supported: raw, qcow2, qcow, vmdk, vpc, vhdx, vdi, parallels)"
             ))),
         }
     }
@@ -259,6 +260,20 @@ pub trait Layer: Send + Sync {
         None
     }
 
+    /// The identity children record of their parent, beyond VMDK's CID
+    /// (VHDX: the DataWriteGuid).
+    fn data_guid(&self) -> Option<[u8; 16]> {
+        None
+    }
+
+    /// Checks that `parent` is the image this layer was made against
+    /// (VHDX: parent_linkage against the parent's DataWriteGuid). The chain
+    /// skips it under `--ignore-cid`.
+    fn check_parent(&self, parent: &dyn Layer) -> Result<()> {
+        let _ = parent;
+        Ok(())
+    }
+
     /// Facts for `vdiskfs info`.
     fn info(&self) -> LayerInfo;
 
@@ -376,12 +391,7 @@ pub fn open_layer_on(
         Format::Vdi => vdi::open(file, ctx)?,
         Format::Parallels => parallels::open(file, ctx)?,
         Format::Vhd => vhd::open(file, ctx)?,
-        Format::Vhdx => {
-            return Err(Error::unsupported(
-                "VHDX images are not supported yet (format vhdx); convert with qemu-img convert -O qcow2",
-            )
-            .with_path(file.path()))
-        }
+        Format::Vhdx => vhdx::open(file, ctx)?,
         Format::Qed | Format::Luks | Format::Bochs | Format::Cloop | Format::Dmg => {
             return Err(detect::refusal(format).with_path(file.path()))
         }

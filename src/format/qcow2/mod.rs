@@ -263,7 +263,7 @@ fn read_backing(file: &HostFile, h: &Header) -> Result<Option<BackingSpec>> {
         Some(f) => Some(Format::from_name(f).map_err(|_| {
             Error::unsupported(format!(
                 "unsupported format '{f}' recorded for backing file {name:?} \
-                 (supported: raw, qcow2, qcow, vmdk, vpc, vdi, parallels)"
+                 (supported: raw, qcow2, qcow, vmdk, vpc, vhdx, vdi, parallels)"
             ))
         })?),
         None => None,
