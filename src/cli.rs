@@ -75,6 +75,9 @@ pub struct MountArgs {
     /// Log file of the detached daemon (default: syslog).
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
+    /// Read-only (the default; the spelling of qemu-nbd and guestmount).
+    #[arg(short = 'r', long, conflicts_with_all = ["rw", "overlay", "snapshot"])]
+    pub read_only: bool,
     /// Write into the top image in place (qcow2, sparse VMDK, qcow, raw).
     #[arg(long, conflicts_with_all = ["overlay", "snapshot"])]
     pub rw: bool,
@@ -84,7 +87,8 @@ pub struct MountArgs {
     /// Send writes to a temporary overlay that disappears at unmount (and after a crash).
     #[arg(long)]
     pub snapshot: bool,
-    /// Write even if another process (a VM, qemu-img) holds the image's locks.
+    /// Mount even if another process (a VM, qemu-img) holds locks that conflict with ours
+    /// (writing, or reading an image someone writes: the view may go stale).
     #[arg(long)]
     pub force_lock: bool,
     /// Let other users reach the mount (needs user_allow_other in /etc/fuse.conf for non-root).
@@ -124,6 +128,9 @@ pub struct MountArgs {
     /// (ro, allow_other, cache_size=64M, partitions, ...); repeatable.
     #[arg(short = 'o', long = "options", value_name = "OPTS")]
     pub options: Vec<String>,
+    /// Mount even on a non-empty directory or on top of another mount (hiding what is there).
+    #[arg(long)]
+    pub nonempty: bool,
     /// Ignore unknown -o options instead of refusing them (mount -s).
     #[arg(long)]
     pub sloppy: bool,
@@ -429,9 +436,11 @@ fn plan(args: &MountArgs) -> Result<MountPlan> {
     }
     let mountpoint = mountpoint
         .canonicalize()
-        .map_err(|e| Error::io("mount point", e).with_path(mountpoint))?;
-    let meta = std::fs::metadata(&mountpoint)
-        .map_err(|e| Error::io("mount point", e).with_path(&mountpoint))?;
+        .map_err(|e| dead_mount(e, mountpoint))?;
+    let meta = std::fs::metadata(&mountpoint).map_err(|e| dead_mount(e, &mountpoint))?;
+    if !args.nonempty {
+        check_vacant(&mountpoint, meta.is_dir())?;
+    }
     let single_file = if meta.is_file() {
         if images.len() != 1 {
             return Err(
@@ -483,6 +492,11 @@ fn plan(args: &MountArgs) -> Result<MountPlan> {
             root: None,
             allow_devices: args.allow_devices,
             direct: args.unbuffered,
+            read_lock: if args.force_lock {
+                crate::lock::ReadLock::Force
+            } else {
+                crate::lock::ReadLock::Share
+            },
         },
         max_depth: args.max_depth,
         single_link: args.single_link,
@@ -502,6 +516,81 @@ fn plan(args: &MountArgs) -> Result<MountPlan> {
         mode,
         force_lock: args.force_lock,
         partitions: args.partitions,
+    })
+}
+
+/// The error for a mount point that cannot be resolved: a dead FUSE mount
+/// (its daemon killed) answers ENOTCONN, which says nothing to a user.
+fn dead_mount(e: std::io::Error, mountpoint: &Path) -> Error {
+    if e.raw_os_error() == Some(libc::ENOTCONN) {
+        let what = if daemon::mounts()
+            .iter()
+            .any(|m| mountpoint.is_absolute() && m.mountpoint == mountpoint)
+        {
+            "a dead vdiskfs mount"
+        } else {
+            "a dead mount"
+        };
+        return Error::invalid(format!(
+            "is {what} (its daemon is gone); `vdiskfs unmount {}` clears it",
+            mountpoint.display()
+        ))
+        .with_path(mountpoint);
+    }
+    Error::io("mount point", e).with_path(mountpoint)
+}
+
+/// Refuses a mount point that is already a mount (of any filesystem: a
+/// second mount would hide the first, and its daemon with it), and a
+/// directory that is not empty (its files would be hidden), as FUSE does.
+/// `--nonempty` skips both checks.
+fn check_vacant(mountpoint: &Path, is_dir: bool) -> Result<()> {
+    if let Some((fstype, source)) = mount_at(mountpoint) {
+        return Err(Error::invalid(format!(
+            "is already a mount point ({fstype} from {source}); unmount it first, \
+             or give --nonempty (-o nonempty) to mount over it"
+        ))
+        .with_path(mountpoint));
+    }
+    if !is_dir {
+        return Ok(());
+    }
+    let entries = std::fs::read_dir(mountpoint)
+        .map_err(|e| Error::io("cannot list the mount point", e).with_path(mountpoint))?;
+    let mut names: Vec<String> = entries
+        .take(4)
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    names.sort();
+    let shown = if names.len() > 3 {
+        format!("{}, ...", names[..3].join(", "))
+    } else {
+        names.join(", ")
+    };
+    Err(Error::invalid(format!(
+        "mount point is not empty (it holds {shown}); use an empty directory, \
+         or give --nonempty (-o nonempty) to hide its contents"
+    ))
+    .with_path(mountpoint))
+}
+
+/// The type and source of the mount whose mount point is exactly `path`
+/// (the last one, if several are stacked), from /proc/self/mountinfo.
+fn mount_at(path: &Path) -> Option<(String, String)> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.to_str()?;
+    table.lines().rev().find_map(|line| {
+        let f: Vec<&str> = line.split(' ').collect();
+        let sep = f.iter().position(|x| *x == "-")?;
+        if f.len() < sep + 3 || f.len() < 5 {
+            return None;
+        }
+        let mp = daemon::unescape(f[4]);
+        (mp == want).then(|| (f[sep + 1].to_string(), f[sep + 2].to_string()))
     })
 }
 

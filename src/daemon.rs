@@ -109,7 +109,7 @@ pub fn mounts() -> Vec<MountEntry> {
 }
 
 /// Undoes the octal escapes (`\040`) of /proc/self/mountinfo.
-fn unescape(s: &str) -> String {
+pub(crate) fn unescape(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

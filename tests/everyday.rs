@@ -1,0 +1,260 @@
+//! Everyday use at the edges, through real mounts of the built binary:
+//! stacked and non-empty mount points, qemu-compatible locks on read-only
+//! layers and overlay bases, dead mounts, and how errors reach the caller.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::fuse::{require_fuse, vdiskfs, wait_gone};
+use common::{qemu_img, require_tool, scratch};
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A small qcow2 image.
+fn qcow2(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&p), "16M"]);
+    p
+}
+
+/// An empty directory `name` in `dir`.
+fn mountpoint(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::create_dir(&p).unwrap();
+    p
+}
+
+/// `vdiskfs mount ARGS`, asserting success.
+fn mount_ok(args: &[&str]) {
+    require_fuse();
+    let mut a = vec!["mount"];
+    a.extend_from_slice(args);
+    let o = vdiskfs(&a);
+    assert!(o.status.success(), "mount {args:?}: {}", text(&o));
+}
+
+/// `vdiskfs mount ARGS`, asserting a one-line failure; returns the line.
+fn mount_fails(args: &[&str]) -> String {
+    require_fuse();
+    let mut a = vec!["mount"];
+    a.extend_from_slice(args);
+    let o = vdiskfs(&a);
+    let t = text(&o);
+    assert!(!o.status.success(), "mount {args:?} succeeded: {t}");
+    assert_eq!(t.trim_end().lines().count(), 1, "not one line: {t}");
+    t
+}
+
+/// Unmounts (lazily, so a failed test does not leave a busy mount) on drop.
+struct Unmount(Vec<PathBuf>);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        for m in &self.0 {
+            let _ = vdiskfs(&["unmount", "--lazy", s(m)]);
+        }
+    }
+}
+
+/// The `list --json` rows of the mount at `mp`.
+fn list_rows(mp: &Path) -> Vec<serde_json::Value> {
+    let o = vdiskfs(&["list", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["mountpoint"].as_str() == Some(s(mp)))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn stacked_mounts_and_non_empty_directories_are_refused() {
+    let d = scratch();
+    let a = qcow2(d.path(), "a.qcow2");
+    let b = qcow2(d.path(), "b.qcow2");
+    let mp = mountpoint(d.path(), "m");
+    let _u = Unmount(vec![mp.clone()]);
+    mount_ok(&[s(&a), s(&mp)]);
+    let e = mount_fails(&[s(&b), s(&mp)]);
+    assert!(e.contains("already a mount point"), "{e}");
+    assert!(
+        e.contains("fuse.vdiskfs") && e.contains("--nonempty"),
+        "{e}"
+    );
+    assert_eq!(list_rows(&mp).len(), 1, "a second mount was stacked");
+    // Any filesystem, not only ours.
+    let t = mountpoint(d.path(), "tmpfs");
+    let _ut = Unmount(vec![t.clone()]);
+    let o = Command::new("mount")
+        .args(["-t", "tmpfs", "none", s(&t)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "mount tmpfs: {}", text(&o));
+    let e = mount_fails(&[s(&b), s(&t)]);
+    assert!(e.contains("already a mount point (tmpfs"), "{e}");
+    Command::new("umount").arg(&t).status().unwrap();
+
+    // A non-empty directory is refused naming what is there ...
+    let full = mountpoint(d.path(), "full");
+    std::fs::write(full.join("keep.txt"), b"mine").unwrap();
+    let e = mount_fails(&[s(&b), s(&full)]);
+    assert!(e.contains("not empty") && e.contains("keep.txt"), "{e}");
+    // ... unless asked, in either spelling.
+    let _uf = Unmount(vec![full.clone()]);
+    mount_ok(&["-o", "nonempty", s(&b), s(&full)]);
+    assert!(full.join("b.raw").exists());
+    assert!(!full.join("keep.txt").exists());
+    let o = vdiskfs(&["unmount", s(&full)]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(std::fs::read(full.join("keep.txt")).unwrap(), b"mine");
+    mount_ok(&["--nonempty", s(&b), s(&full)]);
+}
+
+#[test]
+fn a_dead_mount_is_named_with_the_way_out() {
+    let d = scratch();
+    let a = qcow2(d.path(), "a.qcow2");
+    let mp = mountpoint(d.path(), "m");
+    let _u = Unmount(vec![mp.clone()]);
+    mount_ok(&[s(&a), s(&mp)]);
+    let pid = list_rows(&mp)[0]["pid"].as_u64().unwrap() as u32;
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    wait_gone(pid);
+    let e = mount_fails(&[s(&a), s(&mp)]);
+    assert!(e.contains("dead vdiskfs mount"), "{e}");
+    assert!(e.contains(&format!("vdiskfs unmount {}", s(&mp))), "{e}");
+    let o = vdiskfs(&["unmount", s(&mp)]);
+    assert!(o.status.success(), "{}", text(&o));
+    mount_ok(&[s(&a), s(&mp)]);
+}
+
+/// Runs qemu-io writing 4 KiB into `img`; returns its output on failure.
+fn qemu_io_write(img: &Path) -> Result<(), String> {
+    require_tool("qemu-io", "qemu-utils");
+    let o = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write 0 4k", s(img)])
+        .output()
+        .unwrap();
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(text(&o))
+    }
+}
+
+#[test]
+fn readers_and_writers_of_one_image_exclude_each_other_like_qemu() {
+    let d = scratch();
+    let img = qcow2(d.path(), "img.qcow2");
+    let (m1, m2) = (mountpoint(d.path(), "m1"), mountpoint(d.path(), "m2"));
+    let _u = Unmount(vec![m1.clone(), m2.clone()]);
+
+    // Read-only mounts share the image with each other and with qemu readers ...
+    mount_ok(&[s(&img), s(&m1)]);
+    mount_ok(&["-r", s(&img), s(&m2)]);
+    qemu_img(&["info", s(&img)]);
+    // ... but a writer is refused, ours naming the holder, qemu's in its words.
+    let m3 = mountpoint(d.path(), "m3");
+    let e = mount_fails(&["--rw", s(&img), s(&m3)]);
+    assert!(
+        e.contains("image is in use") && e.contains("vdiskfs"),
+        "{e}"
+    );
+    let e = qemu_io_write(&img).unwrap_err();
+    assert!(e.contains("\"write\" lock"), "{e}");
+    for m in [&m1, &m2] {
+        assert!(vdiskfs(&["unmount", s(m)]).status.success());
+    }
+
+    // A read-only mount of an image being written is refused (as
+    // `qemu-nbd -r` refuses it), and --force-lock reads anyway, warning.
+    mount_ok(&["--rw", s(&img), s(&m1)]);
+    let e = mount_fails(&[s(&img), s(&m2)]);
+    assert!(e.contains("another process is writing it"), "{e}");
+    let o = vdiskfs(&["mount", "--force-lock", s(&img), s(&m2)]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("the view may go stale"), "{}", text(&o));
+    for m in [&m1, &m2] {
+        assert!(vdiskfs(&["unmount", s(m)]).status.success());
+    }
+}
+
+#[test]
+fn bases_of_overlays_snapshots_and_backing_files_are_locked_against_writers() {
+    let d = scratch();
+    let base = qcow2(d.path(), "base.qcow2");
+    let top = d.path().join("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        s(&base),
+        "-F",
+        "qcow2",
+        s(&top),
+    ]);
+    let ov = d.path().join("ov.qcow2");
+    let m = mountpoint(d.path(), "m");
+    let _u = Unmount(vec![m.clone()]);
+    let cases: [(&str, Vec<&str>, &Path); 3] = [
+        ("overlay", vec!["--overlay", s(&ov), s(&base)], &base),
+        ("snapshot", vec!["--snapshot", s(&base)], &base),
+        ("backing file of --rw", vec!["--rw", s(&top)], &base),
+    ];
+    for (what, args, locked) in cases {
+        let mut a = args.clone();
+        a.push(s(&m));
+        mount_ok(&a);
+        let e = qemu_io_write(locked).expect_err(what);
+        assert!(e.contains("\"write\" lock"), "{what}: {e}");
+        assert!(vdiskfs(&["unmount", s(&m)]).status.success());
+        qemu_io_write(locked).unwrap_or_else(|e| panic!("{what}: lock left behind: {e}"));
+    }
+    // And a base a writer holds is not mounted under an overlay.
+    let mut writer = Command::new("qemu-nbd")
+        .args(["-f", "qcow2", "-k"])
+        .arg(d.path().join("nbd.sock"))
+        .arg(&base)
+        .spawn()
+        .expect("qemu-nbd (apt-get install qemu-utils)");
+    // Its listening socket can appear before it has opened the image: wait
+    // for its write lock (byte 101) in /proc/locks.
+    use std::os::unix::fs::MetadataExt;
+    let ino = format!(":{} ", std::fs::metadata(&base).unwrap().ino());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains(&ino) && l.ends_with(" 100 101"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qemu-nbd took no write lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let e = mount_fails(&["--snapshot", s(&base), s(&m)]);
+    assert!(
+        e.contains("another process is writing it") && e.contains("qemu-nbd"),
+        "{e}"
+    );
+    writer.kill().unwrap();
+    writer.wait().unwrap();
+}
