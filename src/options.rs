@@ -15,8 +15,13 @@
 //! mount(8) appends command-line options to the fstab ones). An option given
 //! both as a flag and with `-o` must agree.
 //!
-//! Note: mount(8) passes `rw` to helpers whenever `ro` is absent, so a
-//! read-only mount through mount(8) or fstab must say `ro`.
+//! mount(8) passes `rw` to helpers whenever `ro` is absent, so a plain `rw`
+//! cannot tell an fstab line that asks for writing from one that forgot
+//! `ro`. A plain `rw` therefore never writes into an image: the mount is
+//! read-only, with a notice. Writing takes an explicit choice: `inplace`
+//! (`--rw` on the command line), `overlay=FILE` or `snapshot`; mount(8)'s
+//! own `rw` does not undo it. (Not `rw=inplace`: mount(8) keeps that one
+//! for itself and passes a plain `rw`.)
 
 use std::path::PathBuf;
 
@@ -30,8 +35,11 @@ use crate::format::Format;
 pub enum WriteMode {
     /// Read-only (the default of `vdiskfs mount`).
     Ro,
-    /// Write into the top image in place (`--rw`).
+    /// Write into the top image in place (`--rw`, `-o inplace`).
     Rw,
+    /// A plain `rw`, as mount(8) passes whenever `ro` is absent: read-only,
+    /// with a notice saying how to ask for writes.
+    PlainRw,
     /// Write into a qcow2 overlay file (`--overlay FILE`).
     Overlay(PathBuf),
     /// Write into a temporary overlay discarded at unmount (`--snapshot`).
@@ -187,7 +195,18 @@ pub fn parse(s: &str, sloppy: bool) -> Result<MountOptions, String> {
         let bad = |what: &str| format!("mount option {item:?}: {what}");
         match key.as_str() {
             "ro" => o.write = Some((WriteMode::Ro, flag(value)?)),
-            "rw" => o.write = Some((WriteMode::Rw, flag(value)?)),
+            "rw" => {
+                let raw =
+                    flag(value).map_err(|_| bad("takes no value (to write in place: inplace)"))?;
+                // mount(8)'s own `rw` must not undo an explicit write mode.
+                if matches!(
+                    o.write,
+                    None | Some((WriteMode::Ro | WriteMode::PlainRw, _))
+                ) {
+                    o.write = Some((WriteMode::PlainRw, raw));
+                }
+            }
+            "inplace" => o.write = Some((WriteMode::Rw, flag(value)?)),
             "snapshot" => o.write = Some((WriteMode::Snapshot, flag(value)?)),
             "overlay" => {
                 let v = val()?;
@@ -290,6 +309,14 @@ fn lookup_id(s: &str, group: bool) -> Result<u32, String> {
     Err(format!("no such {}", if group { "group" } else { "user" }))
 }
 
+/// Tells the user about an option that does something other than they may
+/// expect. Goes to stderr, which is the user's terminal before detaching
+/// (the logger is not set up yet while options are merged).
+fn notice(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "vdiskfs: note: {msg}");
+}
+
 /// Merges `args.options` (every `-o`, in order) into `args`. `given(id)`
 /// tells whether the flag with clap id `id` was given on the command line
 /// (needed for the flags that have defaults). `--unbuffered` turns the
@@ -306,7 +333,9 @@ pub fn merge(args: &mut MountArgs, given: &dyn Fn(&str) -> bool) -> Result<(), S
     };
     let cache_size_option = o.cache_size.is_some();
     // Write mode.
-    let cli_mode = if args.rw {
+    let cli_mode = if args.read_only {
+        Some(WriteMode::Ro)
+    } else if args.rw {
         Some(WriteMode::Rw)
     } else if let Some(p) = &args.overlay {
         Some(WriteMode::Overlay(p.clone()))
@@ -315,24 +344,30 @@ pub fn merge(args: &mut MountArgs, given: &dyn Fn(&str) -> bool) -> Result<(), S
     } else {
         None
     };
-    if let Some((m, raw)) = o.write {
-        match cli_mode {
-            Some(c) if c != m => {
-                let flag = match c {
-                    WriteMode::Rw => "--rw",
-                    WriteMode::Overlay(_) => "--overlay",
-                    _ => "--snapshot",
-                };
-                return clash(&raw, flag);
-            }
-            Some(_) => {}
-            None => match m {
-                WriteMode::Ro => {}
-                WriteMode::Rw => args.rw = true,
-                WriteMode::Overlay(p) => args.overlay = Some(p),
-                WriteMode::Snapshot => args.snapshot = true,
-            },
+    match (o.write, cli_mode) {
+        (Some((WriteMode::PlainRw, _)), None) => notice(
+            "\"rw\" (mount(8)'s default) does not write into the image: mounted read-only; \
+             say -o inplace to write it in place, or overlay=FILE or snapshot \
+             to keep it unchanged",
+        ),
+        // Any explicit write flag wins over mount(8)'s plain `rw`.
+        (Some((WriteMode::PlainRw, _)), Some(_)) | (None, _) => {}
+        (Some((m, raw)), Some(c)) if c != m => {
+            let flag = match c {
+                WriteMode::Rw => "--rw",
+                WriteMode::Ro => "--read-only",
+                WriteMode::Overlay(_) => "--overlay",
+                _ => "--snapshot",
+            };
+            return clash(&raw, flag);
         }
+        (Some(_), Some(_)) => {}
+        (Some((m, _)), None) => match m {
+            WriteMode::Ro | WriteMode::PlainRw => {}
+            WriteMode::Rw => args.rw = true,
+            WriteMode::Overlay(p) => args.overlay = Some(p),
+            WriteMode::Snapshot => args.snapshot = true,
+        },
     }
     macro_rules! opt_value {
         ($field:ident, $flag:literal) => {
@@ -442,7 +477,16 @@ mod tests {
         let cases: &[(&str, Result<Option<WriteMode>, &str>)] = &[
             ("", Ok(None)),
             ("ro", Ok(Some(WriteMode::Ro))),
-            ("rw", Ok(Some(WriteMode::Rw))),
+            ("rw", Ok(Some(WriteMode::PlainRw))),
+            ("inplace", Ok(Some(WriteMode::Rw))),
+            ("inplace,rw", Ok(Some(WriteMode::Rw))),
+            ("rw,inplace,ro", Ok(Some(WriteMode::Ro))),
+            (
+                "overlay=/o.qcow2,rw",
+                Ok(Some(WriteMode::Overlay("/o.qcow2".into()))),
+            ),
+            ("snapshot,rw", Ok(Some(WriteMode::Snapshot))),
+            ("rw=yes", Err("inplace")),
             ("snapshot", Ok(Some(WriteMode::Snapshot))),
             (
                 "overlay=/o.qcow2",
@@ -453,7 +497,7 @@ mod tests {
                 Ok(Some(WriteMode::Overlay("/a,b.qcow2".into()))),
             ),
             ("rw,ro", Ok(Some(WriteMode::Ro))),
-            ("ro,rw", Ok(Some(WriteMode::Rw))),
+            ("ro,rw", Ok(Some(WriteMode::PlainRw))),
             (
                 "defaults,ro,noauto,user,nouser,users,_netdev,nofail",
                 Ok(Some(WriteMode::Ro)),
@@ -547,7 +591,11 @@ mod tests {
         assert_eq!(m.threads, 2);
         assert!(!m.rw);
         let m = merged(&["-o", "rw"]).unwrap();
+        assert!(!m.rw, "mount(8)'s plain rw must not write in place");
+        let m = merged(&["-o", "inplace"]).unwrap();
         assert!(m.rw);
+        let m = merged(&["--snapshot", "-o", "rw"]).unwrap();
+        assert!(m.snapshot && !m.rw);
         let m = merged(&["-o", "overlay=/x.qcow2"]).unwrap();
         assert_eq!(m.overlay, Some(PathBuf::from("/x.qcow2")));
         let m = merged(&["-o", "snapshot"]).unwrap();
@@ -584,7 +632,8 @@ mod tests {
                 "--log-level",
             ),
             (&["--rw", "-o", "ro"], "--rw"),
-            (&["--snapshot", "-o", "rw"], "--snapshot"),
+            (&["--snapshot", "-o", "inplace"], "--snapshot"),
+            (&["-r", "-o", "inplace"], "--read-only"),
             (&["--overlay", "/a", "-o", "overlay=/b"], "--overlay"),
             (&["--unbuffered", "-o", "cache_size=1M"], "unbuffered"),
             (&["--cache-size", "1M", "-o", "unbuffered"], "unbuffered"),
