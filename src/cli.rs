@@ -153,6 +153,9 @@ pub struct UnmountArgs {
     /// Detach now even if busy; the daemon exits once the last user is gone.
     #[arg(short = 'l', long)]
     pub lazy: bool,
+    /// Seconds to wait for the daemon to flush and exit; exit status 1 if it has not.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub timeout: u64,
 }
 
 /// `vdiskfs info`.
@@ -310,11 +313,7 @@ fn detached_log_target(cli: &Cli) -> Option<env_logger::Target> {
     };
     m.notify_fd?;
     if let Some(p) = &m.log_file {
-        match std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-        {
+        match daemon::open_log_file(p) {
             Ok(f) => return Some(env_logger::Target::Pipe(Box::new(f))),
             Err(e) => crate::daemon::Syslog::new().line(&format!(
                 "cannot open log file {}: {e}; logging to syslog",
@@ -346,7 +345,11 @@ fn init_logging(cli: &Cli, target: Option<env_logger::Target>) {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Mount(m) => mount(m),
-        Command::Unmount(u) => daemon::unmount(&u.mountpoint, u.lazy),
+        Command::Unmount(u) => daemon::unmount(
+            &u.mountpoint,
+            u.lazy,
+            std::time::Duration::from_secs(u.timeout),
+        ),
         Command::Info(i) => info_cmd(&i),
         Command::List(l) => list_cmd(&l),
     }
@@ -678,6 +681,14 @@ fn mount(args: MountArgs) -> Result<()> {
     let plan = plan(&args)?;
     if !args.foreground {
         // Validate everything we can before detaching, so errors reach the user.
+        if let Some(p) = &args.log_file {
+            // Opened (created) here too: the daemon has no terminal to say it cannot.
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| Error::io("cannot open the log file", e).with_path(p))?;
+        }
         drop(open_disks(&plan, args.cache_size, args.workers())?);
         return daemon::spawn_detached(&[]);
     }
@@ -731,7 +742,7 @@ fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<
     .map_err(|e| log::warn!("{e}; vdiskfs list will not show this mount"))
     .ok();
     let mut unmounter = session.unmounter();
-    daemon::on_signal(sigset, move |_| {
+    daemon::on_signal(sigset, move || {
         if let Err(e) = unmounter.unmount() {
             log::error!("unmount on signal failed: {e}");
         }

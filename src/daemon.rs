@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::info;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, Result};
@@ -253,31 +253,107 @@ impl Notifier {
 
 /// Blocks the signals the daemon handles, so that only the thread started
 /// by [`on_signal`] receives them. Call before starting any thread.
+/// SIGUSR1 and SIGUSR2 are in the set too: their default action would end
+/// the daemon without unmounting, leaving a dead mount.
 pub fn block_signals() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; the calls only touch it and the mask.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGHUP);
+        for sig in [
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGHUP,
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+        ] {
+            libc::sigaddset(&mut set, sig);
+        }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
 }
 
-/// Runs `action` on a thread of its own when SIGTERM, SIGINT or SIGHUP arrives.
-pub fn on_signal(set: libc::sigset_t, mut action: impl FnMut(i32) + Send + 'static) {
+/// On a thread of its own, waits for the signals [`block_signals`] blocked:
+/// SIGTERM and SIGINT run `unmount`; SIGHUP reopens the `--log-file` (so
+/// logrotate can move it away); SIGUSR1 and SIGUSR2 are logged and ignored.
+pub fn on_signal(set: libc::sigset_t, mut unmount: impl FnMut() + Send + 'static) {
     let _ = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
             let mut sig = 0;
             // SAFETY: set is a valid signal set; sig is a valid out pointer.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                info!("signal {sig} received: unmounting");
-                action(sig);
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                continue;
+            }
+            match sig {
+                libc::SIGHUP => match reopen_log() {
+                    Some(Ok(path)) => info!("SIGHUP: reopened the log file {}", path.display()),
+                    Some(Err(e)) => log::error!("SIGHUP: {e}; still logging to the old file"),
+                    None => info!("SIGHUP: no log file to reopen (logging to syslog)"),
+                },
+                libc::SIGUSR1 | libc::SIGUSR2 => info!("signal {sig} received: ignored"),
+                _ => {
+                    info!("signal {sig} received: unmounting");
+                    unmount();
+                }
             }
         });
+}
+
+/// The detached daemon's `--log-file`, reopened by SIGHUP.
+struct LogFile {
+    path: PathBuf,
+    file: std::sync::Mutex<File>,
+}
+
+static LOG_FILE: std::sync::OnceLock<std::sync::Arc<LogFile>> = std::sync::OnceLock::new();
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
+/// Opens `path` for appending, as the log sink a SIGHUP reopens (at the
+/// same path, so after logrotate moved it away, a new file).
+pub fn open_log_file(path: &Path) -> std::io::Result<LogWriter> {
+    let file = open_append(path)?;
+    let log = LOG_FILE.get_or_init(|| {
+        std::sync::Arc::new(LogFile {
+            path: path.to_path_buf(),
+            file: std::sync::Mutex::new(file),
+        })
+    });
+    Ok(LogWriter(log.clone()))
+}
+
+/// Reopens the log file: `None` without one, else the path or the error.
+fn reopen_log() -> Option<Result<PathBuf>> {
+    let log = LOG_FILE.get()?;
+    Some(match open_append(&log.path) {
+        Ok(f) => {
+            let mut cur = log.file.lock().unwrap_or_else(|p| p.into_inner());
+            *cur = f;
+            Ok(log.path.clone())
+        }
+        Err(e) => Err(Error::io("cannot reopen the log file", e).with_path(&log.path)),
+    })
+}
+
+/// Writes log lines to the current log file.
+pub struct LogWriter(std::sync::Arc<LogFile>);
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut f = self.0.file.lock().unwrap_or_else(|p| p.into_inner());
+        f.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A log sink that sends each line to syslog (daemon facility), for a
@@ -333,8 +409,9 @@ impl Write for Syslog {
     }
 }
 
-/// Unmounts a vdiskfs mount and waits for its daemon to exit.
-pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<()> {
+/// Unmounts a vdiskfs mount and waits up to `timeout` for its daemon to
+/// flush and exit; an error if it did not.
+pub fn unmount(mountpoint: &Path, lazy: bool, timeout: Duration) -> Result<()> {
     let mp = mountpoint
         .canonicalize()
         .map_err(|e| Error::io("cannot resolve mount point", e).with_path(mountpoint))
@@ -390,16 +467,75 @@ pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<()> {
             return Err(Error::io("unmount failed", err).with_path(&mp));
         }
     }
-    if let Some(pid) = pid {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while process_alive(pid) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+    match pid {
+        Some(pid) => wait_for_daemon(pid, &mp, timeout),
+        None => Ok(()),
+    }
+}
+
+/// Waits until the daemon `pid` has flushed and exited after its mount is
+/// gone, telling the user what it waits for once it takes a while. The
+/// daemon removes its state file only after it has flushed and closed its
+/// images, so a daemon gone with its state file left behind did not finish.
+fn wait_for_daemon(pid: u32, mp: &Path, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    let mut next_report = start + Duration::from_secs(1);
+    while process_alive(pid) {
+        let now = Instant::now();
+        if now >= start + timeout {
+            let why = if process_stopped(pid) {
+                " (it is stopped: send it SIGCONT)"
+            } else {
+                ""
+            };
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!(
+                    "unmounted, but daemon {pid} has not finished flushing its images after {} s{why}; \
+                     its writes may be incomplete until it exits",
+                    timeout.as_secs()
+                ),
+            )
+            .with_path(mp));
         }
-        if process_alive(pid) {
-            warn!("daemon {pid} still running 60 s after unmount");
+        if now >= next_report {
+            let state = if process_stopped(pid) {
+                ", which is stopped,"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                std::io::stderr(),
+                "vdiskfs: {}: waiting for daemon {pid}{state} to flush its images and exit ({} s of {} s)",
+                mp.display(),
+                (now - start).as_secs(),
+                timeout.as_secs()
+            );
+            next_report = now + Duration::from_secs(5);
         }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let state = state_dir().join(format!("{pid}.json"));
+    if state.exists() {
+        let _ = std::fs::remove_file(&state);
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!("daemon {pid} ended without finishing (killed?); its writes may be incomplete"),
+        )
+        .with_path(mp));
     }
     Ok(())
+}
+
+/// True when `pid` is stopped (SIGSTOP, a debugger).
+fn process_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with(['T', 't']))
+        })
+        .unwrap_or(false)
 }
 
 #[cfg(test)]

@@ -258,3 +258,99 @@ fn bases_of_overlays_snapshots_and_backing_files_are_locked_against_writers() {
     writer.kill().unwrap();
     writer.wait().unwrap();
 }
+
+fn daemon_pid(mp: &Path) -> u32 {
+    let rows = list_rows(mp);
+    assert_eq!(rows.len(), 1, "list rows for {}: {rows:?}", mp.display());
+    rows[0]["pid"].as_u64().expect("pid") as u32
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill has no memory-safety preconditions; pid is our daemon.
+    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
+}
+
+#[test]
+fn unmount_reports_what_it_waits_for_and_fails_when_the_daemon_does_not_finish() {
+    let d = scratch();
+    let a = qcow2(d.path(), "a.qcow2");
+    let mp = mountpoint(d.path(), "m");
+    let _u = Unmount(vec![mp.clone()]);
+    mount_ok(&[s(&a), s(&mp)]);
+    let pid = daemon_pid(&mp);
+    signal(pid, libc::SIGSTOP);
+    let o = vdiskfs(&["unmount", "--timeout", "3", s(&mp)]);
+    signal(pid, libc::SIGCONT);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains(&format!(
+            "waiting for daemon {pid}, which is stopped, to flush"
+        )),
+        "{t}"
+    );
+    assert!(
+        t.contains("has not finished flushing") && t.contains("SIGCONT"),
+        "{t}"
+    );
+    // Continued, it flushes and exits: a later unmount has nothing to do.
+    wait_gone(pid);
+    assert!(list_rows(&mp).is_empty());
+    // A daemon that runs normally is waited for silently, exit 0.
+    mount_ok(&[s(&a), s(&mp)]);
+    let o = vdiskfs(&["unmount", s(&mp)]);
+    assert!(o.status.success() && o.stderr.is_empty(), "{}", text(&o));
+}
+
+#[test]
+fn sighup_reopens_the_log_file_and_sigusr_leave_the_mount_alone() {
+    let d = scratch();
+    let a = qcow2(d.path(), "a.qcow2");
+    let mp = mountpoint(d.path(), "m");
+    let log = d.path().join("d.log");
+    let _u = Unmount(vec![mp.clone()]);
+    mount_ok(&["-v", "--log-file", s(&log), s(&a), s(&mp)]);
+    let pid = daemon_pid(&mp);
+    // logrotate: move the file away, then HUP.
+    let rotated = d.path().join("d.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    signal(pid, libc::SIGHUP);
+    for sig in [libc::SIGUSR1, libc::SIGUSR2] {
+        signal(pid, sig);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let t = std::fs::read_to_string(&log).unwrap_or_default();
+        if t.contains("reopened the log file") && t.matches("ignored").count() == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "new log: {t:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(std::fs::read_to_string(&rotated)
+        .unwrap()
+        .contains("mounted on"));
+    assert!(common::fuse::alive(pid), "a signal ended the daemon");
+    assert_eq!(
+        std::fs::read(mp.join("a.raw")).unwrap().len(),
+        16 << 20,
+        "the mount does not serve after the signals"
+    );
+    let o = vdiskfs(&["unmount", s(&mp)]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn a_log_file_that_cannot_be_opened_fails_the_mount() {
+    let d = scratch();
+    let a = qcow2(d.path(), "a.qcow2");
+    let mp = mountpoint(d.path(), "m");
+    let _u = Unmount(vec![mp.clone()]);
+    let bad = d.path().join("no-such-dir/d.log");
+    let e = mount_fails(&["--log-file", s(&bad), s(&a), s(&mp)]);
+    assert!(
+        e.contains("cannot open the log file") && e.contains("no-such-dir"),
+        "{e}"
+    );
+    assert!(list_rows(&mp).is_empty());
+}
