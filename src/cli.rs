@@ -29,10 +29,12 @@ use crate::policy::OpenPolicy;
 #[command(name = "vdiskfs", version, about, propagate_version = true)]
 pub struct Cli {
     /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    // Not global: only `mount` logs anything worth a level, so only `mount`
+    // (and the top level, `vdiskfs -v mount`) offers these.
+    #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
     /// Only errors in the log.
-    #[arg(short, long, global = true)]
+    #[arg(short, long)]
     pub quiet: bool,
     /// The command.
     #[command(subcommand)]
@@ -43,6 +45,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Mount images: each IMAGE appears in MOUNTPOINT as <name>.raw.
+    #[command(override_usage = "vdiskfs mount [OPTIONS] IMAGE... MOUNTPOINT")]
     Mount(MountArgs),
     /// Flush and unmount a vdiskfs mount; its daemon exits.
     #[command(alias = "umount")]
@@ -58,8 +61,16 @@ pub enum Command {
 pub struct MountArgs {
     /// The images, then the mount point (a directory; or, with one image, a
     /// regular file that becomes the raw view itself).
-    #[arg(required = true, num_args = 2.., value_name = "IMAGE... MOUNTPOINT")]
+    // At least two are checked after parsing: clap's own message would
+    // repeat the value name.
+    #[arg(value_name = "PATHS")]
     pub paths: Vec<PathBuf>,
+    /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors in the log.
+    #[arg(short, long)]
+    pub quiet: bool,
     /// Stay in the foreground instead of detaching.
     #[arg(short, long)]
     pub foreground: bool,
@@ -67,10 +78,10 @@ pub struct MountArgs {
     #[arg(long, value_parser = parse_format)]
     pub format: Option<Format>,
     /// Cache size for metadata and decompressed blocks (e.g. 64M, 1G).
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    #[arg(long, default_value = "256M", value_parser = crate::options::parse_cache_size)]
     pub cache_size: u64,
     /// Log level of the daemon: error, warn, info, debug, trace.
-    #[arg(long, value_name = "LEVEL")]
+    #[arg(long, value_name = "LEVEL", value_parser = crate::options::parse_log_level)]
     pub log_level: Option<LevelFilter>,
     /// Log file of the detached daemon (default: syslog).
     #[arg(long, value_name = "FILE")]
@@ -95,13 +106,13 @@ pub struct MountArgs {
     #[arg(long)]
     pub allow_other: bool,
     /// Owner of the exposed files (default: the mounting user).
-    #[arg(long)]
+    #[arg(long, value_name = "USER", value_parser = crate::options::parse_uid)]
     pub uid: Option<u32>,
     /// Group of the exposed files (default: the mounting user's group).
-    #[arg(long)]
+    #[arg(long, value_name = "GROUP", value_parser = crate::options::parse_gid)]
     pub gid: Option<u32>,
     /// Permission bits of the exposed files, in octal (default 0400, 0600 when writable).
-    #[arg(long, value_parser = parse_mode)]
+    #[arg(long, value_parser = crate::options::parse_mode)]
     pub mode: Option<u16>,
     /// Expose only the top layer: unallocated ranges read as zeros.
     #[arg(long)]
@@ -121,8 +132,8 @@ pub struct MountArgs {
     /// Serve raw images through vdiskfs instead of the kernel's FUSE passthrough.
     #[arg(long)]
     pub no_passthrough: bool,
-    /// FUSE worker threads.
-    #[arg(long, default_value_t = default_threads())]
+    /// FUSE worker threads (1 to 256).
+    #[arg(long, default_value_t = default_threads(), value_parser = crate::options::parse_threads)]
     pub threads: usize,
     /// Mount options, mount(8) style: every flag has a -o spelling
     /// (ro, allow_other, cache_size=64M, partitions, ...); repeatable.
@@ -140,8 +151,9 @@ pub struct MountArgs {
     /// Bypass caching: no vdiskfs cache, image files opened with O_DIRECT.
     #[arg(long)]
     pub unbuffered: bool,
-    /// Internal: the pipe to report readiness on when started detached.
-    #[arg(long, hide = true)]
+    /// Internal: the pipe to report readiness on when started detached
+    /// (from the environment, see [`daemon::NOTIFY_ENV`]).
+    #[arg(skip)]
     pub notify_fd: Option<i32>,
 }
 
@@ -175,6 +187,12 @@ pub struct InfoArgs {
     /// Accept a VMDK parent whose CID differs from the child's parentCID.
     #[arg(long)]
     pub ignore_cid: bool,
+    /// Allow backing/extent files that are devices, FIFOs or under /proc, /sys, /dev.
+    #[arg(long)]
+    pub allow_devices: bool,
+    /// Refuse backing chains longer than this.
+    #[arg(long, default_value_t = DEFAULT_MAX_DEPTH)]
+    pub max_depth: usize,
 }
 
 /// `vdiskfs list`.
@@ -207,12 +225,25 @@ fn parse_format(s: &str) -> std::result::Result<Format, String> {
     Format::from_name(s).map_err(|e| e.message().to_string())
 }
 
-/// Parses sizes such as `512`, `64K`, `256M`, `1G`, `1GiB`.
+/// Parses sizes such as `512`, `64K`, `256M`, `1.5G`, `1GiB` (binary
+/// units; a fraction is rounded down to whole bytes).
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    let bad = || format!("bad size {s:?} (e.g. 512M, 1.5G)");
+    if int.is_empty() || frac.contains('.') || frac.len() > 9 {
+        return Err(bad());
+    }
+    let n: u64 = int.parse().map_err(|_| bad())?;
+    let f: u64 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().map_err(|_| bad())?
+    };
     let mult: u64 = match unit
         .to_ascii_lowercase()
         .trim_end_matches("ib")
@@ -225,15 +256,11 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         "t" => 1 << 40,
         _ => return Err(format!("bad size unit in {s:?} (use K, M, G or T)")),
     };
+    // 10^9 * 2^40 fits in a u64 many times over: no overflow in the fraction.
+    let frac_bytes = u128::from(f) * u128::from(mult) / 10u128.pow(frac.len() as u32);
     n.checked_mul(mult)
+        .and_then(|b| b.checked_add(frac_bytes as u64))
         .ok_or_else(|| format!("size {s:?} is too large"))
-}
-
-fn parse_mode(s: &str) -> std::result::Result<u16, String> {
-    u16::from_str_radix(s.trim_start_matches("0o"), 8)
-        .ok()
-        .filter(|m| *m <= 0o7777)
-        .ok_or_else(|| format!("bad mode {s:?} (octal, e.g. 0640)"))
 }
 
 /// The exposed name of an image: its file name without its last extension, plus `.raw`.
@@ -252,8 +279,24 @@ pub fn main() -> ExitCode {
     let parsed = Cli::command()
         .try_get_matches()
         .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    let notify_fd = daemon::take_notify_fd();
     let cli = match parsed {
         Ok((mut cli, matches)) => {
+            if let Command::Mount(args) = &cli.command {
+                if args.paths.len() < 2 {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "vdiskfs: mount needs one or more images and a mount point \
+                         (usage: vdiskfs mount [OPTIONS] IMAGE... MOUNTPOINT)"
+                    );
+                    return ExitCode::from(2);
+                }
+            }
+            if let (Command::Mount(args), Some(fd)) = (&mut cli.command, notify_fd) {
+                // This is the detached daemon.
+                args.foreground = true;
+                args.notify_fd = Some(fd);
+            }
             if let (Command::Mount(args), Some(sub)) =
                 (&mut cli.command, matches.subcommand_matches("mount"))
             {
@@ -272,11 +315,7 @@ pub fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            // One line, like every other error.
-            let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            let _ = writeln!(std::io::stderr(), "vdiskfs: {first} (see vdiskfs --help)");
+            let _ = writeln!(std::io::stderr(), "vdiskfs: {}", one_line(&e));
             return ExitCode::from(2);
         }
     };
@@ -290,14 +329,37 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// A clap error on one line, like every other error: its first paragraph
+/// (which names the missing or bad argument on its following lines) joined.
+fn one_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let first: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let msg = first.join(" ");
+    let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+    let msg = if msg.is_empty() {
+        "invalid arguments"
+    } else {
+        msg
+    };
+    format!("{msg} (see vdiskfs --help)")
+}
+
 fn level(cli: &Cli, explicit: Option<LevelFilter>) -> LevelFilter {
     if let Some(l) = explicit {
         return l;
     }
-    if cli.quiet {
+    let (verbose, quiet) = match &cli.command {
+        Command::Mount(m) => (cli.verbose.saturating_add(m.verbose), cli.quiet || m.quiet),
+        _ => (cli.verbose, cli.quiet),
+    };
+    if quiet {
         return LevelFilter::Error;
     }
-    match cli.verbose {
+    match verbose {
         0 => LevelFilter::Warn,
         1 => LevelFilter::Info,
         2 => LevelFilter::Debug,
@@ -360,9 +422,11 @@ fn info_cmd(args: &InfoArgs) -> Result<()> {
         format: args.format,
         policy: OpenPolicy {
             untrusted: args.untrusted,
+            allow_devices: args.allow_devices,
             ..Default::default()
         },
         ignore_cid: args.ignore_cid,
+        max_depth: args.max_depth,
         ..Default::default()
     };
     let chain = Chain::open(&args.image, &opts, &Caches::new(64 << 20))?;
@@ -702,6 +766,11 @@ fn mount(args: MountArgs) -> Result<()> {
 
 fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<()> {
     let disks = open_disks(plan, args.cache_size, args.workers())?;
+    if args.notify_fd.is_some() {
+        // Detached: every path is open or absolute by now (the log file's
+        // too), so stop pinning the caller's working directory's filesystem.
+        let _ = std::env::set_current_dir("/");
+    }
     // SAFETY: getuid/getgid have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let access = Access {
@@ -791,11 +860,10 @@ mod tests {
         assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
         assert!(parse_size("12X").is_err());
         assert!(parse_size("99999999999T").is_err());
-    }
-
-    #[test]
-    fn modes_parse() {
-        assert_eq!(parse_mode("0640").unwrap(), 0o640);
-        assert!(parse_mode("999").is_err());
+        assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_size("0.5k").unwrap(), 512);
+        for bad in ["1.", ".5G", "1.2.3M", "G", "", "-1M"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
     }
 }

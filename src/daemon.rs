@@ -2,7 +2,9 @@
 //! signals, the runtime state behind `vdiskfs list`, and unmounting.
 //!
 //! `vdiskfs mount` without `-f` validates everything it can, then starts a
-//! copy of itself in its own session (`--foreground --notify-fd N`) and
+//! copy of itself in its own session, with the same arguments and the
+//! readiness pipe named in the environment ([`NOTIFY_ENV`], so nothing is
+//! appended to the user's arguments, which may end in `--`), and
 //! waits until that copy writes `ok` (the mount is live) or an error line
 //! on the pipe. So a script can use the mount on its next line, and a
 //! failure is reported by the command the user ran, with a non-zero exit.
@@ -171,6 +173,18 @@ fn process_alive(pid: u32) -> bool {
     }
 }
 
+/// The environment variable naming the readiness pipe of a detached
+/// daemon; its presence makes `vdiskfs mount` the daemon (in the foreground).
+pub const NOTIFY_ENV: &str = "VDISKFS_NOTIFY_FD";
+
+/// Takes the readiness pipe out of the environment (so it is not passed on
+/// to fusermount3 and the like). Call before any thread starts.
+pub fn take_notify_fd() -> Option<RawFd> {
+    let v = std::env::var_os(NOTIFY_ENV)?;
+    std::env::remove_var(NOTIFY_ENV);
+    v.to_str()?.parse().ok().filter(|fd| *fd > 2)
+}
+
 /// Starts the daemon (this program with `extra` arguments added) detached
 /// and waits until it reports the mount live or fails.
 pub fn spawn_detached(extra_args: &[OsString]) -> Result<()> {
@@ -185,14 +199,16 @@ pub fn spawn_detached(extra_args: &[OsString]) -> Result<()> {
     let exe = std::env::current_exe().map_err(|e| Error::io("cannot find own executable", e))?;
     let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
     args.extend_from_slice(extra_args);
-    args.push("--foreground".into());
-    args.push("--notify-fd".into());
-    args.push(wfd.to_string().into());
     let mut cmd = Command::new(exe);
     cmd.args(&args)
+        .env(NOTIFY_ENV, wfd.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        // Until it reports, the daemon's stderr comes to us: whatever it
+        // says before failing (a panic, an error before the pipe is in
+        // use) is the reason we give. [`Notifier::ready`] then points it
+        // at /dev/null.
+        .stderr(Stdio::piped());
     // SAFETY: the closure only calls async-signal-safe functions (setsid, fcntl).
     unsafe {
         cmd.pre_exec(move || {
@@ -213,15 +229,28 @@ pub fn spawn_detached(extra_args: &[OsString]) -> Result<()> {
     if msg == "ok" {
         return Ok(());
     }
+    let mut said = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut said);
+    }
     let status = child.wait().ok();
     if let Some(err) = msg.strip_prefix("error: ") {
         return Err(Error::new(ErrorKind::Io, err.to_string()));
     }
+    // Its last words, one line, without our own "vdiskfs: " prefix.
+    let said: Vec<&str> = said
+        .lines()
+        .map(|l| l.trim().trim_start_matches("vdiskfs: "))
+        .filter(|l| !l.is_empty())
+        .collect();
+    let said = said.join("; ");
     Err(Error::new(
         ErrorKind::Io,
         format!(
-            "the daemon exited before the mount was live ({})",
-            status.map(|s| s.to_string()).unwrap_or_default()
+            "the daemon exited before the mount was live ({}){}{}",
+            status.map(|s| s.to_string()).unwrap_or_default(),
+            if said.is_empty() { "" } else { ": " },
+            said
         ),
     ))
 }
@@ -240,6 +269,13 @@ impl Notifier {
     pub fn ready(&mut self) {
         if let Some(mut f) = self.0.take() {
             let _ = f.write_all(b"ok\n");
+            // The parent stops reading our stderr now: give it /dev/null, so
+            // that a late write neither fails nor blocks.
+            if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+                use std::os::fd::AsRawFd;
+                // SAFETY: both descriptors are valid; dup2 replaces fd 2 atomically.
+                unsafe { libc::dup2(null.as_raw_fd(), 2) };
+            }
         }
     }
 
@@ -319,6 +355,8 @@ fn open_append(path: &Path) -> std::io::Result<File> {
 /// Opens `path` for appending, as the log sink a SIGHUP reopens (at the
 /// same path, so after logrotate moved it away, a new file).
 pub fn open_log_file(path: &Path) -> std::io::Result<LogWriter> {
+    // Absolute, as the daemon changes to / once it runs.
+    let path = &std::path::absolute(path)?;
     let file = open_append(path)?;
     let log = LOG_FILE.get_or_init(|| {
         std::sync::Arc::new(LogFile {

@@ -220,7 +220,7 @@ pub fn parse(s: &str, sloppy: bool) -> Result<MountOptions, String> {
                 o.format = Some((f, raw.clone()));
             }
             "cache_size" => {
-                o.cache_size = Some((parse_size(val()?).map_err(|e| bad(&e))?, raw.clone()))
+                o.cache_size = Some((parse_cache_size(val()?).map_err(|e| bad(&e))?, raw.clone()))
             }
             "allow_other" => o.allow_other = Some(flag(value)?),
             "uid" => o.uid = Some((lookup_id(val()?, false).map_err(|e| bad(&e))?, raw.clone())),
@@ -234,10 +234,7 @@ pub fn parse(s: &str, sloppy: bool) -> Result<MountOptions, String> {
                 o.max_depth = Some((parse_count(val()?).map_err(|e| bad(&e))?, raw.clone()))
             }
             "threads" => {
-                let n = parse_count(val()?).map_err(|e| bad(&e))?;
-                if n == 0 {
-                    return Err(bad("needs at least 1"));
-                }
+                let n = parse_threads(val()?).map_err(|e| bad(&e))?;
                 o.threads = Some((n, raw.clone()));
             }
             "log_file" => {
@@ -248,9 +245,7 @@ pub fn parse(s: &str, sloppy: bool) -> Result<MountOptions, String> {
                 o.log_file = Some((PathBuf::from(v), raw.clone()));
             }
             "log_level" => {
-                let l = val()?
-                    .parse::<LevelFilter>()
-                    .map_err(|_| bad("use error, warn, info, debug or trace"))?;
+                let l = parse_log_level(val()?).map_err(|e| bad(&e))?;
                 o.log_level = Some((l, raw.clone()));
             }
             "partitions" => o.partitions = Some(flag(value)?),
@@ -273,11 +268,74 @@ pub fn parse(s: &str, sloppy: bool) -> Result<MountOptions, String> {
     Ok(o)
 }
 
-fn parse_mode(s: &str) -> Result<u16, String> {
+// One parser per option, shared by the flag (`--threads 4`) and its `-o`
+// spelling (`threads=4`), so both accept and refuse the same values with
+// the same message.
+
+/// `--mode`, `mode=`: octal permission bits.
+pub fn parse_mode(s: &str) -> Result<u16, String> {
     u16::from_str_radix(s.trim_start_matches("0o"), 8)
         .ok()
         .filter(|m| *m <= 0o7777)
         .ok_or_else(|| "bad mode (octal, e.g. 0640)".to_string())
+}
+
+/// Most FUSE workers: each holds 2 MiB of request buffers, and past the
+/// disk's queue depth more workers only add threads (docs/performance.md).
+pub const MAX_THREADS: usize = 256;
+
+/// `--threads`, `threads=`: 1 to [`MAX_THREADS`].
+pub fn parse_threads(s: &str) -> Result<usize, String> {
+    match parse_count(s)? {
+        0 => Err("needs at least 1".into()),
+        n if n > MAX_THREADS => Err(format!("at most {MAX_THREADS} worker threads")),
+        n => Ok(n),
+    }
+}
+
+/// Smallest `--cache-size`: room for a few metadata tables.
+const MIN_CACHE: u64 = 1 << 20;
+
+/// `--cache-size`, `cache_size=`: at least 1M, at most the machine's memory.
+pub fn parse_cache_size(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    if n < MIN_CACHE {
+        return Err("at least 1M (--unbuffered turns the cache off)".into());
+    }
+    // SAFETY: sysconf has no preconditions.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages > 0 && page > 0 {
+        let mem = (pages as u64).saturating_mul(page as u64);
+        if n > mem {
+            return Err(format!(
+                "more than this machine's memory ({} MiB)",
+                mem >> 20
+            ));
+        }
+    }
+    Ok(n)
+}
+
+/// `--log-level`, `log_level=`.
+pub fn parse_log_level(s: &str) -> Result<LevelFilter, String> {
+    s.parse::<LevelFilter>().map_err(|_| {
+        format!("unknown log level {s:?} (use off, error, warn, info, debug or trace)")
+    })
+}
+
+/// `--uid`, `uid=`: a number or a user name.
+pub fn parse_uid(s: &str) -> Result<u32, String> {
+    lookup_id(s, false)
+}
+
+/// `--gid`, `gid=`: a number or a group name.
+pub fn parse_gid(s: &str) -> Result<u32, String> {
+    lookup_id(s, true)
 }
 
 fn parse_count(s: &str) -> Result<usize, String> {

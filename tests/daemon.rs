@@ -307,17 +307,15 @@ fn mount8_helper_fstab_and_umount() {
     umount(&mp);
     assert_daemon_ends(pid, &mp, "umount of the plain rw mount");
     // Writing in place is an explicit choice: -o inplace.
-    for opt in ["inplace"] {
-        let o = mount(&["-t", "vdiskfs", "-o", opt, s(&rw_img), s(&mp)]);
-        assert!(o.status.success(), "{}", out_text(&o));
-        let (_, _, opts) = findmnt(&mp);
-        assert!(opts.starts_with("rw,"), "{opts}");
-        let entry = list_entry(&mp).unwrap();
-        assert_eq!(entry["mode"], "rw");
-        let pid = entry["pid"].as_u64().unwrap() as u32;
-        umount(&mp);
-        assert_daemon_ends(pid, &mp, "umount of the inplace mount");
-    }
+    let o = mount(&["-t", "vdiskfs", "-o", "inplace", s(&rw_img), s(&mp)]);
+    assert!(o.status.success(), "{}", out_text(&o));
+    let (_, _, opts) = findmnt(&mp);
+    assert!(opts.starts_with("rw,"), "{opts}");
+    let entry = list_entry(&mp).unwrap();
+    assert_eq!(entry["mode"], "rw");
+    let pid = entry["pid"].as_u64().unwrap() as u32;
+    umount(&mp);
+    assert_daemon_ends(pid, &mp, "umount of the inplace mount");
 
     // fstab: `IMG MP vdiskfs ro,noauto 0 0`, then `mount MP` / `umount MP`.
     let mut fstab = std::fs::read_to_string("/etc/fstab").unwrap_or_default();

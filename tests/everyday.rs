@@ -354,3 +354,152 @@ fn a_log_file_that_cannot_be_opened_fails_the_mount() {
     );
     assert!(list_rows(&mp).is_empty());
 }
+
+/// Runs `vdiskfs ARGS` expecting a usage error: exit 2, one line; returns it.
+fn usage_error(args: &[&str]) -> String {
+    let o = vdiskfs(args);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {t}");
+    assert_eq!(
+        t.trim_end().lines().count(),
+        1,
+        "{args:?}: not one line: {t}"
+    );
+    t
+}
+
+#[test]
+fn command_line_errors_keep_their_reason_and_both_spellings_agree() {
+    let d = scratch();
+    let img = qcow2(d.path(), "a.qcow2");
+    let mp = mountpoint(d.path(), "m");
+    let m = |extra: &[&str]| {
+        let mut a = vec!["mount"];
+        a.extend_from_slice(extra);
+        a.push(s(&img));
+        a.push(s(&mp));
+        usage_error(&a)
+    };
+    assert!(usage_error(&["unmount"]).contains("<MOUNTPOINT>"));
+    assert!(usage_error(&["info"]).contains("<IMAGE>"));
+    let e = usage_error(&["mount", s(&img)]);
+    assert!(
+        e.contains("IMAGE... MOUNTPOINT") && !e.contains("MOUNTPOINT> <"),
+        "{e}"
+    );
+    // One parser per option: the flag and its -o spelling say the same.
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "--uid=no-such-user-vdiskfs",
+            "uid=no-such-user-vdiskfs",
+            "no such user",
+        ),
+        (
+            "--log-level=chatty",
+            "log_level=chatty",
+            "unknown log level \"chatty\"",
+        ),
+        ("--threads=0", "threads=0", "at least 1"),
+        ("--threads=100000", "threads=100000", "at most 256"),
+        ("--cache-size=0", "cache_size=0", "at least 1M"),
+        (
+            "--cache-size=10000T",
+            "cache_size=10000T",
+            "machine's memory",
+        ),
+        ("--cache-size=1.5X", "cache_size=1.5X", "1.5X"),
+    ];
+    for (flag, opt, needle) in cases {
+        let a = m(&[flag]);
+        let b = m(&["-o", opt]);
+        assert!(a.contains(needle) && b.contains(needle), "{a}\n{b}");
+        assert!(!a.contains("invalid digit"), "{a}");
+    }
+    // Names work for --uid as for -o uid=; 1.5G is a size.
+    let _u = Unmount(vec![mp.clone()]);
+    mount_ok(&[
+        "--uid",
+        "nobody",
+        "--gid",
+        "root",
+        "--cache-size",
+        "1.5G",
+        s(&img),
+        s(&mp),
+    ]);
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(mp.join("a.raw")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (65534, 0));
+    assert!(vdiskfs(&["unmount", s(&mp)]).status.success());
+    // -v/-q are mount's; info does not advertise them.
+    let help = text(&vdiskfs(&["info", "--help"]));
+    assert!(
+        !help.contains("--verbose") && help.contains("--max-depth"),
+        "{help}"
+    );
+    assert!(help.contains("--allow-devices"), "{help}");
+}
+
+#[test]
+fn the_daemon_takes_arguments_after_dashdash_and_leaves_the_working_directory() {
+    let d = scratch();
+    let work = d.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    qcow2(&work, "a.qcow2");
+    mountpoint(&work, "m");
+    let mp = work.join("m");
+    let _u = Unmount(vec![mp.clone()]);
+    require_fuse();
+    let o = Command::new(common::fuse::bin())
+        .args(["mount", "--log-file", "d.log", "--", "a.qcow2", "m"])
+        .current_dir(&work)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "mount -- a.qcow2 m: {}", text(&o));
+    let pid = daemon_pid(&mp);
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap(),
+        Path::new("/"),
+        "the daemon pins the caller's directory"
+    );
+    // The relative log file still names the caller's directory.
+    std::fs::remove_file(work.join("d.log")).unwrap();
+    signal(pid, libc::SIGHUP);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !work.join("d.log").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not reopen d.log"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!Path::new("/d.log").exists());
+    let o = vdiskfs(&["unmount", s(&mp)]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn info_takes_max_depth() {
+    let d = scratch();
+    let base = qcow2(d.path(), "base.qcow2");
+    let mid = d.path().join("mid.qcow2");
+    let top = d.path().join("top.qcow2");
+    for (b, t) in [(&base, &mid), (&mid, &top)] {
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            s(b),
+            "-F",
+            "qcow2",
+            s(t),
+        ]);
+    }
+    let o = vdiskfs(&["info", "--max-depth", "1", s(&top)]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("deeper than 1"), "{}", text(&o));
+    let o = vdiskfs(&["info", "--max-depth", "3", "--allow-devices", s(&top)]);
+    assert!(o.status.success(), "{}", text(&o));
+}
