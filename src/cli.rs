@@ -235,7 +235,8 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let (num, unit) = t.split_at(split);
     let (int, frac) = num.split_once('.').unwrap_or((num, ""));
     let bad = || format!("bad size {s:?} (e.g. 512M, 1.5G)");
-    if int.is_empty() || frac.contains('.') || frac.len() > 9 {
+    let dangling = num.ends_with('.');
+    if int.is_empty() || dangling || frac.contains('.') || frac.len() > 9 {
         return Err(bad());
     }
     let n: u64 = int.parse().map_err(|_| bad())?;
