@@ -503,3 +503,103 @@ fn info_takes_max_depth() {
     let o = vdiskfs(&["info", "--max-depth", "3", "--allow-devices", s(&top)]);
     assert!(o.status.success(), "{}", text(&o));
 }
+
+/// Data extents of `path` by SEEK_DATA/SEEK_HOLE, as `(start, end)`.
+fn seek_extents(path: &Path) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    let fd = f.as_raw_fd();
+    let size = f.metadata().unwrap().len() as i64;
+    let mut out = Vec::new();
+    let mut pos = 0i64;
+    while pos < size {
+        // SAFETY: fd is open; lseek has no memory effects.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        assert!(hole > data, "SEEK_HOLE {hole} after data at {data}");
+        out.push((data as u64, hole as u64));
+        pos = hole;
+    }
+    out
+}
+
+/// Data extents by `qemu-img map --output=json`, adjacent ones merged.
+fn qemu_data_extents(img: &Path, fmt: &str) -> Vec<(u64, u64)> {
+    let j = qemu_img(&["map", "--output=json", "-f", fmt, s(img)]);
+    let v: serde_json::Value = serde_json::from_str(&j).unwrap();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for e in v.as_array().unwrap() {
+        if e["data"] != true {
+            continue;
+        }
+        let a = e["start"].as_u64().unwrap();
+        let b = a + e["length"].as_u64().unwrap();
+        match out.last_mut() {
+            Some(last) if last.1 == a => last.1 = b,
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+#[test]
+fn raw_and_flat_vmdk_report_the_host_files_holes() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let d = scratch();
+    let raw = d.path().join("sparse.img");
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(16 << 20).unwrap();
+    f.write_all_at(&[7u8; 1 << 20], 0).unwrap();
+    f.write_all_at(&[8u8; 256 << 10], 5 << 20).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let flat = d.path().join("flat.vmdk");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=monolithicFlat",
+        s(&flat),
+        "8M",
+    ]);
+    require_tool("qemu-io", "qemu-utils");
+    let o = Command::new("qemu-io")
+        .args(["-f", "vmdk", "-c", "write -P 9 2M 512k", s(&flat)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    // qemu-img map asks the host for raw files; for flat VMDK extents it
+    // reports everything as data, so there the extent file's own holes
+    // (also zeros when read) are the reference.
+    let extent = d.path().join("flat-flat.vmdk");
+    for (img, fmt, name) in [(&raw, "raw", "sparse.raw"), (&flat, "vmdk", "flat.raw")] {
+        let want = if fmt == "raw" {
+            qemu_data_extents(img, fmt)
+        } else {
+            seek_extents(&extent)
+        };
+        assert!(!want.is_empty(), "{fmt}: no data per qemu-img map");
+        let data: u64 = want.iter().map(|(a, b)| b - a).sum();
+        assert!(data < 4 << 20, "{fmt}: {data} bytes of data, not sparse");
+        for extra in [&[][..], &["--no-passthrough"][..]] {
+            let mp = d.path().join(format!("m-{fmt}-{}", extra.len()));
+            std::fs::create_dir(&mp).unwrap();
+            let _u = Unmount(vec![mp.clone()]);
+            let mut a: Vec<&str> = extra.to_vec();
+            a.extend([s(img), s(&mp)]);
+            mount_ok(&a);
+            let file = mp.join(name);
+            assert_eq!(seek_extents(&file), want, "{fmt} {extra:?}: SEEK_DATA/HOLE");
+            let meta = std::fs::metadata(&file).unwrap();
+            assert_eq!(meta.blocks() * 512, data, "{fmt} {extra:?}: st_blocks");
+            let o = vdiskfs(&["unmount", s(&mp)]);
+            assert!(o.status.success(), "{}", text(&o));
+        }
+    }
+}
