@@ -33,5 +33,8 @@ fi
 [ -c /dev/fuse ] || { echo "setup: /dev/fuse is missing: load the fuse module (modprobe fuse)" >&2; exit 1; }
 command -v cargo >/dev/null || { echo "setup: cargo is missing: install Rust (rustup)" >&2; exit 1; }
 
-cargo build --release --quiet
+# Not --quiet: a first build takes minutes, and cargo's progress (crate by
+# crate) shows it is moving.
+echo "setup: building target/release/vdiskfs (a first build takes a few minutes)"
+cargo build --release
 echo "setup: built target/release/vdiskfs"

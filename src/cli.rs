@@ -26,7 +26,12 @@ use crate::policy::OpenPolicy;
 
 /// Mount virtual-disk images (qcow2, qcow, VMDK, raw, and chains of them) as raw files.
 #[derive(Debug, Parser)]
-#[command(name = "vdiskfs", version, about, propagate_version = true)]
+#[command(
+    name = "vdiskfs",
+    version = env!("VDISKFS_VERSION"),
+    about,
+    propagate_version = true
+)]
 pub struct Cli {
     /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     // Not global: only `mount` logs anything worth a level, so only `mount`
@@ -86,6 +91,9 @@ pub struct MountArgs {
     /// Log file of the detached daemon (default: syslog).
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
+    /// Write the daemon's process id to FILE once the mount is live (removed at exit).
+    #[arg(long, value_name = "FILE")]
+    pub pid_file: Option<PathBuf>,
     /// Read-only (the default; the spelling of qemu-nbd and guestmount).
     #[arg(short = 'r', long, conflicts_with_all = ["rw", "overlay", "snapshot"])]
     pub read_only: bool,
@@ -438,6 +446,18 @@ fn info_cmd(args: &InfoArgs) -> Result<()> {
         info::to_text(&report)
     };
     let _ = std::io::stdout().write_all(text.as_bytes());
+    // The report is printed whole; the exit status still says the image is
+    // damaged, so that `vdiskfs info IMG && use IMG` stops there.
+    if let Some((link, damage)) = report
+        .chain
+        .iter()
+        .find_map(|l| l.damage.as_ref().map(|d| (l, d)))
+    {
+        return Err(
+            Error::corrupt(format!("damaged: {damage} (in {})", link.filename))
+                .with_path(&args.image),
+        );
+    }
     Ok(())
 }
 
@@ -791,6 +811,11 @@ fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<
     if args.no_passthrough {
         fs = fs.without_passthrough();
     }
+    // Before mounting: a failure here must not leave a mount behind.
+    let _pid_file = match &args.pid_file {
+        Some(p) => Some(daemon::PidFile::create(p)?),
+        None => None,
+    };
     let sigset = daemon::block_signals();
     let mut session = crate::fs::mount(
         fs,

@@ -73,6 +73,27 @@ impl Drop for StateFile {
     }
 }
 
+/// The `--pid-file`: holds the daemon's pid while it serves; removed by drop.
+pub struct PidFile(PathBuf);
+
+impl PidFile {
+    /// Writes this process's id to `path` (made absolute first: the
+    /// detached daemon works in `/`).
+    pub fn create(path: &Path) -> Result<PidFile> {
+        let path = std::path::absolute(path)
+            .map_err(|e| Error::io("cannot resolve the pid file", e).with_path(path))?;
+        std::fs::write(&path, format!("{}\n", std::process::id()))
+            .map_err(|e| Error::io("cannot write the pid file", e).with_path(&path))?;
+        Ok(PidFile(path))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// A mount of type `fuse.vdiskfs` from the mount table.
 #[derive(Debug, Clone)]
 pub struct MountEntry {

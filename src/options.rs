@@ -82,6 +82,8 @@ pub struct MountOptions {
     pub log_file: Option<(PathBuf, Raw)>,
     /// `log_level=`.
     pub log_level: Option<(LevelFilter, Raw)>,
+    /// `pid_file=`.
+    pub pid_file: Option<(PathBuf, Raw)>,
     /// `partitions`.
     pub partitions: Option<Raw>,
     /// `unbuffered`.
@@ -243,6 +245,13 @@ pub fn parse(s: &str, sloppy: bool) -> Result<MountOptions, String> {
                     return Err(bad("needs a file name"));
                 }
                 o.log_file = Some((PathBuf::from(v), raw.clone()));
+            }
+            "pid_file" => {
+                let v = val()?;
+                if v.is_empty() {
+                    return Err(bad("needs a file name"));
+                }
+                o.pid_file = Some((PathBuf::from(v), raw.clone()));
             }
             "log_level" => {
                 let l = parse_log_level(val()?).map_err(|e| bad(&e))?;
@@ -460,6 +469,7 @@ pub fn merge(args: &mut MountArgs, given: &dyn Fn(&str) -> bool) -> Result<(), S
     opt_value!(mode, "--mode");
     opt_value!(log_file, "--log-file");
     opt_value!(log_level, "--log-level");
+    opt_value!(pid_file, "--pid-file");
     defaulted_value!(cache_size, "--cache-size");
     defaulted_value!(max_depth, "--max-depth");
     defaulted_value!(threads, "--threads");

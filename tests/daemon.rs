@@ -282,9 +282,15 @@ fn mount8_helper_fstab_and_umount() {
         assert_daemon_ends(pid, &mp, fstype);
     }
 
-    // Unknown options are refused by name, nothing gets mounted.
+    // Unknown options are refused by name, nothing gets mounted; mount(8)'s
+    // exit codes: 1 for bad usage, 32 for a mount failure.
     let o = mount(&["-t", "vdiskfs", "-o", "ro,frobnicate", s(&img), s(&mp)]);
-    assert!(!o.status.success());
+    assert_eq!(o.status.code(), Some(1), "{}", out_text(&o));
+    let missing = d.path().join("missing.qcow2");
+    let o = mount(&["-t", "vdiskfs", "-o", "ro", s(&missing), s(&mp)]);
+    assert_eq!(o.status.code(), Some(32), "{}", out_text(&o));
+    assert!(out_text(&o).contains("missing.qcow2"), "{}", out_text(&o));
+    let o = mount(&["-t", "vdiskfs", "-o", "ro,frobnicate", s(&img), s(&mp)]);
     assert!(
         out_text(&o).contains("unknown mount option \"frobnicate\""),
         "{}",

@@ -603,3 +603,38 @@ fn raw_and_flat_vmdk_report_the_host_files_holes() {
         }
     }
 }
+
+#[test]
+fn pid_file_and_version() {
+    let d = scratch();
+    let a = qcow2(d.path(), "a.qcow2");
+    let mp = mountpoint(d.path(), "m");
+    let pid_file = d.path().join("vdiskfs.pid");
+    let _u = Unmount(vec![mp.clone()]);
+    mount_ok(&["-o", &format!("pid_file={}", s(&pid_file)), s(&a), s(&mp)]);
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .expect("the pid file exists once mount returns")
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(pid, daemon_pid(&mp));
+    assert!(vdiskfs(&["unmount", s(&mp)]).status.success());
+    assert!(!pid_file.exists(), "the pid file outlives the daemon");
+
+    let o = vdiskfs(&["--version"]);
+    let v = text(&o);
+    assert!(o.status.success(), "{v}");
+    assert!(
+        v.starts_with(&format!("vdiskfs {}", env!("CARGO_PKG_VERSION"))),
+        "{v}"
+    );
+    // Built from a git checkout here: the commit is named.
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("git (apt-get install git)");
+    let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
+    assert!(!head.is_empty());
+    assert!(v.contains("(git "), "{v}");
+}
