@@ -376,8 +376,8 @@ fn level(cli: &Cli, explicit: Option<LevelFilter>) -> LevelFilter {
     }
 }
 
-/// Where a detached daemon logs: the `--log-file`, else syslog (its
-/// terminal is gone). `None` for everything else (stderr).
+/// Where a detached daemon with a `--log-file` logs. `None` for everything
+/// else: stderr, or syslog for a detached daemon (see [`init_logging`]).
 fn detached_log_target(cli: &Cli) -> Option<env_logger::Target> {
     let Command::Mount(m) = &cli.command else {
         return None;
@@ -392,9 +392,7 @@ fn detached_log_target(cli: &Cli) -> Option<env_logger::Target> {
             )),
         }
     }
-    Some(env_logger::Target::Pipe(Box::new(
-        crate::daemon::Syslog::new(),
-    )))
+    None
 }
 
 fn init_logging(cli: &Cli, target: Option<env_logger::Target>) {
@@ -407,8 +405,14 @@ fn init_logging(cli: &Cli, target: Option<env_logger::Target>) {
     if let Ok(spec) = std::env::var("RUST_LOG") {
         b.parse_filters(&spec);
     }
-    if let Some(t) = target {
-        b.target(t);
+    let detached = matches!(&cli.command, Command::Mount(m) if m.notify_fd.is_some());
+    match target {
+        Some(t) => {
+            b.target(t);
+        }
+        // A detached daemon without a log file: syslog, its terminal is gone.
+        None if detached => return daemon::SyslogLogger::install(b.build()),
+        None => {}
     }
     let _ = b.try_init();
 }
@@ -448,15 +452,9 @@ fn info_cmd(args: &InfoArgs) -> Result<()> {
     let _ = std::io::stdout().write_all(text.as_bytes());
     // The report is printed whole; the exit status still says the image is
     // damaged, so that `vdiskfs info IMG && use IMG` stops there.
-    if let Some((link, damage)) = report
-        .chain
-        .iter()
-        .find_map(|l| l.damage.as_ref().map(|d| (l, d)))
-    {
-        return Err(
-            Error::corrupt(format!("damaged: {damage} (in {})", link.filename))
-                .with_path(&args.image),
-        );
+    // The damage names its file (any link of the chain) already.
+    if let Some(damage) = report.chain.iter().find_map(|l| l.damage.as_ref()) {
+        return Err(Error::corrupt(format!("damaged: {damage}")));
     }
     Ok(())
 }

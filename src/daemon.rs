@@ -431,20 +431,65 @@ impl Syslog {
         }
     }
 
-    /// Sends one line.
+    /// Sends one line at informational priority.
     pub fn line(&self, text: &str) {
-        let level = if text.contains("ERROR") {
-            libc::LOG_ERR
-        } else if text.contains("WARN") {
-            libc::LOG_WARNING
-        } else {
-            libc::LOG_INFO
-        };
+        self.send(libc::LOG_INFO, text);
+    }
+
+    /// Sends one line at syslog priority `level`.
+    fn send(&self, level: libc::c_int, text: &str) {
         if let Ok(c) = std::ffi::CString::new(text.replace('\0', "")) {
             // SAFETY: both strings are valid and NUL-terminated; "%s" consumes one.
             unsafe { libc::syslog(level, c"%s".as_ptr(), c.as_ptr()) };
         }
     }
+}
+
+/// The detached daemon's logger without `--log-file`: each record goes to
+/// syslog at the priority of its own level (never guessed from the text,
+/// which may name an image called `ERROR.qcow2`), without a timestamp
+/// (syslog adds its own), filtered as `--log-level`/`RUST_LOG` say.
+pub struct SyslogLogger {
+    filter: env_logger::Logger,
+    syslog: Syslog,
+}
+
+impl SyslogLogger {
+    /// Installs the logger; `filter` supplies the level filtering.
+    pub fn install(filter: env_logger::Logger) {
+        let max = filter.filter();
+        let logger = SyslogLogger {
+            filter,
+            syslog: Syslog::new(),
+        };
+        if log::set_boxed_logger(Box::new(logger)).is_ok() {
+            log::set_max_level(max);
+        }
+    }
+}
+
+impl log::Log for SyslogLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        log::Log::enabled(&self.filter, metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.filter.matches(record) {
+            return;
+        }
+        let priority = match record.level() {
+            log::Level::Error => libc::LOG_ERR,
+            log::Level::Warn => libc::LOG_WARNING,
+            log::Level::Info => libc::LOG_INFO,
+            log::Level::Debug | log::Level::Trace => libc::LOG_DEBUG,
+        };
+        self.syslog.send(
+            priority,
+            &format!("{} {}: {}", record.level(), record.target(), record.args()),
+        );
+    }
+
+    fn flush(&self) {}
 }
 
 impl Default for Syslog {

@@ -638,3 +638,52 @@ fn pid_file_and_version() {
     assert!(!head.is_empty());
     assert!(v.contains("(git "), "{v}");
 }
+
+/// Removes the test's /dev/log socket on drop.
+struct DevLog;
+
+impl Drop for DevLog {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file("/dev/log");
+    }
+}
+
+#[test]
+fn syslog_records_keep_their_level_whatever_the_text() {
+    // A syslog of our own on /dev/log (this machine has none; never
+    // replace a real one).
+    assert!(
+        !Path::new("/dev/log").exists(),
+        "/dev/log exists: this test needs a machine without a syslog daemon on it"
+    );
+    let sock = std::os::unix::net::UnixDatagram::bind("/dev/log").unwrap();
+    let _cleanup = DevLog;
+    sock.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    let d = scratch();
+    // A name that a level guessed from the text would file as an error.
+    let img = qcow2(d.path(), "ERROR_x.qcow2");
+    let mp = mountpoint(d.path(), "m");
+    let _u = Unmount(vec![mp.clone()]);
+    mount_ok(&["-v", s(&img), s(&mp)]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut buf = vec![0u8; 8192];
+    let line = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no 'mounted on' line in syslog"
+        );
+        let Ok(n) = sock.recv(&mut buf) else { continue };
+        let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if m.contains("mounted on") && m.contains(s(&mp)) {
+            break m;
+        }
+    };
+    // daemon facility (3) * 8 + info (6) = 30.
+    assert!(line.starts_with("<30>"), "{line}");
+    assert!(line.contains("vdiskfs["), "{line}");
+    // No second timestamp of our own after syslog's.
+    assert!(!line.contains("[20"), "{line}");
+    let o = vdiskfs(&["unmount", s(&mp)]);
+    assert!(o.status.success(), "{}", text(&o));
+}
