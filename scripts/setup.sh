@@ -9,7 +9,8 @@ declare -A NEED=(
   [qemu-img]=qemu-utils [qemu-io]=qemu-utils [qemu-storage-daemon]=qemu-utils
   [fusermount3]=fuse3 [fio]=fio [getfattr]=attr [mkfs.ext4]=e2fsprogs
   [debugfs]=e2fsprogs [mkfs.xfs]=xfsprogs [losetup]=mount [partx]=util-linux
-  [sfdisk]=fdisk [cc]=gcc [pkg-config]=pkg-config
+  [sfdisk]=fdisk [cc]=gcc [pkg-config]=pkg-config [qemu-nbd]=qemu-utils [git]=git
+  [strip]=binutils
 )
 missing=()
 for cmd in "${!NEED[@]}"; do
