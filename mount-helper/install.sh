@@ -38,7 +38,14 @@ fi
 
 [ -x "$bin" ] || { echo "install.sh: $bin is missing: run cargo build --release, or pass --bin PATH" >&2; exit 1; }
 install -d "$DESTDIR$bindir" "$DESTDIR$sbindir"
-install -m 0755 "$bin" "$DESTDIR$bindir/vdiskfs"
+# Stripped: the release profile keeps debug info (for perf), which
+# multiplies the binary's size and is of no use to an installed copy.
+if command -v strip >/dev/null 2>&1; then
+    install -s -m 0755 "$bin" "$DESTDIR$bindir/vdiskfs"
+else
+    echo "install.sh: strip is missing (apt-get install binutils): installing unstripped" >&2
+    install -m 0755 "$bin" "$DESTDIR$bindir/vdiskfs"
+fi
 tmp=$(mktemp)
 trap 'rm -f "$tmp"' EXIT
 sed "s|@VDISKFS@|$bindir/vdiskfs|" "$here/mount.vdiskfs" > "$tmp"

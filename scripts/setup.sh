@@ -10,6 +10,7 @@ declare -A NEED=(
   [fusermount3]=fuse3 [fio]=fio [getfattr]=attr [mkfs.ext4]=e2fsprogs
   [debugfs]=e2fsprogs [mkfs.xfs]=xfsprogs [losetup]=mount [partx]=util-linux
   [sfdisk]=fdisk [cc]=gcc [pkg-config]=pkg-config [prlimit]=util-linux [timeout]=coreutils
+  [qemu-nbd]=qemu-utils [git]=git [strip]=binutils
 )
 missing=()
 for cmd in "${!NEED[@]}"; do
@@ -33,5 +34,8 @@ fi
 [ -c /dev/fuse ] || { echo "setup: /dev/fuse is missing: load the fuse module (modprobe fuse)" >&2; exit 1; }
 command -v cargo >/dev/null || { echo "setup: cargo is missing: install Rust (rustup)" >&2; exit 1; }
 
-cargo build --release --quiet
+# Not --quiet: a first build takes minutes, and cargo's progress (crate by
+# crate) shows it is moving.
+echo "setup: building target/release/vdiskfs (a first build takes a few minutes)"
+cargo build --release
 echo "setup: built target/release/vdiskfs"

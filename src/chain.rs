@@ -442,6 +442,16 @@ impl Chain {
             .map_err(|e| e.with_path(layer.path()))?;
         let n = n.clamp(1, want);
         Ok(match mapping {
+            // A raw file (or a flat VMDK extent) has no allocation map of
+            // its own: the host file's holes are the disk's, as qemu reports
+            // them (`qemu-img map`) by asking the host.
+            Mapping::Data { file, offset: host } if host_sparse(layer.as_ref()) => {
+                match file.host_run(host, n) {
+                    Some((false, run)) => (Status::Hole, run),
+                    Some((true, run)) => (Status::Data, run),
+                    None => (Status::Data, n),
+                }
+            }
             Mapping::Data { .. } | Mapping::Compressed(_) => (Status::Data, n),
             Mapping::Zero => (Status::Hole, n),
             Mapping::Backing => self.status_layer(idx + 1, offset, n)?,
@@ -534,6 +544,21 @@ fn record_identity(layer: &Arc<dyn Layer>, seen: &mut HashSet<(u64, u64)>) -> Re
         fresh &= seen.insert((m.dev(), m.ino()));
     }
     Ok(fresh)
+}
+
+/// True for layers whose data runs are plain byte ranges of a host file
+/// without an allocation map: raw images and flat VMDKs.
+fn host_sparse(layer: &dyn Layer) -> bool {
+    match layer.format() {
+        Format::Raw => true,
+        Format::Vmdk => layer.info().subformat.is_some_and(|s| {
+            matches!(
+                s.as_str(),
+                "monolithicFlat" | "twoGbMaxExtentFlat" | "vmfs" | "vmfsRaw" | "vmfsPreallocated"
+            )
+        }),
+        _ => false,
+    }
 }
 
 fn open_backing(

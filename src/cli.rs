@@ -26,13 +26,20 @@ use crate::policy::OpenPolicy;
 
 /// Mount virtual-disk images (qcow2, qcow, VMDK, raw, and chains of them) as raw files.
 #[derive(Debug, Parser)]
-#[command(name = "vdiskfs", version, about, propagate_version = true)]
+#[command(
+    name = "vdiskfs",
+    version = env!("VDISKFS_VERSION"),
+    about,
+    propagate_version = true
+)]
 pub struct Cli {
     /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    // Not global: only `mount` logs anything worth a level, so only `mount`
+    // (and the top level, `vdiskfs -v mount`) offers these.
+    #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
     /// Only errors in the log.
-    #[arg(short, long, global = true)]
+    #[arg(short, long)]
     pub quiet: bool,
     /// The command.
     #[command(subcommand)]
@@ -43,6 +50,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Mount images: each IMAGE appears in MOUNTPOINT as <name>.raw.
+    #[command(override_usage = "vdiskfs mount [OPTIONS] IMAGE... MOUNTPOINT")]
     Mount(MountArgs),
     /// Flush and unmount a vdiskfs mount; its daemon exits.
     #[command(alias = "umount")]
@@ -58,8 +66,16 @@ pub enum Command {
 pub struct MountArgs {
     /// The images, then the mount point (a directory; or, with one image, a
     /// regular file that becomes the raw view itself).
-    #[arg(required = true, num_args = 2.., value_name = "IMAGE... MOUNTPOINT")]
+    // At least two are checked after parsing: clap's own message would
+    // repeat the value name.
+    #[arg(value_name = "PATHS")]
     pub paths: Vec<PathBuf>,
+    /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors in the log.
+    #[arg(short, long)]
+    pub quiet: bool,
     /// Stay in the foreground instead of detaching.
     #[arg(short, long)]
     pub foreground: bool,
@@ -67,14 +83,20 @@ pub struct MountArgs {
     #[arg(long, value_parser = parse_format)]
     pub format: Option<Format>,
     /// Cache size for metadata and decompressed blocks (e.g. 64M, 1G).
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    #[arg(long, default_value = "256M", value_parser = crate::options::parse_cache_size)]
     pub cache_size: u64,
     /// Log level of the daemon: error, warn, info, debug, trace.
-    #[arg(long, value_name = "LEVEL")]
+    #[arg(long, value_name = "LEVEL", value_parser = crate::options::parse_log_level)]
     pub log_level: Option<LevelFilter>,
     /// Log file of the detached daemon (default: syslog).
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
+    /// Write the daemon's process id to FILE once the mount is live (removed at exit).
+    #[arg(long, value_name = "FILE")]
+    pub pid_file: Option<PathBuf>,
+    /// Read-only (the default; the spelling of qemu-nbd and guestmount).
+    #[arg(short = 'r', long, conflicts_with_all = ["rw", "overlay", "snapshot"])]
+    pub read_only: bool,
     /// Write into the top image in place (qcow2, sparse VMDK, qcow, raw).
     #[arg(long, conflicts_with_all = ["overlay", "snapshot"])]
     pub rw: bool,
@@ -84,20 +106,21 @@ pub struct MountArgs {
     /// Send writes to a temporary overlay that disappears at unmount (and after a crash).
     #[arg(long)]
     pub snapshot: bool,
-    /// Write even if another process (a VM, qemu-img) holds the image's locks.
+    /// Mount even if another process (a VM, qemu-img) holds locks that conflict with ours
+    /// (writing, or reading an image someone writes: the view may go stale).
     #[arg(long)]
     pub force_lock: bool,
     /// Let other users reach the mount (needs user_allow_other in /etc/fuse.conf for non-root).
     #[arg(long)]
     pub allow_other: bool,
     /// Owner of the exposed files (default: the mounting user).
-    #[arg(long)]
+    #[arg(long, value_name = "USER", value_parser = crate::options::parse_uid)]
     pub uid: Option<u32>,
     /// Group of the exposed files (default: the mounting user's group).
-    #[arg(long)]
+    #[arg(long, value_name = "GROUP", value_parser = crate::options::parse_gid)]
     pub gid: Option<u32>,
     /// Permission bits of the exposed files, in octal (default 0400, 0600 when writable).
-    #[arg(long, value_parser = parse_mode)]
+    #[arg(long, value_parser = crate::options::parse_mode)]
     pub mode: Option<u16>,
     /// Expose only the top layer: unallocated ranges read as zeros.
     #[arg(long)]
@@ -118,13 +141,16 @@ pub struct MountArgs {
     /// Serve raw images through vdiskfs instead of the kernel's FUSE passthrough.
     #[arg(long)]
     pub no_passthrough: bool,
-    /// FUSE worker threads.
-    #[arg(long, default_value_t = default_threads())]
+    /// FUSE worker threads (1 to 256).
+    #[arg(long, default_value_t = default_threads(), value_parser = crate::options::parse_threads)]
     pub threads: usize,
     /// Mount options, mount(8) style: every flag has a -o spelling
     /// (ro, allow_other, cache_size=64M, partitions, ...); repeatable.
     #[arg(short = 'o', long = "options", value_name = "OPTS")]
     pub options: Vec<String>,
+    /// Mount even on a non-empty directory or on top of another mount (hiding what is there).
+    #[arg(long)]
+    pub nonempty: bool,
     /// Ignore unknown -o options instead of refusing them (mount -s).
     #[arg(long)]
     pub sloppy: bool,
@@ -134,8 +160,9 @@ pub struct MountArgs {
     /// Bypass caching: no vdiskfs cache, image files opened with O_DIRECT.
     #[arg(long)]
     pub unbuffered: bool,
-    /// Internal: the pipe to report readiness on when started detached.
-    #[arg(long, hide = true)]
+    /// Internal: the pipe to report readiness on when started detached
+    /// (from the environment, see [`daemon::NOTIFY_ENV`]).
+    #[arg(skip)]
     pub notify_fd: Option<i32>,
 }
 
@@ -147,6 +174,9 @@ pub struct UnmountArgs {
     /// Detach now even if busy; the daemon exits once the last user is gone.
     #[arg(short = 'l', long)]
     pub lazy: bool,
+    /// Seconds to wait for the daemon to flush and exit; exit status 1 if it has not.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub timeout: u64,
 }
 
 /// `vdiskfs info`.
@@ -167,6 +197,12 @@ pub struct InfoArgs {
     /// VHD parent whose unique id differs from the child's parent UUID).
     #[arg(long)]
     pub ignore_cid: bool,
+    /// Allow backing/extent files that are devices, FIFOs or under /proc, /sys, /dev.
+    #[arg(long)]
+    pub allow_devices: bool,
+    /// Refuse backing chains longer than this.
+    #[arg(long, default_value_t = DEFAULT_MAX_DEPTH)]
+    pub max_depth: usize,
 }
 
 /// `vdiskfs list`.
@@ -199,12 +235,26 @@ fn parse_format(s: &str) -> std::result::Result<Format, String> {
     Format::from_name(s).map_err(|e| e.message().to_string())
 }
 
-/// Parses sizes such as `512`, `64K`, `256M`, `1G`, `1GiB`.
+/// Parses sizes such as `512`, `64K`, `256M`, `1.5G`, `1GiB` (binary
+/// units; a fraction is rounded down to whole bytes).
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    let bad = || format!("bad size {s:?} (e.g. 512M, 1.5G)");
+    let dangling = num.ends_with('.');
+    if int.is_empty() || dangling || frac.contains('.') || frac.len() > 9 {
+        return Err(bad());
+    }
+    let n: u64 = int.parse().map_err(|_| bad())?;
+    let f: u64 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().map_err(|_| bad())?
+    };
     let mult: u64 = match unit
         .to_ascii_lowercase()
         .trim_end_matches("ib")
@@ -217,15 +267,11 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         "t" => 1 << 40,
         _ => return Err(format!("bad size unit in {s:?} (use K, M, G or T)")),
     };
+    // 10^9 * 2^40 fits in a u64 many times over: no overflow in the fraction.
+    let frac_bytes = u128::from(f) * u128::from(mult) / 10u128.pow(frac.len() as u32);
     n.checked_mul(mult)
+        .and_then(|b| b.checked_add(frac_bytes as u64))
         .ok_or_else(|| format!("size {s:?} is too large"))
-}
-
-fn parse_mode(s: &str) -> std::result::Result<u16, String> {
-    u16::from_str_radix(s.trim_start_matches("0o"), 8)
-        .ok()
-        .filter(|m| *m <= 0o7777)
-        .ok_or_else(|| format!("bad mode {s:?} (octal, e.g. 0640)"))
 }
 
 /// The exposed name of an image: its file name without its last extension, plus `.raw`.
@@ -244,8 +290,24 @@ pub fn main() -> ExitCode {
     let parsed = Cli::command()
         .try_get_matches()
         .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    let notify_fd = daemon::take_notify_fd();
     let cli = match parsed {
         Ok((mut cli, matches)) => {
+            if let Command::Mount(args) = &cli.command {
+                if args.paths.len() < 2 {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "vdiskfs: mount needs one or more images and a mount point \
+                         (usage: vdiskfs mount [OPTIONS] IMAGE... MOUNTPOINT)"
+                    );
+                    return ExitCode::from(2);
+                }
+            }
+            if let (Command::Mount(args), Some(fd)) = (&mut cli.command, notify_fd) {
+                // This is the detached daemon.
+                args.foreground = true;
+                args.notify_fd = Some(fd);
+            }
             if let (Command::Mount(args), Some(sub)) =
                 (&mut cli.command, matches.subcommand_matches("mount"))
             {
@@ -264,11 +326,7 @@ pub fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            // One line, like every other error.
-            let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            let _ = writeln!(std::io::stderr(), "vdiskfs: {first} (see vdiskfs --help)");
+            let _ = writeln!(std::io::stderr(), "vdiskfs: {}", one_line(&e));
             return ExitCode::from(2);
         }
     };
@@ -282,14 +340,37 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// A clap error on one line, like every other error: its first paragraph
+/// (which names the missing or bad argument on its following lines) joined.
+fn one_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let first: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let msg = first.join(" ");
+    let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+    let msg = if msg.is_empty() {
+        "invalid arguments"
+    } else {
+        msg
+    };
+    format!("{msg} (see vdiskfs --help)")
+}
+
 fn level(cli: &Cli, explicit: Option<LevelFilter>) -> LevelFilter {
     if let Some(l) = explicit {
         return l;
     }
-    if cli.quiet {
+    let (verbose, quiet) = match &cli.command {
+        Command::Mount(m) => (cli.verbose.saturating_add(m.verbose), cli.quiet || m.quiet),
+        _ => (cli.verbose, cli.quiet),
+    };
+    if quiet {
         return LevelFilter::Error;
     }
-    match cli.verbose {
+    match verbose {
         0 => LevelFilter::Warn,
         1 => LevelFilter::Info,
         2 => LevelFilter::Debug,
@@ -297,19 +378,15 @@ fn level(cli: &Cli, explicit: Option<LevelFilter>) -> LevelFilter {
     }
 }
 
-/// Where a detached daemon logs: the `--log-file`, else syslog (its
-/// terminal is gone). `None` for everything else (stderr).
+/// Where a detached daemon with a `--log-file` logs. `None` for everything
+/// else: stderr, or syslog for a detached daemon (see [`init_logging`]).
 fn detached_log_target(cli: &Cli) -> Option<env_logger::Target> {
     let Command::Mount(m) = &cli.command else {
         return None;
     };
     m.notify_fd?;
     if let Some(p) = &m.log_file {
-        match std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-        {
+        match daemon::open_log_file(p) {
             Ok(f) => return Some(env_logger::Target::Pipe(Box::new(f))),
             Err(e) => crate::daemon::Syslog::new().line(&format!(
                 "cannot open log file {}: {e}; logging to syslog",
@@ -317,9 +394,7 @@ fn detached_log_target(cli: &Cli) -> Option<env_logger::Target> {
             )),
         }
     }
-    Some(env_logger::Target::Pipe(Box::new(
-        crate::daemon::Syslog::new(),
-    )))
+    None
 }
 
 fn init_logging(cli: &Cli, target: Option<env_logger::Target>) {
@@ -332,8 +407,14 @@ fn init_logging(cli: &Cli, target: Option<env_logger::Target>) {
     if let Ok(spec) = std::env::var("RUST_LOG") {
         b.parse_filters(&spec);
     }
-    if let Some(t) = target {
-        b.target(t);
+    let detached = matches!(&cli.command, Command::Mount(m) if m.notify_fd.is_some());
+    match target {
+        Some(t) => {
+            b.target(t);
+        }
+        // A detached daemon without a log file: syslog, its terminal is gone.
+        None if detached => return daemon::SyslogLogger::install(b.build()),
+        None => {}
     }
     let _ = b.try_init();
 }
@@ -341,7 +422,11 @@ fn init_logging(cli: &Cli, target: Option<env_logger::Target>) {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Mount(m) => mount(m),
-        Command::Unmount(u) => daemon::unmount(&u.mountpoint, u.lazy),
+        Command::Unmount(u) => daemon::unmount(
+            &u.mountpoint,
+            u.lazy,
+            std::time::Duration::from_secs(u.timeout),
+        ),
         Command::Info(i) => info_cmd(&i),
         Command::List(l) => list_cmd(&l),
     }
@@ -352,9 +437,11 @@ fn info_cmd(args: &InfoArgs) -> Result<()> {
         format: args.format,
         policy: OpenPolicy {
             untrusted: args.untrusted,
+            allow_devices: args.allow_devices,
             ..Default::default()
         },
         ignore_cid: args.ignore_cid,
+        max_depth: args.max_depth,
         ..Default::default()
     };
     let chain = Chain::open(&args.image, &opts, &Caches::new(64 << 20))?;
@@ -365,6 +452,12 @@ fn info_cmd(args: &InfoArgs) -> Result<()> {
         info::to_text(&report)
     };
     let _ = std::io::stdout().write_all(text.as_bytes());
+    // The report is printed whole; the exit status still says the image is
+    // damaged, so that `vdiskfs info IMG && use IMG` stops there.
+    // The damage names its file (any link of the chain) already.
+    if let Some(damage) = report.chain.iter().find_map(|l| l.damage.as_ref()) {
+        return Err(Error::corrupt(format!("damaged: {damage}")));
+    }
     Ok(())
 }
 
@@ -431,9 +524,11 @@ fn plan(args: &MountArgs) -> Result<MountPlan> {
     }
     let mountpoint = mountpoint
         .canonicalize()
-        .map_err(|e| Error::io("mount point", e).with_path(mountpoint))?;
-    let meta = std::fs::metadata(&mountpoint)
-        .map_err(|e| Error::io("mount point", e).with_path(&mountpoint))?;
+        .map_err(|e| dead_mount(e, mountpoint))?;
+    let meta = std::fs::metadata(&mountpoint).map_err(|e| dead_mount(e, &mountpoint))?;
+    if !args.nonempty {
+        check_vacant(&mountpoint, meta.is_dir())?;
+    }
     let single_file = if meta.is_file() {
         if images.len() != 1 {
             return Err(
@@ -485,6 +580,11 @@ fn plan(args: &MountArgs) -> Result<MountPlan> {
             root: None,
             allow_devices: args.allow_devices,
             direct: args.unbuffered,
+            read_lock: if args.force_lock {
+                crate::lock::ReadLock::Force
+            } else {
+                crate::lock::ReadLock::Share
+            },
         },
         max_depth: args.max_depth,
         single_link: args.single_link,
@@ -504,6 +604,81 @@ fn plan(args: &MountArgs) -> Result<MountPlan> {
         mode,
         force_lock: args.force_lock,
         partitions: args.partitions,
+    })
+}
+
+/// The error for a mount point that cannot be resolved: a dead FUSE mount
+/// (its daemon killed) answers ENOTCONN, which says nothing to a user.
+fn dead_mount(e: std::io::Error, mountpoint: &Path) -> Error {
+    if e.raw_os_error() == Some(libc::ENOTCONN) {
+        let what = if daemon::mounts()
+            .iter()
+            .any(|m| mountpoint.is_absolute() && m.mountpoint == mountpoint)
+        {
+            "a dead vdiskfs mount"
+        } else {
+            "a dead mount"
+        };
+        return Error::invalid(format!(
+            "is {what} (its daemon is gone); `vdiskfs unmount {}` clears it",
+            mountpoint.display()
+        ))
+        .with_path(mountpoint);
+    }
+    Error::io("mount point", e).with_path(mountpoint)
+}
+
+/// Refuses a mount point that is already a mount (of any filesystem: a
+/// second mount would hide the first, and its daemon with it), and a
+/// directory that is not empty (its files would be hidden), as FUSE does.
+/// `--nonempty` skips both checks.
+fn check_vacant(mountpoint: &Path, is_dir: bool) -> Result<()> {
+    if let Some((fstype, source)) = mount_at(mountpoint) {
+        return Err(Error::invalid(format!(
+            "is already a mount point ({fstype} from {source}); unmount it first, \
+             or give --nonempty (-o nonempty) to mount over it"
+        ))
+        .with_path(mountpoint));
+    }
+    if !is_dir {
+        return Ok(());
+    }
+    let entries = std::fs::read_dir(mountpoint)
+        .map_err(|e| Error::io("cannot list the mount point", e).with_path(mountpoint))?;
+    let mut names: Vec<String> = entries
+        .take(4)
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    names.sort();
+    let shown = if names.len() > 3 {
+        format!("{}, ...", names[..3].join(", "))
+    } else {
+        names.join(", ")
+    };
+    Err(Error::invalid(format!(
+        "mount point is not empty (it holds {shown}); use an empty directory, \
+         or give --nonempty (-o nonempty) to hide its contents"
+    ))
+    .with_path(mountpoint))
+}
+
+/// The type and source of the mount whose mount point is exactly `path`
+/// (the last one, if several are stacked), from /proc/self/mountinfo.
+fn mount_at(path: &Path) -> Option<(String, String)> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.to_str()?;
+    table.lines().rev().find_map(|line| {
+        let f: Vec<&str> = line.split(' ').collect();
+        let sep = f.iter().position(|x| *x == "-")?;
+        if f.len() < sep + 3 || f.len() < 5 {
+            return None;
+        }
+        let mp = daemon::unescape(f[4]);
+        (mp == want).then(|| (f[sep + 1].to_string(), f[sep + 2].to_string()))
     })
 }
 
@@ -591,6 +766,14 @@ fn mount(args: MountArgs) -> Result<()> {
     let plan = plan(&args)?;
     if !args.foreground {
         // Validate everything we can before detaching, so errors reach the user.
+        if let Some(p) = &args.log_file {
+            // Opened (created) here too: the daemon has no terminal to say it cannot.
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| Error::io("cannot open the log file", e).with_path(p))?;
+        }
         drop(open_disks(&plan, args.cache_size, args.workers())?);
         return daemon::spawn_detached(&[]);
     }
@@ -604,6 +787,11 @@ fn mount(args: MountArgs) -> Result<()> {
 
 fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<()> {
     let disks = open_disks(plan, args.cache_size, args.workers())?;
+    if args.notify_fd.is_some() {
+        // Detached: every path is open or absolute by now (the log file's
+        // too), so stop pinning the caller's working directory's filesystem.
+        let _ = std::env::set_current_dir("/");
+    }
     // SAFETY: getuid/getgid have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let access = Access {
@@ -623,6 +811,11 @@ fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<
     if args.no_passthrough {
         fs = fs.without_passthrough();
     }
+    // Before mounting: a failure here must not leave a mount behind.
+    let _pid_file = match &args.pid_file {
+        Some(p) => Some(daemon::PidFile::create(p)?),
+        None => None,
+    };
     let sigset = daemon::block_signals();
     let mut session = crate::fs::mount(
         fs,
@@ -644,7 +837,7 @@ fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<
     .map_err(|e| log::warn!("{e}; vdiskfs list will not show this mount"))
     .ok();
     let mut unmounter = session.unmounter();
-    daemon::on_signal(sigset, move |_| {
+    daemon::on_signal(sigset, move || {
         if let Err(e) = unmounter.unmount() {
             log::error!("unmount on signal failed: {e}");
         }
@@ -693,11 +886,10 @@ mod tests {
         assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
         assert!(parse_size("12X").is_err());
         assert!(parse_size("99999999999T").is_err());
-    }
-
-    #[test]
-    fn modes_parse() {
-        assert_eq!(parse_mode("0640").unwrap(), 0o640);
-        assert!(parse_mode("999").is_err());
+        assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_size("0.5k").unwrap(), 512);
+        for bad in ["1.", ".5G", "1.2.3M", "G", "", "-1M"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -2,7 +2,9 @@
 //! signals, the runtime state behind `vdiskfs list`, and unmounting.
 //!
 //! `vdiskfs mount` without `-f` validates everything it can, then starts a
-//! copy of itself in its own session (`--foreground --notify-fd N`) and
+//! copy of itself in its own session, with the same arguments and the
+//! readiness pipe named in the environment ([`NOTIFY_ENV`], so nothing is
+//! appended to the user's arguments, which may end in `--`), and
 //! waits until that copy writes `ok` (the mount is live) or an error line
 //! on the pipe. So a script can use the mount on its next line, and a
 //! failure is reported by the command the user ran, with a non-zero exit.
@@ -16,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::info;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, Result};
@@ -71,6 +73,27 @@ impl Drop for StateFile {
     }
 }
 
+/// The `--pid-file`: holds the daemon's pid while it serves; removed by drop.
+pub struct PidFile(PathBuf);
+
+impl PidFile {
+    /// Writes this process's id to `path` (made absolute first: the
+    /// detached daemon works in `/`).
+    pub fn create(path: &Path) -> Result<PidFile> {
+        let path = std::path::absolute(path)
+            .map_err(|e| Error::io("cannot resolve the pid file", e).with_path(path))?;
+        std::fs::write(&path, format!("{}\n", std::process::id()))
+            .map_err(|e| Error::io("cannot write the pid file", e).with_path(&path))?;
+        Ok(PidFile(path))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// A mount of type `fuse.vdiskfs` from the mount table.
 #[derive(Debug, Clone)]
 pub struct MountEntry {
@@ -109,7 +132,7 @@ pub fn mounts() -> Vec<MountEntry> {
 }
 
 /// Undoes the octal escapes (`\040`) of /proc/self/mountinfo.
-fn unescape(s: &str) -> String {
+pub(crate) fn unescape(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -171,6 +194,18 @@ fn process_alive(pid: u32) -> bool {
     }
 }
 
+/// The environment variable naming the readiness pipe of a detached
+/// daemon; its presence makes `vdiskfs mount` the daemon (in the foreground).
+pub const NOTIFY_ENV: &str = "VDISKFS_NOTIFY_FD";
+
+/// Takes the readiness pipe out of the environment (so it is not passed on
+/// to fusermount3 and the like). Call before any thread starts.
+pub fn take_notify_fd() -> Option<RawFd> {
+    let v = std::env::var_os(NOTIFY_ENV)?;
+    std::env::remove_var(NOTIFY_ENV);
+    v.to_str()?.parse().ok().filter(|fd| *fd > 2)
+}
+
 /// Starts the daemon (this program with `extra` arguments added) detached
 /// and waits until it reports the mount live or fails.
 pub fn spawn_detached(extra_args: &[OsString]) -> Result<()> {
@@ -185,14 +220,16 @@ pub fn spawn_detached(extra_args: &[OsString]) -> Result<()> {
     let exe = std::env::current_exe().map_err(|e| Error::io("cannot find own executable", e))?;
     let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
     args.extend_from_slice(extra_args);
-    args.push("--foreground".into());
-    args.push("--notify-fd".into());
-    args.push(wfd.to_string().into());
     let mut cmd = Command::new(exe);
     cmd.args(&args)
+        .env(NOTIFY_ENV, wfd.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        // Until it reports, the daemon's stderr comes to us: whatever it
+        // says before failing (a panic, an error before the pipe is in
+        // use) is the reason we give. [`Notifier::ready`] then points it
+        // at /dev/null.
+        .stderr(Stdio::piped());
     // SAFETY: the closure only calls async-signal-safe functions (setsid, fcntl).
     unsafe {
         cmd.pre_exec(move || {
@@ -213,15 +250,28 @@ pub fn spawn_detached(extra_args: &[OsString]) -> Result<()> {
     if msg == "ok" {
         return Ok(());
     }
+    let mut said = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut said);
+    }
     let status = child.wait().ok();
     if let Some(err) = msg.strip_prefix("error: ") {
         return Err(Error::new(ErrorKind::Io, err.to_string()));
     }
+    // Its last words, one line, without our own "vdiskfs: " prefix.
+    let said: Vec<&str> = said
+        .lines()
+        .map(|l| l.trim().trim_start_matches("vdiskfs: "))
+        .filter(|l| !l.is_empty())
+        .collect();
+    let said = said.join("; ");
     Err(Error::new(
         ErrorKind::Io,
         format!(
-            "the daemon exited before the mount was live ({})",
-            status.map(|s| s.to_string()).unwrap_or_default()
+            "the daemon exited before the mount was live ({}){}{}",
+            status.map(|s| s.to_string()).unwrap_or_default(),
+            if said.is_empty() { "" } else { ": " },
+            said
         ),
     ))
 }
@@ -240,6 +290,13 @@ impl Notifier {
     pub fn ready(&mut self) {
         if let Some(mut f) = self.0.take() {
             let _ = f.write_all(b"ok\n");
+            // The parent stops reading our stderr now: give it /dev/null, so
+            // that a late write neither fails nor blocks.
+            if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+                use std::os::fd::AsRawFd;
+                // SAFETY: both descriptors are valid; dup2 replaces fd 2 atomically.
+                unsafe { libc::dup2(null.as_raw_fd(), 2) };
+            }
         }
     }
 
@@ -253,31 +310,109 @@ impl Notifier {
 
 /// Blocks the signals the daemon handles, so that only the thread started
 /// by [`on_signal`] receives them. Call before starting any thread.
+/// SIGUSR1 and SIGUSR2 are in the set too: their default action would end
+/// the daemon without unmounting, leaving a dead mount.
 pub fn block_signals() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; the calls only touch it and the mask.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGHUP);
+        for sig in [
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGHUP,
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+        ] {
+            libc::sigaddset(&mut set, sig);
+        }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
 }
 
-/// Runs `action` on a thread of its own when SIGTERM, SIGINT or SIGHUP arrives.
-pub fn on_signal(set: libc::sigset_t, mut action: impl FnMut(i32) + Send + 'static) {
+/// On a thread of its own, waits for the signals [`block_signals`] blocked:
+/// SIGTERM and SIGINT run `unmount`; SIGHUP reopens the `--log-file` (so
+/// logrotate can move it away); SIGUSR1 and SIGUSR2 are logged and ignored.
+pub fn on_signal(set: libc::sigset_t, mut unmount: impl FnMut() + Send + 'static) {
     let _ = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
             let mut sig = 0;
             // SAFETY: set is a valid signal set; sig is a valid out pointer.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                info!("signal {sig} received: unmounting");
-                action(sig);
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                continue;
+            }
+            match sig {
+                libc::SIGHUP => match reopen_log() {
+                    Some(Ok(path)) => info!("SIGHUP: reopened the log file {}", path.display()),
+                    Some(Err(e)) => log::error!("SIGHUP: {e}; still logging to the old file"),
+                    None => info!("SIGHUP: no log file to reopen (logging to syslog)"),
+                },
+                libc::SIGUSR1 | libc::SIGUSR2 => info!("signal {sig} received: ignored"),
+                _ => {
+                    info!("signal {sig} received: unmounting");
+                    unmount();
+                }
             }
         });
+}
+
+/// The detached daemon's `--log-file`, reopened by SIGHUP.
+struct LogFile {
+    path: PathBuf,
+    file: std::sync::Mutex<File>,
+}
+
+static LOG_FILE: std::sync::OnceLock<std::sync::Arc<LogFile>> = std::sync::OnceLock::new();
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
+/// Opens `path` for appending, as the log sink a SIGHUP reopens (at the
+/// same path, so after logrotate moved it away, a new file).
+pub fn open_log_file(path: &Path) -> std::io::Result<LogWriter> {
+    // Absolute, as the daemon changes to / once it runs.
+    let path = &std::path::absolute(path)?;
+    let file = open_append(path)?;
+    let log = LOG_FILE.get_or_init(|| {
+        std::sync::Arc::new(LogFile {
+            path: path.to_path_buf(),
+            file: std::sync::Mutex::new(file),
+        })
+    });
+    Ok(LogWriter(log.clone()))
+}
+
+/// Reopens the log file: `None` without one, else the path or the error.
+fn reopen_log() -> Option<Result<PathBuf>> {
+    let log = LOG_FILE.get()?;
+    Some(match open_append(&log.path) {
+        Ok(f) => {
+            let mut cur = log.file.lock().unwrap_or_else(|p| p.into_inner());
+            *cur = f;
+            Ok(log.path.clone())
+        }
+        Err(e) => Err(Error::io("cannot reopen the log file", e).with_path(&log.path)),
+    })
+}
+
+/// Writes log lines to the current log file.
+pub struct LogWriter(std::sync::Arc<LogFile>);
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut f = self.0.file.lock().unwrap_or_else(|p| p.into_inner());
+        f.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A log sink that sends each line to syslog (daemon facility), for a
@@ -296,20 +431,65 @@ impl Syslog {
         }
     }
 
-    /// Sends one line.
+    /// Sends one line at informational priority.
     pub fn line(&self, text: &str) {
-        let level = if text.contains("ERROR") {
-            libc::LOG_ERR
-        } else if text.contains("WARN") {
-            libc::LOG_WARNING
-        } else {
-            libc::LOG_INFO
-        };
+        self.send(libc::LOG_INFO, text);
+    }
+
+    /// Sends one line at syslog priority `level`.
+    fn send(&self, level: libc::c_int, text: &str) {
         if let Ok(c) = std::ffi::CString::new(text.replace('\0', "")) {
             // SAFETY: both strings are valid and NUL-terminated; "%s" consumes one.
             unsafe { libc::syslog(level, c"%s".as_ptr(), c.as_ptr()) };
         }
     }
+}
+
+/// The detached daemon's logger without `--log-file`: each record goes to
+/// syslog at the priority of its own level (never guessed from the text,
+/// which may name an image called `ERROR.qcow2`), without a timestamp
+/// (syslog adds its own), filtered as `--log-level`/`RUST_LOG` say.
+pub struct SyslogLogger {
+    filter: env_logger::Logger,
+    syslog: Syslog,
+}
+
+impl SyslogLogger {
+    /// Installs the logger; `filter` supplies the level filtering.
+    pub fn install(filter: env_logger::Logger) {
+        let max = filter.filter();
+        let logger = SyslogLogger {
+            filter,
+            syslog: Syslog::new(),
+        };
+        if log::set_boxed_logger(Box::new(logger)).is_ok() {
+            log::set_max_level(max);
+        }
+    }
+}
+
+impl log::Log for SyslogLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        log::Log::enabled(&self.filter, metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.filter.matches(record) {
+            return;
+        }
+        let priority = match record.level() {
+            log::Level::Error => libc::LOG_ERR,
+            log::Level::Warn => libc::LOG_WARNING,
+            log::Level::Info => libc::LOG_INFO,
+            log::Level::Debug | log::Level::Trace => libc::LOG_DEBUG,
+        };
+        self.syslog.send(
+            priority,
+            &format!("{} {}: {}", record.level(), record.target(), record.args()),
+        );
+    }
+
+    fn flush(&self) {}
 }
 
 impl Default for Syslog {
@@ -333,8 +513,9 @@ impl Write for Syslog {
     }
 }
 
-/// Unmounts a vdiskfs mount and waits for its daemon to exit.
-pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<()> {
+/// Unmounts a vdiskfs mount and waits up to `timeout` for its daemon to
+/// flush and exit; an error if it did not.
+pub fn unmount(mountpoint: &Path, lazy: bool, timeout: Duration) -> Result<()> {
     let mp = mountpoint
         .canonicalize()
         .map_err(|e| Error::io("cannot resolve mount point", e).with_path(mountpoint))
@@ -390,16 +571,75 @@ pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<()> {
             return Err(Error::io("unmount failed", err).with_path(&mp));
         }
     }
-    if let Some(pid) = pid {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while process_alive(pid) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+    match pid {
+        Some(pid) => wait_for_daemon(pid, &mp, timeout),
+        None => Ok(()),
+    }
+}
+
+/// Waits until the daemon `pid` has flushed and exited after its mount is
+/// gone, telling the user what it waits for once it takes a while. The
+/// daemon removes its state file only after it has flushed and closed its
+/// images, so a daemon gone with its state file left behind did not finish.
+fn wait_for_daemon(pid: u32, mp: &Path, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    let mut next_report = start + Duration::from_secs(1);
+    while process_alive(pid) {
+        let now = Instant::now();
+        if now >= start + timeout {
+            let why = if process_stopped(pid) {
+                " (it is stopped: send it SIGCONT)"
+            } else {
+                ""
+            };
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!(
+                    "unmounted, but daemon {pid} has not finished flushing its images after {} s{why}; \
+                     its writes may be incomplete until it exits",
+                    timeout.as_secs()
+                ),
+            )
+            .with_path(mp));
         }
-        if process_alive(pid) {
-            warn!("daemon {pid} still running 60 s after unmount");
+        if now >= next_report {
+            let state = if process_stopped(pid) {
+                ", which is stopped,"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                std::io::stderr(),
+                "vdiskfs: {}: waiting for daemon {pid}{state} to flush its images and exit ({} s of {} s)",
+                mp.display(),
+                (now - start).as_secs(),
+                timeout.as_secs()
+            );
+            next_report = now + Duration::from_secs(5);
         }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let state = state_dir().join(format!("{pid}.json"));
+    if state.exists() {
+        let _ = std::fs::remove_file(&state);
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!("daemon {pid} ended without finishing (killed?); its writes may be incomplete"),
+        )
+        .with_path(mp));
     }
     Ok(())
+}
+
+/// True when `pid` is stopped (SIGSTOP, a debugger).
+fn process_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with(['T', 't']))
+        })
+        .unwrap_or(false)
 }
 
 #[cfg(test)]

@@ -439,6 +439,38 @@ impl HostFile {
         Ok(())
     }
 
+    /// Whether the host file stores data at `offset` (per SEEK_DATA and
+    /// SEEK_HOLE), and for how many bytes from there, at most `len`.
+    /// `None` when the host cannot tell (no lseek support, a device): the
+    /// caller then treats the range as data.
+    pub fn host_run(&self, offset: u64, len: u64) -> Option<(bool, u64)> {
+        use std::os::fd::AsRawFd;
+        let fd = self.file.as_raw_fd();
+        let at = i64::try_from(offset).ok()?;
+        // lseek moves the shared file position, which nothing here uses:
+        // every read and write is positioned (pread/pwrite).
+        // SAFETY: fd is our open descriptor; lseek has no memory effects.
+        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENXIO: no data at or after offset, a hole to the end.
+            return (e.raw_os_error() == Some(libc::ENXIO)).then_some((false, len));
+        }
+        let data = data as u64;
+        if data > offset {
+            return Some((false, (data - offset).min(len)));
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, at, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return None;
+        }
+        Some((
+            true,
+            (hole as u64).saturating_sub(offset).clamp(1, len.max(1)),
+        ))
+    }
+
     /// Bytes the file occupies on the host (st_blocks * 512).
     pub fn host_allocated(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;

@@ -9,6 +9,13 @@
 //! not share writing). We take the same bytes for a writable open and test
 //! for conflicts first, as qemu does; OFD locks vanish with the file
 //! descriptor, so a killed daemon leaves none behind.
+//!
+//! Read-only layers of a mount (a read-only top image, every backing file,
+//! the base of an overlay or snapshot) are locked as qemu locks a backing
+//! file and as `qemu-nbd -r` locks its image: we hold consistent read and
+//! share it, but do not share write or resize. So a VM cannot start writing
+//! an image under a live mount, and a mount of an image a VM writes is
+//! refused instead of serving a view that goes stale.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
@@ -63,6 +70,55 @@ pub fn lock_for_write(file: &HostFile, force: bool) -> Result<()> {
         .chain(not_shared.iter().map(|&p| SHARED_BASE + p as i64))
     {
         set_lock(file, byte).or_else(|e| if force { Ok(()) } else { Err(e) })?;
+    }
+    Ok(())
+}
+
+/// How read-only opens lock their files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReadLock {
+    /// No locks (`vdiskfs info`, which like `qemu-img info -U` only reads
+    /// headers).
+    #[default]
+    Off,
+    /// Take qemu's backing-file locks; refuse when someone writes the file.
+    Share,
+    /// `--force-lock`: take no locks; warn when someone writes the file.
+    Force,
+}
+
+/// Locks the read-only `file` as `how` says: consistent read held, write
+/// and resize not shared. A writer of the file (a running VM, a `--rw`
+/// mount) makes this fail with [`ErrorKind::Locked`] naming it, or with
+/// [`ReadLock::Force`] only log a warning.
+pub fn lock_for_read(file: &HostFile, how: ReadLock) -> Result<()> {
+    if how == ReadLock::Off {
+        return Ok(());
+    }
+    let checks = [
+        (
+            SHARED_BASE + CONSISTENT_READ as i64,
+            "another process does not share the consistent read permission",
+        ),
+        (PERM_BASE + WRITE as i64, "another process is writing it"),
+        (PERM_BASE + RESIZE as i64, "another process may resize it"),
+    ];
+    for (byte, what) in checks {
+        if held_by_other(file, byte)? {
+            let e = conflict(file, what, byte);
+            if how == ReadLock::Force {
+                log::warn!("{e}; reading anyway (--force-lock): the view may go stale");
+                return Ok(());
+            }
+            return Err(e);
+        }
+    }
+    for byte in [
+        PERM_BASE + CONSISTENT_READ as i64,
+        SHARED_BASE + WRITE as i64,
+        SHARED_BASE + RESIZE as i64,
+    ] {
+        set_lock(file, byte)?;
     }
     Ok(())
 }
@@ -203,5 +259,33 @@ mod tests {
         drop(b);
         let c = open_rw(t.path());
         lock_for_write(&c, false).unwrap();
+    }
+
+    fn open_ro(path: &std::path::Path) -> Arc<HostFile> {
+        HostFile::open(path).unwrap()
+    }
+
+    #[test]
+    fn readers_share_and_exclude_writers_both_ways() {
+        let t = tempfile::NamedTempFile::new().unwrap();
+        t.as_file().set_len(4096).unwrap();
+        let r1 = open_ro(t.path());
+        lock_for_read(&r1, ReadLock::Share).unwrap();
+        let r2 = open_ro(t.path());
+        lock_for_read(&r2, ReadLock::Share).unwrap();
+        let w = open_rw(t.path());
+        let e = lock_for_write(&w, false).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Locked);
+        assert!(e.to_string().contains("write"), "{e}");
+        drop((r1, r2));
+        lock_for_write(&w, false).unwrap();
+        let r3 = open_ro(t.path());
+        let e = lock_for_read(&r3, ReadLock::Share).unwrap_err();
+        assert!(
+            e.to_string().contains("another process is writing it"),
+            "{e}"
+        );
+        lock_for_read(&r3, ReadLock::Force).unwrap();
+        lock_for_read(&r3, ReadLock::Off).unwrap();
     }
 }

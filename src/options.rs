@@ -15,8 +15,13 @@
 //! mount(8) appends command-line options to the fstab ones). An option given
 //! both as a flag and with `-o` must agree.
 //!
-//! Note: mount(8) passes `rw` to helpers whenever `ro` is absent, so a
-//! read-only mount through mount(8) or fstab must say `ro`.
+//! mount(8) passes `rw` to helpers whenever `ro` is absent, so a plain `rw`
+//! cannot tell an fstab line that asks for writing from one that forgot
+//! `ro`. A plain `rw` therefore never writes into an image: the mount is
+//! read-only, with a notice. Writing takes an explicit choice: `inplace`
+//! (`--rw` on the command line), `overlay=FILE` or `snapshot`; mount(8)'s
+//! own `rw` does not undo it. (Not `rw=inplace`: mount(8) keeps that one
+//! for itself and passes a plain `rw`.)
 
 use std::path::PathBuf;
 
@@ -30,8 +35,11 @@ use crate::format::Format;
 pub enum WriteMode {
     /// Read-only (the default of `vdiskfs mount`).
     Ro,
-    /// Write into the top image in place (`--rw`).
+    /// Write into the top image in place (`--rw`, `-o inplace`).
     Rw,
+    /// A plain `rw`, as mount(8) passes whenever `ro` is absent: read-only,
+    /// with a notice saying how to ask for writes.
+    PlainRw,
     /// Write into a qcow2 overlay file (`--overlay FILE`).
     Overlay(PathBuf),
     /// Write into a temporary overlay discarded at unmount (`--snapshot`).
@@ -74,6 +82,8 @@ pub struct MountOptions {
     pub log_file: Option<(PathBuf, Raw)>,
     /// `log_level=`.
     pub log_level: Option<(LevelFilter, Raw)>,
+    /// `pid_file=`.
+    pub pid_file: Option<(PathBuf, Raw)>,
     /// `partitions`.
     pub partitions: Option<Raw>,
     /// `unbuffered`.
@@ -82,6 +92,8 @@ pub struct MountOptions {
     pub force_lock: Option<Raw>,
     /// `no_passthrough`.
     pub no_passthrough: Option<Raw>,
+    /// `nonempty`.
+    pub nonempty: Option<Raw>,
     /// Options accepted and dropped (mount(8)-only, VFS flags, or unknown with sloppy).
     pub dropped: Vec<Raw>,
 }
@@ -185,7 +197,18 @@ pub fn parse(s: &str, sloppy: bool) -> Result<MountOptions, String> {
         let bad = |what: &str| format!("mount option {item:?}: {what}");
         match key.as_str() {
             "ro" => o.write = Some((WriteMode::Ro, flag(value)?)),
-            "rw" => o.write = Some((WriteMode::Rw, flag(value)?)),
+            "rw" => {
+                let raw =
+                    flag(value).map_err(|_| bad("takes no value (to write in place: inplace)"))?;
+                // mount(8)'s own `rw` must not undo an explicit write mode.
+                if matches!(
+                    o.write,
+                    None | Some((WriteMode::Ro | WriteMode::PlainRw, _))
+                ) {
+                    o.write = Some((WriteMode::PlainRw, raw));
+                }
+            }
+            "inplace" => o.write = Some((WriteMode::Rw, flag(value)?)),
             "snapshot" => o.write = Some((WriteMode::Snapshot, flag(value)?)),
             "overlay" => {
                 let v = val()?;
@@ -199,7 +222,7 @@ pub fn parse(s: &str, sloppy: bool) -> Result<MountOptions, String> {
                 o.format = Some((f, raw.clone()));
             }
             "cache_size" => {
-                o.cache_size = Some((parse_size(val()?).map_err(|e| bad(&e))?, raw.clone()))
+                o.cache_size = Some((parse_cache_size(val()?).map_err(|e| bad(&e))?, raw.clone()))
             }
             "allow_other" => o.allow_other = Some(flag(value)?),
             "uid" => o.uid = Some((lookup_id(val()?, false).map_err(|e| bad(&e))?, raw.clone())),
@@ -213,10 +236,7 @@ pub fn parse(s: &str, sloppy: bool) -> Result<MountOptions, String> {
                 o.max_depth = Some((parse_count(val()?).map_err(|e| bad(&e))?, raw.clone()))
             }
             "threads" => {
-                let n = parse_count(val()?).map_err(|e| bad(&e))?;
-                if n == 0 {
-                    return Err(bad("needs at least 1"));
-                }
+                let n = parse_threads(val()?).map_err(|e| bad(&e))?;
                 o.threads = Some((n, raw.clone()));
             }
             "log_file" => {
@@ -226,16 +246,22 @@ pub fn parse(s: &str, sloppy: bool) -> Result<MountOptions, String> {
                 }
                 o.log_file = Some((PathBuf::from(v), raw.clone()));
             }
+            "pid_file" => {
+                let v = val()?;
+                if v.is_empty() {
+                    return Err(bad("needs a file name"));
+                }
+                o.pid_file = Some((PathBuf::from(v), raw.clone()));
+            }
             "log_level" => {
-                let l = val()?
-                    .parse::<LevelFilter>()
-                    .map_err(|_| bad("use error, warn, info, debug or trace"))?;
+                let l = parse_log_level(val()?).map_err(|e| bad(&e))?;
                 o.log_level = Some((l, raw.clone()));
             }
             "partitions" => o.partitions = Some(flag(value)?),
             "unbuffered" => o.unbuffered = Some(flag(value)?),
             "force_lock" => o.force_lock = Some(flag(value)?),
             "no_passthrough" | "nopassthrough" => o.no_passthrough = Some(flag(value)?),
+            "nonempty" => o.nonempty = Some(flag(value)?),
             "remount" => return Err("remount is not supported: unmount and mount again".into()),
             "loop" => {
                 return Err(
@@ -251,11 +277,74 @@ pub fn parse(s: &str, sloppy: bool) -> Result<MountOptions, String> {
     Ok(o)
 }
 
-fn parse_mode(s: &str) -> Result<u16, String> {
+// One parser per option, shared by the flag (`--threads 4`) and its `-o`
+// spelling (`threads=4`), so both accept and refuse the same values with
+// the same message.
+
+/// `--mode`, `mode=`: octal permission bits.
+pub fn parse_mode(s: &str) -> Result<u16, String> {
     u16::from_str_radix(s.trim_start_matches("0o"), 8)
         .ok()
         .filter(|m| *m <= 0o7777)
         .ok_or_else(|| "bad mode (octal, e.g. 0640)".to_string())
+}
+
+/// Most FUSE workers: each holds 2 MiB of request buffers, and past the
+/// disk's queue depth more workers only add threads (docs/performance.md).
+pub const MAX_THREADS: usize = 256;
+
+/// `--threads`, `threads=`: 1 to [`MAX_THREADS`].
+pub fn parse_threads(s: &str) -> Result<usize, String> {
+    match parse_count(s)? {
+        0 => Err("needs at least 1".into()),
+        n if n > MAX_THREADS => Err(format!("at most {MAX_THREADS} worker threads")),
+        n => Ok(n),
+    }
+}
+
+/// Smallest `--cache-size`: room for a few metadata tables.
+const MIN_CACHE: u64 = 1 << 20;
+
+/// `--cache-size`, `cache_size=`: at least 1M, at most the machine's memory.
+pub fn parse_cache_size(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    if n < MIN_CACHE {
+        return Err("at least 1M (--unbuffered turns the cache off)".into());
+    }
+    // SAFETY: sysconf has no preconditions.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages > 0 && page > 0 {
+        let mem = (pages as u64).saturating_mul(page as u64);
+        if n > mem {
+            return Err(format!(
+                "more than this machine's memory ({} MiB)",
+                mem >> 20
+            ));
+        }
+    }
+    Ok(n)
+}
+
+/// `--log-level`, `log_level=`.
+pub fn parse_log_level(s: &str) -> Result<LevelFilter, String> {
+    s.parse::<LevelFilter>().map_err(|_| {
+        format!("unknown log level {s:?} (use off, error, warn, info, debug or trace)")
+    })
+}
+
+/// `--uid`, `uid=`: a number or a user name.
+pub fn parse_uid(s: &str) -> Result<u32, String> {
+    lookup_id(s, false)
+}
+
+/// `--gid`, `gid=`: a number or a group name.
+pub fn parse_gid(s: &str) -> Result<u32, String> {
+    lookup_id(s, true)
 }
 
 fn parse_count(s: &str) -> Result<usize, String> {
@@ -287,6 +376,14 @@ fn lookup_id(s: &str, group: bool) -> Result<u32, String> {
     Err(format!("no such {}", if group { "group" } else { "user" }))
 }
 
+/// Tells the user about an option that does something other than they may
+/// expect. Goes to stderr, which is the user's terminal before detaching
+/// (the logger is not set up yet while options are merged).
+fn notice(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "vdiskfs: note: {msg}");
+}
+
 /// Merges `args.options` (every `-o`, in order) into `args`. `given(id)`
 /// tells whether the flag with clap id `id` was given on the command line
 /// (needed for the flags that have defaults). `--unbuffered` turns the
@@ -303,7 +400,9 @@ pub fn merge(args: &mut MountArgs, given: &dyn Fn(&str) -> bool) -> Result<(), S
     };
     let cache_size_option = o.cache_size.is_some();
     // Write mode.
-    let cli_mode = if args.rw {
+    let cli_mode = if args.read_only {
+        Some(WriteMode::Ro)
+    } else if args.rw {
         Some(WriteMode::Rw)
     } else if let Some(p) = &args.overlay {
         Some(WriteMode::Overlay(p.clone()))
@@ -312,24 +411,30 @@ pub fn merge(args: &mut MountArgs, given: &dyn Fn(&str) -> bool) -> Result<(), S
     } else {
         None
     };
-    if let Some((m, raw)) = o.write {
-        match cli_mode {
-            Some(c) if c != m => {
-                let flag = match c {
-                    WriteMode::Rw => "--rw",
-                    WriteMode::Overlay(_) => "--overlay",
-                    _ => "--snapshot",
-                };
-                return clash(&raw, flag);
-            }
-            Some(_) => {}
-            None => match m {
-                WriteMode::Ro => {}
-                WriteMode::Rw => args.rw = true,
-                WriteMode::Overlay(p) => args.overlay = Some(p),
-                WriteMode::Snapshot => args.snapshot = true,
-            },
+    match (o.write, cli_mode) {
+        (Some((WriteMode::PlainRw, _)), None) => notice(
+            "\"rw\" (mount(8)'s default) does not write into the image: mounted read-only; \
+             say -o inplace to write it in place, or overlay=FILE or snapshot \
+             to keep it unchanged",
+        ),
+        // Any explicit write flag wins over mount(8)'s plain `rw`.
+        (Some((WriteMode::PlainRw, _)), Some(_)) | (None, _) => {}
+        (Some((m, raw)), Some(c)) if c != m => {
+            let flag = match c {
+                WriteMode::Rw => "--rw",
+                WriteMode::Ro => "--read-only",
+                WriteMode::Overlay(_) => "--overlay",
+                _ => "--snapshot",
+            };
+            return clash(&raw, flag);
         }
+        (Some(_), Some(_)) => {}
+        (Some((m, _)), None) => match m {
+            WriteMode::Ro | WriteMode::PlainRw => {}
+            WriteMode::Rw => args.rw = true,
+            WriteMode::Overlay(p) => args.overlay = Some(p),
+            WriteMode::Snapshot => args.snapshot = true,
+        },
     }
     macro_rules! opt_value {
         ($field:ident, $flag:literal) => {
@@ -364,6 +469,7 @@ pub fn merge(args: &mut MountArgs, given: &dyn Fn(&str) -> bool) -> Result<(), S
     opt_value!(mode, "--mode");
     opt_value!(log_file, "--log-file");
     opt_value!(log_level, "--log-level");
+    opt_value!(pid_file, "--pid-file");
     defaulted_value!(cache_size, "--cache-size");
     defaulted_value!(max_depth, "--max-depth");
     defaulted_value!(threads, "--threads");
@@ -376,6 +482,7 @@ pub fn merge(args: &mut MountArgs, given: &dyn Fn(&str) -> bool) -> Result<(), S
     switch!(unbuffered);
     switch!(force_lock);
     switch!(no_passthrough);
+    switch!(nonempty);
     if args.partitions && (args.rw || args.overlay.is_some() || args.snapshot) {
         // The kernel would cache a partition file and the whole disk
         // separately, so writes through one would not show in the other.
@@ -438,7 +545,16 @@ mod tests {
         let cases: &[(&str, Result<Option<WriteMode>, &str>)] = &[
             ("", Ok(None)),
             ("ro", Ok(Some(WriteMode::Ro))),
-            ("rw", Ok(Some(WriteMode::Rw))),
+            ("rw", Ok(Some(WriteMode::PlainRw))),
+            ("inplace", Ok(Some(WriteMode::Rw))),
+            ("inplace,rw", Ok(Some(WriteMode::Rw))),
+            ("rw,inplace,ro", Ok(Some(WriteMode::Ro))),
+            (
+                "overlay=/o.qcow2,rw",
+                Ok(Some(WriteMode::Overlay("/o.qcow2".into()))),
+            ),
+            ("snapshot,rw", Ok(Some(WriteMode::Snapshot))),
+            ("rw=yes", Err("inplace")),
             ("snapshot", Ok(Some(WriteMode::Snapshot))),
             (
                 "overlay=/o.qcow2",
@@ -449,7 +565,7 @@ mod tests {
                 Ok(Some(WriteMode::Overlay("/a,b.qcow2".into()))),
             ),
             ("rw,ro", Ok(Some(WriteMode::Ro))),
-            ("ro,rw", Ok(Some(WriteMode::Rw))),
+            ("ro,rw", Ok(Some(WriteMode::PlainRw))),
             (
                 "defaults,ro,noauto,user,nouser,users,_netdev,nofail",
                 Ok(Some(WriteMode::Ro)),
@@ -543,7 +659,11 @@ mod tests {
         assert_eq!(m.threads, 2);
         assert!(!m.rw);
         let m = merged(&["-o", "rw"]).unwrap();
+        assert!(!m.rw, "mount(8)'s plain rw must not write in place");
+        let m = merged(&["-o", "inplace"]).unwrap();
         assert!(m.rw);
+        let m = merged(&["--snapshot", "-o", "rw"]).unwrap();
+        assert!(m.snapshot && !m.rw);
         let m = merged(&["-o", "overlay=/x.qcow2"]).unwrap();
         assert_eq!(m.overlay, Some(PathBuf::from("/x.qcow2")));
         let m = merged(&["-o", "snapshot"]).unwrap();
@@ -580,7 +700,8 @@ mod tests {
                 "--log-level",
             ),
             (&["--rw", "-o", "ro"], "--rw"),
-            (&["--snapshot", "-o", "rw"], "--snapshot"),
+            (&["--snapshot", "-o", "inplace"], "--snapshot"),
+            (&["-r", "-o", "inplace"], "--read-only"),
             (&["--overlay", "/a", "-o", "overlay=/b"], "--overlay"),
             (&["--unbuffered", "-o", "cache_size=1M"], "unbuffered"),
             (&["--cache-size", "1M", "-o", "unbuffered"], "unbuffered"),

@@ -30,6 +30,8 @@ pub struct OpenPolicy {
     pub allow_devices: bool,
     /// Open files with O_DIRECT.
     pub direct: bool,
+    /// The qemu-compatible locks taken on files opened read-only.
+    pub read_lock: crate::lock::ReadLock,
 }
 
 impl OpenPolicy {
@@ -100,15 +102,20 @@ impl OpenPolicy {
 
     /// Opens a path chosen by the user (the top image) under this policy's
     /// device and O_DIRECT settings.
+    /// Read-only opens take the locks [`OpenPolicy::read_lock`] asks for.
     pub fn open_path(&self, path: &Path, writable: bool) -> Result<Arc<HostFile>> {
-        HostFile::open_with(
+        let file = HostFile::open_with(
             path,
             HostOpen {
                 writable,
                 allow_devices: self.allow_devices,
                 direct: self.direct,
             },
-        )
+        )?;
+        if !writable {
+            crate::lock::lock_for_read(&file, self.read_lock)?;
+        }
+        Ok(file)
     }
 }
 

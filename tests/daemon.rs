@@ -282,9 +282,15 @@ fn mount8_helper_fstab_and_umount() {
         assert_daemon_ends(pid, &mp, fstype);
     }
 
-    // Unknown options are refused by name, nothing gets mounted.
+    // Unknown options are refused by name, nothing gets mounted; mount(8)'s
+    // exit codes: 1 for bad usage, 32 for a mount failure.
     let o = mount(&["-t", "vdiskfs", "-o", "ro,frobnicate", s(&img), s(&mp)]);
-    assert!(!o.status.success());
+    assert_eq!(o.status.code(), Some(1), "{}", out_text(&o));
+    let missing = d.path().join("missing.qcow2");
+    let o = mount(&["-t", "vdiskfs", "-o", "ro", s(&missing), s(&mp)]);
+    assert_eq!(o.status.code(), Some(32), "{}", out_text(&o));
+    assert!(out_text(&o).contains("missing.qcow2"), "{}", out_text(&o));
+    let o = mount(&["-t", "vdiskfs", "-o", "ro,frobnicate", s(&img), s(&mp)]);
     assert!(
         out_text(&o).contains("unknown mount option \"frobnicate\""),
         "{}",
@@ -292,11 +298,22 @@ fn mount8_helper_fstab_and_umount() {
     );
     assert!(!is_mounted(&mp));
 
-    // mount(8) passes `rw` when `ro` is absent: that asks for a read-write
-    // mount (here of a raw image, which can be written in place).
+    // mount(8) passes `rw` when `ro` is absent: that alone never writes the
+    // image; the mount is read-only with a notice naming the way to ask.
     let rw_img = d.path().join("rw.img");
     std::fs::write(&rw_img, vec![3u8; 1 << 20]).unwrap();
     let o = mount(&["-t", "vdiskfs", s(&rw_img), s(&mp)]);
+    assert!(o.status.success(), "{}", out_text(&o));
+    assert!(out_text(&o).contains("inplace"), "{}", out_text(&o));
+    let (_, _, opts) = findmnt(&mp);
+    assert!(opts.starts_with("ro,"), "{opts}");
+    let entry = list_entry(&mp).unwrap();
+    assert_eq!(entry["mode"], "ro");
+    let pid = entry["pid"].as_u64().unwrap() as u32;
+    umount(&mp);
+    assert_daemon_ends(pid, &mp, "umount of the plain rw mount");
+    // Writing in place is an explicit choice: -o inplace.
+    let o = mount(&["-t", "vdiskfs", "-o", "inplace", s(&rw_img), s(&mp)]);
     assert!(o.status.success(), "{}", out_text(&o));
     let (_, _, opts) = findmnt(&mp);
     assert!(opts.starts_with("rw,"), "{opts}");
@@ -304,7 +321,7 @@ fn mount8_helper_fstab_and_umount() {
     assert_eq!(entry["mode"], "rw");
     let pid = entry["pid"].as_u64().unwrap() as u32;
     umount(&mp);
-    assert_daemon_ends(pid, &mp, "umount of the rw mount");
+    assert_daemon_ends(pid, &mp, "umount of the inplace mount");
 
     // fstab: `IMG MP vdiskfs ro,noauto 0 0`, then `mount MP` / `umount MP`.
     let mut fstab = std::fs::read_to_string("/etc/fstab").unwrap_or_default();
@@ -316,6 +333,9 @@ fn mount8_helper_fstab_and_umount() {
         s(&img),
         s(&mp)
     ));
+    // And a line without `ro`: mounted read-only, the golden image untouched.
+    let mp2 = open_dir(d.path(), "mp2");
+    fstab.push_str(&format!("{} {} vdiskfs noauto 0 0\n", s(&rw_img), s(&mp2)));
     std::fs::write("/etc/fstab", fstab).unwrap();
     let o = mount(&[s(&mp)]);
     assert!(o.status.success(), "mount MP from fstab: {}", out_text(&o));
@@ -326,6 +346,19 @@ fn mount8_helper_fstab_and_umount() {
     let pid = daemon_pid(&mp);
     umount(&mp);
     assert_daemon_ends(pid, &mp, "umount of the fstab mount");
+    let o = mount(&[s(&mp2)]);
+    assert!(o.status.success(), "mount MP2 from fstab: {}", out_text(&o));
+    let (_, _, opts) = findmnt(&mp2);
+    assert!(opts.starts_with("ro,"), "fstab line without ro: {opts}");
+    assert_eq!(list_entry(&mp2).unwrap()["mode"], "ro");
+    let w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mp2.join("rw.raw"));
+    assert!(w.is_err(), "the fstab line without ro opened for writing");
+    let pid = daemon_pid(&mp2);
+    umount(&mp2);
+    assert_daemon_ends(pid, &mp2, "umount of the fstab mount without ro");
+    assert_eq!(std::fs::read(&rw_img).unwrap(), vec![3u8; 1 << 20]);
 }
 
 #[test]

@@ -587,8 +587,15 @@ fn run_cases(cases: Vec<Case>) {
                         ));
                     }
                 }
-                if code != Some(0) {
-                    failures.push(format!("{}: info failed: {stderr}", case.name));
+                // Damage in the allocation map: info prints its report, then
+                // exits 1 naming it. Damage inside the data itself (garbage
+                // compressed bytes, a missing footer) is met only by reads.
+                let file = case.path.file_name().unwrap().to_str().unwrap();
+                let named = stderr.trim().lines().count() == 1
+                    && stderr.contains("damaged")
+                    && stderr.contains(file);
+                if !(code == Some(0) || code == Some(1) && named) {
+                    failures.push(format!("{}: info exit {code:?}: {stderr}", case.name));
                 }
             }
             (Expect::Opens, Ok(chain)) => {

@@ -242,6 +242,16 @@ fn damaged_cluster_entry_fails_only_its_range_with_eio() {
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
     f.write_all_at(&bad.to_be_bytes(), e as u64).unwrap();
     drop(f);
+    // info prints its report, names the damage, and exits 1.
+    let info = vdiskfs(&["info", img.to_str().unwrap()]);
+    assert_eq!(info.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&info.stdout).contains("DAMAGED"));
+    let err = String::from_utf8_lossy(&info.stderr);
+    assert!(
+        err.contains("damaged") && err.contains("dmg.qcow2"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
     let m = Mounted::new(&[&img], &[]);
     let file = std::fs::File::open(m.file("dmg.raw")).unwrap();
     let mut buf = vec![0u8; 65536];
