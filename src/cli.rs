@@ -51,6 +51,8 @@ pub enum Command {
     Info(InfoArgs),
     /// List active vdiskfs mounts.
     List(ListArgs),
+    /// Serve images over NBD: each IMAGE is an export named after its file stem.
+    Serve(crate::nbd::cmd::ServeArgs),
 }
 
 /// `vdiskfs mount`.
@@ -298,11 +300,13 @@ fn level(cli: &Cli, explicit: Option<LevelFilter>) -> LevelFilter {
 /// Where a detached daemon logs: the `--log-file`, else syslog (its
 /// terminal is gone). `None` for everything else (stderr).
 fn detached_log_target(cli: &Cli) -> Option<env_logger::Target> {
-    let Command::Mount(m) = &cli.command else {
-        return None;
+    let (notify_fd, log_file) = match &cli.command {
+        Command::Mount(m) => (m.notify_fd, &m.log_file),
+        Command::Serve(s) => (s.notify_fd, &s.log_file),
+        _ => return None,
     };
-    m.notify_fd?;
-    if let Some(p) = &m.log_file {
+    notify_fd?;
+    if let Some(p) = log_file {
         match std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -342,6 +346,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Unmount(u) => daemon::unmount(&u.mountpoint, u.lazy),
         Command::Info(i) => info_cmd(&i),
         Command::List(l) => list_cmd(&l),
+        Command::Serve(s) => crate::nbd::cmd::run(s),
     }
 }
 
