@@ -10,6 +10,7 @@ declare -A NEED=(
   [fusermount3]=fuse3 [fio]=fio [getfattr]=attr [mkfs.ext4]=e2fsprogs
   [debugfs]=e2fsprogs [mkfs.xfs]=xfsprogs [losetup]=mount [partx]=util-linux
   [sfdisk]=fdisk [cc]=gcc [pkg-config]=pkg-config
+  [qemu-nbd]=qemu-utils [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdfuse]=nbdfuse
 )
 missing=()
 for cmd in "${!NEED[@]}"; do
