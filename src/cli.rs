@@ -135,6 +135,9 @@ pub struct MountArgs {
     /// Bypass caching: no vdiskfs cache, image files opened with O_DIRECT.
     #[arg(long)]
     pub unbuffered: bool,
+    /// Also serve the disks over NBD at ADDR (unix:PATH or tcp:HOST:PORT; repeatable).
+    #[arg(long, value_name = "ADDR", value_parser = crate::nbd::server::Listen::parse)]
+    pub nbd: Vec<crate::nbd::server::Listen>,
     /// Internal: the pipe to report readiness on when started detached.
     #[arg(long, hide = true)]
     pub notify_fd: Option<i32>,
@@ -382,14 +385,25 @@ fn list_cmd(args: &ListArgs) -> Result<()> {
                     "images": st.as_ref().map(|s| s.images.clone()).unwrap_or_else(|| vec![PathBuf::from(&m.source)]),
                     "mode": st.as_ref().map(|s| s.mode.clone()).unwrap_or_else(|| "unknown".into()),
                     "pid": st.as_ref().map(|s| s.pid),
+                    "nbd": st.as_ref().map(|s| s.nbd.clone()).unwrap_or_default(),
                 })
             })
+            .chain(daemon::serve_states().iter().map(|s| {
+                serde_json::json!({
+                    "mountpoint": null,
+                    "images": s.images,
+                    "mode": s.mode,
+                    "pid": s.pid,
+                    "nbd": s.nbd,
+                })
+            }))
             .collect();
         println!("{}", serde_json::Value::Array(v));
         return Ok(());
     }
     println!("{:<30} {:<8} {:>8}  IMAGES", "MOUNTPOINT", "MODE", "PID");
     for (m, st) in entries {
+        let nbd = st.as_ref().map(|s| s.nbd.clone()).unwrap_or_default();
         let (mode, pid, images) = match st {
             Some(s) => (
                 s.mode,
@@ -409,6 +423,22 @@ fn list_cmd(args: &ListArgs) -> Result<()> {
             pid,
             images
         );
+        for u in nbd {
+            println!("{:<30} {:<8} {:>8}  nbd: {u}", "", "", "");
+        }
+    }
+    for s in daemon::serve_states() {
+        let images: Vec<String> = s.images.iter().map(|p| p.display().to_string()).collect();
+        println!(
+            "{:<30} {:<8} {:>8}  {}",
+            "(nbd serve)",
+            s.mode,
+            s.pid,
+            images.join(" ")
+        );
+        for u in s.nbd {
+            println!("{:<30} {:<8} {:>8}  nbd: {u}", "", "", "");
+        }
     }
     Ok(())
 }
@@ -622,11 +652,14 @@ fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<
         .map(|(p, _)| p.display().to_string())
         .collect::<Vec<_>>()
         .join(",");
+    // Before any thread starts (the NBD server's), so signals reach only
+    // the signal thread.
+    let sigset = daemon::block_signals();
+    let nbd = crate::nbd::cmd::serve_mount(&args.nbd, &disks, &plan.images)?;
     let mut fs = VdiskFs::new(disks, plan.single_file, access);
     if args.no_passthrough {
         fs = fs.without_passthrough();
     }
-    let sigset = daemon::block_signals();
     let mut session = crate::fs::mount(
         fs,
         &plan.mountpoint,
@@ -643,6 +676,7 @@ fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<
         images: plan.images.iter().map(|(p, _)| p.clone()).collect(),
         mode: plan.mode.name().into(),
         pid: std::process::id(),
+        nbd: nbd.as_ref().map_or(Vec::new(), |s| s.endpoints().to_vec()),
     })
     .map_err(|e| log::warn!("{e}; vdiskfs list will not show this mount"))
     .ok();
@@ -654,9 +688,15 @@ fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<
     });
     info!("mounted on {}", plan.mountpoint.display());
     notifier.ready();
-    session
+    let ran = session
         .run()
-        .map_err(|e| Error::io("FUSE session failed", e).with_path(&plan.mountpoint))?;
+        .map_err(|e| Error::io("FUSE session failed", e).with_path(&plan.mountpoint));
+    if let Some(server) = nbd {
+        // Unmounted: NBD clients finish their in-flight requests and go.
+        server.stopper().stop();
+        server.wait();
+    }
+    ran?;
     info!("unmounted {}", plan.mountpoint.display());
     Ok(())
 }

@@ -82,6 +82,8 @@ pub struct MountOptions {
     pub force_lock: Option<Raw>,
     /// `no_passthrough`.
     pub no_passthrough: Option<Raw>,
+    /// `nbd=ADDR` (repeatable: each adds a listener).
+    pub nbd: Vec<(crate::nbd::server::Listen, Raw)>,
     /// Options accepted and dropped (mount(8)-only, VFS flags, or unknown with sloppy).
     pub dropped: Vec<Raw>,
 }
@@ -236,6 +238,10 @@ pub fn parse(s: &str, sloppy: bool) -> Result<MountOptions, String> {
             "unbuffered" => o.unbuffered = Some(flag(value)?),
             "force_lock" => o.force_lock = Some(flag(value)?),
             "no_passthrough" | "nopassthrough" => o.no_passthrough = Some(flag(value)?),
+            "nbd" => {
+                let l = crate::nbd::server::Listen::parse(val()?).map_err(|e| bad(&e))?;
+                o.nbd.push((l, raw.clone()));
+            }
             "remount" => return Err("remount is not supported: unmount and mount again".into()),
             "loop" => {
                 return Err(
@@ -376,6 +382,11 @@ pub fn merge(args: &mut MountArgs, given: &dyn Fn(&str) -> bool) -> Result<(), S
     switch!(unbuffered);
     switch!(force_lock);
     switch!(no_passthrough);
+    for (l, _) in o.nbd {
+        if !args.nbd.contains(&l) {
+            args.nbd.push(l);
+        }
+    }
     if args.partitions && (args.rw || args.overlay.is_some() || args.snapshot) {
         // The kernel would cache a partition file and the whole disk
         // separately, so writes through one would not show in the other.

@@ -399,3 +399,74 @@ fn several_exports_list_and_refusals() {
     assert!(!o.status.success());
     assert_eq!(String::from_utf8_lossy(&o.stderr).lines().count(), 1);
 }
+
+#[test]
+fn mount_nbd_serves_the_mounted_disks_and_list_shows_the_endpoint() {
+    need_libnbd();
+    let dir = common::scratch();
+    let top = chain(dir.path());
+    let sock = dir.path().join("m.sock");
+    let listen = format!("unix:{}", sock.display());
+    let m = common::fuse::Mounted::new(&[&top], &["--nbd", &listen]);
+    let expected = qemu_raw(&top, None);
+    assert!(std::fs::read(m.file("disk.raw")).unwrap() == expected);
+    let out = dir.path().join("copy.raw");
+    run(Command::new("nbdcopy")
+        .arg(format!("nbd+unix:///disk?socket={}", sock.display()))
+        .arg(&out));
+    assert!(
+        std::fs::read(&out).unwrap() == expected,
+        "NBD view of the mount"
+    );
+    let list = run(Command::new(common::fuse::bin()).arg("list"));
+    assert!(
+        list.contains(&format!("nbd: nbd+unix:///?socket={}", sock.display())),
+        "{list}"
+    );
+    m.unmount();
+    assert!(!sock.exists(), "the NBD socket outlived the unmount");
+}
+
+#[test]
+fn serve_fork_detaches_lists_and_stops_on_sigterm() {
+    need_libnbd();
+    let dir = common::scratch();
+    let top = chain(dir.path());
+    let sock = dir.path().join("f.sock");
+    let o = common::fuse::vdiskfs(&[
+        "serve",
+        "--fork",
+        "--listen",
+        &format!("unix:{}", sock.display()),
+        top.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Listening as soon as --fork returns.
+    let size = run(Command::new("nbdinfo")
+        .arg("--size")
+        .arg(format!("nbd+unix:///disk?socket={}", sock.display())));
+    assert_eq!(size.trim(), "67108864");
+    let list = run(Command::new(common::fuse::bin()).args(["list", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let me = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["nbd"].to_string().contains(sock.to_str().unwrap()))
+        .unwrap_or_else(|| panic!("serve daemon not listed: {list}"));
+    let pid = me["pid"].as_u64().unwrap() as u32;
+    // SAFETY: kill with a pid vdiskfs reported for its own daemon.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    common::fuse::wait_gone(pid);
+    assert!(!sock.exists(), "socket left behind");
+    // A failure in the detached server reaches the command that started it.
+    let o = common::fuse::vdiskfs(&[
+        "serve",
+        "--fork",
+        "--listen",
+        "unix:/nonexistent-dir/x.sock",
+        top.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("nonexistent-dir"));
+}

@@ -201,6 +201,19 @@ fn serve(args: &ServeArgs, notifier: &mut Notifier) -> Result<()> {
     for u in server.endpoints() {
         log::info!("listening on {u}");
     }
+    let _state = daemon::StateFile::create(&daemon::MountState {
+        mountpoint: PathBuf::new(),
+        images: args
+            .images
+            .iter()
+            .map(|p| p.canonicalize().unwrap_or_else(|_| p.clone()))
+            .collect(),
+        mode: args.write_mode()?.name().into(),
+        pid: std::process::id(),
+        nbd: server.endpoints().to_vec(),
+    })
+    .map_err(|e| log::warn!("{e}; vdiskfs list will not show this server"))
+    .ok();
     notifier.ready();
     server.wait();
     let mut failed = None;
@@ -212,4 +225,40 @@ fn serve(args: &ServeArgs, notifier: &mut Notifier) -> Result<()> {
     }
     log::info!("NBD server stopped");
     failed.map_or(Ok(()), Err)
+}
+
+/// For `vdiskfs mount --nbd ADDR`: serves the mount's whole disks (not
+/// its partition files) over NBD from the same daemon, on the same chains
+/// (one cache, one lock set). `None` when no listener was asked for.
+pub fn serve_mount(
+    listen: &[Listen],
+    disks: &[crate::fs::Disk],
+    images: &[(PathBuf, std::ffi::OsString)],
+) -> Result<Option<Server>> {
+    if listen.is_empty() {
+        return Ok(None);
+    }
+    let mut exports = Vec::new();
+    for (path, file) in images {
+        let Some(d) = disks.iter().find(|d| d.name == *file) else {
+            continue;
+        };
+        exports.push(Export {
+            name: super::export_name(path)?,
+            description: format!("{} (mounted as {})", path.display(), file.to_string_lossy()),
+            chain: d.chain.clone(),
+        });
+    }
+    let config = Config {
+        listen: listen.to_vec(),
+        allow: Vec::new(),
+        max_connections: 16,
+        handshake_timeout: Duration::from_secs(10),
+        limits: Limits::default(),
+    };
+    let server = Server::start(Arc::new(exports), config)?;
+    for u in server.endpoints() {
+        log::info!("serving the disks over NBD at {u}");
+    }
+    Ok(Some(server))
 }
