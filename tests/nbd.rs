@@ -470,3 +470,40 @@ fn serve_fork_detaches_lists_and_stops_on_sigterm() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("nonexistent-dir"));
 }
+
+#[test]
+fn tcp_allow_list_admits_and_refuses_clients() {
+    need_libnbd();
+    let dir = common::scratch();
+    let raw = dir.path().join("plain.img");
+    std::fs::write(&raw, vec![7u8; 1 << 20]).unwrap();
+    for (allow, admitted) in [("127.0.0.0/8", true), ("10.0.0.0/8", false)] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = KillOnDrop(
+            Command::new(common::fuse::bin())
+                .args(["serve", "--listen", &format!("tcp:127.0.0.1:{port}")])
+                .args(["--allow", allow])
+                .arg(&raw)
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(child.0.try_wait().unwrap().is_none(), "serve exited");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let o = Command::new("nbdinfo")
+            .arg("--size")
+            .arg(format!("nbd://127.0.0.1:{port}/plain"))
+            .output()
+            .unwrap();
+        assert_eq!(o.status.success(), admitted, "--allow {allow}");
+        if admitted {
+            assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "1048576");
+        }
+    }
+}
