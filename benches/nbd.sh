@@ -3,7 +3,7 @@
 # with the same clients, in one invocation, runs paired (the two servers
 # alternate, order flipped every round) and the ratio taken per pair.
 #
-#   benches/nbd.sh [--size MIB] [--rounds N] [--runtime S] [--out DIR]
+#   [IMAGES="qcow2 chain"] benches/nbd.sh [--size MIB] [--rounds N] [--runtime S] [--out DIR]
 #
 # Throughput: `nbdcopy URI null:` (whole disk, 4 connections, block status
 # on, so holes are skipped the same way by both). IOPS: 4 KiB random reads
@@ -92,7 +92,7 @@ rand_iops() { # URI
 
 results=$out/results-$(date -u +%Y%m%dT%H%M%S).tsv
 printf 'image\tmetric\tround\tvdiskfs\tqemu-nbd\tratio\n' | tee "$results"
-for name in qcow2 qcow2-comp vmdk chain; do
+for name in ${IMAGES:-qcow2 qcow2-comp vmdk chain}; do
 	case $name in
 	qcow2-comp) image=$img/qcow2-comp.qcow2 fmt=qcow2 ;;
 	vmdk) image=$img/vmdk.vmdk fmt=vmdk ;;

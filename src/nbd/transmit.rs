@@ -31,7 +31,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            workers: 4,
+            workers: 16,
             inflight_bytes: 2 * MAX_REQUEST as usize,
         }
     }
