@@ -9,6 +9,7 @@
 //! the requests already accepted have been answered.
 
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
 use parking_lot::{Condvar, Mutex};
@@ -88,6 +89,10 @@ pub fn serve<R: Read, W: Write + Send>(
     };
     let (tx, rx) = mpsc::sync_channel::<Job>(limits.workers.max(1) * 2);
     let rx = Mutex::new(rx);
+    // Set once a reply could not be sent: the client is gone or stopped
+    // reading, so later replies are dropped instead of each waiting out
+    // the write timeout.
+    let broken = AtomicBool::new(false);
     let result = std::thread::scope(|scope| {
         for _ in 0..limits.workers.max(1) {
             scope.spawn(|| loop {
@@ -95,11 +100,12 @@ pub fn serve<R: Read, W: Write + Send>(
                 let Ok(job) = job else { break };
                 let reply = execute(export, neg, &job.req, &job.payload);
                 drop(job.payload);
-                // A client that stopped reading fails the write; its reader
-                // side ends the connection.
-                let mut o = out.lock();
-                let _ = o.write_all(&reply).and_then(|_| o.flush());
-                drop(o);
+                if !broken.load(Ordering::Relaxed) {
+                    let mut o = out.lock();
+                    if o.write_all(&reply).and_then(|_| o.flush()).is_err() {
+                        broken.store(true, Ordering::Relaxed);
+                    }
+                }
                 budget.give(job.cost);
             });
         }
