@@ -1,4 +1,5 @@
-//! The command line: `mount`, `unmount`, `info`, `list`.
+//! The command line: `mount`, `unmount`, `info`, `list`, and `serve`
+//! (whose flags and logic live in `nbd::cmd`).
 //!
 //! Flags are parsed by clap into plain structs, then turned into validated
 //! settings (image names, the mount point's kind, chain options) before
