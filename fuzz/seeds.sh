@@ -55,4 +55,25 @@ for i, data in enumerate([b"a" * 4096, os.urandom(512) * 8, bytes(range(256)) * 
     open(f"{d}/deflate{i}", "wb").write(bytes([3]) + c)
     open(f"{d}/zlib{i}", "wb").write(bytes([4]) + zlib.compress(data))
 PY
+# nbd_client: well-formed client sessions (handshake, options, requests).
+mkdir -p corpus/nbd_client
+python3 - <<'PY'
+import struct
+def opt(o, d=b""): return b"IHAVEOPT" + struct.pack(">II", o, len(d)) + d
+def s(x): return struct.pack(">I", len(x)) + x
+def go(e): return opt(7, s(e) + struct.pack(">HH", 1, 3))
+def meta(e, qs): return opt(10, s(e) + struct.pack(">I", len(qs)) + b"".join(s(q) for q in qs))
+def req(f, t, c, o, n, d=b""): return struct.pack(">IHHQQI", 0x25609513, f, t, c, o, n) + d
+hello = struct.pack(">I", 3)
+sessions = {
+    "list": hello + opt(3) + opt(2),
+    "read": hello + go(b"ro") + req(0, 0, 1, 0, 4096) + req(0, 2, 2, 0, 0),
+    "structured": hello + opt(8) + meta(b"rw", [b"base:allocation", b"qemu:allocation-depth"]) + go(b"rw")
+        + req(0, 7, 1, 0, 1 << 20) + req(1, 1, 2, 512, 512, b"x" * 512) + req(2, 6, 3, 0, 65536)
+        + req(0, 4, 4, 4096, 4096) + req(0, 3, 5, 0, 0) + req(0, 0, 6, 0, 8192),
+    "oldstyle": hello + opt(1, b"ro") + req(0, 0, 1, 100, 100),
+}
+for name, data in sessions.items():
+    open(f"corpus/nbd_client/{name}", "wb").write(data)
+PY
 echo "seeds: $(find corpus -type f | wc -l) files in $(ls corpus | wc -l) corpora"

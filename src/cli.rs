@@ -1,4 +1,5 @@
-//! The command line: `mount`, `unmount`, `info`, `list`.
+//! The command line: `mount`, `unmount`, `info`, `list`, and `serve`
+//! (whose flags and logic live in `nbd::cmd`).
 //!
 //! Flags are parsed by clap into plain structs, then turned into validated
 //! settings (image names, the mount point's kind, chain options) before
@@ -59,6 +60,8 @@ pub enum Command {
     Info(InfoArgs),
     /// List active vdiskfs mounts.
     List(ListArgs),
+    /// Serve images over NBD: each IMAGE is an export named after its file stem.
+    Serve(crate::nbd::cmd::ServeArgs),
 }
 
 /// `vdiskfs mount`.
@@ -160,6 +163,9 @@ pub struct MountArgs {
     /// Bypass caching: no vdiskfs cache, image files opened with O_DIRECT.
     #[arg(long)]
     pub unbuffered: bool,
+    /// Also serve the disks over NBD at ADDR (unix:PATH or tcp:HOST:PORT; repeatable).
+    #[arg(long, value_name = "ADDR", value_parser = crate::nbd::server::Listen::parse)]
+    pub nbd: Vec<crate::nbd::server::Listen>,
     /// Internal: the pipe to report readiness on when started detached
     /// (from the environment, see [`daemon::NOTIFY_ENV`]).
     #[arg(skip)]
@@ -303,10 +309,17 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             }
-            if let (Command::Mount(args), Some(fd)) = (&mut cli.command, notify_fd) {
+            match (&mut cli.command, notify_fd) {
                 // This is the detached daemon.
-                args.foreground = true;
-                args.notify_fd = Some(fd);
+                (Command::Mount(args), Some(fd)) => {
+                    args.foreground = true;
+                    args.notify_fd = Some(fd);
+                }
+                (Command::Serve(args), Some(fd)) => {
+                    args.foreground = true;
+                    args.notify_fd = Some(fd);
+                }
+                _ => {}
             }
             if let (Command::Mount(args), Some(sub)) =
                 (&mut cli.command, matches.subcommand_matches("mount"))
@@ -381,11 +394,13 @@ fn level(cli: &Cli, explicit: Option<LevelFilter>) -> LevelFilter {
 /// Where a detached daemon with a `--log-file` logs. `None` for everything
 /// else: stderr, or syslog for a detached daemon (see [`init_logging`]).
 fn detached_log_target(cli: &Cli) -> Option<env_logger::Target> {
-    let Command::Mount(m) = &cli.command else {
-        return None;
+    let (notify_fd, log_file) = match &cli.command {
+        Command::Mount(m) => (m.notify_fd, &m.log_file),
+        Command::Serve(s) => (s.notify_fd, &s.log_file),
+        _ => return None,
     };
-    m.notify_fd?;
-    if let Some(p) = &m.log_file {
+    notify_fd?;
+    if let Some(p) = log_file {
         match daemon::open_log_file(p) {
             Ok(f) => return Some(env_logger::Target::Pipe(Box::new(f))),
             Err(e) => crate::daemon::Syslog::new().line(&format!(
@@ -429,6 +444,7 @@ fn run(cli: Cli) -> Result<()> {
         ),
         Command::Info(i) => info_cmd(&i),
         Command::List(l) => list_cmd(&l),
+        Command::Serve(s) => crate::nbd::cmd::run(s),
     }
 }
 
@@ -472,14 +488,25 @@ fn list_cmd(args: &ListArgs) -> Result<()> {
                     "images": st.as_ref().map(|s| s.images.clone()).unwrap_or_else(|| vec![PathBuf::from(&m.source)]),
                     "mode": st.as_ref().map(|s| s.mode.clone()).unwrap_or_else(|| "unknown".into()),
                     "pid": st.as_ref().map(|s| s.pid),
+                    "nbd": st.as_ref().map(|s| s.nbd.clone()).unwrap_or_default(),
                 })
             })
+            .chain(daemon::serve_states().iter().map(|s| {
+                serde_json::json!({
+                    "mountpoint": null,
+                    "images": s.images,
+                    "mode": s.mode,
+                    "pid": s.pid,
+                    "nbd": s.nbd,
+                })
+            }))
             .collect();
         println!("{}", serde_json::Value::Array(v));
         return Ok(());
     }
     println!("{:<30} {:<8} {:>8}  IMAGES", "MOUNTPOINT", "MODE", "PID");
     for (m, st) in entries {
+        let nbd = st.as_ref().map(|s| s.nbd.clone()).unwrap_or_default();
         let (mode, pid, images) = match st {
             Some(s) => (
                 s.mode,
@@ -499,6 +526,22 @@ fn list_cmd(args: &ListArgs) -> Result<()> {
             pid,
             images
         );
+        for u in nbd {
+            println!("{:<30} {:<8} {:>8}  nbd: {u}", "", "", "");
+        }
+    }
+    for s in daemon::serve_states() {
+        let images: Vec<String> = s.images.iter().map(|p| p.display().to_string()).collect();
+        println!(
+            "{:<30} {:<8} {:>8}  {}",
+            "(nbd serve)",
+            s.mode,
+            s.pid,
+            images.join(" ")
+        );
+        for u in s.nbd {
+            println!("{:<30} {:<8} {:>8}  nbd: {u}", "", "", "");
+        }
     }
     Ok(())
 }
@@ -807,6 +850,10 @@ fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<
         .map(|(p, _)| p.display().to_string())
         .collect::<Vec<_>>()
         .join(",");
+    // Before any thread starts (the NBD server's), so signals reach only
+    // the signal thread.
+    let sigset = daemon::block_signals();
+    let nbd = crate::nbd::cmd::serve_mount(&args.nbd, &disks, &plan.images)?;
     let mut fs = VdiskFs::new(disks, plan.single_file, access);
     if args.no_passthrough {
         fs = fs.without_passthrough();
@@ -816,7 +863,6 @@ fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<
         Some(p) => Some(daemon::PidFile::create(p)?),
         None => None,
     };
-    let sigset = daemon::block_signals();
     let mut session = crate::fs::mount(
         fs,
         &plan.mountpoint,
@@ -833,6 +879,7 @@ fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<
         images: plan.images.iter().map(|(p, _)| p.clone()).collect(),
         mode: plan.mode.name().into(),
         pid: std::process::id(),
+        nbd: nbd.as_ref().map_or(Vec::new(), |s| s.endpoints().to_vec()),
     })
     .map_err(|e| log::warn!("{e}; vdiskfs list will not show this mount"))
     .ok();
@@ -844,9 +891,15 @@ fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<
     });
     info!("mounted on {}", plan.mountpoint.display());
     notifier.ready();
-    session
+    let ran = session
         .run()
-        .map_err(|e| Error::io("FUSE session failed", e).with_path(&plan.mountpoint))?;
+        .map_err(|e| Error::io("FUSE session failed", e).with_path(&plan.mountpoint));
+    if let Some(server) = nbd {
+        // Unmounted: NBD clients finish their in-flight requests and go.
+        server.stopper().stop();
+        server.wait();
+    }
+    ran?;
     info!("unmounted {}", plan.mountpoint.display());
     Ok(())
 }

@@ -34,6 +34,10 @@ pub struct MountState {
     pub mode: String,
     /// The daemon's process id.
     pub pid: u32,
+    /// NBD endpoints the daemon serves the disks on (`vdiskfs serve`,
+    /// `mount --nbd`); a `serve` daemon has an empty mount point.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nbd: Vec<String>,
 }
 
 /// The directory holding one state file per running daemon.
@@ -154,6 +158,29 @@ pub(crate) fn unescape(s: &str) -> String {
 
 /// Daemon states whose mount is still present, stale files removed.
 pub fn list_states() -> Vec<(MountEntry, Option<MountState>)> {
+    let states = live_states();
+    mounts()
+        .into_iter()
+        .map(|m| {
+            let st = states
+                .iter()
+                .find(|s| s.mountpoint == m.mountpoint)
+                .cloned();
+            (m, st)
+        })
+        .collect()
+}
+
+/// Running `vdiskfs serve` daemons (NBD only, no mount).
+pub fn serve_states() -> Vec<MountState> {
+    live_states()
+        .into_iter()
+        .filter(|s| s.mountpoint.as_os_str().is_empty())
+        .collect()
+}
+
+/// The state files of running daemons; those of dead ones are removed.
+fn live_states() -> Vec<MountState> {
     let mut states = Vec::new();
     if let Ok(rd) = std::fs::read_dir(state_dir()) {
         for e in rd.flatten() {
@@ -170,16 +197,7 @@ pub fn list_states() -> Vec<(MountEntry, Option<MountState>)> {
             states.push(st);
         }
     }
-    mounts()
-        .into_iter()
-        .map(|m| {
-            let st = states
-                .iter()
-                .find(|s| s.mountpoint == m.mountpoint)
-                .cloned();
-            (m, st)
-        })
-        .collect()
+    states
 }
 
 /// True while `pid` runs (a zombie waiting to be reaped counts as gone).

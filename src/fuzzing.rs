@@ -226,3 +226,62 @@ fn check_written(
         }
     }
 }
+
+/// Feeds `data` to the NBD server as the bytes a client sends: the
+/// handshake, then (if the client selected an export) the transmission
+/// phase, against two 1 MiB in-memory raw exports, `rw` (writable) and
+/// `ro`. Replies go nowhere. Protocol errors are expected; panics, hangs
+/// and unbounded allocations are the bugs.
+pub fn nbd_client(data: &[u8]) {
+    use crate::nbd::{negotiate, transmit, Export};
+    let caches = Caches::new(1 << 20);
+    let mut exports = Vec::new();
+    for (name, writable) in [("rw", true), ("ro", false)] {
+        let Ok(mem) = HostFile::from_bytes("fuzz.raw", &vec![0x5a; 1 << 20]) else {
+            return;
+        };
+        let Ok(file) = mem.file().try_clone() else {
+            return;
+        };
+        let Ok(file) = HostFile::from_file(file, "fuzz.raw".into(), writable) else {
+            return;
+        };
+        let opts = ChainOptions {
+            format: Some(Format::Raw),
+            writable,
+            ..Default::default()
+        };
+        let Ok(chain) = Chain::open_on(file, &opts, &caches) else {
+            return;
+        };
+        exports.push(Export {
+            name: name.into(),
+            description: name.into(),
+            chain: Arc::new(chain),
+        });
+    }
+    /// The client's bytes in, the server's bytes discarded.
+    struct Wire<'a>(&'a [u8]);
+    impl std::io::Read for Wire<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            std::io::Read::read(&mut self.0, buf)
+        }
+    }
+    impl std::io::Write for Wire<'_> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut wire = Wire(data);
+    let Ok(Some(neg)) = negotiate::negotiate(&mut wire, &exports) else {
+        return;
+    };
+    let limits = transmit::Limits {
+        workers: 1,
+        inflight_bytes: 1 << 20,
+    };
+    let _ = transmit::serve(wire.0, std::io::sink(), &exports[neg.export], &neg, &limits);
+}

@@ -94,6 +94,8 @@ pub struct MountOptions {
     pub no_passthrough: Option<Raw>,
     /// `nonempty`.
     pub nonempty: Option<Raw>,
+    /// `nbd=ADDR` (repeatable: each adds a listener).
+    pub nbd: Vec<(crate::nbd::server::Listen, Raw)>,
     /// Options accepted and dropped (mount(8)-only, VFS flags, or unknown with sloppy).
     pub dropped: Vec<Raw>,
 }
@@ -262,6 +264,10 @@ pub fn parse(s: &str, sloppy: bool) -> Result<MountOptions, String> {
             "force_lock" => o.force_lock = Some(flag(value)?),
             "no_passthrough" | "nopassthrough" => o.no_passthrough = Some(flag(value)?),
             "nonempty" => o.nonempty = Some(flag(value)?),
+            "nbd" => {
+                let l = crate::nbd::server::Listen::parse(val()?).map_err(|e| bad(&e))?;
+                o.nbd.push((l, raw.clone()));
+            }
             "remount" => return Err("remount is not supported: unmount and mount again".into()),
             "loop" => {
                 return Err(
@@ -483,6 +489,11 @@ pub fn merge(args: &mut MountArgs, given: &dyn Fn(&str) -> bool) -> Result<(), S
     switch!(force_lock);
     switch!(no_passthrough);
     switch!(nonempty);
+    for (l, _) in o.nbd {
+        if !args.nbd.contains(&l) {
+            args.nbd.push(l);
+        }
+    }
     if args.partitions && (args.rw || args.overlay.is_some() || args.snapshot) {
         // The kernel would cache a partition file and the whole disk
         // separately, so writes through one would not show in the other.

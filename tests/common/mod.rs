@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fuse;
+pub mod nbd;
 pub mod rng;
 pub mod vhd;
 

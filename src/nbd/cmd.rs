@@ -1,0 +1,270 @@
+//! `vdiskfs serve IMAGE...`: each image (chain) an NBD export named after
+//! its file stem, served in the foreground like qemu-nbd (`--fork` detaches
+//! once listening) until SIGTERM/SIGINT, which drain in-flight requests,
+//! flush and close.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::server::{Cidr, Config, Listen, Server};
+use super::transmit::Limits;
+use super::Export;
+use crate::cache::Caches;
+use crate::chain::{ChainOptions, DEFAULT_MAX_DEPTH};
+use crate::cli::parse_size;
+use crate::daemon::{self, Notifier};
+use crate::error::{Error, Result};
+use crate::format::Format;
+use crate::overlay::{self, WriteMode};
+use crate::policy::OpenPolicy;
+
+/// The default listener when no `--listen` is given: `nbd.sock` in the
+/// state directory (`/run/vdiskfs/nbd.sock` for root).
+pub fn default_listen() -> Listen {
+    Listen::Unix(daemon::state_dir().join("nbd.sock"))
+}
+
+/// `vdiskfs serve`.
+#[derive(Debug, Args, Clone)]
+pub struct ServeArgs {
+    /// The images; each becomes an export named after its file stem.
+    #[arg(required = true, value_name = "IMAGE")]
+    pub images: Vec<PathBuf>,
+    /// Where to listen: unix:PATH or tcp:HOST:PORT (repeatable; default unix:/run/vdiskfs/nbd.sock as root).
+    #[arg(long, value_name = "ADDR", value_parser = Listen::parse)]
+    pub listen: Vec<Listen>,
+    /// TCP clients allowed, as ADDR or ADDR/PREFIX (repeatable; default: all).
+    #[arg(long, value_name = "CIDR", value_parser = Cidr::parse)]
+    pub allow: Vec<Cidr>,
+    /// Detach once listening.
+    #[arg(long)]
+    pub fork: bool,
+    /// Format of the top image(s) (raw, qcow2, qcow, vmdk); detected from content if absent.
+    #[arg(long, value_parser = |s: &str| Format::from_name(s).map_err(|e| e.message().to_string()))]
+    pub format: Option<Format>,
+    /// Cache size for metadata and decompressed blocks (e.g. 64M, 1G).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub cache_size: u64,
+    /// Write into the top image in place (qcow2, sparse VMDK, qcow, raw).
+    #[arg(long, conflicts_with_all = ["overlay", "snapshot"])]
+    pub rw: bool,
+    /// Send writes to a qcow2 overlay FILE backed by the image (created if missing).
+    #[arg(long, value_name = "FILE", conflicts_with = "snapshot")]
+    pub overlay: Option<PathBuf>,
+    /// Send writes to a temporary overlay that disappears when the server stops.
+    #[arg(long)]
+    pub snapshot: bool,
+    /// Write even if another process holds the image's locks.
+    #[arg(long)]
+    pub force_lock: bool,
+    /// Expose only the top layer: unallocated ranges read as zeros.
+    #[arg(long)]
+    pub single_link: bool,
+    /// Treat the image as hostile: confine backing and extent files to its directory.
+    #[arg(long)]
+    pub untrusted: bool,
+    /// Allow backing/extent files that are devices, FIFOs or under /proc, /sys, /dev.
+    #[arg(long)]
+    pub allow_devices: bool,
+    /// Accept a VMDK parent whose CID differs from the child's parentCID.
+    #[arg(long)]
+    pub ignore_cid: bool,
+    /// Refuse backing chains longer than this.
+    #[arg(long, default_value_t = DEFAULT_MAX_DEPTH)]
+    pub max_depth: usize,
+    /// Clients served at once.
+    #[arg(long, default_value_t = 16)]
+    pub max_connections: usize,
+    /// Log file of the detached server (default: syslog).
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+    /// Internal: set in the detached copy.
+    #[arg(skip)]
+    pub foreground: bool,
+    /// Internal: the pipe to report readiness on when started detached
+    /// (from the environment, see [`daemon::NOTIFY_ENV`]).
+    #[arg(skip)]
+    pub notify_fd: Option<i32>,
+}
+
+impl ServeArgs {
+    fn write_mode(&self) -> Result<WriteMode> {
+        Ok(if self.rw {
+            WriteMode::InPlace
+        } else if let Some(o) = &self.overlay {
+            if self.images.len() != 1 {
+                return Err(Error::invalid("--overlay takes exactly one image"));
+            }
+            WriteMode::Overlay(o.clone())
+        } else if self.snapshot {
+            WriteMode::Snapshot
+        } else {
+            WriteMode::ReadOnly
+        })
+    }
+
+    fn config(&self) -> Config {
+        let listen = if self.listen.is_empty() {
+            let l = default_listen();
+            if let Listen::Unix(p) = &l {
+                if let Some(dir) = p.parent() {
+                    let _ = std::fs::create_dir_all(dir);
+                }
+            }
+            vec![l]
+        } else {
+            self.listen.clone()
+        };
+        Config {
+            listen,
+            allow: self.allow.clone(),
+            max_connections: self.max_connections.max(1),
+            handshake_timeout: Duration::from_secs(10),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Opens every image as an export.
+fn open_exports(args: &ServeArgs) -> Result<Vec<Export>> {
+    let mode = args.write_mode()?;
+    let opts = ChainOptions {
+        format: args.format,
+        policy: OpenPolicy {
+            untrusted: args.untrusted,
+            root: None,
+            allow_devices: args.allow_devices,
+            direct: false,
+            read_lock: if args.force_lock {
+                crate::lock::ReadLock::Force
+            } else {
+                crate::lock::ReadLock::Share
+            },
+        },
+        max_depth: args.max_depth,
+        single_link: args.single_link,
+        ignore_cid: args.ignore_cid,
+        writable: false,
+    };
+    let caches: Arc<Caches> = Caches::new(usize::try_from(args.cache_size).unwrap_or(usize::MAX));
+    let mut exports: Vec<Export> = Vec::new();
+    for img in &args.images {
+        let name = super::export_name(img)?;
+        if let Some(other) = exports.iter().find(|e| e.name == name) {
+            return Err(Error::invalid(format!(
+                "{} and {} would both be export {name:?}",
+                other.description,
+                img.display()
+            )));
+        }
+        let chain = overlay::open(img, &mode, &opts, &caches, args.force_lock)?;
+        let description = format!(
+            "{} ({}, {} layer{}{})",
+            img.display(),
+            chain.layers()[0].format(),
+            chain.layers().len(),
+            if chain.layers().len() == 1 { "" } else { "s" },
+            if chain.is_writable() {
+                ", writable"
+            } else {
+                ""
+            }
+        );
+        exports.push(Export {
+            name,
+            description,
+            chain: Arc::new(chain),
+        });
+    }
+    Ok(exports)
+}
+
+/// Runs `vdiskfs serve`.
+pub fn run(args: ServeArgs) -> Result<()> {
+    if args.fork && args.notify_fd.is_none() {
+        return daemon::spawn_detached(&[]);
+    }
+    let mut notifier = Notifier::new(args.notify_fd);
+    let result = serve(&args, &mut notifier);
+    if let Err(e) = &result {
+        notifier.failed(e);
+    }
+    result
+}
+
+fn serve(args: &ServeArgs, notifier: &mut Notifier) -> Result<()> {
+    let exports = Arc::new(open_exports(args)?);
+    let sigset = daemon::block_signals();
+    let server = Server::start(exports.clone(), args.config())?;
+    let stopper = server.stopper();
+    daemon::on_signal(sigset, move || stopper.stop());
+    for e in exports.iter() {
+        log::info!("serving export {:?}: {}", e.name, e.description);
+    }
+    for u in server.endpoints() {
+        log::info!("listening on {u}");
+    }
+    let _state = daemon::StateFile::create(&daemon::MountState {
+        mountpoint: PathBuf::new(),
+        images: args
+            .images
+            .iter()
+            .map(|p| p.canonicalize().unwrap_or_else(|_| p.clone()))
+            .collect(),
+        mode: args.write_mode()?.name().into(),
+        pid: std::process::id(),
+        nbd: server.endpoints().to_vec(),
+    })
+    .map_err(|e| log::warn!("{e}; vdiskfs list will not show this server"))
+    .ok();
+    notifier.ready();
+    server.wait();
+    let mut failed = None;
+    for e in exports.iter() {
+        if let Err(err) = e.chain.flush() {
+            log::error!("export {}: final flush failed: {err}", e.name);
+            failed = Some(err);
+        }
+    }
+    log::info!("NBD server stopped");
+    failed.map_or(Ok(()), Err)
+}
+
+/// For `vdiskfs mount --nbd ADDR`: serves the mount's whole disks (not
+/// its partition files) over NBD from the same daemon, on the same chains
+/// (one cache, one lock set). `None` when no listener was asked for.
+pub fn serve_mount(
+    listen: &[Listen],
+    disks: &[crate::fs::Disk],
+    images: &[(PathBuf, std::ffi::OsString)],
+) -> Result<Option<Server>> {
+    if listen.is_empty() {
+        return Ok(None);
+    }
+    let mut exports = Vec::new();
+    for (path, file) in images {
+        let Some(d) = disks.iter().find(|d| d.name == *file) else {
+            continue;
+        };
+        exports.push(Export {
+            name: super::export_name(path)?,
+            description: format!("{} (mounted as {})", path.display(), file.to_string_lossy()),
+            chain: d.chain.clone(),
+        });
+    }
+    let config = Config {
+        listen: listen.to_vec(),
+        allow: Vec::new(),
+        max_connections: 16,
+        handshake_timeout: Duration::from_secs(10),
+        limits: Limits::default(),
+    };
+    let server = Server::start(Arc::new(exports), config)?;
+    for u in server.endpoints() {
+        log::info!("serving the disks over NBD at {u}");
+    }
+    Ok(Some(server))
+}

@@ -1,0 +1,208 @@
+//! The handshake: fixed newstyle negotiation, from the server's greeting to
+//! the export a client selects (`NBD_OPT_GO` or `NBD_OPT_EXPORT_NAME`).
+//!
+//! It runs over any `Read + Write` (a socket, or bytes in a test or fuzz
+//! target). Every length a client sends is bounded before anything is
+//! allocated; a malformed option gets `NBD_REP_ERR_INVALID`, a broken
+//! framing (bad magic, oversized option, too many options) ends the
+//! connection.
+
+use std::io::{self, Read, Write};
+
+use super::proto::{self, *};
+use super::Export;
+
+/// Largest option payload read; the longest legitimate one (a meta-context
+/// request with a few queries) is far smaller.
+pub const MAX_OPTION_LEN: u32 = 64 << 10;
+
+/// Options one client may send before it selects an export.
+pub const MAX_OPTIONS: usize = 256;
+
+/// Block size constraints advertised: any alignment works, 4 KiB is the
+/// preferred unit, and one request carries at most this many bytes.
+pub const MAX_REQUEST: u32 = 32 << 20;
+
+/// What the client chose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiated {
+    /// Index of the export in the server's list.
+    pub export: usize,
+    /// Structured replies were negotiated.
+    pub structured: bool,
+    /// The metadata contexts selected, by id, ascending.
+    pub contexts: Vec<u32>,
+}
+
+fn protocol(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
+}
+
+/// The export `name` selects (empty: the first, the default export).
+pub fn find_export(exports: &[Export], name: &str) -> Option<usize> {
+    if name.is_empty() {
+        return (!exports.is_empty()).then_some(0);
+    }
+    exports.iter().position(|e| e.name == name)
+}
+
+/// Runs the handshake. `Ok(None)`: the client aborted; `Err`: it broke the
+/// protocol or went away.
+pub fn negotiate<S: Read + Write>(s: &mut S, exports: &[Export]) -> io::Result<Option<Negotiated>> {
+    let mut hello = Vec::with_capacity(18);
+    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    s.write_all(&hello)?;
+    s.flush()?;
+    let mut b4 = [0u8; 4];
+    s.read_exact(&mut b4)?;
+    let client_flags = u32::from_be_bytes(b4);
+    if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+        return Err(protocol("unknown client flags"));
+    }
+    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+    let mut structured = false;
+    // Contexts selected, and the export they were selected for.
+    let mut contexts: Vec<u32> = Vec::new();
+    let mut contexts_for: Option<usize> = None;
+    for _ in 0..MAX_OPTIONS {
+        let mut head = [0u8; 16];
+        s.read_exact(&mut head)?;
+        let magic = u64::from_be_bytes(head[..8].try_into().unwrap_or_default());
+        if magic != IHAVEOPT {
+            return Err(protocol("bad option magic"));
+        }
+        let option = u32::from_be_bytes([head[8], head[9], head[10], head[11]]);
+        let len = u32::from_be_bytes([head[12], head[13], head[14], head[15]]);
+        if len > MAX_OPTION_LEN {
+            return Err(protocol("option payload too large"));
+        }
+        let mut data = vec![0u8; len as usize];
+        s.read_exact(&mut data)?;
+        let reply = |s: &mut S, kind: u32, payload: &[u8]| -> io::Result<()> {
+            s.write_all(&proto::option_reply(option, kind, payload))
+        };
+        match option {
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8(data).map_err(|_| protocol("export name"))?;
+                let idx = find_export(exports, &name).ok_or_else(|| protocol("no such export"))?;
+                let e = &exports[idx];
+                let mut r = Vec::with_capacity(134);
+                r.extend_from_slice(&e.size().to_be_bytes());
+                r.extend_from_slice(&e.flags().to_be_bytes());
+                if !no_zeroes {
+                    r.resize(r.len() + 124, 0);
+                }
+                s.write_all(&r)?;
+                s.flush()?;
+                if contexts_for != Some(idx) {
+                    contexts.clear();
+                }
+                return Ok(Some(Negotiated {
+                    export: idx,
+                    structured,
+                    contexts,
+                }));
+            }
+            OPT_ABORT => {
+                let _ = reply(s, REP_ACK, &[]);
+                let _ = s.flush();
+                return Ok(None);
+            }
+            OPT_LIST if !data.is_empty() => reply(s, REP_ERR_INVALID, b"LIST takes no data")?,
+            OPT_LIST => {
+                for e in exports {
+                    reply(s, REP_SERVER, &proto::server_entry(&e.name))?;
+                }
+                reply(s, REP_ACK, &[])?;
+            }
+            OPT_STARTTLS => reply(s, REP_ERR_UNSUP, b"TLS is not configured on this server")?,
+            OPT_INFO | OPT_GO => {
+                let req = match proto::parse_info_request(&data) {
+                    Ok(r) => r,
+                    Err(Malformed(m)) => {
+                        reply(s, REP_ERR_INVALID, m.as_bytes())?;
+                        s.flush()?;
+                        continue;
+                    }
+                };
+                let Some(idx) = find_export(exports, &req.name) else {
+                    reply(s, REP_ERR_UNKNOWN, b"no such export")?;
+                    s.flush()?;
+                    continue;
+                };
+                let e = &exports[idx];
+                reply(s, REP_INFO, &proto::info_export(e.size(), e.flags()))?;
+                for r in &req.requests {
+                    match *r {
+                        INFO_NAME => reply(s, REP_INFO, &proto::info_text(INFO_NAME, &e.name))?,
+                        INFO_DESCRIPTION => reply(
+                            s,
+                            REP_INFO,
+                            &proto::info_text(INFO_DESCRIPTION, &e.description),
+                        )?,
+                        _ => {}
+                    }
+                }
+                // Sent whether asked or not: the constraints are ones every
+                // client meets (any alignment), so nothing breaks if ignored.
+                reply(s, REP_INFO, &proto::info_block_size(1, 4096, MAX_REQUEST))?;
+                reply(s, REP_ACK, &[])?;
+                s.flush()?;
+                if option == OPT_GO {
+                    if contexts_for != Some(idx) {
+                        contexts.clear();
+                    }
+                    return Ok(Some(Negotiated {
+                        export: idx,
+                        structured,
+                        contexts,
+                    }));
+                }
+            }
+            OPT_STRUCTURED_REPLY if !data.is_empty() => {
+                reply(s, REP_ERR_INVALID, b"STRUCTURED_REPLY takes no data")?
+            }
+            OPT_STRUCTURED_REPLY => {
+                structured = true;
+                reply(s, REP_ACK, &[])?;
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let set = option == OPT_SET_META_CONTEXT;
+                if !structured {
+                    reply(s, REP_ERR_INVALID, b"negotiate structured replies first")?;
+                } else {
+                    match proto::parse_meta_request(&data) {
+                        Err(Malformed(m)) => reply(s, REP_ERR_INVALID, m.as_bytes())?,
+                        Ok(req) => match find_export(exports, &req.export) {
+                            None => reply(s, REP_ERR_UNKNOWN, b"no such export")?,
+                            Some(idx) => {
+                                let mut found: Vec<(u32, &str)> = Vec::new();
+                                if req.queries.is_empty() && !set {
+                                    found.extend(CONTEXTS);
+                                }
+                                for q in &req.queries {
+                                    found.extend(proto::match_context(q, !set));
+                                }
+                                found.sort_unstable();
+                                found.dedup();
+                                for (id, name) in &found {
+                                    reply(s, REP_META_CONTEXT, &proto::meta_context(*id, name))?;
+                                }
+                                reply(s, REP_ACK, &[])?;
+                                if set {
+                                    contexts = found.iter().map(|(id, _)| *id).collect();
+                                    contexts_for = Some(idx);
+                                }
+                            }
+                        },
+                    }
+                }
+            }
+            _ => reply(s, REP_ERR_UNSUP, b"option not supported")?,
+        }
+        s.flush()?;
+    }
+    Err(protocol("too many options"))
+}
