@@ -22,6 +22,9 @@ pub struct HostFile {
     /// Taken by writes of [`LARGE_WRITE`] bytes or more; see
     /// [`HostFile::write_all_at`].
     large_writes: parking_lot::Mutex<()>,
+    /// Set for an object read over the network (`s3://`, `http(s)://`):
+    /// reads go there, and `file` is an empty placeholder.
+    remote: Option<Arc<crate::remote::RemoteFile>>,
 }
 
 /// Writes at least this long go to one host file one at a time.
@@ -53,6 +56,9 @@ impl HostFile {
 
     /// Opens `path` as `how` says.
     pub fn open_with(path: &Path, how: HostOpen) -> Result<Arc<HostFile>> {
+        if crate::remote::is_url(path) {
+            return Self::open_remote(path, how);
+        }
         let mut opts = OpenOptions::new();
         opts.read(true).write(how.writable);
         let mut flags = libc::O_CLOEXEC | libc::O_NOCTTY;
@@ -99,6 +105,31 @@ impl HostFile {
             writable: how.writable,
             direct: how.direct,
             large_writes: parking_lot::Mutex::new(()),
+            remote: None,
+        }))
+    }
+
+    /// Opens the object at the URL `path`, read-only (see [`crate::remote`]).
+    fn open_remote(path: &Path, how: HostOpen) -> Result<Arc<HostFile>> {
+        if how.writable {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                "remote images are read-only; send writes to a local --overlay FILE or --snapshot",
+            )
+            .with_path(path));
+        }
+        let url = path.to_str().unwrap_or_default();
+        let remote = crate::remote::RemoteFile::open(url)?;
+        let placeholder = tempfile::tempfile()
+            .map_err(|e| Error::io("cannot create a placeholder file", e).with_path(path))?;
+        Ok(Arc::new(HostFile {
+            file: placeholder,
+            path: path.to_path_buf(),
+            len: remote.len(),
+            writable: false,
+            direct: false,
+            large_writes: parking_lot::Mutex::new(()),
+            remote: Some(remote),
         }))
     }
 
@@ -116,6 +147,7 @@ impl HostFile {
             writable,
             direct: false,
             large_writes: parking_lot::Mutex::new(()),
+            remote: None,
         }))
     }
 
@@ -156,7 +188,14 @@ impl HostFile {
         self.writable
     }
 
-    /// The underlying file, for metadata queries and passthrough.
+    /// The remote object behind this file, if it is one: then [`HostFile::file`]
+    /// is an empty placeholder, good for no lock, stat or passthrough.
+    pub fn remote(&self) -> Option<&Arc<crate::remote::RemoteFile>> {
+        self.remote.as_ref()
+    }
+
+    /// The underlying file, for metadata queries and passthrough (an
+    /// empty placeholder for a remote file: check [`HostFile::remote`]).
     pub fn file(&self) -> &File {
         &self.file
     }
@@ -188,6 +227,9 @@ impl HostFile {
     /// Reads up to `buf.len()` bytes, stopping only at end of file.
     /// Returns the number of bytes read.
     pub fn read_at_most(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        if let Some(r) = &self.remote {
+            return r.read_at_most(buf, offset);
+        }
         if self.direct {
             return self.read_direct(buf, offset);
         }
