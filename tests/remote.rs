@@ -91,8 +91,18 @@ fn start_moto(auth: bool) -> (Child, u16) {
 fn moto() -> u16 {
     static PORT: OnceLock<u16> = OnceLock::new();
     *PORT.get_or_init(|| {
-        let (child, port) = start_moto(false);
-        std::mem::forget(child);
+        // PR_SET_PDEATHSIG fires when the spawning *thread* ends: spawn the
+        // shared server from a thread that lives as long as the process.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (child, port) = start_moto(false);
+            tx.send(port).unwrap();
+            let _keep = child;
+            loop {
+                std::thread::park();
+            }
+        });
+        let port = rx.recv().expect("moto_server did not start");
         // SAFETY (edition 2021: safe): set once, before any S3 client exists.
         std::env::set_var("AWS_ACCESS_KEY_ID", KEY_ID);
         std::env::set_var("AWS_SECRET_ACCESS_KEY", SECRET);
@@ -271,8 +281,8 @@ fn untrusted_mode_refuses_a_backing_file_in_another_prefix() {
         top.to_str().unwrap(),
         "3M",
     ]);
-    upload(moto(), &[(dir.path(), "chain/sub")]);
-    let url = format!("s3://{BUCKET}/chain/sub/escape.qcow2");
+    upload(moto(), &[(dir.path(), "nest")]);
+    let url = format!("s3://{BUCKET}/nest/escape.qcow2");
     let err = open(&url, true).err().expect("untrusted mode must refuse");
     assert_eq!(err.kind(), vdiskfs::ErrorKind::Policy, "{err}");
     assert!(err.to_string().contains("untrusted"), "{err}");
@@ -280,7 +290,7 @@ fn untrusted_mode_refuses_a_backing_file_in_another_prefix() {
     let chain = open(&url, false).unwrap();
     assert_eq!(
         chain.layers()[1].path(),
-        Path::new(&format!("s3://{BUCKET}/chain/other/base.raw"))
+        Path::new(&format!("s3://{BUCKET}/other/base.raw"))
     );
 }
 

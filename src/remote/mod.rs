@@ -84,7 +84,8 @@ pub fn configure(s: Settings) {
 
 /// The tuning in force.
 pub fn settings() -> Settings {
-    SETTINGS.lock().unwrap_or_default()
+    let s = *SETTINGS.lock();
+    s.unwrap_or_default()
 }
 
 /// The runtime that drives every remote request of the process.

@@ -190,17 +190,29 @@ pub(crate) fn describe(e: &object_store::Error, what: &str) -> Error {
     Error::new(kind, format!("{what}: {why}"))
 }
 
-/// The status and reason of an object_store error's text ("... status code:
-/// 403 Forbidden: <body>").
+/// The HTTP status and reason in an object_store error's text ("... status
+/// code: 403 Forbidden: <body>", "... with status 404 Not Found: ...").
 fn status_of(text: &str) -> Option<String> {
-    let at = text.find("status code: ")? + "status code: ".len();
-    let rest = &text[at..];
-    let end = rest.find(':').unwrap_or(rest.len()).min(40);
-    let s = rest[..end].trim();
-    s.as_bytes()
-        .first()
-        .is_some_and(u8::is_ascii_digit)
-        .then(|| s.to_string())
+    let mut rest = text;
+    while let Some(at) = rest.find("status") {
+        rest = &rest[at + "status".len()..];
+        let digits_at = rest.find(|c: char| c.is_ascii_digit())?;
+        if digits_at > 8 {
+            continue;
+        }
+        let tail = &rest[digits_at..];
+        let code: String = tail.chars().take_while(char::is_ascii_digit).collect();
+        if code.len() != 3 {
+            continue;
+        }
+        let reason: String = tail[3..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphabetic() || *c == ' ')
+            .take(40)
+            .collect();
+        return Some(format!("{code} {}", reason.trim()).trim().to_string());
+    }
+    None
 }
 
 /// `s` on one line.
@@ -211,6 +223,9 @@ pub(crate) fn one_line(s: &str) -> String {
 /// [`describe`] for a chunk fetch.
 pub(crate) fn describe_failure(f: &Failure) -> Error {
     match f {
+        Failure::Store(e) if status_of(&e.to_string()).is_some_and(|s| s.starts_with("412")) => {
+            describe_failure(&Failure::Changed("HTTP 412".into()))
+        }
         Failure::Store(e) => describe(e, "remote read failed"),
         Failure::Changed(why) => Error::new(
             ErrorKind::Io,
@@ -228,6 +243,10 @@ mod tests {
         assert_eq!(
             status_of("Error performing GET x in 2ms - Server returned non-2xx status code: 403 Forbidden: <xml/>").as_deref(),
             Some("403 Forbidden")
+        );
+        assert_eq!(
+            status_of("Client error with status 404 Not Found: No Body").as_deref(),
+            Some("404 Not Found")
         );
         assert_eq!(status_of("connection refused"), None);
     }
