@@ -70,10 +70,15 @@ t1=$(now); rm -f "$W/dl.qcow2"
 echo "download image + mount + fdisk + read 64 MiB: $(el $t0 $t1) s"
 
 drop; t0=$(now)
-qemu-img convert -O raw "json:{\"driver\":\"qcow2\",\"file\":{\"driver\":\"http\",\"url\":\"$URL/disk.qcow2\"}}" "$W/q.raw"
-check "$W/q.raw"
-t1=$(now); rm -f "$W/q.raw"
-echo "qemu-img convert (curl driver) + fdisk + read 64 MiB: $(el $t0 $t1) s"
+if timeout "${QEMU_TIMEOUT:-120}" qemu-img convert -O raw \
+  "json:{\"driver\":\"qcow2\",\"file\":{\"driver\":\"http\",\"url\":\"$URL/disk.qcow2\"}}" "$W/q.raw"; then
+  check "$W/q.raw"
+  t1=$(now)
+  echo "qemu-img convert (curl driver) + fdisk + read 64 MiB: $(el $t0 $t1) s"
+else
+  echo "qemu-img convert (curl driver): did not finish within ${QEMU_TIMEOUT:-120} s"
+fi
+rm -f "$W/q.raw"
 
 for ra in 64M 0; do
   drop; s0=$(sent); t0=$(now)

@@ -67,7 +67,9 @@ impl OpenPolicy {
             }
         }
         if crate::remote::is_url(naming_image) {
-            return self.resolve_remote(naming_image, name).or_else(|why| refuse(&why));
+            return self
+                .resolve_remote(naming_image, name)
+                .or_else(|why| refuse(&why));
         }
         let dir = naming_image.parent().unwrap_or(Path::new("."));
         let path = if named.is_absolute() {
@@ -101,7 +103,11 @@ impl OpenPolicy {
     /// server): `..` may climb the key but not out of the bucket, and in
     /// untrusted mode the result must lie under [`OpenPolicy::root`]. A
     /// remote image never names a local file.
-    fn resolve_remote(&self, naming_image: &Path, name: &str) -> std::result::Result<PathBuf, String> {
+    fn resolve_remote(
+        &self,
+        naming_image: &Path,
+        name: &str,
+    ) -> std::result::Result<PathBuf, String> {
         if name.starts_with('/') {
             return Err("a remote image may not name a local file".into());
         }

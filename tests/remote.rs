@@ -365,7 +365,10 @@ fn sequential_reads_prefetch_and_random_reads_stay_small() {
         "no read-ahead: {} bytes sent",
         server.ctl.sent.load(Ordering::Relaxed)
     );
-    assert!(requests < 16, "{requests} requests for 16 chunks: not coalesced");
+    assert!(
+        requests < 16,
+        "{requests} requests for 16 chunks: not coalesced"
+    );
 }
 
 #[test]
@@ -400,7 +403,10 @@ fn fuse_mounts_from_s3_and_http_and_info_on_urls() {
     let out = vdiskfs(&["info", &server.url("missing.qcow2")]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
-    assert!(err.contains("404") && err.contains("missing.qcow2"), "{err}");
+    assert!(
+        err.contains("404") && err.contains("missing.qcow2"),
+        "{err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
 

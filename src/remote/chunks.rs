@@ -105,7 +105,8 @@ impl Stream {
         let (last_end, window) = *st;
         let sequential = last_end > 0 && start.abs_diff(last_end) <= chunk;
         let window = if sequential {
-            (window * 2).clamp(1, max_chunks)
+            // max_chunks may be 0 (prefetch off, or a cache under two chunks).
+            (window * 2).max(1).min(max_chunks)
         } else {
             0
         };
@@ -285,5 +286,8 @@ mod tests {
         assert_eq!(s.note(3 * c, 4 * c, c, 16), 4);
         assert_eq!(s.note(100 * c, 101 * c, c, 16), 0);
         assert_eq!(s.note(101 * c, 102 * c, c, 16), 1);
+        let off = Stream::default();
+        assert_eq!(off.note(0, c, c, 0), 0);
+        assert_eq!(off.note(c, 2 * c, c, 0), 0);
     }
 }

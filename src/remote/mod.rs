@@ -100,7 +100,12 @@ fn runtime() -> Result<&'static tokio::runtime::Runtime> {
             .map_err(|e| e.to_string())
     })
     .as_ref()
-    .map_err(|e| Error::new(ErrorKind::Io, format!("cannot start the network runtime: {e}")))
+    .map_err(|e| {
+        Error::new(
+            ErrorKind::Io,
+            format!("cannot start the network runtime: {e}"),
+        )
+    })
 }
 
 /// True when `path` is a URL this module opens (`s3://`, `http://`, `https://`).

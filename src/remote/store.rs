@@ -63,8 +63,11 @@ impl Object {
             return bad("the URL names no object");
         }
         let path = StorePath::parse(key).map_err(|e| {
-            Error::invalid(format!("not a valid object path: {}", one_line(&e.to_string())))
-                .with_path(url)
+            Error::invalid(format!(
+                "not a valid object path: {}",
+                one_line(&e.to_string())
+            ))
+            .with_path(url)
         })?;
         let base = format!("{scheme}://{authority}");
         let store = client(&scheme, authority, &base).map_err(|e| e.with_path(url))?;
@@ -229,7 +232,9 @@ pub(crate) fn describe_failure(f: &Failure) -> Error {
         Failure::Store(e) => describe(e, "remote read failed"),
         Failure::Changed(why) => Error::new(
             ErrorKind::Io,
-            format!("the object changed since it was mounted ({why}); remount to read the new version"),
+            format!(
+                "the object changed since it was mounted ({why}); remount to read the new version"
+            ),
         ),
     }
 }

@@ -161,7 +161,11 @@ fn respond(
     let range = header("range").and_then(|r| {
         let (a, b) = r.strip_prefix("bytes=")?.split_once('-')?;
         let a: u64 = a.parse().ok()?;
-        let b: u64 = if b.is_empty() { len.checked_sub(1)? } else { b.parse().ok()? };
+        let b: u64 = if b.is_empty() {
+            len.checked_sub(1)?
+        } else {
+            b.parse().ok()?
+        };
         Some((a, b.min(len.saturating_sub(1))))
     });
     let common = format!(
