@@ -33,6 +33,15 @@ if [ ! -c /dev/fuse ]; then
   modprobe fuse 2>/dev/null || true
 fi
 [ -c /dev/fuse ] || { echo "setup: /dev/fuse is missing: load the fuse module (modprobe fuse)" >&2; exit 1; }
+# The remote tests' S3-compatible server: moto from PyPI, in a venv under target/.
+if [ ! -x target/moto-venv/bin/moto_server ]; then
+  if ! python3 -c 'import ensurepip' 2>/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+  fi
+  python3 -m venv target/moto-venv
+  target/moto-venv/bin/pip install -q 'moto[server]'
+fi
+
 command -v cargo >/dev/null || { echo "setup: cargo is missing: install Rust (rustup)" >&2; exit 1; }
 
 # Not --quiet: a first build takes minutes, and cargo's progress (crate by

@@ -371,7 +371,10 @@ impl Chain {
     /// is a single layer that has one (a raw image): FUSE passthrough.
     pub fn passthrough_file(&self) -> Option<Arc<HostFile>> {
         match self.layers.as_slice() {
-            [only] if only.virtual_size() == self.size() => only.passthrough_file(),
+            // A remote object has no local descriptor to pass through.
+            [only] if only.virtual_size() == self.size() => {
+                only.passthrough_file().filter(|f| f.remote().is_none())
+            }
             _ => None,
         }
     }
@@ -537,6 +540,14 @@ impl Below for LayersBelow<'_> {
 fn record_identity(layer: &Arc<dyn Layer>, seen: &mut HashSet<(u64, u64)>) -> Result<bool> {
     let mut fresh = true;
     for f in layer.host_files().iter().take(1) {
+        if let Some(r) = f.remote() {
+            // A remote object is known by its URL (device u64::MAX: no local file's).
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            r.url().hash(&mut h);
+            fresh &= seen.insert((u64::MAX, h.finish()));
+            continue;
+        }
         let m = f
             .file()
             .metadata()

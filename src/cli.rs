@@ -163,6 +163,12 @@ pub struct MountArgs {
     /// Bypass caching: no vdiskfs cache, image files opened with O_DIRECT.
     #[arg(long)]
     pub unbuffered: bool,
+    /// Chunk size of remote (s3://, http(s)://) images: the unit of ranged GETs and of their cache.
+    #[arg(long, default_value = "4M", value_parser = parse_size)]
+    pub remote_chunk: u64,
+    /// Largest read-ahead window of a sequential reader of a remote image (0: no prefetch).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub remote_readahead: u64,
     /// Also serve the disks over NBD at ADDR (unix:PATH or tcp:HOST:PORT; repeatable).
     #[arg(long, value_name = "ADDR", value_parser = crate::nbd::server::Listen::parse)]
     pub nbd: Vec<crate::nbd::server::Listen>,
@@ -555,6 +561,8 @@ struct MountPlan {
     mode: WriteMode,
     force_lock: bool,
     partitions: bool,
+    remote_chunk: u64,
+    remote_readahead: u64,
 }
 
 fn plan(args: &MountArgs) -> Result<MountPlan> {
@@ -590,9 +598,19 @@ fn plan(args: &MountArgs) -> Result<MountPlan> {
     };
     let mut named: Vec<(PathBuf, OsString)> = Vec::new();
     for img in images {
-        let abs = img
-            .canonicalize()
-            .map_err(|e| Error::io("cannot open", e).with_path(img))?;
+        let abs = if crate::remote::is_url(img) {
+            if args.rw {
+                return Err(Error::new(
+                    crate::error::ErrorKind::ReadOnly,
+                    "remote images are read-only; send writes to a local --overlay FILE or --snapshot",
+                )
+                .with_path(img));
+            }
+            img.clone()
+        } else {
+            img.canonicalize()
+                .map_err(|e| Error::io("cannot open", e).with_path(img))?
+        };
         let name = exposed_name(img)?;
         if let Some((other, _)) = named.iter().find(|(_, n)| *n == name) {
             return Err(Error::invalid(format!(
@@ -647,6 +665,8 @@ fn plan(args: &MountArgs) -> Result<MountPlan> {
         mode,
         force_lock: args.force_lock,
         partitions: args.partitions,
+        remote_chunk: args.remote_chunk,
+        remote_readahead: args.remote_readahead,
     })
 }
 
@@ -739,7 +759,18 @@ fn cache_budget(cache_size: u64, threads: usize) -> usize {
 }
 
 fn open_disks(plan: &MountPlan, cache_size: u64, threads: usize) -> Result<Vec<Disk>> {
-    let caches: Arc<Caches> = Caches::new(cache_budget(cache_size, threads));
+    let mut budget = cache_budget(cache_size, threads);
+    if plan.images.iter().any(|(p, _)| crate::remote::is_url(p)) {
+        // Remote chunks take half of the cache (see docs/remote.md).
+        crate::remote::configure(crate::remote::Settings {
+            chunk: plan.remote_chunk,
+            cache_bytes: budget / 2,
+            readahead: plan.remote_readahead,
+            ..Default::default()
+        });
+        budget -= budget / 2;
+    }
+    let caches: Arc<Caches> = Caches::new(budget);
     let mut disks = Vec::new();
     for (path, name) in &plan.images {
         let chain = overlay::open(path, &plan.mode, &plan.chain_opts, &caches, plan.force_lock)?;

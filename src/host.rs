@@ -36,6 +36,9 @@ pub struct HostFile {
     /// Files synced before this one's queued metadata is written (a qcow2
     /// data file: the guest data its L2 entries point at).
     flush_first: OnceLock<Arc<HostFile>>,
+    /// Set for an object read over the network (`s3://`, `http(s)://`):
+    /// reads go there, and `file` is an empty placeholder.
+    remote: Option<Arc<crate::remote::RemoteFile>>,
 }
 
 /// Writes at least this long go to one host file one at a time.
@@ -67,6 +70,9 @@ impl HostFile {
 
     /// Opens `path` as `how` says.
     pub fn open_with(path: &Path, how: HostOpen) -> Result<Arc<HostFile>> {
+        if crate::remote::is_url(path) {
+            return Self::open_remote(path, how);
+        }
         let mut opts = OpenOptions::new();
         opts.read(true).write(how.writable);
         let mut flags = libc::O_CLOEXEC | libc::O_NOCTTY;
@@ -116,6 +122,34 @@ impl HostFile {
             queue: Queue::default(),
             recorder: OnceLock::new(),
             flush_first: OnceLock::new(),
+            remote: None,
+        }))
+    }
+
+    /// Opens the object at the URL `path`, read-only (see [`crate::remote`]).
+    fn open_remote(path: &Path, how: HostOpen) -> Result<Arc<HostFile>> {
+        if how.writable {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                "remote images are read-only; send writes to a local --overlay FILE or --snapshot",
+            )
+            .with_path(path));
+        }
+        let url = path.to_str().unwrap_or_default();
+        let remote = crate::remote::RemoteFile::open(url)?;
+        let placeholder = tempfile::tempfile()
+            .map_err(|e| Error::io("cannot create a placeholder file", e).with_path(path))?;
+        Ok(Arc::new(HostFile {
+            file: placeholder,
+            path: path.to_path_buf(),
+            len: remote.len(),
+            writable: false,
+            direct: false,
+            large_writes: parking_lot::Mutex::new(()),
+            remote: Some(remote),
+            queue: Queue::default(),
+            recorder: OnceLock::new(),
+            flush_first: OnceLock::new(),
         }))
     }
 
@@ -136,6 +170,7 @@ impl HostFile {
             queue: Queue::default(),
             recorder: OnceLock::new(),
             flush_first: OnceLock::new(),
+            remote: None,
         }))
     }
 
@@ -187,7 +222,14 @@ impl HostFile {
         self.writable
     }
 
-    /// The underlying file, for metadata queries and passthrough.
+    /// The remote object behind this file, if it is one: then [`HostFile::file`]
+    /// is an empty placeholder, good for no lock, stat or passthrough.
+    pub fn remote(&self) -> Option<&Arc<crate::remote::RemoteFile>> {
+        self.remote.as_ref()
+    }
+
+    /// The underlying file, for metadata queries and passthrough (an
+    /// empty placeholder for a remote file: check [`HostFile::remote`]).
     pub fn file(&self) -> &File {
         &self.file
     }
@@ -229,6 +271,9 @@ impl HostFile {
 
     /// [`HostFile::read_at_most`] without the queued writes.
     fn read_from_file(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        if let Some(r) = &self.remote {
+            return r.read_at_most(buf, offset);
+        }
         if self.direct {
             return self.read_direct(buf, offset);
         }

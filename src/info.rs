@@ -30,6 +30,9 @@ pub struct LinkInfo {
     pub backing_filename: Option<String>,
     /// Every host file the layer reads (image, extents, data file).
     pub files: Vec<String>,
+    /// The ETag of a remote image (s3://, http(s)://) at open.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub e_tag: Option<String>,
     /// The first damaged mapping found while counting allocation (reads of
     /// that range fail with EIO; the rest of the disk reads).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -76,6 +79,10 @@ pub fn gather(chain: &Chain) -> Result<ImageInfo> {
             damage: damage.map(|e| e.to_string()),
             disk_size: files.iter().map(|f| f.host_allocated()).sum(),
             backing_filename: layer.backing().map(|b| b.name),
+            e_tag: files
+                .first()
+                .and_then(|f| f.remote())
+                .and_then(|r| r.e_tag().map(str::to_string)),
             files: files
                 .iter()
                 .map(|f| f.path().display().to_string())
@@ -161,6 +168,9 @@ pub fn to_text(info: &ImageInfo) -> String {
         );
         if let Some(b) = &link.backing_filename {
             let _ = writeln!(s, "      backing file: {b}");
+        }
+        if let Some(t) = &link.e_tag {
+            let _ = writeln!(s, "      etag: {t}");
         }
         if let Some(d) = &link.damage {
             let _ = writeln!(s, "      DAMAGED (reads of that range fail): {d}");

@@ -58,6 +58,10 @@ pub struct MountOptions {
     pub format: Option<(Format, Raw)>,
     /// `cache_size=`.
     pub cache_size: Option<(u64, Raw)>,
+    /// `remote_chunk=` (remote images' chunk size).
+    pub remote_chunk: Option<(u64, Raw)>,
+    /// `remote_readahead=` (remote images' largest read-ahead window).
+    pub remote_readahead: Option<(u64, Raw)>,
     /// `allow_other`.
     pub allow_other: Option<Raw>,
     /// `uid=` (number or user name).
@@ -225,6 +229,12 @@ pub fn parse(s: &str, sloppy: bool) -> Result<MountOptions, String> {
             }
             "cache_size" => {
                 o.cache_size = Some((parse_cache_size(val()?).map_err(|e| bad(&e))?, raw.clone()))
+            }
+            "remote_chunk" => {
+                o.remote_chunk = Some((parse_size(val()?).map_err(|e| bad(&e))?, raw.clone()))
+            }
+            "remote_readahead" => {
+                o.remote_readahead = Some((parse_size(val()?).map_err(|e| bad(&e))?, raw.clone()))
             }
             "allow_other" => o.allow_other = Some(flag(value)?),
             "uid" => o.uid = Some((lookup_id(val()?, false).map_err(|e| bad(&e))?, raw.clone())),
@@ -479,6 +489,11 @@ pub fn merge(args: &mut MountArgs, given: &dyn Fn(&str) -> bool) -> Result<(), S
     defaulted_value!(cache_size, "--cache-size");
     defaulted_value!(max_depth, "--max-depth");
     defaulted_value!(threads, "--threads");
+    defaulted_value!(remote_chunk, "--remote-chunk");
+    defaulted_value!(remote_readahead, "--remote-readahead");
+    if !(64 << 10..=64 << 20).contains(&args.remote_chunk) {
+        return Err("--remote-chunk must be between 64K and 64M".into());
+    }
     switch!(allow_other);
     switch!(single_link);
     switch!(untrusted);
@@ -529,7 +544,8 @@ mod tests {
         let o = p(
             "ro,format=qcow2,cache_size=64M,allow_other,uid=1000,gid=0,mode=0444,\
                    single_link,untrusted,allow_devices,ignore_cid,max_depth=8,threads=3,\
-                   log_file=/tmp/l,log_level=debug,partitions,unbuffered,force_lock,no_passthrough",
+                   log_file=/tmp/l,log_level=debug,partitions,unbuffered,force_lock,no_passthrough,\
+                   remote_chunk=1M,remote_readahead=0",
         )
         .unwrap();
         assert_eq!(o.write.unwrap().0, WriteMode::Ro);
@@ -547,6 +563,8 @@ mod tests {
         assert_eq!(o.log_level.unwrap().0, LevelFilter::Debug);
         assert!(o.partitions.is_some() && o.unbuffered.is_some());
         assert!(o.force_lock.is_some() && o.no_passthrough.is_some());
+        assert_eq!(o.remote_chunk.unwrap().0, 1 << 20);
+        assert_eq!(o.remote_readahead.unwrap().0, 0);
         assert!(o.dropped.is_empty());
     }
 

@@ -79,10 +79,15 @@ pub fn open(
             let base = Chain::open(image, &ro, caches)?;
             let top = open_or_create_overlay(file, image, &base)?;
             lock::lock_for_write(&top, force_lock)?;
-            let ov = ChainOptions {
+            let mut ov = ChainOptions {
                 format: Some(Format::Qcow2),
                 ..rw
             };
+            if crate::remote::is_url(image) {
+                // The overlay names the remote base by URL, which untrusted
+                // mode refuses; the base chain passed the policy just above.
+                ov.policy.untrusted = false;
+            }
             Chain::open_on(top, &ov, caches)
         }
         WriteMode::Snapshot => {
@@ -94,9 +99,7 @@ pub fn open(
                 std::env::temp_dir().join("vdiskfs").display()
             );
             let top = HostFile::from_file(tmp, PathBuf::from(name), true)?;
-            let abs = image
-                .canonicalize()
-                .map_err(|e| Error::io("cannot resolve", e).with_path(image))?;
+            let abs = resolve_image(image)?;
             create(
                 &top,
                 &CreateOptions {
@@ -156,10 +159,12 @@ fn open_or_create_overlay(file: &Path, image: &Path, base: &Chain) -> Result<Arc
     let dir = dir
         .canonicalize()
         .map_err(|e| Error::io("cannot resolve the overlay's directory", e).with_path(file))?;
-    let abs_image = image
-        .canonicalize()
-        .map_err(|e| Error::io("cannot resolve", e).with_path(image))?;
-    let name = relative_to(&abs_image, &dir);
+    let name = if crate::remote::is_url(image) {
+        // A remote base is recorded by its URL (see docs/remote.md).
+        image.display().to_string()
+    } else {
+        relative_to(&resolve_image(image)?, &dir)
+    };
     let created = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -200,9 +205,13 @@ fn check_backs(top: &Arc<HostFile>, image: &Path) -> Result<()> {
         .with_path(top.path()));
     };
     let named = opts.policy.resolve(top.path(), &spec.name)?;
-    let same = match (std::fs::metadata(&named), std::fs::metadata(image)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
+    let same = if crate::remote::is_url(image) || crate::remote::is_url(&named) {
+        named == image
+    } else {
+        match (std::fs::metadata(&named), std::fs::metadata(image)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
     };
     if !same {
         return Err(Error::new(
@@ -216,6 +225,16 @@ fn check_backs(top: &Arc<HostFile>, image: &Path) -> Result<()> {
         .with_path(top.path()));
     }
     Ok(())
+}
+
+/// The absolute name of the user's image: a URL as given, a local path canonicalized.
+fn resolve_image(image: &Path) -> Result<PathBuf> {
+    if crate::remote::is_url(image) {
+        return Ok(image.to_path_buf());
+    }
+    image
+        .canonicalize()
+        .map_err(|e| Error::io("cannot resolve", e).with_path(image))
 }
 
 /// `target` relative to the directory `from` (both absolute), e.g.

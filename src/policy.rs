@@ -50,6 +50,12 @@ impl OpenPolicy {
         if name.contains('\0') {
             return refuse("name contains a NUL byte");
         }
+        if crate::remote::is_url_str(name) {
+            if self.untrusted {
+                return refuse("URLs are not allowed in untrusted mode");
+            }
+            return Ok(PathBuf::from(name));
+        }
         let named = Path::new(name);
         if self.untrusted {
             if named.is_absolute() {
@@ -61,6 +67,11 @@ impl OpenPolicy {
             {
                 return refuse("'..' is not allowed in untrusted mode");
             }
+        }
+        if crate::remote::is_url(naming_image) {
+            return self
+                .resolve_remote(naming_image, name)
+                .or_else(|why| refuse(&why));
         }
         let dir = naming_image.parent().unwrap_or(Path::new("."));
         let path = if named.is_absolute() {
@@ -87,6 +98,47 @@ impl OpenPolicy {
             }
         }
         Ok(path)
+    }
+
+    /// Resolves the relative `name` found inside the remote image at the
+    /// URL `naming_image` to a URL in the same bucket (or on the same
+    /// server): `..` may climb the key but not out of the bucket, and in
+    /// untrusted mode the result must lie under [`OpenPolicy::root`]. A
+    /// remote image never names a local file.
+    fn resolve_remote(
+        &self,
+        naming_image: &Path,
+        name: &str,
+    ) -> std::result::Result<PathBuf, String> {
+        if name.starts_with('/') {
+            return Err("a remote image may not name a local file".into());
+        }
+        let url = naming_image.to_str().unwrap_or_default();
+        let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+        let mut parts: Vec<&str> = rest.split('/').collect();
+        parts.pop(); // the naming image's own name
+        for seg in name.split('/') {
+            match seg {
+                "" | "." => {}
+                ".." if parts.len() > 1 => {
+                    parts.pop();
+                }
+                ".." => return Err("it leaves the bucket (or server)".into()),
+                s => parts.push(s),
+            }
+        }
+        let resolved = format!("{scheme}://{}", parts.join("/"));
+        if self.untrusted {
+            if let Some(root) = self.root.as_ref().and_then(|r| r.to_str()) {
+                let prefix = format!("{}/", root.trim_end_matches('/'));
+                if !resolved.starts_with(&prefix) {
+                    return Err(format!(
+                        "it leaves the top image's prefix {prefix} (untrusted mode)"
+                    ));
+                }
+            }
+        }
+        Ok(PathBuf::from(resolved))
     }
 
     /// Resolves and opens a file named inside `naming_image`, read-only unless `writable`.
@@ -147,6 +199,36 @@ mod tests {
             p.resolve(img, "../x.raw").unwrap_err().kind(),
             ErrorKind::Policy
         );
+    }
+
+    #[test]
+    fn names_inside_remote_images_resolve_against_the_url() {
+        let p = OpenPolicy::default();
+        let img = Path::new("s3://bkt/vm/disks/top.qcow2");
+        assert_eq!(
+            p.resolve(img, "base.raw").unwrap(),
+            PathBuf::from("s3://bkt/vm/disks/base.raw")
+        );
+        assert_eq!(
+            p.resolve(img, "../shared/base.raw").unwrap(),
+            PathBuf::from("s3://bkt/vm/shared/base.raw")
+        );
+        assert!(p.resolve(img, "../../../x.raw").is_err());
+        assert_eq!(
+            p.resolve(img, "/etc/passwd").unwrap_err().kind(),
+            ErrorKind::Policy
+        );
+        let untrusted = OpenPolicy {
+            untrusted: true,
+            root: Some(PathBuf::from("s3://bkt/vm/disks")),
+            ..Default::default()
+        };
+        assert!(untrusted.resolve(img, "sub/base.raw").is_ok());
+        assert!(untrusted.resolve(img, "../x.raw").is_err());
+        assert!(untrusted.resolve(img, "s3://other/x.raw").is_err());
+        assert!(untrusted
+            .resolve(Path::new("/a/top.qcow2"), "https://h/x.raw")
+            .is_err());
     }
 
     #[test]
