@@ -397,7 +397,8 @@ fn fuse_mounts_from_s3_and_http_and_info_on_urls() {
         assert_eq!(v["chain_length"], 2);
         assert!(v["chain"][0]["e_tag"].is_string(), "{v}");
     }
-    let out = vdiskfs(&["mount", "--rw", &http, "/tmp"]);
+    let empty = common::scratch();
+    let out = vdiskfs(&["mount", "--rw", &http, empty.path().to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--overlay"), "{err}");
     let out = vdiskfs(&["info", &server.url("missing.qcow2")]);
