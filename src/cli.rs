@@ -860,6 +860,10 @@ fn mount(args: MountArgs) -> Result<()> {
 }
 
 fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<()> {
+    // Before any thread starts (the write queue's flusher, the remote
+    // runtime, the NBD server), so that they all inherit the mask and the
+    // signals reach only the signal thread.
+    let sigset = daemon::block_signals();
     let disks = open_disks(plan, args.cache_size, args.workers())?;
     if args.notify_fd.is_some() {
         // Detached: every path is open or absolute by now (the log file's
@@ -881,9 +885,6 @@ fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<
         .map(|(p, _)| p.display().to_string())
         .collect::<Vec<_>>()
         .join(",");
-    // Before any thread starts (the NBD server's), so signals reach only
-    // the signal thread.
-    let sigset = daemon::block_signals();
     let nbd = crate::nbd::cmd::serve_mount(&args.nbd, &disks, &plan.images)?;
     let mut fs = VdiskFs::new(disks, plan.single_file, access);
     if args.no_passthrough {

@@ -362,7 +362,8 @@ fn detection_info_and_fuse_mount() {
     m.unmount();
 
     // Writing in place waits for the shared write engine.
-    let out = vdiskfs(&["mount", "--rw", s(&p), s(dir.path())]);
+    let empty = common::scratch();
+    let out = vdiskfs(&["mount", "--rw", s(&p), s(empty.path())]);
     assert!(!out.status.success(), "--rw on a VHDX mounted");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--overlay"), "no --overlay hint: {err}");

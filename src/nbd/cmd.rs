@@ -196,8 +196,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
 }
 
 fn serve(args: &ServeArgs, notifier: &mut Notifier) -> Result<()> {
-    let exports = Arc::new(open_exports(args)?);
+    // Before any thread starts (the write queue's flusher, the remote
+    // runtime), so that signals reach only the signal thread.
     let sigset = daemon::block_signals();
+    let exports = Arc::new(open_exports(args)?);
     let server = Server::start(exports.clone(), args.config())?;
     let stopper = server.stopper();
     daemon::on_signal(sigset, move || stopper.stop());
