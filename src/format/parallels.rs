@@ -83,6 +83,9 @@ fn le64(b: &[u8], at: usize) -> u64 {
     u64::from(le32(b, at)) | (u64::from(le32(b, at + 4)) << 32)
 }
 
+/// Largest block map loaded into memory (256 MiB of entries).
+const MAX_MAP_ENTRIES: u32 = 64 << 20;
+
 impl Header {
     /// Parses and checks a header against the file length.
     pub fn parse(b: &[u8], file_len: u64) -> Result<Header> {
@@ -173,6 +176,15 @@ impl Parallels {
         head.truncate(n);
         let header = Header::parse(&head, file.len())?;
         // The BAT lies inside the file (checked), so its size is bounded by it.
+        // A sparse hostile file can be huge without using disk: bound the
+        // memory as well (64 Mi entries: many TiB at any common block size).
+        if header.bat_entries > MAX_MAP_ENTRIES {
+            return Err(Error::corrupt(format!(
+                "BAT of {} entries is larger than vdiskfs loads (at most {MAX_MAP_ENTRIES})",
+                header.bat_entries
+            ))
+            .with_path(file.path()));
+        }
         let mut raw = vec![0u8; header.bat_entries as usize * 4];
         file.read_exact_at(&mut raw, HEADER_LEN)?;
         let bat = raw

@@ -62,6 +62,9 @@ pub enum ImageType {
     Diff,
 }
 
+/// Largest block map loaded into memory (256 MiB of entries).
+const MAX_MAP_ENTRIES: u32 = 64 << 20;
+
 impl ImageType {
     /// The name VirtualBox's headers use.
     pub fn name(self) -> &'static str {
@@ -258,6 +261,15 @@ impl Vdi {
         head.truncate(n);
         let header = Header::parse(&head, file.len())?;
         // The map lies inside the file (checked), so its size is bounded by it.
+        // A sparse hostile file can be huge without using disk: bound the
+        // memory as well (64 Mi entries: many TiB at any common block size).
+        if header.blocks > MAX_MAP_ENTRIES {
+            return Err(Error::corrupt(format!(
+                "block map of {} entries is larger than vdiskfs loads (at most {MAX_MAP_ENTRIES})",
+                header.blocks
+            ))
+            .with_path(file.path()));
+        }
         let mut raw = vec![0u8; header.blocks as usize * 4];
         file.read_exact_at(&mut raw, header.blocks_offset)?;
         let map = raw
