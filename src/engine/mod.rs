@@ -1,6 +1,8 @@
 //! The write engine: mechanics shared by every writable format driver,
 //! kept out of the drivers.
 //!
+//! - [`append`]: the append allocator of formats that grow their file
+//!   (frontier, pending units, claims).
 //! - [`order`]: ordering of metadata writes against power loss — table
 //!   updates are applied in memory at once and written to the host file
 //!   later, in dependency stages separated by barriers (fdatasync).
@@ -11,6 +13,7 @@
 //! - [`record`]: an optional recorder of every host write and barrier, for
 //!   the power-cut simulation (tests/powercut.rs).
 
+pub mod append;
 pub mod order;
 pub mod overlap;
 pub mod reclaim;

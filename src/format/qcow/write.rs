@@ -27,15 +27,13 @@
 //! cluster both land. Compressed clusters that are written become normal
 //! clusters; their compressed bytes are leaked, as qemu does.
 
-use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-
-use parking_lot::{Condvar, Mutex};
 
 use super::header::Header;
 use super::table::{raw_entry, Entry, Tables};
 use super::Qcow;
+use crate::engine::append::{round_up, AppendState, Appender};
 use crate::engine::order::Stage;
 use crate::engine::overlap::{MetadataMap, Structure};
 use crate::error::{Error, Result};
@@ -47,22 +45,11 @@ const MAX_RUN_BYTES: u64 = 1 << 20;
 
 /// The allocation state of a writable image.
 pub struct Writer {
-    state: Mutex<Alloc>,
-    /// Signalled whenever pending clusters are settled.
-    settled: Condvar,
-    /// Host offsets at or after this were allocated by this writer: no
-    /// other entry of the image can point there.
-    first_own: u64,
+    /// The allocation frontier and the guest clusters being allocated.
+    alloc: Appender,
     /// Metadata ranges no data write may touch: the header and backing
     /// name, the L1 table, every L2 table.
     map: MetadataMap,
-}
-
-struct Alloc {
-    /// Next free host offset (cluster-aligned).
-    frontier: u64,
-    /// Guest cluster numbers being allocated outside the lock.
-    pending: HashSet<u64>,
 }
 
 /// What one allocation run reserved.
@@ -76,10 +63,6 @@ struct Run {
     old: Vec<Entry>,
     /// Host offset of the run's first new cluster.
     host: u64,
-}
-
-fn round_up(x: u64, align: u64) -> Option<u64> {
-    Some(x.checked_add(align - 1)? & !(align - 1))
 }
 
 impl Writer {
@@ -125,12 +108,7 @@ impl Writer {
         }
         Ok(Writer {
             map,
-            state: Mutex::new(Alloc {
-                frontier,
-                pending: HashSet::new(),
-            }),
-            settled: Condvar::new(),
-            first_own: frontier,
+            alloc: Appender::new(frontier, i64::MAX as u64),
         })
     }
 }
@@ -147,20 +125,17 @@ impl Qcow {
     }
 
     /// Reserves `len` bytes at the allocation frontier.
-    fn reserve(&self, st: &mut Alloc, len: u64) -> Result<u64> {
-        let host = st.frontier;
-        let next = host
-            .checked_add(len)
-            .filter(|&n| n <= i64::MAX as u64)
+    fn reserve(&self, st: &mut AppendState, len: u64) -> Result<u64> {
+        let host = st
+            .reserve(len, self.cluster_size())
             .ok_or_else(|| Error::corrupt("the image file cannot grow any further"))?;
-        st.frontier = next;
-        self.end.fetch_max(next, Ordering::AcqRel);
+        self.end.fetch_max(host + len, Ordering::AcqRel);
         Ok(host)
     }
 
     /// The L2 table offset for guest `pos`, allocating a zeroed table
     /// (table written, then the L1 entry) when there is none. Under the lock.
-    fn ensure_l2(&self, st: &mut Alloc, pos: u64) -> Result<u64> {
+    fn ensure_l2(&self, st: &mut AppendState, pos: u64) -> Result<u64> {
         let g = self.tables.geometry();
         let current = self
             .tables
@@ -202,7 +177,7 @@ impl Qcow {
     /// Checks that a data cluster may be written in place.
     fn check_writable_data(&self, host: u64) -> Result<()> {
         self.check_data(host)?;
-        let first_own = self.writer().first_own;
+        let first_own = self.writer().alloc.first_own();
         let cs = self.cluster_size();
         if host < first_own && host + cs > first_own {
             return Err(Error::corrupt(format!(
@@ -258,9 +233,9 @@ impl Qcow {
         let cluster_start = pos - g.in_cluster(pos);
         let buf_end = pos + buf.len() as u64;
         let run = {
-            let mut st = w.state.lock();
-            if st.pending.contains(&(pos >> g.cluster_bits)) {
-                w.settled.wait(&mut st);
+            let mut st = w.alloc.lock();
+            if st.is_pending(pos >> g.cluster_bits) {
+                w.alloc.wait(&mut st);
                 return Ok(0);
             }
             let l2_offset = self.ensure_l2(&mut st, pos)?;
@@ -278,33 +253,25 @@ impl Qcow {
             {
                 let e = g.decode(raw_entry(&table, idx + old.len()));
                 let c = (cluster_start >> g.cluster_bits) + old.len() as u64;
-                if matches!(e, Entry::Data(_)) || st.pending.contains(&c) {
+                if matches!(e, Entry::Data(_)) || st.is_pending(c) {
                     break;
                 }
                 old.push(e);
             }
             let host = self.reserve(&mut st, old.len() as u64 * cs)?;
             let first_c = cluster_start >> g.cluster_bits;
-            for k in 0..old.len() as u64 {
-                st.pending.insert(first_c + k);
-            }
-            Run {
+            let claim = w.alloc.claim(&mut st, first_c..first_c + old.len() as u64);
+            let run = Run {
                 l2_offset,
                 idx,
                 guest: cluster_start,
                 old,
                 host,
-            }
+            };
+            (run, claim)
         };
-        let result = self.fill_and_publish(&run, buf, pos, below, zeros);
-        let mut st = w.state.lock();
-        let first_c = run.guest >> g.cluster_bits;
-        for k in 0..run.old.len() as u64 {
-            st.pending.remove(&(first_c + k));
-        }
-        w.settled.notify_all();
-        drop(st);
-        result
+        let (run, _claim) = run;
+        self.fill_and_publish(&run, buf, pos, below, zeros)
     }
 
     /// Fills and writes the clusters of a reserved run, then points their
@@ -356,7 +323,7 @@ impl Qcow {
         }
         // Point the entries at the written clusters (under the lock: all
         // table changes are serialised).
-        let _st = self.writer().state.lock();
+        let _st = self.writer().alloc.lock();
         let table = self
             .tables
             .l2_table(&self.file, run.l2_offset, self.end())?;
@@ -415,15 +382,13 @@ impl Qcow {
         let cs = g.cluster_size();
         let table_end = (g.l1_index(pos) + 1) << (g.cluster_bits + g.l2_bits);
         let end = end.min(table_end);
-        let mut st = w.state.lock();
+        let mut st = w.alloc.lock();
         let Some(l2_offset) = self.tables.l1_entry(pos).filter(|&o| o != 0) else {
             return Ok(end - pos);
         };
         let count = (end - pos).div_ceil(cs);
         let first_c = pos >> g.cluster_bits;
-        while (0..count).any(|k| st.pending.contains(&(first_c + k))) {
-            w.settled.wait(&mut st);
-        }
+        w.alloc.wait_for(&mut st, first_c..first_c + count);
         let table = self.tables.l2_table(&self.file, l2_offset, self.end())?;
         let idx = g.l2_index(pos);
         let mut t = table.to_vec();
@@ -431,7 +396,7 @@ impl Qcow {
         for k in 0..count as usize {
             let raw = raw_entry(&table, idx + k);
             if let Entry::Data(h) = g.decode(raw) {
-                if h >= w.first_own {
+                if h >= w.alloc.first_own() {
                     w.map.guard(h, cs, pos + k as u64 * cs)?;
                     punch.push(h);
                 }

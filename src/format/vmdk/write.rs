@@ -42,15 +42,15 @@
 //! grain directory is damaged. `RDONLY`, `NOACCESS` and `ZERO` extents
 //! open, but writes into them fail.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 
 use super::descriptor::{Access, ExtentType};
 use super::extent::{Extent, ExtentData, Grain, GrainTables, GteCodec, GD_BAD, GD_NONE, GD_ZERO};
 use super::Vmdk;
+use crate::engine::append::{round_up, AppendState, Appender};
 use crate::engine::order::Stage;
 use crate::engine::overlap::{MetadataMap, Structure};
 use crate::error::{Error, ErrorKind, Result};
@@ -88,26 +88,17 @@ enum ExtentWriter {
 }
 
 struct SparseWriter {
-    state: Mutex<Alloc>,
-    /// Signalled whenever pending grains are settled.
-    settled: Condvar,
+    /// The allocation frontier and the grains being allocated
+    /// (extent-relative grain numbers).
+    alloc: Appender,
     /// Byte offsets of the primary and redundant (0: none) directories.
     gd_at: u64,
     rgd_at: u64,
     zeroed_grain: bool,
     dirty: AtomicBool,
-    /// Host offsets at or after this were allocated by this writer.
-    first_own: u64,
     /// Metadata ranges of the extent file no grain write may touch: the
     /// header, the embedded descriptor, both directories, every table.
     map: MetadataMap,
-}
-
-struct Alloc {
-    /// Next free host offset.
-    frontier: u64,
-    /// Extent-relative grain numbers being allocated outside the lock.
-    pending: HashSet<u64>,
 }
 
 /// What one allocation run reserved.
@@ -120,10 +111,6 @@ struct Run {
     rel: u64,
     old: Vec<Grain>,
     host: u64,
-}
-
-fn round_up(x: u64, align: u64) -> Option<u64> {
-    Some(x.checked_add(align - 1)? / align * align)
 }
 
 fn refuse(what: &str) -> Error {
@@ -303,16 +290,11 @@ impl SparseWriter {
         }
         Ok(SparseWriter {
             map,
-            state: Mutex::new(Alloc {
-                frontier,
-                pending: HashSet::new(),
-            }),
-            settled: Condvar::new(),
+            alloc: Appender::new(frontier, MAX_SECTOR_BYTES),
             gd_at,
             rgd_at,
             zeroed_grain,
             dirty: AtomicBool::new(false),
-            first_own: frontier,
         })
     }
 
@@ -328,7 +310,8 @@ impl SparseWriter {
                  ({end} bytes)"
             )));
         }
-        if host < self.first_own && host + gs > self.first_own {
+        let first_own = self.alloc.first_own();
+        if host < first_own && host + gs > first_own {
             return Err(Error::corrupt(format!(
                 "grain table entry points at host offset {host:#x}, a grain overlapping the end \
                  of the file"
@@ -338,16 +321,13 @@ impl SparseWriter {
     }
 
     /// Reserves `len` bytes at the frontier, aligned to `align`.
-    fn reserve(&self, t: &GrainTables, st: &mut Alloc, len: u64, align: u64) -> Result<u64> {
-        let host = round_up(st.frontier, align)
-            .filter(|&h| h.checked_add(len).is_some_and(|e| e <= MAX_SECTOR_BYTES))
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Unsupported,
-                    "the extent file cannot grow any further (2 TiB limit of sparse extents)",
-                )
-            })?;
-        st.frontier = host + len;
+    fn reserve(&self, t: &GrainTables, st: &mut AppendState, len: u64, align: u64) -> Result<u64> {
+        let host = st.reserve(len, align).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Unsupported,
+                "the extent file cannot grow any further (2 TiB limit of sparse extents)",
+            )
+        })?;
         t.end.fetch_max(host + len, Ordering::AcqRel);
         Ok(host)
     }
@@ -355,7 +335,7 @@ impl SparseWriter {
     /// The grain table for directory index `gdi`, allocating one (written
     /// filled, redundant copy first, then the directory entries) when the
     /// directory has none. Under the lock.
-    fn ensure_gt(&self, v: &Vmdk, t: &GrainTables, st: &mut Alloc, gdi: u64) -> Result<u64> {
+    fn ensure_gt(&self, v: &Vmdk, t: &GrainTables, st: &mut AppendState, gdi: u64) -> Result<u64> {
         let cur = t.gd_entry(gdi);
         match cur {
             GD_BAD => {
@@ -663,9 +643,9 @@ impl Vmdk {
         let grain_rel = first_g * gs;
         let buf_end = rel + buf.len() as u64;
         let run = {
-            let mut st = w.state.lock();
-            if st.pending.contains(&first_g) {
-                w.settled.wait(&mut st);
+            let mut st = w.alloc.lock();
+            if st.is_pending(first_g) {
+                w.alloc.wait(&mut st);
                 return Ok(0);
             }
             let loc = w.ensure_gt(self, t, &mut st, gdi)?;
@@ -685,33 +665,26 @@ impl Vmdk {
             {
                 let g = t.entry(&gt, idx + old.len() as u64);
                 if !matches!(g, Grain::Unallocated | Grain::Zero)
-                    || st.pending.contains(&(first_g + old.len() as u64))
+                    || st.is_pending(first_g + old.len() as u64)
                 {
                     break;
                 }
                 old.push(g);
             }
             let host = w.reserve(t, &mut st, old.len() as u64 * gs, gs)?;
-            for k in 0..old.len() as u64 {
-                st.pending.insert(first_g + k);
-            }
-            Run {
+            let claim = w.alloc.claim(&mut st, first_g..first_g + old.len() as u64);
+            let run = Run {
                 gt: loc,
                 gdi,
                 idx,
                 rel: grain_rel,
                 old,
                 host,
-            }
+            };
+            (run, claim)
         };
-        let result = self.fill_and_publish(e, t, w, &run, buf, rel, below, zeros);
-        let mut st = w.state.lock();
-        for k in 0..run.old.len() as u64 {
-            st.pending.remove(&(first_g + k));
-        }
-        w.settled.notify_all();
-        drop(st);
-        result
+        let (run, _claim) = run;
+        self.fill_and_publish(e, t, w, &run, buf, rel, below, zeros)
     }
 
     /// Fills and writes the grains of a reserved run, then points their
@@ -761,7 +734,7 @@ impl Vmdk {
         let raw: Vec<u32> = (0..count)
             .map(|k| ((run.host + k * gs) / 512) as u32)
             .collect();
-        let _st = w.state.lock();
+        let _st = w.alloc.lock();
         w.set_entries(self, t, run.gdi, run.gt, run.idx, &raw)?;
         Ok(n)
     }
@@ -774,12 +747,10 @@ impl Vmdk {
         let gdi = rel / cover;
         let end = end.min((gdi + 1) * cover);
         let has_parent = self.has_parent();
-        let mut st = w.state.lock();
+        let mut st = w.alloc.lock();
         let first_g = rel / gs;
         let count = (end - rel).div_ceil(gs);
-        while (0..count).any(|k| st.pending.contains(&(first_g + k))) {
-            w.settled.wait(&mut st);
-        }
+        w.alloc.wait_for(&mut st, first_g..first_g + count);
         let cur = t.gd_entry(gdi);
         if cur == GD_ZERO || (cur == GD_NONE && !has_parent) {
             return Ok(end - rel);
