@@ -3,6 +3,7 @@
 //!
 //! - [`append`]: the append allocator of formats that grow their file
 //!   (frontier, pending units, claims).
+//! - [`cow`]: copy-on-write data writes into freshly allocated runs.
 //! - [`order`]: ordering of metadata writes against power loss — table
 //!   updates are applied in memory at once and written to the host file
 //!   later, in dependency stages separated by barriers (fdatasync).
@@ -14,6 +15,7 @@
 //!   the power-cut simulation (tests/powercut.rs).
 
 pub mod append;
+pub mod cow;
 pub mod order;
 pub mod overlap;
 pub mod reclaim;

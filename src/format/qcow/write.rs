@@ -34,6 +34,7 @@ use super::header::Header;
 use super::table::{raw_entry, Entry, Tables};
 use super::Qcow;
 use crate::engine::append::{round_up, AppendState, Appender};
+use crate::engine::cow::{fill_from_below, write_new_run, NewRun};
 use crate::engine::order::Stage;
 use crate::engine::overlap::{MetadataMap, Structure};
 use crate::error::{Error, Result};
@@ -287,40 +288,28 @@ impl Qcow {
         let g = self.tables.geometry();
         let cs = g.cluster_size();
         let count = run.old.len() as u64;
-        let run_end = run.guest + count * cs;
-        let buf_end = pos + buf.len() as u64;
-        let n = (buf_end.min(run_end) - pos) as usize;
         let vsize = self.virtual_size();
-        let covers_all = pos == run.guest && buf_end >= run_end.min(vsize);
-        self.writer().map.guard(run.host, count * cs, run.guest)?;
-        if zeros && covers_all {
-            // The reserved space was never written: it reads as zeros.
-            // Writing its last sector makes the file cover it.
-            self.file
-                .write_all_at(&[0u8; 512], run.host + count * cs - 512)?;
-        } else {
-            let mut data = vec![0u8; (count * cs) as usize];
-            for (k, old) in run.old.iter().enumerate() {
-                let c = run.guest + k as u64 * cs;
-                let covered = pos <= c && buf_end >= (c + cs).min(vsize);
-                if covered {
-                    continue;
+        let new_run = NewRun {
+            guest: run.guest,
+            host: run.host,
+            count,
+            unit: cs,
+        };
+        let n = write_new_run(
+            &self.file,
+            &self.writer().map,
+            new_run,
+            vsize,
+            buf,
+            pos,
+            zeros,
+            &mut |k, c, out| match run.old[k] {
+                Entry::Compressed { offset, size } => {
+                    self.cluster_from_compressed(c, offset, size, out)
                 }
-                let out = &mut data[k * cs as usize..(k + 1) * cs as usize];
-                match *old {
-                    Entry::Compressed { offset, size } => {
-                        self.cluster_from_compressed(c, offset, size, out)?
-                    }
-                    _ => {
-                        let visible = (vsize - c).min(cs) as usize;
-                        below.read_below(&mut out[..visible], c)?;
-                    }
-                }
-            }
-            let at = (pos - run.guest) as usize;
-            data[at..at + n].copy_from_slice(&buf[..n]);
-            self.file.write_all_at(&data, run.host)?;
-        }
+                _ => fill_from_below(below, c, out, vsize),
+            },
+        )?;
         // Point the entries at the written clusters (under the lock: all
         // table changes are serialised).
         let _st = self.writer().alloc.lock();

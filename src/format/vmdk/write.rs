@@ -51,6 +51,7 @@ use super::descriptor::{Access, ExtentType};
 use super::extent::{Extent, ExtentData, Grain, GrainTables, GteCodec, GD_BAD, GD_NONE, GD_ZERO};
 use super::Vmdk;
 use crate::engine::append::{round_up, AppendState, Appender};
+use crate::engine::cow::{fill_from_below, write_new_run, NewRun};
 use crate::engine::order::Stage;
 use crate::engine::overlap::{MetadataMap, Structure};
 use crate::error::{Error, ErrorKind, Result};
@@ -703,34 +704,30 @@ impl Vmdk {
     ) -> Result<usize> {
         let gs = t.grain_size;
         let count = run.old.len() as u64;
-        let run_end = run.rel + count * gs;
-        let buf_end = rel + buf.len() as u64;
-        let n = (buf_end.min(run_end) - rel) as usize;
         let cap = t.capacity;
-        let covers_all = rel == run.rel && buf_end >= run_end.min(cap);
-        w.map.guard(run.host, count * gs, e.start + run.rel)?;
+        // In guest offsets (the extent starts at `e.start`), as the layers
+        // below and the overlap log see them.
+        let new_run = NewRun {
+            guest: e.start + run.rel,
+            host: run.host,
+            count,
+            unit: gs,
+        };
         w.dirty.store(true, Ordering::Release);
-        if zeros && covers_all {
-            // The reserved space was never written: it reads as zeros.
-            // Writing its last sector makes the file cover it.
-            t.file
-                .write_all_at(&[0u8; 512], run.host + count * gs - 512)?;
-        } else {
-            let mut data = vec![0u8; (count * gs) as usize];
-            for (k, old) in run.old.iter().enumerate() {
-                let c = run.rel + k as u64 * gs;
-                let covered = rel <= c && buf_end >= (c + gs).min(cap);
-                if covered || *old == Grain::Zero || c >= cap {
-                    continue;
-                }
-                let out = &mut data[k * gs as usize..(k + 1) * gs as usize];
-                let visible = (cap - c).min(gs) as usize;
-                below.read_below(&mut out[..visible], e.start + c)?;
-            }
-            let at = (rel - run.rel) as usize;
-            data[at..at + n].copy_from_slice(&buf[..n]);
-            t.file.write_all_at(&data, run.host)?;
-        }
+        let end = e.start + cap;
+        let n = write_new_run(
+            &t.file,
+            &w.map,
+            new_run,
+            end,
+            buf,
+            e.start + rel,
+            zeros,
+            &mut |k, c, out| match run.old[k] {
+                Grain::Zero => Ok(()),
+                _ => fill_from_below(below, c, out, end),
+            },
+        )?;
         let raw: Vec<u32> = (0..count)
             .map(|k| ((run.host + k * gs) / 512) as u32)
             .collect();
