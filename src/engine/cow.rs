@@ -30,15 +30,19 @@ pub struct NewRun {
 
 impl NewRun {
     /// Bytes of the run.
-    pub fn len(&self) -> u64 {
+    pub fn bytes(&self) -> u64 {
         self.count * self.unit
     }
 
     /// Guest offset one past the run.
     pub fn guest_end(&self) -> u64 {
-        self.guest + self.len()
+        self.guest + self.bytes()
     }
 }
+
+/// Fills unit `k` at guest offset `guest` into `out` (see
+/// [`write_new_run`]).
+pub type Fill<'a> = dyn FnMut(usize, u64, &mut [u8]) -> Result<()> + 'a;
 
 /// Writes the start of `buf` (guest offset `pos`, inside the run's first
 /// unit) into the run and returns how many bytes of it were written.
@@ -59,20 +63,20 @@ pub fn write_new_run(
     buf: &[u8],
     pos: u64,
     zeros: bool,
-    fill: &mut dyn FnMut(usize, u64, &mut [u8]) -> Result<()>,
+    fill: &mut Fill<'_>,
 ) -> Result<usize> {
     let unit = run.unit;
     let run_end = run.guest_end();
     let buf_end = pos + buf.len() as u64;
     let n = (buf_end.min(run_end) - pos) as usize;
-    map.guard(run.host, run.len(), run.guest)?;
+    map.guard(run.host, run.bytes(), run.guest)?;
     let covers_all = pos == run.guest && buf_end >= run_end.min(vsize);
     if zeros && covers_all {
         return file
-            .write_all_at(&[0u8; 512], run.host + run.len() - 512)
+            .write_all_at(&[0u8; 512], run.host + run.bytes() - 512)
             .map(|()| n);
     }
-    let mut data = vec![0u8; run.len() as usize];
+    let mut data = vec![0u8; run.bytes() as usize];
     for (k, out) in data.chunks_mut(unit as usize).enumerate() {
         let c = run.guest + k as u64 * unit;
         let covered = pos <= c && buf_end >= (c + unit).min(vsize);
