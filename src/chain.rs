@@ -183,18 +183,6 @@ impl Chain {
         })
     }
 
-    /// A chain over layers opened elsewhere (tests, overlays).
-    pub fn from_layers(layers: Vec<Arc<dyn Layer>>, caches: Arc<Caches>) -> Result<Chain> {
-        if layers.is_empty() {
-            return Err(Error::invalid("a chain needs at least one layer"));
-        }
-        Ok(Chain {
-            layers,
-            caches,
-            seen_compressed: Default::default(),
-        })
-    }
-
     /// The guest size: the top layer's virtual size.
     pub fn size(&self) -> u64 {
         self.layers[0].virtual_size()
@@ -216,7 +204,8 @@ impl Chain {
             .checked_add(buf.len() as u64)
             .filter(|&e| e <= self.size())
             .ok_or_else(|| {
-                Error::new(ErrorKind::OutOfRange, "read beyond the end of the disk").at(offset)
+                Error::new(ErrorKind::OutOfRange, "read beyond the end of the disk")
+                    .at_guest(offset)
             })?;
         let _ = end;
         let parts = self.parallel_parts(buf.len());
@@ -239,7 +228,7 @@ impl Chain {
             let mut result = self.read_layer(0, first, offset);
             for h in handles {
                 let r = h.join().unwrap_or_else(|_| {
-                    Err(Error::new(ErrorKind::Io, "a read worker panicked").at(offset))
+                    Err(Error::internal("a read worker panicked").at_guest(offset))
                 });
                 if result.is_ok() {
                     result = r;
@@ -285,10 +274,10 @@ impl Chain {
                 .map(pos, want)
                 .map_err(|e| e.with_path(layer.path()))?;
             if n == 0 || n > want {
-                return Err(Error::corrupt(format!(
+                return Err(Error::internal(format!(
                     "driver mapped a run of {n} bytes where 1..={want} were asked"
                 ))
-                .at(pos)
+                .at_guest(pos)
                 .with_path(layer.path()));
             }
             let chunk = &mut buf[done..done + n as usize];
@@ -315,7 +304,7 @@ impl Chain {
     ) -> Result<()> {
         let bad = |what: &str| {
             Err(Error::corrupt(format!("compressed block {what}"))
-                .at(pos)
+                .at_guest(pos)
                 .with_path(layer.path()))
         };
         if block.len == 0 || block.len > MAX_BLOCK {
@@ -339,7 +328,7 @@ impl Chain {
             }
             return layer
                 .decompress(block, out)
-                .map_err(|e| e.at(block.host_offset).with_path(layer.path()));
+                .map_err(|e| e.at_host(block.host_offset).with_path(layer.path()));
         }
         let need = start + out.len();
         let data = match self.caches.blocks.get(key) {
@@ -357,7 +346,7 @@ impl Chain {
                 let mut d = vec![0u8; len];
                 layer
                     .decompress(block, &mut d)
-                    .map_err(|e| e.at(block.host_offset).with_path(layer.path()))?;
+                    .map_err(|e| e.at_host(block.host_offset).with_path(layer.path()))?;
                 let d: Arc<[u8]> = d.into();
                 self.caches.blocks.insert(key, d.clone());
                 d
@@ -394,7 +383,9 @@ impl Chain {
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size() => Ok(()),
-            _ => Err(Error::new(ErrorKind::OutOfRange, "beyond the end of the disk").at(offset)),
+            _ => Err(
+                Error::new(ErrorKind::OutOfRange, "beyond the end of the disk").at_guest(offset),
+            ),
         }
     }
 
@@ -580,11 +571,8 @@ fn open_backing(
 ) -> Result<Arc<dyn Layer>> {
     let path: PathBuf = policy.resolve(child.path(), &spec.name)?;
     let wrap = |e: Error| {
-        Error::new(
-            e.kind(),
-            format!("backing file {:?} cannot be opened: {e}", spec.name),
-        )
-        .with_path(child.path())
+        e.context(format!("backing file {:?} cannot be opened", spec.name))
+            .with_path(child.path())
     };
     let file = policy.open_path(&path, false).map_err(wrap)?;
     let fmt = match spec.format {

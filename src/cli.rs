@@ -777,14 +777,14 @@ fn open_disks(plan: &MountPlan, cache_size: u64, threads: usize) -> Result<Vec<D
         let xattrs = disk_xattrs(&chain);
         let chain = Arc::new(chain);
         let parts = if plan.partitions {
-            crate::partition::partition_disks(name, &chain, &xattrs)?
+            crate::fs::partitions::partition_disks(name, &chain, &xattrs)?
         } else {
             Vec::new()
         };
         disks.push(Disk::new(name.clone(), chain, xattrs));
         disks.extend(parts);
     }
-    crate::partition::check_unique_names(&disks)?;
+    crate::fs::partitions::check_unique_names(&disks)?;
     Ok(disks)
 }
 

@@ -39,6 +39,9 @@ pub enum ErrorKind {
     /// A parent is not the image its child was made against (VMDK CID,
     /// VHDX DataWriteGuid).
     CidMismatch,
+    /// A bug in vdiskfs itself (a state its own code should never reach),
+    /// reported instead of a panic.
+    Internal,
 }
 
 impl ErrorKind {
@@ -58,18 +61,26 @@ impl ErrorKind {
             ErrorKind::Policy => "refused by policy",
             ErrorKind::Locked => "locked",
             ErrorKind::CidMismatch => "CID mismatch",
+            ErrorKind::Internal => "internal error (a bug in vdiskfs)",
         }
     }
 }
 
 /// An error with its kind and context.
+///
+/// Offsets are labelled: a *guest* offset is a position on the virtual
+/// disk (what the user read or wrote), a *host* offset a position in an
+/// image file. Wrapping an error with [`Error::context`] keeps the inner
+/// error whole (its kind, file, offsets and io source) as the cause.
 #[derive(Debug)]
 pub struct Error {
     kind: ErrorKind,
     path: Option<PathBuf>,
-    offset: Option<u64>,
+    guest: Option<u64>,
+    host: Option<u64>,
     message: String,
     source: Option<io::Error>,
+    cause: Option<Box<Error>>,
 }
 
 /// Result alias used throughout the crate.
@@ -81,9 +92,32 @@ impl Error {
         Error {
             kind,
             path: None,
-            offset: None,
+            guest: None,
+            host: None,
             message: message.into(),
             source: None,
+            cause: None,
+        }
+    }
+
+    /// Shorthand for [`ErrorKind::Internal`]: a state vdiskfs's own code
+    /// should never reach.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Internal, message)
+    }
+
+    /// Wraps this error in an outer `message` (what was being done when it
+    /// happened). The outer error has the same kind; this one stays whole
+    /// as its cause, so its errno, file and offsets are not lost.
+    pub fn context(self, message: impl Into<String>) -> Self {
+        Error {
+            kind: self.kind,
+            path: None,
+            guest: None,
+            host: None,
+            message: message.into(),
+            source: None,
+            cause: Some(Box::new(self)),
         }
     }
 
@@ -112,9 +146,11 @@ impl Error {
         Error {
             kind,
             path: None,
-            offset: None,
+            guest: None,
+            host: None,
             message: message.into(),
             source: Some(source),
+            cause: None,
         }
     }
 
@@ -127,11 +163,17 @@ impl Error {
         self
     }
 
-    /// Attaches the offset the error concerns (kept if already set).
-    pub fn at(mut self, offset: u64) -> Self {
-        if self.offset.is_none() {
-            self.offset = Some(offset);
-        }
+    /// Attaches the guest (virtual disk) offset the error concerns (kept
+    /// if already set).
+    pub fn at_guest(mut self, offset: u64) -> Self {
+        self.guest.get_or_insert(offset);
+        self
+    }
+
+    /// Attaches the host (image file) offset the error concerns (kept if
+    /// already set).
+    pub fn at_host(mut self, offset: u64) -> Self {
+        self.host.get_or_insert(offset);
         self
     }
 
@@ -140,14 +182,29 @@ impl Error {
         self.kind
     }
 
-    /// The file this error concerns, if known.
+    /// The file this error concerns, if known (the innermost one named).
     pub fn path(&self) -> Option<&Path> {
-        self.path.as_deref()
+        self.cause
+            .as_ref()
+            .and_then(|c| c.path())
+            .or(self.path.as_deref())
     }
 
-    /// The offset this error concerns, if known.
-    pub fn offset(&self) -> Option<u64> {
-        self.offset
+    /// The guest offset this error concerns, if known.
+    pub fn guest_offset(&self) -> Option<u64> {
+        self.guest
+            .or_else(|| self.cause.as_ref().and_then(|c| c.guest_offset()))
+    }
+
+    /// The host offset this error concerns, if known.
+    pub fn host_offset(&self) -> Option<u64> {
+        self.host
+            .or_else(|| self.cause.as_ref().and_then(|c| c.host_offset()))
+    }
+
+    /// The error this one wraps, if any (see [`Error::context`]).
+    pub fn cause(&self) -> Option<&Error> {
+        self.cause.as_deref()
     }
 
     /// The message without context.
@@ -157,6 +214,11 @@ impl Error {
 
     /// The errno a FUSE reply (or a process exit) should carry.
     pub fn errno(&self) -> i32 {
+        if let Some(cause) = &self.cause {
+            if cause.kind == self.kind {
+                return cause.errno();
+            }
+        }
         match self.kind {
             ErrorKind::Io => self
                 .source
@@ -174,7 +236,8 @@ impl Error {
             | ErrorKind::Encrypted
             | ErrorKind::ChainLoop
             | ErrorKind::ChainTooDeep
-            | ErrorKind::CidMismatch => libc::EIO,
+            | ErrorKind::CidMismatch
+            | ErrorKind::Internal => libc::EIO,
         }
     }
 }
@@ -185,11 +248,17 @@ impl fmt::Display for Error {
             write!(f, "{}: ", path.display())?;
         }
         write!(f, "{}", self.message)?;
-        if let Some(offset) = self.offset {
-            write!(f, " (at offset {offset:#x})")?;
+        match (self.guest, self.host) {
+            (Some(g), Some(h)) => write!(f, " (guest offset {g:#x}, host offset {h:#x})")?,
+            (Some(g), None) => write!(f, " (guest offset {g:#x})")?,
+            (None, Some(h)) => write!(f, " (host offset {h:#x})")?,
+            (None, None) => {}
         }
         if let Some(source) = &self.source {
             write!(f, ": {source}")?;
+        }
+        if let Some(cause) = &self.cause {
+            write!(f, ": {cause}")?;
         }
         Ok(())
     }
@@ -197,7 +266,11 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_ref().map(|e| e as _)
+        match (&self.cause, &self.source) {
+            (Some(c), _) => Some(c.as_ref() as _),
+            (None, Some(s)) => Some(s as _),
+            (None, None) => None,
+        }
     }
 }
 
@@ -205,16 +278,26 @@ impl std::error::Error for Error {
 pub trait ResultExt<T> {
     /// See [`Error::with_path`].
     fn with_path(self, path: impl AsRef<Path>) -> Result<T>;
-    /// See [`Error::at`].
-    fn at(self, offset: u64) -> Result<T>;
+    /// See [`Error::at_guest`].
+    fn at_guest(self, offset: u64) -> Result<T>;
+    /// See [`Error::at_host`].
+    fn at_host(self, offset: u64) -> Result<T>;
+    /// See [`Error::context`].
+    fn context(self, message: impl Into<String>) -> Result<T>;
 }
 
 impl<T> ResultExt<T> for Result<T> {
     fn with_path(self, path: impl AsRef<Path>) -> Result<T> {
         self.map_err(|e| e.with_path(path))
     }
-    fn at(self, offset: u64) -> Result<T> {
-        self.map_err(|e| e.at(offset))
+    fn at_guest(self, offset: u64) -> Result<T> {
+        self.map_err(|e| e.at_guest(offset))
+    }
+    fn at_host(self, offset: u64) -> Result<T> {
+        self.map_err(|e| e.at_host(offset))
+    }
+    fn context(self, message: impl Into<String>) -> Result<T> {
+        self.map_err(|e| e.context(message))
     }
 }
 
@@ -225,11 +308,13 @@ mod tests {
     #[test]
     fn display_is_one_line_with_context() {
         let e = Error::corrupt("L2 table offset past end of file")
-            .at(0x30000)
+            .at_host(0x30000)
+            .at_guest(0x1000)
             .with_path("/img/a.qcow2");
         assert_eq!(
             e.to_string(),
-            "/img/a.qcow2: L2 table offset past end of file (at offset 0x30000)"
+            "/img/a.qcow2: L2 table offset past end of file (guest offset 0x1000, host offset \
+             0x30000)"
         );
         assert_eq!(e.errno(), libc::EIO);
     }
@@ -238,6 +323,35 @@ mod tests {
     fn innermost_context_wins() {
         let e = Error::corrupt("x").with_path("inner").with_path("outer");
         assert_eq!(e.path(), Some(Path::new("inner")));
+    }
+
+    #[test]
+    fn context_keeps_the_cause_whole() {
+        let inner = Error::io("read failed", io::Error::from_raw_os_error(libc::ENOSPC))
+            .at_host(0x200)
+            .with_path("base.vmdk");
+        let e = inner
+            .context("extent 1 cannot be read")
+            .with_path("disk.vmdk");
+        assert_eq!(e.kind(), ErrorKind::Io);
+        assert_eq!(e.errno(), libc::ENOSPC, "the io source survives wrapping");
+        assert_eq!(e.host_offset(), Some(0x200));
+        assert_eq!(e.path(), Some(Path::new("base.vmdk")));
+        assert_eq!(
+            e.to_string(),
+            "disk.vmdk: extent 1 cannot be read: base.vmdk: read failed (host offset 0x200): \
+             No space left on device (os error 28)"
+        );
+        let source = std::error::Error::source(&e).expect("a source");
+        assert!(source.to_string().starts_with("base.vmdk: read failed"));
+    }
+
+    #[test]
+    fn internal_bugs_have_their_own_kind() {
+        let e = Error::internal("flat writer on a non-flat extent");
+        assert_eq!(e.kind(), ErrorKind::Internal);
+        assert_eq!(e.errno(), libc::EIO);
+        assert!(e.kind().as_str().contains("bug"));
     }
 
     #[test]

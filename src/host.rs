@@ -207,7 +207,9 @@ impl HostFile {
         &self.path
     }
 
-    /// The file's length when it was opened (or as last grown by us).
+    /// The file's length when it was opened. It is not updated as writes
+    /// grow the file: writers track their own end (e.g. an allocator's
+    /// frontier).
     pub fn len(&self) -> u64 {
         self.len
     }
@@ -244,7 +246,7 @@ impl HostFile {
                 buf.len(),
                 self.len
             ))
-            .at(offset)
+            .at_host(offset)
             .with_path(&self.path));
         }
         Ok(())
@@ -281,13 +283,15 @@ impl HostFile {
         while done < buf.len() {
             let pos = offset
                 .checked_add(done as u64)
-                .ok_or_else(|| Error::corrupt("offset overflows").at(offset))?;
+                .ok_or_else(|| Error::corrupt("offset overflows").at_host(offset))?;
             match self.file.read_at(&mut buf[done..], pos) {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    return Err(Error::io("read failed", e).at(pos).with_path(&self.path));
+                    return Err(Error::io("read failed", e)
+                        .at_host(pos)
+                        .with_path(&self.path));
                 }
             }
         }
@@ -309,7 +313,7 @@ impl HostFile {
         while done < buf.len() {
             let pos = offset
                 .checked_add(done as u64)
-                .ok_or_else(|| Error::corrupt("offset overflows").at(offset))?;
+                .ok_or_else(|| Error::corrupt("offset overflows").at_host(offset))?;
             let start = pos - pos % A;
             let skip = (pos - start) as usize;
             let span = (skip + buf.len() - done).min(DIRECT_CHUNK + DIRECT_ALIGN);
@@ -320,7 +324,7 @@ impl HostFile {
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         return Err(Error::io("read failed (O_DIRECT)", e)
-                            .at(start)
+                            .at_host(start)
                             .with_path(&self.path))
                     }
                 }
@@ -416,7 +420,7 @@ impl HostFile {
         let _one_at_a_time = (buf.len() >= LARGE_WRITE).then(|| self.large_writes.lock());
         self.file.write_all_at(buf, offset).map_err(|e| {
             Error::io("write failed", e)
-                .at(offset)
+                .at_host(offset)
                 .with_path(&self.path)
         })?;
         self.record(|| Event::Write {
@@ -434,7 +438,9 @@ impl HostFile {
         self.check_writable()?;
         self.queue.patch(None, offset, len);
         let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return Err(Error::new(ErrorKind::OutOfRange, "hole beyond any file size").at(offset));
+            return Err(
+                Error::new(ErrorKind::OutOfRange, "hole beyond any file size").at_host(offset),
+            );
         };
         // SAFETY: a plain fallocate on our own open descriptor.
         let rc = unsafe {
@@ -452,7 +458,7 @@ impl HostFile {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
             return Err(Error::io("punching a hole failed", e)
-                .at(offset)
+                .at_host(offset)
                 .with_path(&self.path));
         }
         let zeros = vec![0u8; 1 << 20];

@@ -251,7 +251,7 @@ impl Layer for Parallels {
             max_len,
             |i| self.block(i),
         )
-        .map_err(|e| e.at(offset).with_path(self.file.path()))
+        .map_err(|e| e.at_guest(offset).with_path(self.file.path()))
     }
 
     fn backing(&self) -> Option<BackingSpec> {

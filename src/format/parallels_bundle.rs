@@ -202,7 +202,7 @@ impl Layer for Bundle {
         let idx = self.storages.partition_point(|s| s.end <= sector);
         let s = self.storages.get(idx).ok_or_else(|| {
             Error::new(ErrorKind::OutOfRange, "beyond the last storage")
-                .at(offset)
+                .at_guest(offset)
                 .with_path(self.file.path())
         })?;
         let inner = offset - s.start * 512;

@@ -384,7 +384,7 @@ impl Layer for Vdi {
             max_len,
             |i| self.block(i),
         )
-        .map_err(|e| e.at(offset).with_path(self.file.path()))?;
+        .map_err(|e| e.at_guest(offset).with_path(self.file.path()))?;
         // A static or dynamic image has no parent: unallocated reads as zeros.
         let m = match (m, &self.parent) {
             (Mapping::Backing, None) => Mapping::Zero,

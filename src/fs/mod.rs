@@ -25,6 +25,7 @@ use crate::chain::{Chain, Status};
 use crate::error::Error;
 
 mod mount;
+pub mod partitions;
 pub use mount::{mount, MountConfig, Session, Unmounter};
 
 /// How long the kernel may cache attributes and entries: the set of files

@@ -207,7 +207,7 @@ impl Layer for Qcow {
 
     fn map(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)> {
         self.map_inner(offset, max_len)
-            .map_err(|e| e.at(offset).with_path(self.file.path()))
+            .map_err(|e| e.at_guest(offset).with_path(self.file.path()))
     }
 
     fn decompress(&self, block: &CompressedBlock, out: &mut [u8]) -> Result<()> {
@@ -228,7 +228,7 @@ impl Layer for Qcow {
         let mut input = vec![0u8; want as usize];
         let got = self.file.read_at_most(&mut input, block.host_offset)?;
         compress::decompress(Method::Deflate, &input[..got], out, false)
-            .map_err(|e| e.at(block.host_offset).with_path(self.file.path()))
+            .map_err(|e| e.at_host(block.host_offset).with_path(self.file.path()))
     }
 
     fn backing(&self) -> Option<BackingSpec> {

@@ -500,7 +500,7 @@ impl WriteLayer for Qcow {
             let pos = offset + done as u64;
             done += self
                 .write_some(&buf[done..], pos, below, false)
-                .map_err(|e| e.at(pos))?;
+                .map_err(|e| e.at_guest(pos))?;
         }
         self.flush_if_due()
     }
@@ -508,7 +508,7 @@ impl WriteLayer for Qcow {
     fn write_zeroes(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()> {
         self.writer().map.refuse_if_tripped()?;
         self.write_zeroes_inner(offset, len, below)
-            .map_err(|e| e.at(offset))?;
+            .map_err(|e| e.at_guest(offset))?;
         self.flush_if_due()
     }
 

@@ -104,10 +104,7 @@ impl Qcow2 {
                 ctx.policy
                     .open_named(file.path(), name, ctx.writable)
                     .map_err(|e| {
-                        Error::new(
-                            e.kind(),
-                            format!("external data file {name:?} cannot be opened: {e}"),
-                        )
+                        e.context(format!("external data file {name:?} cannot be opened"))
                     })?,
             ),
             _ => None,
@@ -328,7 +325,7 @@ impl Layer for Qcow2 {
         let cov = geo.l2_coverage();
         let table_end = (offset / cov + 1).saturating_mul(cov);
         let limit = offset.saturating_add(max_len).min(table_end);
-        let table = self.l2_table(offset).map_err(|e| e.at(offset))?;
+        let table = self.l2_table(offset).map_err(|e| e.at_guest(offset))?;
         if table == 0 {
             return Ok((Mapping::Backing, limit - offset));
         }
@@ -341,7 +338,7 @@ impl Layer for Qcow2 {
         };
         let unit = geo.unit_size();
         let unit_start = offset - offset % unit;
-        let first = walk.unit(offset).map_err(|e| e.at(offset))?;
+        let first = walk.unit(offset).map_err(|e| e.at_guest(offset))?;
         let first_data = match first {
             Unit::Compressed { host, len } => {
                 let cs = geo.cluster_size();
@@ -399,7 +396,7 @@ impl Layer for Qcow2 {
                 block.guest_start,
                 e.message()
             ))
-            .at(block.host_offset)
+            .at_host(block.host_offset)
             .with_path(self.file.path())
         })
     }

@@ -781,7 +781,9 @@ impl WriteLayer for Qcow2 {
         while done < buf.len() {
             let pos = offset + done as u64;
             let rest = &buf[done..];
-            let n = self.write_in_place_run(rest, pos).map_err(|e| e.at(pos))?;
+            let n = self
+                .write_in_place_run(rest, pos)
+                .map_err(|e| e.at_guest(pos))?;
             if n > 0 {
                 done += n;
                 continue;
@@ -793,7 +795,7 @@ impl WriteLayer for Qcow2 {
                 let n = ((cs - pos % cs) as usize).min(rest.len());
                 self.write_partial(&rest[..n], pos, below).map(|()| n)
             };
-            done += n.map_err(|e| e.at(pos))?;
+            done += n.map_err(|e| e.at_guest(pos))?;
         }
         self.flush_if_due()
     }
@@ -814,7 +816,7 @@ impl WriteLayer for Qcow2 {
             } else {
                 self.write_cluster(&vec![0u8; n as usize], pos, below)
             };
-            r.map_err(|e| e.at(pos))?;
+            r.map_err(|e| e.at_guest(pos))?;
             pos += n;
         }
         self.flush_if_due()

@@ -169,7 +169,7 @@ impl Vhd {
         }
         let mut raw = vec![0u8; DYN_HEADER_LEN];
         self.file.read_exact_at(&mut raw, at)?;
-        let header = DynHeader::parse(&raw).map_err(|e| e.at(at))?;
+        let header = DynHeader::parse(&raw).map_err(|e| e.at_host(at))?;
         let block_size = u64::from(header.block_size);
         let needed = self.virtual_size.div_ceil(block_size);
         if u64::from(header.max_table_entries) < needed {
@@ -283,7 +283,7 @@ impl Vhd {
 
 /// Prefixes an error message with where it was found.
 fn prefix(e: Error, what: &str) -> Error {
-    Error::new(e.kind(), format!("{what}: {}", e.message()))
+    e.context(what)
 }
 
 impl Layer for Vhd {
@@ -308,7 +308,7 @@ impl Layer for Vhd {
             return Ok((data, max_len));
         };
         self.map_dynamic(d, offset, max_len)
-            .map_err(|e| e.at(offset).with_path(self.file.path()))
+            .map_err(|e| e.at_guest(offset).with_path(self.file.path()))
     }
 
     fn backing(&self) -> Option<BackingSpec> {

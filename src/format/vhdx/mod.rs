@@ -293,7 +293,7 @@ impl Layer for Vhdx {
 
     fn map(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)> {
         self.map_inner(offset, max_len)
-            .map_err(|e| e.at(offset).with_path(self.path()))
+            .map_err(|e| e.at_guest(offset).with_path(self.path()))
     }
 
     fn decompress(&self, block: &CompressedBlock, out: &mut [u8]) -> Result<()> {
@@ -304,7 +304,7 @@ impl Layer for Vhdx {
             }
             _ => Err(
                 Error::corrupt("VHDX logged page not found in the replayed log")
-                    .at(block.host_offset)
+                    .at_host(block.host_offset)
                     .with_path(self.path()),
             ),
         }

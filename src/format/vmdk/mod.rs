@@ -205,9 +205,9 @@ impl Vmdk {
                 .and_then(|b| total.checked_add(b))
                 .filter(|&t| t <= i64::MAX as u64)
                 .ok_or_else(|| Error::corrupt(format!("disk size overflows at {line}")))?;
-            let e = self.open_extent(&desc_path, idx, line, ctx).map_err(|e| {
-                Error::new(e.kind(), format!("extent of {line}: {e}")).with_path(&desc_path)
-            })?;
+            let e = self
+                .open_extent(&desc_path, idx, line, ctx)
+                .map_err(|e| e.context(format!("extent of {line}")).with_path(&desc_path))?;
             self.push(e);
         }
         self.desc = Some(d);
@@ -286,7 +286,7 @@ impl Vmdk {
             .and_then(|i| self.extents.get(i))
             .filter(|e| offset - e.start < e.len)
             .ok_or_else(|| {
-                Error::new(ErrorKind::OutOfRange, "offset beyond the last extent").at(offset)
+                Error::new(ErrorKind::OutOfRange, "offset beyond the last extent").at_guest(offset)
             })
     }
 
@@ -331,8 +331,8 @@ impl Layer for Vmdk {
         let rel = offset - e.start;
         let max = max_len.min(e.len - rel);
         let ctx = |err: Error| match &e.file {
-            Some(f) => err.at(offset).with_path(f.path()),
-            None => err.at(offset),
+            Some(f) => err.at_guest(offset).with_path(f.path()),
+            None => err.at_guest(offset),
         };
         match &e.data {
             ExtentData::Flat { file, offset: base } => Ok((

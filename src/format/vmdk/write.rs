@@ -482,7 +482,7 @@ fn bad_grain(g: Grain) -> Error {
             "compressed grains cannot be written in place; {REFUSE_HINT}"
         )),
         Grain::Bad(raw) => Error::corrupt(format!("grain table entry {raw:#x} is invalid")),
-        _ => Error::corrupt("unexpected grain state"),
+        g => Error::internal(format!("grain {g:?} reached the allocation path")),
     }
 }
 
@@ -498,7 +498,7 @@ impl Vmdk {
         i.checked_sub(1)
             .filter(|&i| offset - self.extents[i].start < self.extents[i].len)
             .ok_or_else(|| {
-                Error::new(ErrorKind::OutOfRange, "offset beyond the last extent").at(offset)
+                Error::new(ErrorKind::OutOfRange, "offset beyond the last extent").at_guest(offset)
             })
     }
 
@@ -905,19 +905,19 @@ impl WriteLayer for Vmdk {
                     let (file, base) = flat_file(e);
                     dirty.store(true, Ordering::Release);
                     file.write_all_at(piece, base + rel)
-                        .map_err(|err| err.at(pos))?;
+                        .map_err(|err| err.at_guest(pos))?;
                     n
                 }
                 ExtentWriter::Sparse(sw) => {
                     let t = sparse_tables(e);
                     let n = self
                         .sparse_write(e, t, sw, piece, rel, below, false)
-                        .map_err(|err| err.at(pos))?;
+                        .map_err(|err| err.at_guest(pos))?;
                     flush_if_due(&t.file)?;
                     n
                 }
                 ExtentWriter::Refused(kind, msg) => {
-                    return Err(refused(*kind, msg, e).at(pos));
+                    return Err(refused(*kind, msg, e).at_guest(pos));
                 }
             };
             done += wrote;
@@ -939,18 +939,19 @@ impl WriteLayer for Vmdk {
                 ExtentWriter::Flat { dirty } => {
                     let (file, base) = flat_file(e);
                     dirty.store(true, Ordering::Release);
-                    file.punch_hole(base + rel, n).map_err(|err| err.at(pos))?;
+                    file.punch_hole(base + rel, n)
+                        .map_err(|err| err.at_guest(pos))?;
                 }
                 ExtentWriter::Sparse(sw) => {
                     let t = sparse_tables(e);
                     self.sparse_zeroes(e, t, sw, rel, rel + n, below)
-                        .map_err(|err| err.at(pos))?;
+                        .map_err(|err| err.at_guest(pos))?;
                     flush_if_due(&t.file)?;
                 }
                 // A ZERO extent already reads as zeros.
                 ExtentWriter::Refused(..) if matches!(e.data, ExtentData::Zero) => {}
                 ExtentWriter::Refused(kind, msg) => {
-                    return Err(refused(*kind, msg, e).at(pos));
+                    return Err(refused(*kind, msg, e).at_guest(pos));
                 }
             }
             pos += n;

@@ -14,15 +14,15 @@
 //! partitions count from 5 in chain order; GPT partitions are their entry
 //! index + 1.
 
-use std::collections::HashSet;
-use std::ffi::{OsStr, OsString};
-use std::sync::Arc;
+//!
+//! [`mbr`] parses DOS tables and EBR chains, [`gpt`] GUID tables; the
+//! exposed partition files are built from a [`Table`] by
+//! `crate::fs::partitions`.
 
-use log::warn;
+use crate::error::Result;
 
-use crate::chain::Chain;
-use crate::error::{Error, Result};
-use crate::fs::Disk;
+mod gpt;
+mod mbr;
 
 /// Most logical partitions followed in an MBR extended partition.
 pub const MAX_LOGICAL: usize = 128;
@@ -81,17 +81,22 @@ pub struct Table {
 /// Reads `buf.len()` bytes at a disk offset.
 pub type ReadAt<'a> = &'a dyn Fn(&mut [u8], u64) -> Result<()>;
 
-fn le16(b: &[u8], at: usize) -> u16 {
+pub(crate) fn le16(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
-fn le32(b: &[u8], at: usize) -> u32 {
+pub(crate) fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
-fn le64(b: &[u8], at: usize) -> u64 {
+pub(crate) fn le64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-fn read_sector(read: ReadAt<'_>, size: u64, offset: u64, len: usize) -> Result<Option<Vec<u8>>> {
+pub(crate) fn read_sector(
+    read: ReadAt<'_>,
+    size: u64,
+    offset: u64,
+    len: usize,
+) -> Result<Option<Vec<u8>>> {
     match offset.checked_add(len as u64) {
         Some(end) if end <= size => {
             let mut b = vec![0u8; len];
@@ -100,31 +105,6 @@ fn read_sector(read: ReadAt<'_>, size: u64, offset: u64, len: usize) -> Result<O
         }
         _ => Ok(None),
     }
-}
-
-/// One 16-byte MBR entry.
-#[derive(Debug, Clone, Copy)]
-struct MbrEntry {
-    status: u8,
-    kind: u8,
-    lba: u32,
-    sectors: u32,
-}
-
-fn mbr_entries(sector: &[u8]) -> [MbrEntry; 4] {
-    std::array::from_fn(|i| {
-        let e = &sector[446 + 16 * i..446 + 16 * (i + 1)];
-        MbrEntry {
-            status: e[0],
-            kind: e[4],
-            lba: le32(e, 8),
-            sectors: le32(e, 12),
-        }
-    })
-}
-
-fn is_extended(kind: u8) -> bool {
-    matches!(kind, 0x05 | 0x0f | 0x85)
 }
 
 /// Reads the partition table of a disk of `size` bytes, or `None` when the
@@ -136,7 +116,7 @@ pub fn read_table(read: ReadAt<'_>, size: u64) -> Result<Option<Table>> {
     if le16(&mbr, 510) != 0xaa55 {
         return Ok(None);
     }
-    let entries = mbr_entries(&mbr);
+    let entries = mbr::slots(&mbr);
     // A filesystem boot sector (FAT, NTFS) also ends in 55 AA; a partition
     // table has only 0x00 or 0x80 as status bytes.
     if entries.iter().any(|e| e.status != 0 && e.status != 0x80) {
@@ -145,9 +125,9 @@ pub fn read_table(read: ReadAt<'_>, size: u64) -> Result<Option<Table>> {
     if entries.iter().any(|e| e.kind == 0xee) {
         let mut warnings = Vec::new();
         for sector_size in [512u64, 4096] {
-            match read_gpt(read, size, sector_size)? {
-                Ok(t) => return Ok(Some(t)),
-                Err(w) => warnings.push(w),
+            match gpt::read(read, size, sector_size)? {
+                gpt::Gpt::Found(t) => return Ok(Some(t)),
+                gpt::Gpt::Unusable(why) => warnings.push(why),
             }
         }
         warnings.dedup();
@@ -159,10 +139,10 @@ pub fn read_table(read: ReadAt<'_>, size: u64) -> Result<Option<Table>> {
                 .collect(),
         }));
     }
-    Ok(Some(read_mbr(read, size, &entries)?))
+    Ok(Some(mbr::read(read, size, &entries)?))
 }
 
-fn push_checked(
+pub(crate) fn push_checked(
     parts: &mut Vec<Partition>,
     warnings: &mut Vec<String>,
     size: u64,
@@ -189,284 +169,9 @@ fn push_checked(
     }
 }
 
-fn read_mbr(read: ReadAt<'_>, size: u64, entries: &[MbrEntry; 4]) -> Result<Table> {
-    let mut parts = Vec::new();
-    let mut warnings = Vec::new();
-    let mut next_logical = 5u32;
-    let blank = |number: u32, kind: u8| Partition {
-        number,
-        offset: 0,
-        length: 0,
-        type_id: format!("0x{kind:02x}"),
-        name: String::new(),
-        uuid: String::new(),
-    };
-    for (i, e) in entries.iter().enumerate() {
-        if e.kind == 0 || e.sectors == 0 {
-            continue;
-        }
-        if !is_extended(e.kind) {
-            let p = blank(i as u32 + 1, e.kind);
-            push_checked(
-                &mut parts,
-                &mut warnings,
-                size,
-                p,
-                e.lba.into(),
-                e.sectors.into(),
-                512,
-            );
-            continue;
-        }
-        // The extended partition: a chain of EBRs, each holding one logical
-        // partition (relative to the EBR) and a link to the next EBR
-        // (relative to the extended partition's start).
-        let ext_start = u64::from(e.lba);
-        let ext_end = ext_start + u64::from(e.sectors);
-        let mut ebr = ext_start;
-        let mut seen = HashSet::new();
-        let mut count = 0usize;
-        loop {
-            if ebr < ext_start || ebr >= ext_end {
-                warnings.push(format!(
-                    "EBR at sector {ebr} lies outside the extended partition"
-                ));
-                break;
-            }
-            if !seen.insert(ebr) {
-                warnings.push(format!("EBR chain loops back to sector {ebr}"));
-                break;
-            }
-            if count >= MAX_LOGICAL {
-                warnings.push(format!(
-                    "more than {MAX_LOGICAL} logical partitions: rest ignored"
-                ));
-                break;
-            }
-            let Some(sector) = read_sector(read, size, ebr * 512, 512)? else {
-                warnings.push(format!("EBR at sector {ebr} lies past the end of the disk"));
-                break;
-            };
-            if le16(&sector, 510) != 0xaa55 {
-                warnings.push(format!("EBR at sector {ebr} has no 55AA signature"));
-                break;
-            }
-            let [data, link, ..] = mbr_entries(&sector);
-            if data.kind != 0 && data.sectors != 0 {
-                let start = ebr + u64::from(data.lba);
-                let p = blank(next_logical, data.kind);
-                if start + u64::from(data.sectors) > ext_end {
-                    warnings.push(format!(
-                        "logical partition {next_logical} extends past its extended partition"
-                    ));
-                }
-                push_checked(
-                    &mut parts,
-                    &mut warnings,
-                    size,
-                    p,
-                    start,
-                    data.sectors.into(),
-                    512,
-                );
-                next_logical += 1;
-                count += 1;
-            }
-            if !is_extended(link.kind) || link.sectors == 0 {
-                break;
-            }
-            ebr = ext_start + u64::from(link.lba);
-        }
-    }
-    Ok(Table {
-        scheme: Scheme::Mbr,
-        partitions: parts,
-        warnings,
-    })
-}
-
-/// Formats a GPT GUID (first three fields little-endian).
-fn guid(b: &[u8]) -> String {
-    format!(
-        "{:08X}-{:04X}-{:04X}-{:02X}{:02X}-{}",
-        le32(b, 0),
-        le16(b, 4),
-        le16(b, 6),
-        b[8],
-        b[9],
-        b[10..16]
-            .iter()
-            .map(|x| format!("{x:02X}"))
-            .collect::<String>()
-    )
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut c = flate2::Crc::new();
-    c.update(data);
-    c.sum()
-}
-
-/// The GPT at `sector_size`, `Err(why)` when there is no usable header.
-fn read_gpt(read: ReadAt<'_>, size: u64, ss: u64) -> Result<std::result::Result<Table, String>> {
-    let Some(h) = read_sector(read, size, ss, ss as usize)? else {
-        return Ok(Err("disk too small for a GPT header".into()));
-    };
-    if &h[0..8] != b"EFI PART" {
-        return Ok(Err(format!("no GPT signature at byte {ss}")));
-    }
-    let mut warnings = Vec::new();
-    let hsize = le32(&h, 12) as usize;
-    if !(92..=ss as usize).contains(&hsize) {
-        return Ok(Err(format!("GPT header size {hsize} is invalid")));
-    }
-    let mut copy = h[..hsize].to_vec();
-    copy[16..20].fill(0);
-    if crc32(&copy) != le32(&h, 16) {
-        warnings.push("GPT header CRC mismatch".to_string());
-    }
-    let first_usable = le64(&h, 40);
-    let last_usable = le64(&h, 48);
-    let array_lba = le64(&h, 72);
-    let count = le32(&h, 80);
-    let esize = le32(&h, 84);
-    if count > MAX_GPT_ENTRIES {
-        return Ok(Err(format!(
-            "GPT has {count} entries (more than {MAX_GPT_ENTRIES})"
-        )));
-    }
-    if !(128..=4096).contains(&esize) || !esize.is_power_of_two() {
-        return Ok(Err(format!("GPT entry size {esize} is invalid")));
-    }
-    let array_len = u64::from(count) * u64::from(esize);
-    if array_len > MAX_GPT_ARRAY {
-        return Ok(Err(format!(
-            "GPT entry array of {array_len} bytes is too large"
-        )));
-    }
-    let Some(array) = array_lba
-        .checked_mul(ss)
-        .map(|off| read_sector(read, size, off, array_len as usize))
-        .transpose()?
-        .flatten()
-    else {
-        return Ok(Err(format!(
-            "GPT entry array at LBA {array_lba} lies outside the disk"
-        )));
-    };
-    if crc32(&array) != le32(&h, 88) {
-        warnings.push("GPT entry array CRC mismatch".to_string());
-    }
-    let mut parts = Vec::new();
-    for i in 0..count as usize {
-        let e = &array[i * esize as usize..(i + 1) * esize as usize];
-        if e[0..16].iter().all(|&b| b == 0) {
-            continue;
-        }
-        let number = i as u32 + 1;
-        let (first, last) = (le64(e, 32), le64(e, 40));
-        if last < first {
-            warnings.push(format!(
-                "GPT partition {number} ends before it starts: skipped"
-            ));
-            continue;
-        }
-        if first < first_usable || last > last_usable {
-            warnings.push(format!(
-                "GPT partition {number} lies outside the usable LBA range"
-            ));
-        }
-        let name: Vec<u16> = (0..36)
-            .map(|k| le16(e, 56 + 2 * k))
-            .take_while(|&c| c != 0)
-            .collect();
-        let p = Partition {
-            number,
-            offset: 0,
-            length: 0,
-            type_id: guid(&e[0..16]),
-            name: String::from_utf16_lossy(&name),
-            uuid: guid(&e[16..32]),
-        };
-        push_checked(
-            &mut parts,
-            &mut warnings,
-            size,
-            p,
-            first,
-            last - first + 1,
-            ss,
-        );
-    }
-    Ok(Ok(Table {
-        scheme: Scheme::Gpt,
-        partitions: parts,
-        warnings,
-    }))
-}
-
-/// The partition files of a disk exposed as `name` (`disk.raw` →
-/// `disk-p1.raw`, …), each with the disk's attributes plus
-/// `user.vdiskfs.partition.*`. Warnings are logged; a disk without a
-/// partition table gets none.
-pub fn partition_disks(
-    name: &OsStr,
-    chain: &Arc<Chain>,
-    xattrs: &[(String, Vec<u8>)],
-) -> Result<Vec<Disk>> {
-    let size = chain.size();
-    let read = |buf: &mut [u8], off: u64| chain.read_at(buf, off);
-    let shown = name.to_string_lossy();
-    let Some(table) = read_table(&read, size)? else {
-        warn!("{shown}: no MBR or GPT partition table; no partition files");
-        return Ok(Vec::new());
-    };
-    for w in &table.warnings {
-        warn!("{shown}: {w}");
-    }
-    let stem = name
-        .to_string_lossy()
-        .strip_suffix(".raw")
-        .map(str::to_string)
-        .unwrap_or_else(|| shown.to_string());
-    let mut out = Vec::new();
-    for p in &table.partitions {
-        let mut x = xattrs.to_vec();
-        let mut add = |k: &str, v: String| {
-            if !v.is_empty() {
-                x.push((format!("user.vdiskfs.partition.{k}"), v.into_bytes()));
-            }
-        };
-        add("scheme", table.scheme.name().into());
-        add("number", p.number.to_string());
-        add("offset", p.offset.to_string());
-        add("length", p.length.to_string());
-        add("type", p.type_id.clone());
-        add("name", p.name.clone());
-        add("uuid", p.uuid.clone());
-        let file = OsString::from(format!("{stem}-p{}.raw", p.number));
-        out.push(Disk::new(file, chain.clone(), x).with_window(p.offset, p.length));
-    }
-    Ok(out)
-}
-
-/// Refuses two exposed files with the same name (an image called
-/// `disk-p1.qcow2` beside the partitions of `disk.qcow2`).
-pub fn check_unique_names(disks: &[Disk]) -> Result<()> {
-    let mut seen = HashSet::new();
-    for d in disks {
-        if !seen.insert(&d.name) {
-            return Err(Error::invalid(format!(
-                "two exposed files would be named {}",
-                d.name.to_string_lossy()
-            )));
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
+    use super::gpt::crc32;
     use super::*;
 
     const MIB: u64 = 1 << 20;
