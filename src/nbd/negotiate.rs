@@ -315,3 +315,106 @@ impl Negotiator {
         Ok(None)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Client bytes in, server bytes out.
+    struct Pipe {
+        input: std::io::Cursor<Vec<u8>>,
+        output: Vec<u8>,
+    }
+
+    impl Read for Pipe {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.input.read(buf)
+        }
+    }
+
+    impl Write for Pipe {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.output.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn option(opt: u32, data: &[u8]) -> Vec<u8> {
+        let mut v = IHAVEOPT.to_be_bytes().to_vec();
+        v.extend_from_slice(&opt.to_be_bytes());
+        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        v.extend_from_slice(data);
+        v
+    }
+
+    /// The option reply types in `out`.
+    fn reply_kinds(out: &[u8]) -> Vec<u32> {
+        let mut kinds = Vec::new();
+        let mut p = 0;
+        while p + 20 <= out.len() {
+            kinds.push(u32::from_be_bytes(out[p + 12..p + 16].try_into().unwrap()));
+            let len = u32::from_be_bytes(out[p + 16..p + 20].try_into().unwrap());
+            p += 20 + len as usize;
+        }
+        kinds
+    }
+
+    fn pipe(bytes: Vec<u8>) -> Pipe {
+        Pipe {
+            input: std::io::Cursor::new(bytes),
+            output: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn tls_required_serves_only_starttls_and_abort_before_the_upgrade() {
+        let mut input = 3u32.to_be_bytes().to_vec();
+        input.extend(option(OPT_LIST, &[]));
+        input.extend(option(OPT_STRUCTURED_REPLY, &[]));
+        input.extend(option(OPT_GO, &[0, 0, 0, 0, 0, 0]));
+        input.extend(option(OPT_STARTTLS, b"x"));
+        input.extend(option(OPT_STARTTLS, &[]));
+        let mut p = pipe(input);
+        let mut n = Negotiator::greet(&mut p, Tls::Required).unwrap();
+        assert_eq!(n.options(&mut p, &[]).unwrap(), Step::StartTls);
+        assert_eq!(
+            reply_kinds(&p.output[18..]),
+            [
+                REP_ERR_TLS_REQD,
+                REP_ERR_TLS_REQD,
+                REP_ERR_TLS_REQD,
+                REP_ERR_INVALID,
+                REP_ACK
+            ]
+        );
+        // Over TLS: options are served, a second STARTTLS is invalid.
+        n.tls_started();
+        let mut input = option(OPT_STARTTLS, &[]);
+        input.extend(option(OPT_STRUCTURED_REPLY, &[]));
+        input.extend(option(OPT_ABORT, &[]));
+        let mut p = pipe(input);
+        assert_eq!(n.options(&mut p, &[]).unwrap(), Step::Aborted);
+        assert_eq!(reply_kinds(&p.output), [REP_ERR_INVALID, REP_ACK, REP_ACK]);
+    }
+
+    #[test]
+    fn tls_required_hangs_up_on_export_name_and_old_clients() {
+        let mut input = 3u32.to_be_bytes().to_vec();
+        input.extend(option(OPT_EXPORT_NAME, b""));
+        let mut p = pipe(input);
+        let mut n = Negotiator::greet(&mut p, Tls::Required).unwrap();
+        assert!(n.options(&mut p, &[]).is_err());
+        assert!(p.output.len() == 18, "EXPORT_NAME before TLS was answered");
+        let mut p = pipe(0u32.to_be_bytes().to_vec());
+        assert!(Negotiator::greet(&mut p, Tls::Required).is_err());
+        // Without TLS, STARTTLS is unsupported and negotiation goes on.
+        let mut input = 1u32.to_be_bytes().to_vec();
+        input.extend(option(OPT_STARTTLS, &[]));
+        input.extend(option(OPT_ABORT, &[]));
+        let mut p = pipe(input);
+        assert_eq!(negotiate(&mut p, &[]).unwrap(), None);
+        assert_eq!(reply_kinds(&p.output[18..]), [REP_ERR_UNSUP, REP_ACK]);
+    }
+}

@@ -419,7 +419,9 @@ fn connection(sh: &Shared, mut stream: Stream) -> io::Result<()> {
             let Some(config) = sh.config.tls.clone() else {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "TLS is off"));
             };
-            let mut tls = stream.into_tls(config)?;
+            let mut tls = stream.into_tls(config).inspect_err(|e| {
+                log::warn!("nbd: a client failed the TLS handshake: {e}");
+            })?;
             n.tls_started();
             match n.options(&mut tls, &sh.exports)? {
                 Step::Selected(neg) => (tls, neg),
