@@ -554,6 +554,8 @@ fn mount_nbd_takes_the_allow_list_and_tls() {
         .arg(&out));
     assert!(std::fs::read(&out).unwrap() == vec![9u8; 1 << 20]);
     assert!(std::fs::read(m.file("plain.raw")).unwrap() == vec![9u8; 1 << 20]);
+    let list = run(Command::new(common::fuse::bin()).arg("list"));
+    assert!(list.contains(&format!("nbds://127.0.0.1:{port}")), "{list}");
     m.unmount();
     // --allow and --tls-* without --nbd are refused.
     let mp = dir.path().join("mp");

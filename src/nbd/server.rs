@@ -245,7 +245,13 @@ impl Server {
         for l in &config.listen {
             listeners.push(bind(l)?);
         }
-        let endpoints = config.listen.iter().map(Listen::uri).collect();
+        let mut endpoints: Vec<String> = config.listen.iter().map(Listen::uri).collect();
+        if config.tls.is_some() {
+            // nbd:// → nbds://, nbd+unix:// → nbds+unix:// (libnbd's TLS schemes).
+            for u in &mut endpoints {
+                u.insert(3, 's');
+            }
+        }
         let shared = Arc::new(Shared {
             exports,
             config,
