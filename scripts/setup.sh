@@ -11,7 +11,7 @@ declare -A NEED=(
   [debugfs]=e2fsprogs [mkfs.xfs]=xfsprogs [losetup]=mount [partx]=util-linux
   [sfdisk]=fdisk [cc]=gcc [pkg-config]=pkg-config [prlimit]=util-linux [timeout]=coreutils
   [qemu-nbd]=qemu-utils [git]=git [strip]=binutils
-  [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdfuse]=nbdfuse
+  [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdfuse]=nbdfuse [openssl]=openssl
 )
 missing=()
 for cmd in "${!NEED[@]}"; do

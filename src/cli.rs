@@ -172,6 +172,9 @@ pub struct MountArgs {
     /// Also serve the disks over NBD at ADDR (unix:PATH or tcp:HOST:PORT; repeatable).
     #[arg(long, value_name = "ADDR", value_parser = crate::nbd::server::Listen::parse)]
     pub nbd: Vec<crate::nbd::server::Listen>,
+    /// Who may connect to --nbd: the TCP allow-list and TLS.
+    #[command(flatten)]
+    pub nbd_net: crate::nbd::cmd::NetArgs,
     /// Internal: the pipe to report readiness on when started detached
     /// (from the environment, see [`daemon::NOTIFY_ENV`]).
     #[arg(skip)]
@@ -885,7 +888,7 @@ fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<
         .map(|(p, _)| p.display().to_string())
         .collect::<Vec<_>>()
         .join(",");
-    let nbd = crate::nbd::cmd::serve_mount(&args.nbd, &disks, &plan.images)?;
+    let nbd = crate::nbd::cmd::serve_mount(&args.nbd, &args.nbd_net, &disks, &plan.images)?;
     let mut fs = VdiskFs::new(disks, plan.single_file, access);
     if args.no_passthrough {
         fs = fs.without_passthrough();

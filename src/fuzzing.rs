@@ -228,7 +228,8 @@ fn check_written(
 }
 
 /// Feeds `data` to the NBD server as the bytes a client sends: the
-/// handshake, then (if the client selected an export) the transmission
+/// handshake (also as a server requiring TLS would take it, up to
+/// `STARTTLS`), then (if the client selected an export) the transmission
 /// phase, against two 1 MiB in-memory raw exports, `rw` (writable) and
 /// `ro`. Replies go nowhere. Protocol errors are expected; panics, hangs
 /// and unbounded allocations are the bugs.
@@ -274,6 +275,11 @@ pub fn nbd_client(data: &[u8]) {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+    // The same bytes against a server that requires TLS, up to STARTTLS.
+    let mut wire = Wire(data);
+    if let Ok(mut n) = negotiate::Negotiator::greet(&mut wire, negotiate::Tls::Required) {
+        let _ = n.options(&mut wire, &exports);
     }
     let mut wire = Wire(data);
     let Ok(Some(neg)) = negotiate::negotiate(&mut wire, &exports) else {

@@ -584,3 +584,181 @@ fn checker_catches_a_reordered_write_sequence() {
     let verdict = check(&out, "qcow2");
     assert!(verdict.is_err(), "the reordered image passed: {verdict:?}");
 }
+
+/// The workload of [`workload`], but every guest operation arrives as an
+/// NBD request through the server's connection handler (in-process, over
+/// a socket pair, one request at a time): WRITE (some with FUA), TRIM and
+/// WRITE_ZEROES (some with FUA), FLUSH. A durability point is the reply to
+/// a FLUSH or to a FUA request: vdiskfs makes a FUA request durable by
+/// flushing, so everything acknowledged before it is covered too (more
+/// than the protocol asks, which is only the FUA request itself).
+fn workload_nbd(image: &Path, case: &Case, rec: Arc<Recorder>, seed: u64) -> Run {
+    use std::io::{Read, Write};
+    use vdiskfs::nbd::{negotiate::Negotiated, transmit, Export};
+    let how = HostOpen {
+        writable: true,
+        ..Default::default()
+    };
+    let file = HostFile::open_with(image, how).unwrap();
+    file.set_recorder(rec.clone());
+    let opts = ChainOptions {
+        writable: true,
+        ..Default::default()
+    };
+    let chain = Chain::open_on(file, &opts, &caches()).unwrap();
+    let mut model = read_all(&chain, 1 << 20).unwrap();
+    let size = model.len() as u64;
+    let export = Export {
+        name: "disk".into(),
+        description: String::new(),
+        chain: Arc::new(chain),
+    };
+    let neg = Negotiated {
+        export: 0,
+        structured: false,
+        contexts: Vec::new(),
+    };
+    let (mut client, server) = std::os::unix::net::UnixStream::pair().unwrap();
+    let handler = std::thread::spawn(move || {
+        let output = server.try_clone().unwrap();
+        transmit::serve(server, output, &export, &neg, &transmit::Limits::default())
+    });
+    let mut cookie = 0u64;
+    // Sends one request and waits for its (simple) reply: it must succeed.
+    let mut request = |flags: u16, kind: u16, off: u64, len: u64, data: &[u8]| {
+        cookie += 1;
+        let mut r = Vec::with_capacity(28 + data.len());
+        r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        r.extend_from_slice(&flags.to_be_bytes());
+        r.extend_from_slice(&kind.to_be_bytes());
+        r.extend_from_slice(&cookie.to_be_bytes());
+        r.extend_from_slice(&off.to_be_bytes());
+        r.extend_from_slice(&(len as u32).to_be_bytes());
+        r.extend_from_slice(data);
+        client.write_all(&r).unwrap();
+        let mut reply = [0u8; 16];
+        client.read_exact(&mut reply).unwrap();
+        assert_eq!(reply[..4], 0x6744_6698u32.to_be_bytes());
+        assert_eq!(reply[4..8], [0; 4], "NBD request {kind} failed");
+        assert_eq!(reply[8..], cookie.to_be_bytes());
+    };
+    const FUA: u16 = 1;
+    let (write, flush, trim, zeroes) = (1u16, 3u16, 4u16, 6u16);
+    let mut rng = Rng::new(seed);
+    let mut run = Run {
+        events: Vec::new(),
+        flushes: vec![Durable {
+            at: 0,
+            model: Arc::new(model.clone()),
+        }],
+        ops: Vec::new(),
+    };
+    let unit = case.unit.min(256 * K);
+    for _ in 0..case.ops {
+        let at = rec.len();
+        let fua = if rng.below(4) == 0 { FUA } else { 0 };
+        let durable = match rng.below(20) {
+            0..=2 => {
+                request(0, flush, 0, 0, &[]);
+                true
+            }
+            3..=5 => {
+                let (off, len) = if rng.below(2) == 0 {
+                    let u = case.unit;
+                    let off = rng.below(size / u) * u;
+                    (off, (u * (1 + rng.below(2))).min(size - off))
+                } else {
+                    let off = rng.below(size);
+                    (off, (1 + rng.below(2 * unit)).min(size - off))
+                };
+                let kind = if rng.below(2) == 0 { trim } else { zeroes };
+                request(fua, kind, off, len, &[]);
+                model[off as usize..(off + len) as usize].fill(0);
+                run.ops.push((at, off, len));
+                fua == FUA
+            }
+            _ => {
+                let off = if rng.below(2) == 0 {
+                    rng.below(size / 512) * 512
+                } else {
+                    rng.below(size)
+                };
+                let len = (1 + rng.below(3 * unit)).min(size - off);
+                let data = rng.bytes(len as usize);
+                request(fua, write, off, len, &data);
+                model[off as usize..(off + len) as usize].copy_from_slice(&data);
+                run.ops.push((at, off, len));
+                fua == FUA
+            }
+        };
+        if durable {
+            run.flushes.push(Durable {
+                at: rec.len(),
+                model: Arc::new(model.clone()),
+            });
+        }
+    }
+    // NBD_CMD_DISC: the handler answers nothing more, flushes and ends.
+    let mut disc = Vec::new();
+    disc.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    disc.extend_from_slice(&[0, 0, 0, 2]);
+    disc.extend_from_slice(&[0; 20]);
+    client.write_all(&disc).unwrap();
+    handler.join().unwrap().unwrap();
+    run.flushes.push(Durable {
+        at: rec.len(),
+        model: Arc::new(model),
+    });
+    run.events = rec.events();
+    run
+}
+
+/// [`assert_survives`] for writes arriving over NBD.
+fn assert_nbd_writes_survive(case: Case) {
+    require_tool("qemu-img", "qemu-utils");
+    let dir = scratch();
+    let image = create(dir.path(), &case);
+    let orig = std::fs::read(&image).unwrap();
+    let run = workload_nbd(&image, &case, Arc::new(Recorder::new()), 0x0b0d);
+    let points = run.flushes.len() - 2;
+    assert!(points > 10, "too few durability points: {points}");
+    let t = simulate(&case, &image, &orig, &run, cuts_per_case(), 0x0b0d);
+    eprintln!(
+        "{} over NBD: {} events, {points} FLUSH/FUA replies, {} cuts: {} corrupt, {} lost \
+         acknowledged writes, {} images with leaks ({} leaked clusters)",
+        case.name,
+        run.events.len(),
+        t.cuts,
+        t.corrupt,
+        t.lost,
+        t.leaky_images,
+        t.leaks
+    );
+    assert_eq!(
+        (t.corrupt, t.lost),
+        (0, 0),
+        "{} over NBD: {:?}",
+        case.name,
+        t.first_failure
+    );
+}
+
+#[test]
+fn qcow2_writes_over_nbd_survive_power_cuts() {
+    assert_nbd_writes_survive(Case {
+        name: "qcow2-64k",
+        fmt: "qcow2",
+        unit: 64 * K,
+        ops: 120,
+    });
+}
+
+#[test]
+fn vmdk_writes_over_nbd_survive_power_cuts() {
+    assert_nbd_writes_survive(Case {
+        name: "vmdk-sparse",
+        fmt: "vmdk",
+        unit: 64 * K,
+        ops: 120,
+    });
+}

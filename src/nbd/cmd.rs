@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::server::{Cidr, Config, Listen, Server};
+use super::tls::TlsFiles;
 use super::transmit::Limits;
 use super::Export;
 use crate::cache::Caches;
@@ -27,6 +28,76 @@ pub fn default_listen() -> Listen {
     Listen::Unix(daemon::state_dir().join("nbd.sock"))
 }
 
+/// Who may connect: the TCP allow-list and TLS (shared by `serve` and
+/// `mount --nbd`).
+#[derive(Debug, Args, Clone, Default)]
+pub struct NetArgs {
+    /// NBD: TCP clients allowed, as ADDR or ADDR/PREFIX (repeatable; default: all).
+    #[arg(long, value_name = "CIDR", value_parser = Cidr::parse)]
+    pub allow: Vec<Cidr>,
+    /// NBD: require TLS, with this certificate chain (PEM); needs --tls-key.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_key",
+        conflicts_with = "tls_creds"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// NBD: the private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// NBD: require TLS, with server-cert.pem and server-key.pem (and
+    /// ca-cert.pem for --tls-verify-peer) from DIR, as qemu's tls-creds-x509.
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+    /// NBD: require client certificates signed by the CA of --tls-ca (or
+    /// the credentials directory's ca-cert.pem).
+    #[arg(long)]
+    pub tls_verify_peer: bool,
+    /// NBD: the CA (PEM) client certificates must chain to (implies --tls-verify-peer).
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl NetArgs {
+    /// The TLS configuration, loaded (a bad file fails the start), or
+    /// `None` when no TLS option was given.
+    pub fn tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>> {
+        let verify = self.tls_verify_peer || self.tls_ca.is_some();
+        let mut files = match (&self.tls_creds, &self.tls_cert, &self.tls_key) {
+            (Some(dir), _, _) => TlsFiles::from_dir(dir, verify),
+            (None, Some(cert), Some(key)) => TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: None,
+            },
+            _ if verify => {
+                return Err(Error::invalid(
+                    "--tls-verify-peer and --tls-ca need --tls-cert/--tls-key or --tls-creds",
+                ))
+            }
+            _ => return Ok(None),
+        };
+        if let Some(ca) = &self.tls_ca {
+            files.client_ca = Some(ca.clone());
+        } else if verify && files.client_ca.is_none() {
+            return Err(Error::invalid(
+                "--tls-verify-peer needs --tls-ca FILE (or --tls-creds DIR with ca-cert.pem)",
+            ));
+        }
+        files.load().map(Some)
+    }
+
+    /// True when any option was given.
+    pub fn any(&self) -> bool {
+        !self.allow.is_empty()
+            || self.tls_cert.is_some()
+            || self.tls_creds.is_some()
+            || self.tls_verify_peer
+            || self.tls_ca.is_some()
+    }
+}
+
 /// `vdiskfs serve`.
 #[derive(Debug, Args, Clone)]
 pub struct ServeArgs {
@@ -36,9 +107,9 @@ pub struct ServeArgs {
     /// Where to listen: unix:PATH or tcp:HOST:PORT (repeatable; default unix:/run/vdiskfs/nbd.sock as root).
     #[arg(long, value_name = "ADDR", value_parser = Listen::parse)]
     pub listen: Vec<Listen>,
-    /// TCP clients allowed, as ADDR or ADDR/PREFIX (repeatable; default: all).
-    #[arg(long, value_name = "CIDR", value_parser = Cidr::parse)]
-    pub allow: Vec<Cidr>,
+    /// The allow-list and TLS.
+    #[command(flatten)]
+    pub net: NetArgs,
     /// Detach once listening.
     #[arg(long)]
     pub fork: bool,
@@ -106,7 +177,7 @@ impl ServeArgs {
         })
     }
 
-    fn config(&self) -> Config {
+    fn config(&self) -> Result<Config> {
         let listen = if self.listen.is_empty() {
             let l = default_listen();
             if let Listen::Unix(p) = &l {
@@ -118,13 +189,14 @@ impl ServeArgs {
         } else {
             self.listen.clone()
         };
-        Config {
+        Ok(Config {
             listen,
-            allow: self.allow.clone(),
+            allow: self.net.allow.clone(),
             max_connections: self.max_connections.max(1),
             handshake_timeout: Duration::from_secs(10),
             limits: Limits::default(),
-        }
+            tls: self.net.tls()?,
+        })
     }
 }
 
@@ -199,8 +271,10 @@ fn serve(args: &ServeArgs, notifier: &mut Notifier) -> Result<()> {
     // Before any thread starts (the write queue's flusher, the remote
     // runtime), so that signals reach only the signal thread.
     let sigset = daemon::block_signals();
+    // The credentials first: a bad file fails before the images open.
+    let config = args.config()?;
     let exports = Arc::new(open_exports(args)?);
-    let server = Server::start(exports.clone(), args.config())?;
+    let server = Server::start(exports.clone(), config)?;
     let stopper = server.stopper();
     daemon::on_signal(sigset, move || stopper.stop());
     for e in exports.iter() {
@@ -240,12 +314,19 @@ fn serve(args: &ServeArgs, notifier: &mut Notifier) -> Result<()> {
 /// (one cache, one lock set). `None` when no listener was asked for.
 pub fn serve_mount(
     listen: &[Listen],
+    net: &NetArgs,
     disks: &[crate::fs::Disk],
     images: &[(PathBuf, std::ffi::OsString)],
 ) -> Result<Option<Server>> {
     if listen.is_empty() {
+        if net.any() {
+            return Err(Error::invalid(
+                "--allow and --tls-* apply to --nbd: give --nbd ADDR",
+            ));
+        }
         return Ok(None);
     }
+    let tls = net.tls()?;
     let mut exports = Vec::new();
     for (path, file) in images {
         let Some(d) = disks.iter().find(|d| d.name == *file) else {
@@ -259,10 +340,11 @@ pub fn serve_mount(
     }
     let config = Config {
         listen: listen.to_vec(),
-        allow: Vec::new(),
+        allow: net.allow.clone(),
         max_connections: 16,
         handshake_timeout: Duration::from_secs(10),
         limits: Limits::default(),
+        tls,
     };
     let server = Server::start(Arc::new(exports), config)?;
     for u in server.endpoints() {

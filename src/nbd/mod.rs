@@ -7,6 +7,7 @@
 //! - [`transmit`]: one connection's requests, executed by a worker pool.
 //! - [`extents`]: allocation and allocation depth for block status.
 //! - [`server`]: listeners, allow-list, limits, stopping.
+//! - [`tls`]: TLS credentials and sessions (`NBD_OPT_STARTTLS`).
 //! - [`cmd`]: the `vdiskfs serve` command.
 //!
 //! See `docs/nbd.md` for the protocol as implemented and its limits.
@@ -20,6 +21,7 @@ pub mod extents;
 pub mod negotiate;
 pub mod proto;
 pub mod server;
+pub mod tls;
 pub mod transmit;
 
 /// One named export: a chain as one disk.

@@ -1,7 +1,8 @@
 //! Sockets: the listeners (`unix:PATH`, `tcp:HOST:PORT`), the TCP client
 //! allow-list, the connection limit and timeouts, and stopping — listeners
 //! closed, every connection's read side shut so it drains its in-flight
-//! requests, flushes and closes.
+//! requests, flushes and closes. With TLS configured every connection
+//! must upgrade (`NBD_OPT_STARTTLS`) before anything else.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -17,7 +18,8 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::negotiate;
+use super::negotiate::{Negotiator, Step, Tls};
+use super::tls::TlsStream;
 use super::transmit::{self, Limits};
 use super::Export;
 use crate::error::{Error, Result};
@@ -118,12 +120,16 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Per-connection limits.
     pub limits: Limits,
+    /// TLS credentials: when set, every client must start TLS.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// A connected socket of either family.
 enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
+    TlsUnix(TlsStream<UnixStream>),
+    TlsTcp(TlsStream<TcpStream>),
 }
 
 impl Stream {
@@ -131,12 +137,16 @@ impl Stream {
         Ok(match self {
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::TlsUnix(s) => Stream::TlsUnix(s.clone()),
+            Stream::TlsTcp(s) => Stream::TlsTcp(s.clone()),
         })
     }
     fn shutdown_read(&self) {
         let _ = match self {
             Stream::Unix(s) => s.shutdown(std::net::Shutdown::Read),
             Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Read),
+            Stream::TlsUnix(s) => s.socket().shutdown(std::net::Shutdown::Read),
+            Stream::TlsTcp(s) => s.socket().shutdown(std::net::Shutdown::Read),
         };
     }
     fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
@@ -149,6 +159,16 @@ impl Stream {
                 s.set_read_timeout(read)?;
                 s.set_write_timeout(write)
             }
+            Stream::TlsUnix(s) => Stream::Unix(s.socket().try_clone()?).set_timeouts(read, write),
+            Stream::TlsTcp(s) => Stream::Tcp(s.socket().try_clone()?).set_timeouts(read, write),
+        }
+    }
+    /// Runs the TLS handshake on a plain stream.
+    fn into_tls(self, config: Arc<rustls::ServerConfig>) -> io::Result<Stream> {
+        match self {
+            Stream::Unix(s) => Ok(Stream::TlsUnix(TlsStream::accept(s, config)?)),
+            Stream::Tcp(s) => Ok(Stream::TlsTcp(TlsStream::accept(s, config)?)),
+            _ => Err(io::Error::new(io::ErrorKind::InvalidData, "TLS twice")),
         }
     }
 }
@@ -158,6 +178,8 @@ impl Read for Stream {
         match self {
             Stream::Unix(s) => s.read(buf),
             Stream::Tcp(s) => s.read(buf),
+            Stream::TlsUnix(s) => s.read(buf),
+            Stream::TlsTcp(s) => s.read(buf),
         }
     }
 }
@@ -167,6 +189,8 @@ impl Write for Stream {
         match self {
             Stream::Unix(s) => s.write(buf),
             Stream::Tcp(s) => s.write(buf),
+            Stream::TlsUnix(s) => s.write(buf),
+            Stream::TlsTcp(s) => s.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -221,7 +245,13 @@ impl Server {
         for l in &config.listen {
             listeners.push(bind(l)?);
         }
-        let endpoints = config.listen.iter().map(Listen::uri).collect();
+        let mut endpoints: Vec<String> = config.listen.iter().map(Listen::uri).collect();
+        if config.tls.is_some() {
+            // nbd:// → nbds://, nbd+unix:// → nbds+unix:// (libnbd's TLS schemes).
+            for u in &mut endpoints {
+                u.insert(3, 's');
+            }
+        }
         let shared = Arc::new(Shared {
             exports,
             config,
@@ -382,8 +412,31 @@ fn connection(sh: &Shared, mut stream: Stream) -> io::Result<()> {
     if sh.stopping.load(Ordering::SeqCst) {
         return Ok(());
     }
-    let Some(neg) = negotiate::negotiate(&mut stream, &sh.exports)? else {
-        return Ok(());
+    let mode = if sh.config.tls.is_some() {
+        Tls::Required
+    } else {
+        Tls::Off
+    };
+    let mut n = Negotiator::greet(&mut stream, mode)?;
+    let (stream, neg) = match n.options(&mut stream, &sh.exports)? {
+        Step::Selected(neg) => (stream, neg),
+        Step::Aborted => return Ok(()),
+        Step::StartTls => {
+            let Some(config) = sh.config.tls.clone() else {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "TLS is off"));
+            };
+            let mut tls = stream.into_tls(config).inspect_err(|e| {
+                log::warn!("nbd: a client failed the TLS handshake: {e}");
+            })?;
+            n.tls_started();
+            match n.options(&mut tls, &sh.exports)? {
+                Step::Selected(neg) => (tls, neg),
+                Step::Aborted => return Ok(()),
+                Step::StartTls => {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "TLS twice"))
+                }
+            }
+        }
     };
     // Idle clients are fine once connected; a client that stops reading
     // its replies is dropped after a while instead of holding a worker.
