@@ -95,31 +95,6 @@ impl ByteLru {
         }
     }
 
-    /// Removes and returns the block under `key` (a reader that uses a
-    /// block once, whole).
-    pub fn take(&self, key: Key) -> Option<Arc<[u8]>> {
-        let mut shard = self.shard(&key).lock();
-        let got = shard.lru.pop(&key);
-        match &got {
-            Some(v) => {
-                shard.bytes -= v.len();
-                shard.hits += 1;
-            }
-            None => shard.misses += 1,
-        }
-        got
-    }
-
-    /// Whether a block is cached under `key` (without marking it used).
-    pub fn contains(&self, key: Key) -> bool {
-        self.shard(&key).lock().lru.contains(&key)
-    }
-
-    /// The byte bound given at creation.
-    pub fn capacity(&self) -> usize {
-        self.shard_cap * SHARDS
-    }
-
     /// Drops the block under `key` (after it was rewritten on disk).
     pub fn remove(&self, key: Key) {
         let mut shard = self.shard(&key).lock();

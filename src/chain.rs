@@ -27,7 +27,7 @@ pub const DEFAULT_MAX_DEPTH: usize = 64;
 
 /// Largest decompressed block a driver may describe (qcow2's 2 MiB clusters
 /// are the largest real case).
-pub(crate) const MAX_BLOCK: u64 = 16 << 20;
+const MAX_BLOCK: u64 = 16 << 20;
 
 /// Reads at least this large may be split over threads (compressed chains).
 const PARALLEL_MIN: usize = 256 << 10;
@@ -332,15 +332,10 @@ impl Chain {
             // The whole block: decode straight into the reply. Whoever reads
             // a block whole (sequential streams) has the kernel's page cache
             // behind it; keeping a second copy here would only evict blocks
-            // that partial reads share. A block decoded ahead for a stream
-            // (crate::prefetch) is taken out of the cache for the same reason.
-            crate::prefetch::wait_for(key);
-            if let Some(d) = self.caches.blocks.take(key) {
-                if d.len() == out.len() {
-                    out.copy_from_slice(&d);
-                    return Ok(());
-                }
-                self.caches.blocks.insert(key, d);
+            // that partial reads share.
+            if let Some(d) = self.caches.blocks.get(key).filter(|d| d.len() == out.len()) {
+                out.copy_from_slice(&d);
+                return Ok(());
             }
             return layer
                 .decompress(block, out)

@@ -335,22 +335,6 @@ impl HostFile {
         Ok(done)
     }
 
-    /// Asks the host kernel to read `len` bytes at `offset` into its page
-    /// cache in the background (`posix_fadvise(WILLNEED)`): a hint, so
-    /// errors are ignored. Nothing for O_DIRECT and remote files, whose
-    /// reads do not go through the page cache.
-    pub fn will_need(&self, offset: u64, len: u64) {
-        use std::os::fd::AsRawFd;
-        if self.direct || self.remote.is_some() {
-            return;
-        }
-        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return;
-        };
-        // SAFETY: an advice call on our own open descriptor; no memory is passed.
-        unsafe { libc::posix_fadvise(self.file.as_raw_fd(), off, l, libc::POSIX_FADV_WILLNEED) };
-    }
-
     /// Writes all of `buf` at `offset` at once (an *immediate* write: see
     /// [`crate::engine::order`]).
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {

@@ -27,7 +27,6 @@ pub mod options;
 pub mod overlay;
 pub mod partition;
 pub mod policy;
-pub mod prefetch;
 pub mod remote;
 
 pub use error::{Error, ErrorKind, Result};

@@ -55,8 +55,6 @@ pub struct Disk {
     pub xattrs: Vec<(String, Vec<u8>)>,
     /// A window (offset, length) onto the chain: a partition of the disk.
     window: Option<(u64, u64)>,
-    /// Sequential read streams, for prefetch.
-    ahead: crate::prefetch::Streams,
     blocks: AtomicU64,
     blocks_valid: AtomicBool,
 }
@@ -69,7 +67,6 @@ impl Disk {
             chain,
             xattrs,
             window: None,
-            ahead: Default::default(),
             blocks: AtomicU64::new(0),
             blocks_valid: AtomicBool::new(false),
         }
@@ -405,9 +402,6 @@ impl Filesystem for VdiskFs {
             return reply.data(&[]);
         }
         let len = (size as u64).min(end - offset) as usize;
-        if let Some((at, n)) = disk.ahead.observe(offset, len as u64, end) {
-            crate::prefetch::submit(disk.chain.clone(), disk.base() + at, n);
-        }
         READ_BUF.with(|cell| {
             let mut buf = cell.borrow_mut();
             if buf.len() < len {
