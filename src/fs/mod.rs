@@ -305,6 +305,16 @@ impl Filesystem for VdiskFs {
         // "kill privileges on write" duty spares the kernel a
         // getxattr("security.capability") round trip before every write.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2);
+        // Writable mounts: the kernel's writeback cache gathers buffered
+        // writes in its page cache and sends them as large requests, while
+        // fsync still sends everything and then FSYNC (docs/writes.md).
+        if self.disks.iter().any(|d| d.chain.is_writable())
+            && config
+                .add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE)
+                .is_err()
+        {
+            info!("the kernel offers no FUSE writeback cache; buffered writes are sent one by one");
+        }
         // FUSE passthrough: the kernel reads and writes the host file of a
         // raw image itself. Needs kernel support and privileges; without
         // them every open falls back to serving I/O here.
