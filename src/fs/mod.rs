@@ -435,7 +435,7 @@ impl Filesystem for VdiskFs {
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
@@ -449,7 +449,16 @@ impl Filesystem for VdiskFs {
             return reply.error(Errno::ENOSPC);
         }
         let len = (data.len() as u64).min(size - offset) as usize;
+        // From the writeback cache, a short count would be dropped in
+        // silence (the writer was told long ago that all of it was
+        // written): the part inside the disk is written and the rest is
+        // refused, which the writer's fsync reports.
+        let cut = len < data.len() && write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
         match disk.chain.write_at(&data[..len], disk.base() + offset) {
+            Ok(()) if cut => {
+                disk.invalidate_blocks();
+                reply.error(Errno::ENOSPC)
+            }
             Ok(()) => {
                 disk.invalidate_blocks();
                 reply.written(len as u32)
