@@ -84,12 +84,14 @@ TARGETS = [
     (lambda w: w == "randread-qd1", lambda i: True, "qsd", 1.2),
     (lambda w: w == "seqwrite-1m", lambda i: True, "qsd", 1.5),
     (lambda w: w == "randwrite-4k", lambda i: True, "qsd", 1.5),
+    (lambda w: w in ("seqwrite-1m-buf", "randwrite-4k-buf"), lambda i: True, "qsd", 1.5),
     (lambda w: not w.startswith(("seqwrite", "randwrite")), lambda i: i == "raw", "rawfile", 0.9),
 ]
 
 WORKLOAD_ORDER = [
     "seqread-psync", "seqread-aio16", "randread-qd1", "randread-qd32",
-    "sha256sum", "qemu-img-convert", "seqwrite-1m", "randwrite-4k",
+    "sha256sum", "qemu-img-convert", "seqwrite-1m", "randwrite-4k", "seqwrite-1m-buf",
+    "randwrite-4k-buf",
 ]
 IMAGE_ORDER = [
     "raw", "qcow2", "vmdk-sparse", "vmdk-stream", "qcow2-comp", "chain", "vhd-dynamic", "vhdx",

@@ -28,7 +28,7 @@ usage: benches/run.sh [OPTIONS]
   -h, --help           this text
 
 workloads: seqread-psync seqread-aio16 randread-qd1 randread-qd32 sha256sum
-           qemu-img-convert seqwrite-1m randwrite-4k
+           qemu-img-convert seqwrite-1m randwrite-4k seqwrite-1m-buf randwrite-4k-buf
 images:    raw qcow2 vmdk-sparse vmdk-stream qcow2-comp chain vhd-dynamic vhdx (reads)
            qcow2-rw qcow2-overlay (writes)
 
@@ -145,7 +145,7 @@ fi
 
 # ---------------------------------------------------------------- selection
 READ_WORKLOADS=(seqread-psync seqread-aio16 randread-qd1 randread-qd32 sha256sum qemu-img-convert)
-WRITE_WORKLOADS=(seqwrite-1m randwrite-4k)
+WRITE_WORKLOADS=(seqwrite-1m randwrite-4k seqwrite-1m-buf randwrite-4k-buf)
 READ_IMAGES=(raw qcow2 vmdk-sparse vmdk-stream qcow2-comp chain vhd-dynamic vhdx)
 WRITE_IMAGES=(qcow2-rw qcow2-overlay)
 
@@ -386,6 +386,23 @@ run_workload() { # WORKLOAD
 		timeout $((RUNTIME + 60)) "${fio[@]}" --rw=randwrite --bs=4k --ioengine=libaio --iodepth=32 \
 			--direct=1 --time_based --runtime="$RUNTIME" --end_fsync=1 >"$WORK/wl.err" 2>&1 || return 1
 		echo "$(python3 "$HELPER" fio "$json" write iops) IOPS"
+		;;
+	seqwrite-1m-buf | randwrite-4k-buf)
+		# Buffered writes (the page cache between the writer and the
+		# daemon), timed from start to the end of the closing fsync.
+		local rw=write bs=1M bytes=$size
+		if [ "$w" = randwrite-4k-buf ]; then
+			rw=randwrite bs=4k bytes=$((size / 8))
+		fi
+		t0=$(now)
+		timeout $((SEQ_CAP * 3 + 60)) "${fio[@]}" --rw=$rw --bs=$bs --ioengine=psync --direct=0 \
+			--io_size=$bytes --end_fsync=1 >"$WORK/wl.err" 2>&1 || return 1
+		t1=$(now)
+		if [ "$w" = randwrite-4k-buf ]; then
+			python3 -c "print(f'{$bytes / 4096 / ($t1 - $t0):.1f} IOPS')"
+		else
+			python3 -c "print(f'{$bytes / 1048576 / ($t1 - $t0):.3f} MiB/s')"
+		fi
 		;;
 	sha256sum)
 		t0=$(now)

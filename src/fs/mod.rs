@@ -306,6 +306,16 @@ impl Filesystem for VdiskFs {
         // "kill privileges on write" duty spares the kernel a
         // getxattr("security.capability") round trip before every write.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2);
+        // Writable mounts: the kernel's writeback cache gathers buffered
+        // writes in its page cache and sends them as large requests, while
+        // fsync still sends everything and then FSYNC (docs/writes.md).
+        if self.disks.iter().any(|d| d.chain.is_writable())
+            && config
+                .add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE)
+                .is_err()
+        {
+            info!("the kernel offers no FUSE writeback cache; buffered writes are sent one by one");
+        }
         // FUSE passthrough: the kernel reads and writes the host file of a
         // raw image itself. Needs kernel support and privileges; without
         // them every open falls back to serving I/O here.
@@ -426,7 +436,7 @@ impl Filesystem for VdiskFs {
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
@@ -440,7 +450,16 @@ impl Filesystem for VdiskFs {
             return reply.error(Errno::ENOSPC);
         }
         let len = (data.len() as u64).min(size - offset) as usize;
+        // From the writeback cache, a short count would be dropped in
+        // silence (the writer was told long ago that all of it was
+        // written): the part inside the disk is written and the rest is
+        // refused, which the writer's fsync reports.
+        let cut = len < data.len() && write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
         match disk.chain.write_at(&data[..len], disk.base() + offset) {
+            Ok(()) if cut => {
+                disk.invalidate_blocks();
+                reply.error(Errno::ENOSPC)
+            }
             Ok(()) => {
                 disk.invalidate_blocks();
                 reply.written(len as u32)
