@@ -272,10 +272,11 @@ pub fn parse(s: &str, sloppy: bool) -> Result<MountOptions, String> {
             }
             "aws_allow_http" => o.aws_allow_http = Some(flag(value)?),
             "aws_access_key_id" | "aws_secret_access_key" | "aws_session_token" => {
-                return Err(bad(
-                    "credentials are not mount options (they would show in /proc/mounts and \
-                     `vdiskfs list`); use aws_profile= or the AWS_* variables",
-                ))
+                // The value is a secret: name the option only.
+                return Err(format!(
+                    "mount option {name:?}: credentials are not mount options (they would show \
+                     in /proc/mounts and `vdiskfs list`); use aws_profile= or the AWS_* variables"
+                ));
             }
             "allow_other" => o.allow_other = Some(flag(value)?),
             "uid" => o.uid = Some((lookup_id(val()?, false).map_err(|e| bad(&e))?, raw.clone())),
