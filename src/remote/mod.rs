@@ -4,7 +4,8 @@
 //!
 //! A remote file is opened with one ranged GET of its first chunk (size and
 //! ETag from the headers, the chunk into the cache: the image's header and
-//! often its tables; a HEAD only if that fails, e.g. for an empty object)
+//! often its tables; a HEAD if that fails, e.g. for an empty object, or
+//! when the on-disk cache probably has the chunk)
 //! and then answers positional reads from the chunk cache of [`chunks`],
 //! which turns misses into ranged GETs conditioned on that ETag, and keeps
 //! chunks in memory and optionally on local disk ([`disk`]). `object_store` is
@@ -149,14 +150,21 @@ impl std::fmt::Debug for RemoteFile {
 
 impl RemoteFile {
     /// Opens the object at `url`: a ranged GET of its first chunk (size,
-    /// ETag and the chunk), or a HEAD if that fails.
+    /// ETag and the chunk), or a HEAD if that fails or when there is an
+    /// on-disk cache.
     pub fn open(url: &str) -> Result<Arc<RemoteFile>> {
         let obj = store::Object::parse(url)?;
         let rt = runtime()?;
         let chunk = settings().chunk.max(4096);
-        let (meta, head) = match rt.block_on(obj.get_head(chunk)) {
-            Ok((meta, data)) => (meta, Some(data)),
-            Err(_) => {
+        // With an on-disk cache, the first chunk is likely there: a HEAD
+        // (no body) and the chunk from disk beat 4 MiB over the network.
+        let first = match disk_cache() {
+            Some(_) => None,
+            None => rt.block_on(obj.get_head(chunk)).ok(),
+        };
+        let (meta, head) = match first {
+            Some((meta, data)) => (meta, Some(data)),
+            None => {
                 let meta = rt
                     .block_on(obj.head())
                     .map_err(|e| store::describe(&e, "cannot open").with_path(url))?;
