@@ -617,6 +617,34 @@ mod tests {
     }
 
     #[test]
+    fn remote_options_parse_and_credentials_are_refused_unechoed() {
+        let o = parse(
+            "remote_cache=/var/c,remote_cache_size=2G,aws_region=eu-1,\
+             aws_endpoint=http://h:9000,aws_allow_http,aws_profile=p",
+            false,
+        )
+        .unwrap();
+        assert_eq!(o.remote_cache.unwrap().0, PathBuf::from("/var/c"));
+        assert_eq!(o.remote_cache_size.unwrap().0, 2 << 30);
+        assert_eq!(o.aws_region.unwrap().0, "eu-1");
+        assert_eq!(o.aws_endpoint.unwrap().0, "http://h:9000");
+        assert!(o.aws_allow_http.is_some());
+        assert_eq!(o.aws_profile.unwrap().0, "p");
+        for key in [
+            "aws_access_key_id",
+            "aws_secret_access_key",
+            "aws_session_token",
+        ] {
+            let e = parse(&format!("{key}=TOPSECRET"), true).unwrap_err();
+            assert!(
+                e.contains("not mount options") && !e.contains("TOPSECRET"),
+                "{e}"
+            );
+        }
+        assert!(parse("aws_endpoint=http://u:p@h", false).is_err());
+    }
+
+    #[test]
     fn table() {
         // (options, Ok(write mode) or Err(substring of the error))
         let cases: &[(&str, Result<Option<WriteMode>, &str>)] = &[
