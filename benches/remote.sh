@@ -7,14 +7,16 @@
 #   download  fetch the whole image (curl) + the same on the local copy
 #   qemu-curl qemu-img convert from qemu's curl driver + the same on the raw copy
 # then sequential throughput of a raw image with prefetch on and off, and the
-# bytes the server sent against the bytes read. Needs root (FUSE), curl,
+# bytes the server sent against the bytes read; the same vdiskfs run with an
+# on-disk cache (--remote-cache) cold and warm; the mount time of a three-link
+# chain. BIN=path runs another build of vdiskfs. Needs root (FUSE), curl,
 # debugfs, fdisk, and qemu-block-extra (the curl driver) matching qemu-utils.
 # Results: docs/performance.md, "Remote images".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DELAY=${DELAY:-20}
 PORT=${PORT:-18618}
-BIN=$PWD/target/release/vdiskfs
+BIN=${BIN:-$PWD/target/release/vdiskfs}
 W=$(mktemp -d /tmp/vdiskfs-remote-bench.XXXXXX)
 SRV=
 cleanup() {
@@ -27,6 +29,8 @@ for t in curl debugfs fdisk mkfs.ext4 qemu-img python3; do
   command -v $t >/dev/null || { echo "remote.sh: $t is missing" >&2; exit 1; }
 done
 [ -x "$BIN" ] || cargo build --release --quiet
+sent() { curl -s "$URL/__stats" | cut -d' ' -f1; }
+reqs() { curl -s "$URL/__stats" | cut -d' ' -f2; }
 
 mkdir -p "$W/root" "$W/srv" "$W/mnt" "$W/mnt2"
 head -c 64M /dev/urandom > "$W/root/big.bin"
@@ -37,12 +41,15 @@ qemu-img convert -f raw -O qcow2 "$W/fs.raw" "$W/srv/disk.qcow2"
 truncate -s 256M "$W/srv/seq.raw"
 head -c 256M /dev/urandom > "$W/srv/seq.raw"
 rm -rf "$W/root"
+mkdir -p "$W/srv/chain"
+truncate -s 1G "$W/srv/chain/base.raw"
+qemu-img create -q -f qcow2 -b base.raw -F raw "$W/srv/chain/mid.qcow2"
+qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 "$W/srv/chain/top.qcow2"
 
 python3 benches/remote_httpd.py "$W/srv" "$PORT" "$DELAY" &
 SRV=$!
 for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$PORT/__stats" && break; sleep 0.1; done
 URL=http://127.0.0.1:$PORT
-sent() { curl -s "$URL/__stats" | cut -d' ' -f1; }
 now() { date +%s.%N; }
 el() { echo "$2 - $1" | bc; }
 drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
@@ -60,6 +67,24 @@ check "$W/mnt/disk.raw"
 "$BIN" unmount "$W/mnt"
 t1=$(now); s1=$(sent)
 echo "vdiskfs mount URL + fdisk + read 64 MiB: $(el $t0 $t1) s, server sent $(( (s1 - s0) >> 20 )) MiB"
+
+for pass in cold warm; do
+  drop; s0=$(sent); r0=$(reqs); t0=$(now)
+  "$BIN" mount --remote-cache "$W/rcache" "$URL/disk.qcow2" "$W/mnt"
+  check "$W/mnt/disk.raw"
+  "$BIN" unmount "$W/mnt"
+  t1=$(now); s1=$(sent); r1=$(reqs)
+  echo "the same with --remote-cache ($pass): $(el $t0 $t1) s, server sent $(( (s1 - s0) >> 20 )) MiB in $((r1 - r0)) requests"
+done
+
+for i in 1 2 3; do
+  r0=$(reqs); t0=$(now)
+  "$BIN" mount "$URL/chain/top.qcow2" "$W/mnt"
+  head -c 4096 "$W/mnt/top.raw" > /dev/null
+  t1=$(now); r1=$(reqs)
+  "$BIN" unmount "$W/mnt"
+  echo "mount a 3-link chain (qcow2, qcow2, raw) + read 4 KiB: $(el $t0 $t1) s, $((r1 - r0)) requests"
+done
 
 drop; t0=$(now)
 curl -s -o "$W/dl.qcow2" "$URL/disk.qcow2"

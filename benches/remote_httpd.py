@@ -3,7 +3,7 @@
 
 Serves DIR on 127.0.0.1:PORT with an injected delay before every answer
 (the round trip of a distant server), ETags, and a byte counter at
-GET /__stats (body bytes sent so far, requests answered).
+GET /__stats (body bytes sent so far, requests answered: GET and HEAD).
 
 usage: remote_httpd.py DIR PORT DELAY_MS
 """
@@ -39,6 +39,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(body)
             return
+        with LOCK:
+            STATS["requests"] += 1  # every request but /__stats: HEADs and errors too
         rel = self.path.lstrip("/")
         path = os.path.join(ROOT, rel)
         if ".." in rel.split("/") or not os.path.isfile(path):
@@ -78,7 +80,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 left -= len(chunk)
         with LOCK:
             STATS["sent"] += n
-            STATS["requests"] += 1
 
 
 http.server.ThreadingHTTPServer(("127.0.0.1", PORT), Handler).serve_forever()

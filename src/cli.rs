@@ -169,6 +169,24 @@ pub struct MountArgs {
     /// Largest read-ahead window of a sequential reader of a remote image (0: no prefetch).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub remote_readahead: u64,
+    /// Also keep remote images' chunks in DIR, shared by mounts of the same object (by ETag).
+    #[arg(long, value_name = "DIR")]
+    pub remote_cache: Option<PathBuf>,
+    /// Bound of the --remote-cache directory (least recently used chunks are deleted).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub remote_cache_size: u64,
+    /// Region of s3:// images (overrides AWS_REGION and the profile's).
+    #[arg(long, value_name = "REGION")]
+    pub aws_region: Option<String>,
+    /// Endpoint of an S3-compatible store for s3:// images (overrides AWS_ENDPOINT_URL).
+    #[arg(long, value_name = "URL")]
+    pub aws_endpoint: Option<String>,
+    /// Allow a plain-http S3 endpoint (as AWS_ALLOW_HTTP=true).
+    #[arg(long)]
+    pub aws_allow_http: bool,
+    /// Profile of ~/.aws/credentials and ~/.aws/config for s3:// images (overrides AWS_PROFILE).
+    #[arg(long, value_name = "NAME")]
+    pub aws_profile: Option<String>,
     /// Also serve the disks over NBD at ADDR (unix:PATH or tcp:HOST:PORT; repeatable).
     #[arg(long, value_name = "ADDR", value_parser = crate::nbd::server::Listen::parse)]
     pub nbd: Vec<crate::nbd::server::Listen>,
@@ -566,6 +584,8 @@ struct MountPlan {
     partitions: bool,
     remote_chunk: u64,
     remote_readahead: u64,
+    remote_cache: Option<(PathBuf, u64)>,
+    s3: crate::remote::S3Settings,
 }
 
 fn plan(args: &MountArgs) -> Result<MountPlan> {
@@ -670,6 +690,16 @@ fn plan(args: &MountArgs) -> Result<MountPlan> {
         partitions: args.partitions,
         remote_chunk: args.remote_chunk,
         remote_readahead: args.remote_readahead,
+        remote_cache: args
+            .remote_cache
+            .clone()
+            .map(|d| (d, args.remote_cache_size)),
+        s3: crate::remote::S3Settings {
+            region: args.aws_region.clone(),
+            endpoint: args.aws_endpoint.clone(),
+            allow_http: args.aws_allow_http,
+            profile: args.aws_profile.clone(),
+        },
     })
 }
 
@@ -772,6 +802,10 @@ fn open_disks(plan: &MountPlan, cache_size: u64, threads: usize) -> Result<Vec<D
             ..Default::default()
         });
         budget -= budget / 2;
+        crate::remote::configure_s3(plan.s3.clone());
+        if let Some((dir, cap)) = &plan.remote_cache {
+            crate::remote::set_disk_cache(dir, *cap)?;
+        }
     }
     let caches: Arc<Caches> = Caches::new(budget);
     let mut disks = Vec::new();

@@ -62,6 +62,18 @@ pub struct MountOptions {
     pub remote_chunk: Option<(u64, Raw)>,
     /// `remote_readahead=` (remote images' largest read-ahead window).
     pub remote_readahead: Option<(u64, Raw)>,
+    /// `remote_cache=` (on-disk chunk cache directory).
+    pub remote_cache: Option<(PathBuf, Raw)>,
+    /// `remote_cache_size=` (its bound).
+    pub remote_cache_size: Option<(u64, Raw)>,
+    /// `aws_region=`.
+    pub aws_region: Option<(String, Raw)>,
+    /// `aws_endpoint=`.
+    pub aws_endpoint: Option<(String, Raw)>,
+    /// `aws_allow_http`.
+    pub aws_allow_http: Option<Raw>,
+    /// `aws_profile=`.
+    pub aws_profile: Option<(String, Raw)>,
     /// `allow_other`.
     pub allow_other: Option<Raw>,
     /// `uid=` (number or user name).
@@ -235,6 +247,36 @@ pub fn parse(s: &str, sloppy: bool) -> Result<MountOptions, String> {
             }
             "remote_readahead" => {
                 o.remote_readahead = Some((parse_size(val()?).map_err(|e| bad(&e))?, raw.clone()))
+            }
+            "remote_cache" => {
+                let v = val()?;
+                if v.is_empty() {
+                    return Err(bad("needs a directory"));
+                }
+                o.remote_cache = Some((PathBuf::from(v), raw.clone()));
+            }
+            "remote_cache_size" => {
+                o.remote_cache_size = Some((parse_size(val()?).map_err(|e| bad(&e))?, raw.clone()))
+            }
+            "aws_region" | "aws_endpoint" | "aws_profile" => {
+                let v = val()?;
+                if v.is_empty() || v.contains('@') {
+                    return Err(bad("needs a value (and no user@ in it)"));
+                }
+                let slot = match key.as_str() {
+                    "aws_region" => &mut o.aws_region,
+                    "aws_endpoint" => &mut o.aws_endpoint,
+                    _ => &mut o.aws_profile,
+                };
+                *slot = Some((v.to_string(), raw.clone()));
+            }
+            "aws_allow_http" => o.aws_allow_http = Some(flag(value)?),
+            "aws_access_key_id" | "aws_secret_access_key" | "aws_session_token" => {
+                // The value is a secret: name the option only.
+                return Err(format!(
+                    "mount option {name:?}: credentials are not mount options (they would show \
+                     in /proc/mounts and `vdiskfs list`); use aws_profile= or the AWS_* variables"
+                ));
             }
             "allow_other" => o.allow_other = Some(flag(value)?),
             "uid" => o.uid = Some((lookup_id(val()?, false).map_err(|e| bad(&e))?, raw.clone())),
@@ -491,6 +533,11 @@ pub fn merge(args: &mut MountArgs, given: &dyn Fn(&str) -> bool) -> Result<(), S
     defaulted_value!(threads, "--threads");
     defaulted_value!(remote_chunk, "--remote-chunk");
     defaulted_value!(remote_readahead, "--remote-readahead");
+    defaulted_value!(remote_cache_size, "--remote-cache-size");
+    opt_value!(remote_cache, "--remote-cache");
+    opt_value!(aws_region, "--aws-region");
+    opt_value!(aws_endpoint, "--aws-endpoint");
+    opt_value!(aws_profile, "--aws-profile");
     if !(64 << 10..=64 << 20).contains(&args.remote_chunk) {
         return Err("--remote-chunk must be between 64K and 64M".into());
     }
@@ -504,6 +551,7 @@ pub fn merge(args: &mut MountArgs, given: &dyn Fn(&str) -> bool) -> Result<(), S
     switch!(force_lock);
     switch!(no_passthrough);
     switch!(nonempty);
+    switch!(aws_allow_http);
     for (l, _) in o.nbd {
         if !args.nbd.contains(&l) {
             args.nbd.push(l);
@@ -566,6 +614,34 @@ mod tests {
         assert_eq!(o.remote_chunk.unwrap().0, 1 << 20);
         assert_eq!(o.remote_readahead.unwrap().0, 0);
         assert!(o.dropped.is_empty());
+    }
+
+    #[test]
+    fn remote_options_parse_and_credentials_are_refused_unechoed() {
+        let o = parse(
+            "remote_cache=/var/c,remote_cache_size=2G,aws_region=eu-1,\
+             aws_endpoint=http://h:9000,aws_allow_http,aws_profile=p",
+            false,
+        )
+        .unwrap();
+        assert_eq!(o.remote_cache.unwrap().0, PathBuf::from("/var/c"));
+        assert_eq!(o.remote_cache_size.unwrap().0, 2 << 30);
+        assert_eq!(o.aws_region.unwrap().0, "eu-1");
+        assert_eq!(o.aws_endpoint.unwrap().0, "http://h:9000");
+        assert!(o.aws_allow_http.is_some());
+        assert_eq!(o.aws_profile.unwrap().0, "p");
+        for key in [
+            "aws_access_key_id",
+            "aws_secret_access_key",
+            "aws_session_token",
+        ] {
+            let e = parse(&format!("{key}=TOPSECRET"), true).unwrap_err();
+            assert!(
+                e.contains("not mount options") && !e.contains("TOPSECRET"),
+                "{e}"
+            );
+        }
+        assert!(parse("aws_endpoint=http://u:p@h", false).is_err());
     }
 
     #[test]

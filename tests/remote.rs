@@ -433,3 +433,71 @@ fn wrong_credentials_give_a_one_line_403_at_mount() {
     assert!(err.contains("403") && err.contains("s3://"), "{err}");
     assert!(!err.contains("wrong-secret-value"), "{err}");
 }
+
+#[test]
+fn aws_profiles_and_mount_options_configure_s3() {
+    let port = moto();
+    let aws = common::scratch();
+    let creds = aws.path().join("credentials");
+    let config = aws.path().join("config");
+    std::fs::write(
+        &creds,
+        format!("[test]\naws_access_key_id = {KEY_ID}\naws_secret_access_key = {SECRET}\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[profile test]\nregion = us-east-1\nendpoint_url = http://127.0.0.1:{port}\n\
+             [profile sso]\nsso_session = corp\n"
+        ),
+    )
+    .unwrap();
+    let url = format!("s3://{BUCKET}/chain/top.qcow2");
+    // Nothing in the environment but the files: the profile's keys,
+    // region and endpoint (plain http allowed by an option).
+    let mount = |opts: &[&str]| {
+        let mp = tempfile::tempdir().unwrap();
+        let out = Command::new(common::fuse::bin())
+            .arg("mount")
+            .args(opts)
+            .arg(&url)
+            .arg(mp.path())
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("AWS_REGION")
+            .env_remove("AWS_ENDPOINT_URL")
+            .env_remove("AWS_ALLOW_HTTP")
+            .env("AWS_SHARED_CREDENTIALS_FILE", &creds)
+            .env("AWS_CONFIG_FILE", &config)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            let data = std::fs::read(mp.path().join("top.raw")).unwrap();
+            let un = vdiskfs(&["unmount", mp.path().to_str().unwrap()]);
+            assert!(un.status.success(), "{un:?}");
+            assert_eq!(data.len(), 3 << 20);
+        }
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert_eq!(mount(&["-o", "aws_profile=test,aws_allow_http"]), "");
+    assert_eq!(mount(&["--aws-profile", "test", "--aws-allow-http"]), "");
+    let err = mount(&["-o", "aws_profile=nope"]);
+    assert!(
+        err.contains("\"nope\"") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    let err = mount(&["-o", "aws_profile=sso"]);
+    assert!(err.contains("export-credentials"), "{err}");
+    let err = mount(&[
+        "-o",
+        &format!("aws_profile=test,aws_secret_access_key={SECRET}"),
+    ]);
+    assert!(
+        err.contains("not mount options") && !err.contains(SECRET),
+        "{err}"
+    );
+    // Without the option, plain http to the profile's endpoint is refused.
+    let err = mount(&["-o", "aws_profile=test"]);
+    assert!(!err.is_empty() && err.trim().lines().count() == 1, "{err}");
+}

@@ -22,6 +22,7 @@ use std::sync::{Arc, OnceLock};
 use lru::LruCache;
 use parking_lot::{Condvar, Mutex};
 
+use super::disk::DiskCache;
 use super::store::{describe_failure, Object};
 use super::RemoteFile;
 use crate::error::{Error, ErrorKind, Result};
@@ -47,6 +48,7 @@ struct Shared {
     inflight: Mutex<HashMap<Key, Arc<Pending>>>,
     permits: Arc<tokio::sync::Semaphore>,
     fetched: AtomicU64,
+    from_disk: AtomicU64,
     read: AtomicU64,
     requests: AtomicU64,
 }
@@ -64,6 +66,7 @@ fn shared() -> &'static Shared {
             inflight: Mutex::new(HashMap::new()),
             permits: Arc::new(tokio::sync::Semaphore::new(s.max_inflight.max(1))),
             fetched: AtomicU64::new(0),
+            from_disk: AtomicU64::new(0),
             read: AtomicU64::new(0),
             requests: AtomicU64::new(0),
         }
@@ -75,6 +78,8 @@ fn shared() -> &'static Shared {
 pub struct Stats {
     /// Bytes received from servers.
     pub fetched: u64,
+    /// Bytes taken from the on-disk cache (`--remote-cache`).
+    pub from_disk: u64,
     /// Bytes handed to readers.
     pub read: u64,
     /// Ranged GETs made.
@@ -86,6 +91,7 @@ pub fn stats() -> Stats {
     let s = shared();
     Stats {
         fetched: s.fetched.load(Ordering::Relaxed),
+        from_disk: s.from_disk.load(Ordering::Relaxed),
         read: s.read.load(Ordering::Relaxed),
         requests: s.requests.load(Ordering::Relaxed),
     }
@@ -189,68 +195,164 @@ pub(crate) fn read(file: &RemoteFile, buf: &mut [u8], offset: u64) -> Result<usi
     Ok(done)
 }
 
-/// Fetches the claimed chunks, one ranged GET per run of adjacent chunks.
+/// Fetches the claimed chunks, one task per run of adjacent chunks.
 fn spawn_runs(file: &RemoteFile, claimed: &[u64], chunk: u64) -> Result<()> {
     let rt = super::runtime()?;
     let mut sorted = claimed.to_vec();
     sorted.sort_unstable();
-    let mut i = 0;
-    while i < sorted.len() {
-        let mut j = i;
-        while j + 1 < sorted.len() && sorted[j + 1] == sorted[j] + 1 {
-            j += 1;
-        }
-        let (a, b) = (sorted[i], sorted[j]);
-        let obj = file.obj.clone();
-        let e_tag = file.e_tag.clone();
-        let (id, len) = (file.id, file.len);
-        rt.spawn(async move { fetch_run(obj, e_tag, id, len, chunk, a, b).await });
-        i = j + 1;
+    let job = Arc::new(Job {
+        obj: file.obj.clone(),
+        e_tag: file.e_tag.clone(),
+        id: file.id,
+        len: file.len,
+        chunk,
+        disk: disk_of(file, chunk),
+    });
+    for (a, b) in runs(&sorted) {
+        let job = job.clone();
+        rt.spawn(async move { fetch_run(job, a, b).await });
     }
     Ok(())
 }
 
-async fn fetch_run(
+/// The runs of adjacent indexes in `sorted`, as (first, last).
+fn runs(sorted: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &i in sorted {
+        match out.last_mut() {
+            Some((_, b)) if *b + 1 == i => *b = i,
+            _ => out.push((i, i)),
+        }
+    }
+    out
+}
+
+/// The on-disk cache and this file's key in it, if there is one and the
+/// object has an ETag (see [`super::disk`]).
+fn disk_of(file: &RemoteFile, chunk: u64) -> Option<(Arc<DiskCache>, Arc<str>)> {
+    let dc = super::disk_cache()?;
+    let tag = file.e_tag.as_deref()?;
+    Some((dc, format!("{}\n{tag}\n{chunk}", file.url).into()))
+}
+
+/// What a fetch task needs of its file.
+struct Job {
     obj: Object,
     e_tag: Option<String>,
     id: u64,
     len: u64,
     chunk: u64,
-    a: u64,
-    b: u64,
-) {
+    disk: Option<(Arc<DiskCache>, Arc<str>)>,
+}
+
+impl Job {
+    /// The byte length of chunk `idx` (the last one may be short).
+    fn chunk_len(&self, idx: u64) -> usize {
+        let start = idx * self.chunk;
+        (self.len.min(start + self.chunk) - start.min(self.len)) as usize
+    }
+}
+
+/// Fills chunks `a..=b`: from the on-disk cache where it has them, the
+/// rest by one ranged GET per run of missing chunks (then written to the
+/// on-disk cache once their readers are served).
+async fn fetch_run(job: Arc<Job>, a: u64, b: u64) {
     let sh = shared();
-    let start = a * chunk;
-    let end = ((b + 1) * chunk).min(len);
+    let mut missing: Vec<u64> = (a..=b).collect();
+    if let Some((dc, key)) = job.disk.clone() {
+        let j = job.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            (a..=b)
+                .map(|i| (i, dc.load(&key, i, j.chunk_len(i))))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (idx, data) in found {
+            if let Some(data) = data {
+                sh.from_disk.fetch_add(data.len() as u64, Ordering::Relaxed);
+                missing.retain(|&m| m != idx);
+                let data: Arc<[u8]> = data.into();
+                insert(sh, (job.id, idx), data.clone());
+                finish(sh, job.id, idx, Ok(data));
+            }
+        }
+    }
+    for (a, b) in runs(&missing) {
+        let got = fetch_get(sh, &job, a, b).await;
+        if let (Some((dc, key)), Some(chunks)) = (job.disk.clone(), got) {
+            let _ = tokio::task::spawn_blocking(move || {
+                for (idx, data) in chunks {
+                    dc.store(&key, idx, &data);
+                }
+            })
+            .await;
+        }
+    }
+}
+
+/// One ranged GET of chunks `a..=b`; wakes their readers and returns the
+/// chunks (none on failure).
+async fn fetch_get(sh: &Shared, job: &Job, a: u64, b: u64) -> Option<Vec<(u64, Arc<[u8]>)>> {
+    let start = a * job.chunk;
+    let end = ((b + 1) * job.chunk).min(job.len);
     let outcome = {
         let _permit = sh.permits.clone().acquire_owned().await;
         sh.requests.fetch_add(1, Ordering::Relaxed);
-        obj.get(start..end, e_tag.as_deref()).await
+        job.obj.get(start..end, job.e_tag.as_deref()).await
     };
-    let mut results: Vec<(u64, Outcome)> = Vec::new();
     match outcome {
         Ok(bytes) => {
             sh.fetched.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            let mut chunks = Vec::new();
             for idx in a..=b {
-                let s = ((idx - a) * chunk) as usize;
-                let e = (s + chunk as usize).min(bytes.len());
+                let s = ((idx - a) * job.chunk) as usize;
+                let e = (s + job.chunk as usize).min(bytes.len());
                 let data: Arc<[u8]> = Arc::from(&bytes[s..e]);
-                insert(sh, (id, idx), data.clone());
-                results.push((idx, Ok(data)));
+                insert(sh, (job.id, idx), data.clone());
+                finish(sh, job.id, idx, Ok(data.clone()));
+                chunks.push((idx, data));
             }
+            Some(chunks)
         }
         Err(f) => {
             let err = describe_failure(&f);
             log::warn!("{err}");
             for idx in a..=b {
-                results.push((idx, Err((err.kind(), err.message().to_string()))));
+                finish(
+                    sh,
+                    job.id,
+                    idx,
+                    Err((err.kind(), err.message().to_string())),
+                );
             }
+            None
         }
     }
-    for (idx, r) in results {
-        if let Some(p) = sh.inflight.lock().remove(&(id, idx)) {
-            *p.slot.lock() = Some(r);
-            p.cv.notify_all();
+}
+
+/// Hands chunk `idx` of file `id` to whoever waits for it.
+fn finish(sh: &Shared, id: u64, idx: u64, r: Outcome) {
+    if let Some(p) = sh.inflight.lock().remove(&(id, idx)) {
+        *p.slot.lock() = Some(r);
+        p.cv.notify_all();
+    }
+}
+
+/// Puts the first chunk, fetched by the GET that opened `file`, in the
+/// caches (it holds the image's header, and often its tables).
+pub(crate) fn seed(file: &RemoteFile, chunk: u64, data: bytes::Bytes) {
+    let sh = shared();
+    sh.fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
+    sh.requests.fetch_add(1, Ordering::Relaxed);
+    if data.len() != (file.len.min(chunk)) as usize {
+        return;
+    }
+    let data: Arc<[u8]> = Arc::from(&data[..]);
+    insert(sh, (file.id, 0), data.clone());
+    if let Some((dc, key)) = disk_of(file, chunk) {
+        if let Ok(rt) = super::runtime() {
+            rt.spawn_blocking(move || dc.store(&key, 0, &data));
         }
     }
 }

@@ -2,9 +2,13 @@
 //! files on HTTP(S) servers (`http://host/path`, `https://host/path`),
 //! read through the `object_store` crate behind [`crate::host::HostFile`].
 //!
-//! A remote file is opened with one HEAD request (size and ETag) and then
-//! answers positional reads from the chunk cache of [`chunks`], which turns
-//! misses into ranged GETs conditioned on that ETag. `object_store` is
+//! A remote file is opened with one ranged GET of its first chunk (size and
+//! ETag from the headers, the chunk into the cache: the image's header and
+//! often its tables; a HEAD if that fails, e.g. for an empty object, or
+//! when the on-disk cache probably has the chunk)
+//! and then answers positional reads from the chunk cache of [`chunks`],
+//! which turns misses into ranged GETs conditioned on that ETag, and keeps
+//! chunks in memory and optionally on local disk ([`disk`]). `object_store` is
 //! async: this module owns one small tokio runtime ([`RUNTIME_THREADS`]
 //! threads) and the FUSE workers block on it.
 //!
@@ -15,7 +19,9 @@
 //! credentials (`user:pass@`) or a query string are refused, so that no
 //! secret ever appears in a path, a log line, an error or `vdiskfs list`.
 
+mod aws;
 pub mod chunks;
+pub mod disk;
 mod store;
 
 use std::path::Path;
@@ -26,6 +32,7 @@ use parking_lot::Mutex;
 
 use crate::error::{Error, ErrorKind, Result};
 
+pub use aws::{configure_s3, S3Settings};
 pub use chunks::Stats;
 
 /// Threads of the runtime that drives the HTTP requests: they only wait on
@@ -142,22 +149,41 @@ impl std::fmt::Debug for RemoteFile {
 }
 
 impl RemoteFile {
-    /// Opens the object at `url` (HEAD: size and ETag).
+    /// Opens the object at `url`: a ranged GET of its first chunk (size,
+    /// ETag and the chunk), or a HEAD if that fails or when there is an
+    /// on-disk cache.
     pub fn open(url: &str) -> Result<Arc<RemoteFile>> {
         let obj = store::Object::parse(url)?;
         let rt = runtime()?;
-        let meta = rt
-            .block_on(obj.head())
-            .map_err(|e| store::describe(&e, "cannot open").with_path(url))?;
+        let chunk = settings().chunk.max(4096);
+        // With an on-disk cache, the first chunk is likely there: a HEAD
+        // (no body) and the chunk from disk beat 4 MiB over the network.
+        let first = match disk_cache() {
+            Some(_) => None,
+            None => rt.block_on(obj.get_head(chunk)).ok(),
+        };
+        let (meta, head) = match first {
+            Some((meta, data)) => (meta, Some(data)),
+            None => {
+                let meta = rt
+                    .block_on(obj.head())
+                    .map_err(|e| store::describe(&e, "cannot open").with_path(url))?;
+                (meta, None)
+            }
+        };
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        Ok(Arc::new(RemoteFile {
+        let file = Arc::new(RemoteFile {
             url: url.to_string(),
             obj,
             len: meta.size,
             e_tag: meta.e_tag,
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             stream: chunks::Stream::default(),
-        }))
+        });
+        if let Some(data) = head {
+            chunks::seed(&file, chunk, data);
+        }
+        Ok(file)
     }
 
     /// The URL the file was opened under.
@@ -186,6 +212,20 @@ impl RemoteFile {
     pub fn read_at_most(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
         chunks::read(self, buf, offset).map_err(|e| e.with_path(&self.url))
     }
+}
+
+static DISK: Mutex<Option<Arc<disk::DiskCache>>> = Mutex::new(None);
+
+/// Keeps chunks of remote files opened from now on in the directory `dir`
+/// too, bounded to `cap` bytes (see [`disk`]).
+pub fn set_disk_cache(dir: &Path, cap: u64) -> Result<()> {
+    *DISK.lock() = Some(Arc::new(disk::DiskCache::open(dir, cap)?));
+    Ok(())
+}
+
+/// The on-disk chunk cache, if one is set.
+fn disk_cache() -> Option<Arc<disk::DiskCache>> {
+    DISK.lock().clone()
 }
 
 /// Bytes fetched from servers and bytes handed to readers by this process.

@@ -83,6 +83,21 @@ impl Object {
         Ok(self.store.get_opts(&self.path, opts).await?.meta)
     }
 
+    /// Ranged GET of the first `n` bytes: the object's size and ETag (from
+    /// `Content-Range` and `ETag`) and its head, in one round trip.
+    pub(crate) async fn get_head(
+        &self,
+        n: u64,
+    ) -> std::result::Result<(ObjectMeta, bytes::Bytes), object_store::Error> {
+        let opts = GetOptions {
+            range: Some(GetRange::Bounded(0..n)),
+            ..Default::default()
+        };
+        let got = self.store.get_opts(&self.path, opts).await?;
+        let meta = got.meta.clone();
+        Ok((meta, got.bytes().await?))
+    }
+
     /// GET of `range`, only if the object still has `e_tag` (If-Match, and
     /// the returned ETag compared too, for servers that ignore If-Match).
     pub(crate) async fn get(
@@ -137,21 +152,16 @@ fn client(scheme: &str, authority: &str, base: &str) -> Result<Arc<dyn ObjectSto
         max_retries: s.max_retries,
         retry_timeout: s.retry_timeout,
     };
-    let env_true = |k: &str| std::env::var(k).is_ok_and(|v| v.eq_ignore_ascii_case("true"));
     let options = ClientOptions::new()
         .with_timeout(s.request_timeout)
         .with_connect_timeout(s.connect_timeout);
     let built: std::result::Result<Arc<dyn ObjectStore>, object_store::Error> = match scheme {
         "s3" => {
-            let mut b = AmazonS3Builder::from_env()
+            let b = AmazonS3Builder::from_env()
                 .with_bucket_name(authority)
                 .with_retry(retry)
-                .with_client_options(options.with_allow_http(env_true("AWS_ALLOW_HTTP")));
-            if std::env::var_os("AWS_REGION").is_none()
-                && std::env::var_os("AWS_DEFAULT_REGION").is_none()
-            {
-                b = b.with_region("us-east-1");
-            }
+                .with_client_options(options.with_allow_http(super::aws::allow_http()));
+            let b = super::aws::apply(b)?;
             b.build().map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
         }
         "http" | "https" => HttpBuilder::new()
