@@ -465,7 +465,17 @@ fn crash_test(fmt: &str, rounds: usize) {
                 *ended.lock().unwrap() = Some(why.unwrap_or_else(|e| e));
             })
         };
-        std::thread::sleep(Duration::from_millis(50 + (round as u64 * 37) % 250));
+        // Kill at a varying point, but only once a first write+fsync was
+        // acknowledged: on a loaded machine the first one can take longer
+        // than any fixed delay, and a round without one tests nothing.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while done.lock().unwrap().is_empty()
+            && ended.lock().unwrap().is_none()
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis((round as u64 * 37) % 250));
         let early = ended.lock().unwrap().clone();
         // SAFETY: killing the daemon we started.
         unsafe { libc::kill(pid, libc::SIGKILL) };
