@@ -16,6 +16,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use crate::cache::Caches;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{self, Below, CompressedBlock, Format, Layer, Mapping, OpenCtx, WriteLayer};
@@ -213,29 +215,19 @@ impl Chain {
             return self.read_layer(0, buf, offset);
         }
         // Decoding compressed blocks is CPU-bound: spread a large request
-        // over several threads (the kernel sends sequential reads as one or
-        // two large requests at a time, so there is nothing else to overlap).
+        // over the threads of rayon's pool, created once (the kernel sends
+        // sequential reads as one or two large requests at a time, so there
+        // is nothing else to overlap).
         let chunk = buf.len().div_ceil(parts).next_multiple_of(PARALLEL_ALIGN);
-        std::thread::scope(|scope| {
-            let mut pieces = buf.chunks_mut(chunk).enumerate();
-            let (_, first) = pieces.next().expect("a non-empty request");
-            let handles: Vec<_> = pieces
-                .map(|(i, piece)| {
-                    let off = offset + (i * chunk) as u64;
-                    scope.spawn(move || self.read_layer(0, piece, off))
-                })
-                .collect();
-            let mut result = self.read_layer(0, first, offset);
-            for h in handles {
-                let r = h.join().unwrap_or_else(|_| {
-                    Err(Error::internal("a read worker panicked").at_guest(offset))
-                });
-                if result.is_ok() {
-                    result = r;
-                }
-            }
-            result
-        })
+        buf.par_chunks_mut(chunk)
+            .enumerate()
+            .try_for_each(|(i, piece)| {
+                let off = offset + (i * chunk) as u64;
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.read_layer(0, piece, off)
+                }))
+                .unwrap_or_else(|_| Err(Error::internal("a read worker panicked").at_guest(off)))
+            })
     }
 
     /// How many threads a read of `len` bytes should use: more than one only
@@ -248,8 +240,9 @@ impl Chain {
         {
             return 1;
         }
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        cpus.min(4).min(len / (PARALLEL_MIN / 2))
+        rayon::current_num_threads()
+            .min(4)
+            .min(len / (PARALLEL_MIN / 2))
     }
 
     fn read_layer(&self, idx: usize, buf: &mut [u8], offset: u64) -> Result<()> {
