@@ -19,9 +19,8 @@ use super::Qcow2;
 impl Qcow2 {
     /// Replaces the cached bytes at table offset `off` after a disk write.
     pub(super) fn cache_put(&self, off: u64, bytes: Arc<[u8]>) {
-        let _g = self.meta_lock.lock();
-        self.meta_gen.fetch_add(1, Ordering::AcqRel);
-        self.caches.meta.insert((self.cache_id, off), bytes);
+        self.published
+            .publish(&self.caches.meta, (self.cache_id, off), Some(bytes));
     }
 
     fn slice_bytes(&self) -> u64 {
