@@ -109,7 +109,8 @@ impl Qcow2 {
 
     /// Waits until no read and no lock-free in-place write that may have
     /// seen a reference dropped before this call is still running. Called
-    /// after a reference is removed and before its cluster may become free.
+    /// by the flush that frees the clusters of removed references, before
+    /// any of them may become free, without the allocation mutex.
     pub(super) fn quiesce(&self) {
         if let Some(w) = &self.writer {
             w.gate.wait_for_readers();
@@ -168,7 +169,6 @@ impl Qcow2 {
         self.set_l1_entry(l1i, new | L2_COPIED)?;
         // The old table stays recorded as a snapshot's L2 table, if it is one.
         map.remove(table, Structure::L2Table);
-        self.quiesce();
         st.decref_later(table >> geo.cluster_bits);
         Ok((new, index))
     }
