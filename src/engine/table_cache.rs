@@ -111,19 +111,33 @@ mod tests {
     fn a_cached_copy_of_another_length_is_reread() {
         let (lru, tc) = (lru(), TableCache::new());
         lru.insert((1, 0), vec![1u8; 4].into());
-        let t = tc.load(&lru, (1, 0), 8, |b| Ok(b.fill(2))).unwrap();
+        let t = tc
+            .load(&lru, (1, 0), 8, |b| {
+                b.fill(2);
+                Ok(())
+            })
+            .unwrap();
         assert_eq!(&*t, &[2u8; 8]);
     }
 
     #[test]
     fn publish_replaces_and_none_drops() {
         let (lru, tc) = (lru(), TableCache::new());
-        tc.load(&lru, (1, 0), 8, |b| Ok(b.fill(1))).unwrap();
+        tc.load(&lru, (1, 0), 8, |b| {
+            b.fill(1);
+            Ok(())
+        })
+        .unwrap();
         tc.publish(&lru, (1, 0), Some(vec![9u8; 8].into()));
         let t = tc.load(&lru, (1, 0), 8, |_| panic!("cached")).unwrap();
         assert_eq!(&*t, &[9u8; 8]);
         tc.publish(&lru, (1, 0), None);
-        let t = tc.load(&lru, (1, 0), 8, |b| Ok(b.fill(3))).unwrap();
+        let t = tc
+            .load(&lru, (1, 0), 8, |b| {
+                b.fill(3);
+                Ok(())
+            })
+            .unwrap();
         assert_eq!(&*t, &[3u8; 8]);
     }
 
@@ -165,7 +179,12 @@ mod tests {
         assert_eq!(&*lru.get((1, 0)).unwrap(), &[0xbb; 8]);
         // Even once the writer's copy is evicted, later loads read afresh.
         lru.remove((1, 0));
-        let t = tc.load(&lru, (1, 0), 8, |b| Ok(b.fill(0xbb))).unwrap();
+        let t = tc
+            .load(&lru, (1, 0), 8, |b| {
+                b.fill(0xbb);
+                Ok(())
+            })
+            .unwrap();
         assert_eq!(&*t, &[0xbb; 8]);
     }
 

@@ -338,6 +338,9 @@ impl GrainTables {
 }
 
 /// How one extent stores its data.
+// One per extent, built once at open: boxing the tables would only add a
+// pointer chase to every lookup.
+#[allow(clippy::large_enum_variant)]
 pub enum ExtentData {
     /// Raw data in `file` from byte `offset`.
     Flat {
