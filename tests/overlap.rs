@@ -264,3 +264,69 @@ fn vmdk_grain_table_entry_pointing_at_the_grain_directory_fails_with_eio() {
         "directories, tables, grains",
     );
 }
+
+/// Sets the COPIED flag of the L1 entry of guest cluster 0, so that the
+/// writer takes its L2 table as its own (after a snapshot it is shared).
+fn claim_l1_entry(f: &std::fs::File) {
+    let l1 = be64(f, 40);
+    f.write_all_at(&(be64(f, l1) | 1 << 63).to_be_bytes(), l1)
+        .unwrap();
+}
+
+/// The offset of the bitmap directory named in the header extensions.
+fn bitmap_directory(f: &std::fs::File) -> u64 {
+    let mut b = [0u8; 4];
+    f.read_exact_at(&mut b, 100).unwrap();
+    let mut at = u64::from(u32::from_be_bytes(b));
+    loop {
+        f.read_exact_at(&mut b, at).unwrap();
+        let kind = u32::from_be_bytes(b);
+        f.read_exact_at(&mut b, at + 4).unwrap();
+        let len = u64::from(u32::from_be_bytes(b));
+        assert_ne!(kind, 0, "no bitmaps extension");
+        if kind == 0x2385_2875 {
+            return be64(f, at + 8 + 16);
+        }
+        at += 8 + len.div_ceil(8) * 8;
+    }
+}
+
+/// A write landing on a snapshot's L1 table, on the bitmap directory or on
+/// a bitmap's table fails like one landing on the active tables; only the
+/// feature fields of the header change (the corrupt bit, and the bitmaps
+/// autoclear bit the writable open clears).
+#[test]
+fn qcow2_entries_pointing_at_snapshot_and_bitmap_metadata_fail_with_eio() {
+    let d = scratch();
+    for target in ["snapshot L1 table", "bitmap directory", "bitmap table"] {
+        let img = qcow2(d.path(), &format!("{}.qcow2", target.replace(' ', "_")));
+        let s = img.to_str().unwrap();
+        if target == "snapshot L1 table" {
+            qemu_img(&["snapshot", "-c", "s1", s]);
+        } else {
+            qemu_img(&["bitmap", "--add", s, "b0"]);
+        }
+        let f = rw(&img);
+        let host = match target {
+            "snapshot L1 table" => be64(&f, be64(&f, 64)),
+            "bitmap directory" => bitmap_directory(&f),
+            _ => be64(&f, bitmap_directory(&f)),
+        };
+        assert!(host != 0 && host % 65536 == 0, "{target} at {host:#x}");
+        claim_l1_entry(&f);
+        point_l2_entry(&f, host);
+        let before = std::fs::read(&img).unwrap();
+        let chain = open_rw(&img).unwrap();
+        let e = chain.write_at(&[0xee; 4096], 0).unwrap_err();
+        assert_eq!(e.errno(), libc::EIO, "{target}: {e}");
+        assert!(e.to_string().contains(target), "{target}: {e}");
+        drop(chain);
+        let after = std::fs::read(&img).unwrap();
+        assert_eq!(after.len(), before.len(), "{target}: the image grew");
+        same(&after[..72], &before[..72], "header");
+        same(&after[80..88], &before[80..88], "header");
+        same(&after[96..], &before[96..], "image past the header fields");
+        assert_eq!(after[79] & 2, 2, "{target}: corrupt bit not set");
+        assert_flagged_corrupt(&img);
+    }
+}

@@ -76,6 +76,10 @@ pub fn write_new_run(
             .write_all_at(&[0u8; 512], run.host + run.bytes() - 512)
             .map(|()| n);
     }
+    if covers_all && n as u64 == run.bytes() {
+        // Nothing to fill: the caller's bytes are the run.
+        return file.write_all_at(&buf[..n], run.host).map(|()| n);
+    }
     let mut data = vec![0u8; run.bytes() as usize];
     for (k, out) in data.chunks_mut(unit as usize).enumerate() {
         let c = run.guest + k as u64 * unit;

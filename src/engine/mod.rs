@@ -11,6 +11,8 @@
 //!   header, table or directory).
 //! - [`reclaim`]: frees that wait for the reads that may still use a
 //!   freed cluster.
+//! - [`table_cache`]: generation-checked caching of tables a writer
+//!   changes (no reader ever re-caches a stale copy).
 //! - [`record`]: an optional recorder of every host write and barrier, for
 //!   the power-cut simulation (tests/powercut.rs).
 
@@ -20,3 +22,4 @@ pub mod order;
 pub mod overlap;
 pub mod reclaim;
 pub mod record;
+pub mod table_cache;

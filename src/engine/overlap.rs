@@ -58,6 +58,10 @@ pub enum Structure {
     SnapshotL2Table,
     /// The qcow2 bitmaps directory.
     BitmapDirectory,
+    /// The table of one qcow2 persistent bitmap.
+    BitmapTable,
+    /// A data cluster of one qcow2 persistent bitmap.
+    BitmapData,
     /// A VMDK descriptor embedded in a sparse extent.
     Descriptor,
     /// The primary VMDK grain directory.
@@ -81,6 +85,8 @@ impl Structure {
             Structure::SnapshotL1Table => "snapshot L1 table",
             Structure::SnapshotL2Table => "snapshot L2 table",
             Structure::BitmapDirectory => "bitmap directory",
+            Structure::BitmapTable => "bitmap table",
+            Structure::BitmapData => "bitmap data cluster",
             Structure::Descriptor => "embedded descriptor",
             Structure::GrainDirectory => "grain directory",
             Structure::RedundantGrainDirectory => "redundant grain directory",

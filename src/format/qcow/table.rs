@@ -15,10 +15,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
-
 use super::header::Header;
 use crate::cache::Caches;
+use crate::engine::table_cache::TableCache;
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 
@@ -114,17 +113,14 @@ impl Geometry {
 ///
 /// When the image is written, L1 entries go from 0 to an L2 table offset
 /// (never back), and L2 tables change on disk. The metadata cache must
-/// never keep a stale copy: a reader that missed the cache and read a
-/// table from disk inserts it only if no table was republished since it
-/// started reading (`generation`), and the check and insert happen under
-/// the same lock as the writer's republication ([`Tables::publish_l2`]).
+/// never keep a stale copy: loads and republication go through one
+/// [`TableCache`] (see [`crate::engine::table_cache`]).
 pub struct Tables {
     geometry: Geometry,
     l1: Vec<AtomicU64>,
     cache_id: u64,
     caches: Arc<Caches>,
-    generation: AtomicU64,
-    publish: Mutex<()>,
+    published: TableCache,
 }
 
 impl Tables {
@@ -152,8 +148,7 @@ impl Tables {
             l1,
             cache_id,
             caches,
-            generation: AtomicU64::new(0),
-            publish: Mutex::new(()),
+            published: TableCache::new(),
         })
     }
 
@@ -198,38 +193,23 @@ impl Tables {
     pub fn l2_table(&self, file: &HostFile, l2_offset: u64, file_len: u64) -> Result<Arc<[u8]>> {
         let key = (self.cache_id, l2_offset);
         let len = self.geometry.l2_bytes();
-        if let Some(t) = self.caches.meta.get(key) {
-            if t.len() as u64 == len {
-                return Ok(t);
-            }
-        }
         if l2_offset >= file_len || l2_offset.checked_add(len).is_none() {
             return Err(Error::corrupt(format!(
                 "L2 table offset {l2_offset:#x} lies past the end of the file ({file_len} bytes)"
             )));
         }
-        let generation = self.generation.load(Ordering::Acquire);
-        let mut raw = vec![0u8; len as usize];
-        file.read_zero_fill_at(&mut raw, l2_offset)?;
-        let raw: Arc<[u8]> = raw.into();
-        let _guard = self.publish.lock();
-        if self.generation.load(Ordering::Acquire) == generation {
-            self.caches.meta.insert(key, raw.clone());
-        }
-        Ok(raw)
+        self.published
+            .load(&self.caches.meta, key, len as usize, |raw| {
+                file.read_zero_fill_at(raw, l2_offset)
+            })
     }
 
     /// Replaces the cached copy of the L2 table at `l2_offset` after the
     /// table was changed on disk (`None`: drop the cached copy, as after
     /// a failed write whose outcome on disk is unknown).
     pub fn publish_l2(&self, l2_offset: u64, table: Option<Arc<[u8]>>) {
-        let key = (self.cache_id, l2_offset);
-        let _guard = self.publish.lock();
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        match table {
-            Some(t) => self.caches.meta.insert(key, t),
-            None => self.caches.meta.remove(key),
-        }
+        self.published
+            .publish(&self.caches.meta, (self.cache_id, l2_offset), table);
     }
 }
 

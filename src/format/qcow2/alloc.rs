@@ -204,6 +204,51 @@ impl Alloc {
         cid: u64,
         cluster: u64,
     ) -> Result<u64> {
+        self.decref_inner(file, caches, cid, cluster, true)
+    }
+
+    /// Of `frees` (clusters, one entry per reference to drop), those whose
+    /// last reference goes: they are free once the drops are applied. Each
+    /// is checked against the metadata map first. Refcounts of clusters
+    /// with references can only go down while the caller has them, so the
+    /// answer holds until [`Alloc::decref_punched`] is applied; meanwhile
+    /// the caller punches their host space without the allocation mutex.
+    pub fn last_references(&mut self, file: &HostFile, frees: &[u64]) -> Result<Vec<u64>> {
+        let mut counts = std::collections::BTreeMap::<u64, u64>::new();
+        for &c in frees {
+            *counts.entry(c).or_default() += 1;
+        }
+        let mut last = Vec::new();
+        for (c, n) in counts {
+            if self.get(file, c)? == n {
+                self.map
+                    .guard(c << self.cluster_bits, self.cs(), NO_GUEST)?;
+                last.push(c);
+            }
+        }
+        Ok(last)
+    }
+
+    /// [`Alloc::decref`] of a cluster whose host space the caller already
+    /// punched (see [`Alloc::last_references`]).
+    pub fn decref_punched(
+        &mut self,
+        file: &HostFile,
+        caches: &Caches,
+        cid: u64,
+        cluster: u64,
+    ) -> Result<u64> {
+        self.decref_inner(file, caches, cid, cluster, false)
+    }
+
+    fn decref_inner(
+        &mut self,
+        file: &HostFile,
+        caches: &Caches,
+        cid: u64,
+        cluster: u64,
+        punch: bool,
+    ) -> Result<u64> {
         let v = self.get(file, cluster)?;
         if v == 0 {
             return Err(Error::corrupt(format!(
@@ -219,7 +264,9 @@ impl Alloc {
         }
         self.set(file, caches, cid, cluster, v - 1)?;
         if v == 1 {
-            file.punch_hole(cluster << self.cluster_bits, self.cs())?;
+            if punch {
+                file.punch_hole(cluster << self.cluster_bits, self.cs())?;
+            }
             self.hint = self.hint.min(cluster);
             self.freed += 1;
         }

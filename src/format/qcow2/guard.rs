@@ -7,7 +7,8 @@
 //! names, the refcount table and every refcount block (added by
 //! [`super::alloc::Alloc::open`]), the snapshot table, each snapshot's L1
 //! table and the L2 tables those name (read up to [`SNAPSHOT_L1_BUDGET`]
-//! bytes of snapshot L1 tables in all), and the bitmaps directory.
+//! bytes of snapshot L1 tables in all), the bitmaps directory, every
+//! bitmap's table and the bitmap data clusters those name.
 //! Guest data in an external data file is never checked: no metadata
 //! lives there.
 
@@ -23,6 +24,69 @@ use super::tables::{MAX_L1_BYTES, OFFSET_MASK};
 
 /// Bytes of snapshot L1 tables read at open to find their L2 tables.
 pub const SNAPSHOT_L1_BUDGET: u64 = 64 << 20;
+
+/// Bytes of the bitmap directory and of bitmap tables read at open.
+pub const BITMAP_BUDGET: u64 = 64 << 20;
+
+/// Records the table of every bitmap of the directory at `off` (`len`
+/// bytes) and the data clusters the tables name. A directory or table out
+/// of the file is skipped (qemu refuses such an image's bitmaps; reading
+/// ignores them), entries are parsed as far as they are well formed, and
+/// at most [`BITMAP_BUDGET`] bytes of tables are read.
+fn add_bitmaps(map: &mut MetadataMap, file: &HostFile, off: u64, len: u64, cs: u64) -> Result<()> {
+    if off.checked_add(len).is_none_or(|e| e > file.len()) {
+        return Ok(());
+    }
+    let mut dir = vec![0u8; len as usize];
+    file.read_exact_at(&mut dir, off)?;
+    let mut budget = BITMAP_BUDGET;
+    let mut at = 0usize;
+    // Entry: table offset (8), table entries (4), flags (4), type (1),
+    // granularity (1), name size (2), extra data size (4), extra, name,
+    // padded to 8 bytes.
+    while let Some(fixed) = dir.get(at..at + 24) {
+        let table = be64(fixed, 0);
+        let entries = u64::from(u32::from_be_bytes(
+            fixed[8..12].try_into().unwrap_or_default(),
+        ));
+        let name = u64::from(u16::from_be_bytes(
+            fixed[18..20].try_into().unwrap_or_default(),
+        ));
+        let extra = u64::from(u32::from_be_bytes(
+            fixed[20..24].try_into().unwrap_or_default(),
+        ));
+        let bytes = entries * 8;
+        if bytes > 0 {
+            map.add(table, bytes, Structure::BitmapTable);
+        }
+        if bytes <= budget && table.checked_add(bytes).is_some_and(|e| e <= file.len()) {
+            budget -= bytes;
+            let mut raw = vec![0u8; bytes as usize];
+            file.read_exact_at(&mut raw, table)?;
+            for c in raw.chunks_exact(8) {
+                let e = be64(c, 0) & OFFSET_MASK;
+                if e != 0 {
+                    map.add(e, cs, Structure::BitmapData);
+                }
+            }
+        }
+        let Some(next) = (24 + extra + name)
+            .checked_next_multiple_of(8)
+            .and_then(|n| u64::try_from(at).ok()?.checked_add(n))
+            .and_then(|n| usize::try_from(n).ok())
+        else {
+            break;
+        };
+        at = next;
+    }
+    Ok(())
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    b.get(at..at + 8)
+        .and_then(|s| s.try_into().ok())
+        .map_or(0, u64::from_be_bytes)
+}
 
 /// The metadata map of `file` (header `h`, active L1 entries `l1`),
 /// marking a v3 image corrupt when a write trips it.
@@ -60,7 +124,9 @@ pub fn build(file: &Arc<HostFile>, h: &Header, l1: &[u64]) -> Result<MetadataMap
         }
     }
     if let Some((off, len)) = h.bitmap_directory {
-        map.add(off, len.min(64 << 20), Structure::BitmapDirectory);
+        let len = len.min(BITMAP_BUDGET);
+        map.add(off, len, Structure::BitmapDirectory);
+        add_bitmaps(&mut map, file, off, len, cs)?;
     }
     if h.version >= 3 {
         let f = file.clone();

@@ -19,9 +19,8 @@ use super::Qcow2;
 impl Qcow2 {
     /// Replaces the cached bytes at table offset `off` after a disk write.
     pub(super) fn cache_put(&self, off: u64, bytes: Arc<[u8]>) {
-        let _g = self.meta_lock.lock();
-        self.meta_gen.fetch_add(1, Ordering::AcqRel);
-        self.caches.meta.insert((self.cache_id, off), bytes);
+        self.published
+            .publish(&self.caches.meta, (self.cache_id, off), Some(bytes));
     }
 
     fn slice_bytes(&self) -> u64 {
@@ -110,7 +109,8 @@ impl Qcow2 {
 
     /// Waits until no read and no lock-free in-place write that may have
     /// seen a reference dropped before this call is still running. Called
-    /// after a reference is removed and before its cluster may become free.
+    /// by the flush that frees the clusters of removed references, before
+    /// any of them may become free, without the allocation mutex.
     pub(super) fn quiesce(&self) {
         if let Some(w) = &self.writer {
             w.gate.wait_for_readers();
@@ -169,7 +169,6 @@ impl Qcow2 {
         self.set_l1_entry(l1i, new | L2_COPIED)?;
         // The old table stays recorded as a snapshot's L2 table, if it is one.
         map.remove(table, Structure::L2Table);
-        self.quiesce();
         st.decref_later(table >> geo.cluster_bits);
         Ok((new, index))
     }

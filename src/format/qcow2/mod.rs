@@ -31,13 +31,14 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::RwLock;
 
 use serde_json::json;
 
 use super::{BackingSpec, CompressedBlock, Format, Layer, LayerInfo, Mapping, OpenCtx, WriteLayer};
 use crate::cache::Caches;
 use crate::compress::{self, Method};
+use crate::engine::table_cache::TableCache;
 use crate::error::{Error, Result};
 use crate::format::SnapshotInfo;
 use crate::host::HostFile;
@@ -71,9 +72,8 @@ pub struct Qcow2 {
     /// Host bytes of the image file that table entries may point into
     /// (grows as writes allocate clusters).
     file_end: AtomicU64,
-    /// Bumped whenever a cached L2 slice is rewritten; see [`Qcow2::l2_slice`].
-    meta_gen: AtomicU64,
-    meta_lock: Mutex<()>,
+    /// Loads and republication of L2 slices; see [`Qcow2::l2_slice`].
+    published: TableCache,
     writer: Option<write::Writer>,
     backing: Option<BackingSpec>,
     snapshots: Vec<SnapshotInfo>,
@@ -144,8 +144,7 @@ impl Qcow2 {
             rules,
             l1: RwLock::new(l1),
             file_end: AtomicU64::new(image_len),
-            meta_gen: AtomicU64::new(0),
-            meta_lock: Mutex::new(()),
+            published: TableCache::new(),
             writer,
             backing,
             snapshots,
@@ -186,29 +185,19 @@ impl Qcow2 {
 
     /// Raw bytes of slice `idx` of the L2 table at `table`, via the cache.
     ///
-    /// A slice read from disk is cached only if no writer replaced a
-    /// cached slice meanwhile (`meta_gen` unchanged, checked under
-    /// `meta_lock`), so a slow reader never re-inserts a stale copy over
-    /// a writer's fresh one.
+    /// Loads and the writer's republication ([`Qcow2::cache_put`]) go
+    /// through one [`TableCache`], so a slow reader never re-inserts a
+    /// stale copy over a writer's fresh one.
     fn l2_slice(&self, table: u64, idx: u64) -> Result<Arc<[u8]>> {
         let bytes = self.geo.slice_entries() * self.geo.entry_bytes;
         let off = table + idx * bytes;
-        let key = (self.cache_id, off);
-        if let Some(s) = self.caches.meta.get(key) {
-            if s.len() as u64 == bytes {
-                return Ok(s);
-            }
-        }
-        let gen = self.meta_gen.load(Ordering::Acquire);
-        let mut buf = vec![0u8; bytes as usize];
         // A table cut short by the end of the file reads as zeros (unallocated).
-        self.file.read_zero_fill_at(&mut buf, off)?;
-        let s: Arc<[u8]> = buf.into();
-        let _g = self.meta_lock.lock();
-        if self.meta_gen.load(Ordering::Acquire) == gen {
-            self.caches.meta.insert(key, s.clone());
-        }
-        Ok(s)
+        self.published.load(
+            &self.caches.meta,
+            (self.cache_id, off),
+            bytes as usize,
+            |buf| self.file.read_zero_fill_at(buf, off),
+        )
     }
 
     /// The host offset of the L2 table covering guest `offset` (0: none).

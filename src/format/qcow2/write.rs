@@ -15,13 +15,21 @@
 //! Every other metadata change first waits, under the mutex, until its
 //! clusters are not busy. A partial-cluster write into a cluster that
 //! needs a new host cluster goes the same way (its copy-on-write fill,
-//! often a cold read from the backing file, runs without the mutex).
+//! often a cold read from the backing file, runs without the mutex). Both
+//! write the new clusters through [`write_new_run`] (`engine::cow`: the
+//! overlap guard, the fill of what the write does not cover, one host
+//! write per run), as qcow v1 and VMDK do.
 //! Subcluster images, data files and zeroing run under the mutex, data
 //! I/O included, re-reading the entry there, so two first writes into one
 //! cluster cannot both allocate it: the second finds it allocated and
-//! writes in place. Before a cluster whose reference was just dropped can
-//! be freed (and reused), [`Qcow2::quiesce`] takes the gate exclusively:
-//! any lock-free write that looked up the old entry has finished.
+//! writes in place. They do not fit `write_new_run`: a subcluster write
+//! allocates the cluster but writes only the subclusters it touches (the
+//! others stay unallocated or zero in the bitmap, no fill), and a data
+//! file's clusters are not fresh space but the guest offset itself. A dropped reference is only noted; the flush that
+//! lowers the refcounts first calls [`Qcow2::quiesce`] (the gate taken
+//! exclusively, so any read or lock-free write that looked up the old
+//! entry has finished), then punches the clusters that lose their last
+//! reference, both without the mutex; only the refcount updates take it.
 //!
 //! **Ordering** ([`crate::engine::order`]). Data, copy-on-write fill,
 //! refcount raises and new tables are written at once; L1 and L2 entries
@@ -51,6 +59,7 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
+use crate::engine::cow::{write_new_run, Fill, NewRun};
 use crate::engine::overlap::MetadataMap;
 use crate::engine::reclaim::ReadGate;
 
@@ -312,17 +321,22 @@ impl Qcow2 {
         self.w().busy.lock().push((first, count));
         drop(st);
 
+        // The data covers every new cluster: engine::cow fills nothing
+        // and writes each host-contiguous run once, after the overlap guard.
         let mut filled = Ok(());
         let mut d = 0usize;
         for &(h, k) in &runs {
-            let n = (k * cs) as usize;
-            filled = self
-                .guard(h, n as u64, pos + d as u64)
-                .and_then(|()| self.file.write_all_at(&data[d..d + n], h));
+            let run = NewRun {
+                guest: pos + d as u64,
+                host: h,
+                count: k,
+                unit: cs,
+            };
+            let no_fill = &mut |_: usize, _: u64, _: &mut [u8]| -> Result<()> { Ok(()) };
+            filled = self.new_run(run, &data[d..], no_fill).map(|n| d += n);
             if filled.is_err() {
                 break;
             }
-            d += n;
         }
 
         self.finish_batch(first, count, filled, &old, &runs)
@@ -369,20 +383,42 @@ impl Qcow2 {
     ) -> Result<()> {
         let cs = self.geo.cluster_size();
         let cstart = pos - pos % cs;
-        let off = (pos - cstart) as usize;
-        let end = off + data.len();
         let dec = self.decompressed_old(e, cstart)?;
-        let mut buf = vec![0u8; cs as usize];
-        if off > 0 {
-            self.current(&mut buf[..off], cstart, e, bm, dec.as_deref(), below)?;
-        }
-        if end < buf.len() {
-            let g = cstart + end as u64;
-            self.current(&mut buf[end..], g, e, bm, dec.as_deref(), below)?;
-        }
-        buf[off..end].copy_from_slice(data);
-        self.guard(new, cs, cstart)?;
-        self.file.write_all_at(&buf, new)
+        let run = NewRun {
+            guest: cstart,
+            host: new,
+            count: 1,
+            unit: cs,
+        };
+        // engine::cow asks for the whole cluster as it reads now and lays
+        // `data` over it.
+        let fill = &mut |_: usize, g: u64, out: &mut [u8]| {
+            self.current(out, g, e, bm, dec.as_deref(), below)
+        };
+        let n = self.new_run_at(run, data, pos, fill)?;
+        debug_assert_eq!(n, data.len());
+        Ok(())
+    }
+
+    /// [`write_new_run`] of `data` from the run's start.
+    fn new_run(&self, run: NewRun, data: &[u8], fill: &mut Fill<'_>) -> Result<usize> {
+        self.new_run_at(run, data, run.guest, fill)
+    }
+
+    /// [`write_new_run`] into the image file (never a data file: its
+    /// clusters are written in place at their guest offset).
+    fn new_run_at(&self, run: NewRun, data: &[u8], pos: u64, fill: &mut Fill<'_>) -> Result<usize> {
+        let vsize = self.header.size;
+        write_new_run(
+            &self.file,
+            &self.w().map,
+            run,
+            vsize,
+            data,
+            pos,
+            false,
+            fill,
+        )
     }
 
     /// The cluster at guest `cstart` decoded, when its entry `e` is a
@@ -481,7 +517,6 @@ impl Qcow2 {
             .filter(|&e| e & L2_COMPRESSED != 0 || e & OFFSET_MASK != 0)
             .collect();
         if !dropped.is_empty() {
-            self.quiesce();
             for e in dropped {
                 self.release(st, e)?;
             }
@@ -679,7 +714,6 @@ impl Qcow2 {
         };
         self.set_l2_entry(table, index, new | L2_COPIED, nbm)?;
         if compressed || host != 0 {
-            self.quiesce();
             self.release(st, e)?;
         }
         Ok(())
@@ -713,8 +747,9 @@ impl Qcow2 {
         }
         self.guard_old_data(e, pos)?;
         self.set_l2_entry(table, index, ne, nbm)?;
-        self.quiesce();
         if let Some(d) = &self.data_file {
+            // Under the mutex: a data file's cluster is reused at once, at
+            // the same guest offset, by the next write into it.
             d.punch_hole(pos, cs)?;
         }
         if !df {
@@ -760,7 +795,6 @@ impl Qcow2 {
                 }
                 self.set_l2_entry(table, index, ne, alloc | zero << 32)?;
                 if drop_host {
-                    self.quiesce();
                     self.release(&mut st, e)?;
                 }
                 if let Some(d) = &self.data_file {
@@ -835,9 +869,25 @@ impl WriteLayer for Qcow2 {
         if frees.is_empty() {
             return Ok(());
         }
+        // Every read or lock-free write that may have looked up a removed
+        // reference started before now: wait for them, without the
+        // allocation mutex (writers keep allocating meanwhile).
+        self.quiesce();
+        // Clusters losing their last reference are punched while their
+        // refcount still holds them (nobody can allocate them), again
+        // without the mutex; then the refcounts are lowered.
+        let last = self.w().state.lock().last_references(&self.file, &frees)?;
+        for &c in &last {
+            let cb = self.geo.cluster_bits;
+            self.file.punch_hole(c << cb, 1 << cb)?;
+        }
         let mut st = self.w().state.lock();
         for c in frees {
-            st.decref(&self.file, &self.caches, self.cache_id, c)?;
+            if last.binary_search(&c).is_ok() {
+                st.decref_punched(&self.file, &self.caches, self.cache_id, c)?;
+            } else {
+                st.decref(&self.file, &self.caches, self.cache_id, c)?;
+            }
         }
         Ok(())
     }

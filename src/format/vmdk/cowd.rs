@@ -96,8 +96,7 @@ pub fn open(
         key_base,
         used_redundant: AtomicBool::new(false),
         end,
-        generation: AtomicU64::new(0),
-        publish: Default::default(),
+        published: Default::default(),
     };
     Ok((tables, info))
 }

@@ -10,11 +10,10 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
-
 use super::descriptor::ExtentLine;
 use super::sparse::SparseInfo;
 use crate::cache::Caches;
+use crate::engine::table_cache::TableCache;
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 
@@ -157,10 +156,8 @@ pub struct GrainTables {
     /// The end of the extent file as the driver knows it (the length at
     /// open, then grown by the writer).
     pub end: AtomicU64,
-    /// Bumped whenever a table is republished; see [`GrainTables::load_gt`].
-    pub generation: AtomicU64,
-    /// Serialises cache inserts of tables read from disk with republication.
-    pub publish: Mutex<()>,
+    /// Loads and republication of the tables; see [`GrainTables::load_gt`].
+    pub published: TableCache,
 }
 
 /// A decoded grain directory as the table walker stores it.
@@ -242,37 +239,23 @@ impl GrainTables {
     /// Reads (through the cache) the grain table at byte offset `off`.
     ///
     /// When the extent is written, tables change on disk; the cache must
-    /// never keep a stale copy: a table read from disk is inserted only if
-    /// no table was republished since the read started (`generation`),
-    /// checked under the same lock [`GrainTables::publish_gt`] takes.
+    /// never keep a stale copy: loads and [`GrainTables::publish_gt`] go
+    /// through one [`TableCache`] (see [`crate::engine::table_cache`]).
     pub fn load_gt(&self, caches: &Caches, off: u64) -> Result<Arc<[u8]>> {
         let key = (self.cache_id, self.key_base | off);
-        if let Some(t) = caches.meta.get(key) {
-            return Ok(t);
-        }
-        let generation = self.generation.load(Ordering::Acquire);
-        let mut buf = vec![0u8; self.gt_bytes() as usize];
         // The last table may be cut short by the end of the file; what the
         // capacity needs was checked to be present.
-        self.file.read_zero_fill_at(&mut buf, off)?;
-        let t: Arc<[u8]> = buf.into();
-        let _guard = self.publish.lock();
-        if self.generation.load(Ordering::Acquire) == generation {
-            caches.meta.insert(key, t.clone());
-        }
-        Ok(t)
+        self.published
+            .load(&caches.meta, key, self.gt_bytes() as usize, |buf| {
+                self.file.read_zero_fill_at(buf, off)
+            })
     }
 
     /// Replaces the cached copy of the table at `off` after it changed on
     /// disk (`None`: drop it, as after a failed write).
     pub fn publish_gt(&self, caches: &Caches, off: u64, table: Option<Arc<[u8]>>) {
         let key = (self.cache_id, self.key_base | off);
-        let _guard = self.publish.lock();
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        match table {
-            Some(t) => caches.meta.insert(key, t),
-            None => caches.meta.remove(key),
-        }
+        self.published.publish(&caches.meta, key, table);
     }
 
     /// Decodes entry `i` of the raw table `gt`.
@@ -355,6 +338,9 @@ impl GrainTables {
 }
 
 /// How one extent stores its data.
+// One per extent, built once at open: boxing the tables would only add a
+// pointer chase to every lookup.
+#[allow(clippy::large_enum_variant)]
 pub enum ExtentData {
     /// Raw data in `file` from byte `offset`.
     Flat {

@@ -357,8 +357,7 @@ pub fn open(
         key_base,
         used_redundant: AtomicBool::new(used_redundant),
         end,
-        generation: AtomicU64::new(0),
-        publish: Default::default(),
+        published: Default::default(),
     };
     Ok((tables, info, h))
 }

@@ -978,12 +978,16 @@ impl WriteLayer for Vmdk {
                 ExtentWriter::Sparse(sw) => (&sw.dirty, &sparse_tables(e).file),
                 ExtentWriter::Refused(..) => continue,
             };
-            if dirty.swap(false, Ordering::AcqRel) {
+            // `dirty` is never cleared (it means "written since open"): a
+            // write marks its extent before it lands, so a flush clearing
+            // the flag could sync before that write while a concurrent
+            // flush, which must cover it, found the flag clear and skipped
+            // the extent (the power-cut test's concurrent writers found
+            // it). Concurrent flushes of one file are serialised by its
+            // queue, so a flush never returns before an earlier one ends.
+            if dirty.load(Ordering::Acquire) {
                 // Sparse extents: queued table updates after their grains.
-                if let Err(err) = file.flush_ordered() {
-                    dirty.store(true, Ordering::Release);
-                    return Err(err);
-                }
+                file.flush_ordered()?;
             }
         }
         if w.desc_dirty.swap(false, Ordering::AcqRel) {
