@@ -97,7 +97,7 @@ impl Writer {
         let h = &d.header;
         let bat_bytes = round_up(u64::from(h.max_table_entries) * 4, 512).unwrap_or(u64::MAX);
         map.add(h.table_offset, bat_bytes, Structure::Bat);
-        let mut end = round_up(h.table_offset + bat_bytes, 512).unwrap_or(u64::MAX);
+        let mut end = round_up(h.table_offset.saturating_add(bat_bytes), 512).unwrap_or(u64::MAX);
         for l in &h.locators {
             map.add(l.data_offset, u64::from(l.data_len), Structure::Header);
             end = end.max(l.data_offset.saturating_add(u64::from(l.data_len)));
