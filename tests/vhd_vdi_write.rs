@@ -380,3 +380,28 @@ fn overlay_and_snapshot_over_vhd_vdi_and_parallels() {
         .expect("--rw on Parallels must be refused");
     assert!(err.contains("--overlay FILE or --snapshot"), "{err}");
 }
+
+#[test]
+fn vdi_differencing_random_writes_leave_the_parent_alone() {
+    let d = scratch();
+    let parent = create(d.path(), "parent.vdi", "vdi", "preallocation=off", "7M");
+    qemu_io("vdi", &parent, &["write -P 0x31 0 7M"]);
+    let child = create(d.path(), "child.vdi", "vdi", "preallocation=off", "7M");
+    // Make the child a differencing image of the parent (type 4, the
+    // parent's UUIDs), as tests/vdi.rs does.
+    let pb = std::fs::read(&parent).unwrap();
+    let mut cb = std::fs::read(&child).unwrap();
+    cb[0x4c..0x50].copy_from_slice(&4u32.to_le_bytes());
+    cb[0x1a8..0x1b8].copy_from_slice(&pb[0x188..0x198]);
+    cb[0x1b8..0x1c8].copy_from_slice(&pb[0x198..0x1a8]);
+    std::fs::write(&child, cb).unwrap();
+    let chain = open_chain(&child).unwrap();
+    assert_eq!(chain.layers().len(), 2);
+    let before = read_all(&chain, 1 << 20).unwrap();
+    drop(chain);
+    // The parent shows through where the child has no block.
+    assert_eq!(before[3 << 20], 0x31);
+    let model = random_ops(&child, before, 6, 250, 1 << 20);
+    check_all(&child, None, &model, d.path());
+    assert!(std::fs::read(&parent).unwrap() == pb, "the parent changed");
+}
