@@ -152,6 +152,20 @@ fn vhd_dynamic_random_writes() {
     let mut model = model;
     model[3 << 20..(3 << 20) + 70 * 1024].fill(0x5a);
     check_all(&img, Some("vpc"), &model, d.path());
+    // A file whose end lost its footer (as a power cut can leave it)
+    // opens by the copy at 0; a writable open puts the footer back.
+    let mut b = std::fs::read(&img).unwrap();
+    let n = b.len();
+    b[n - 512..].fill(0xab);
+    std::fs::write(&img, &b).unwrap();
+    check_all(&img, Some("vpc"), &model, d.path());
+    let chain = open_rw(&img);
+    chain.flush().unwrap();
+    drop(chain);
+    let b = std::fs::read(&img).unwrap();
+    assert_eq!(b.len(), n + 512);
+    assert_eq!(&b[b.len() - 512..], &b[..512], "footer restored at the end");
+    check_all(&img, Some("vpc"), &model, d.path());
 }
 
 #[test]

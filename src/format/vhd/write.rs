@@ -17,7 +17,7 @@
 //!   reach the disk before the rewritten footer): a dynamic disk is opened
 //!   by its footer *copy at offset 0*, which is never written, by qemu's
 //!   `vpc` driver as by ours, so the image still opens; the footer at the
-//!   end is back after the next flush.
+//!   end is back after the next flush, or at the next writable open.
 //! - Differencing: the parent stays read-only. The copy-on-write unit is
 //!   the block: a new block is filled from the layers below where the
 //!   write does not cover it and gets a bitmap of all ones; the first
@@ -122,6 +122,14 @@ impl Writer {
         let frontier = round_up(frontier.max(end), 512)
             .ok_or_else(|| Error::corrupt("the VHD file is too large to grow"))?;
         map.add(frontier, FOOTER_LEN as u64, Structure::Footer);
+        if &tail[..8] != FOOTER_COOKIE {
+            // A power cut after an allocation can leave the file without
+            // the footer at its end (see the module documentation): a
+            // writable open puts it back, past everything in use.
+            file.write_all_at(&footer, frontier)?;
+            v.end
+                .fetch_max(frontier + FOOTER_LEN as u64, Ordering::AcqRel);
+        }
         Ok(Writer {
             map,
             alloc: Some(Appender::new(frontier, MAX_HOST)),
