@@ -40,7 +40,13 @@ fn every_saved_input_is_handled() {
         }
         open_and_read(data, None, data.get(..64).unwrap_or(&[]));
         // As the write_paths target splits them (first byte: the format).
-        for f in [Format::Qcow2, Format::Qcow, Format::Vmdk] {
+        for f in [
+            Format::Qcow2,
+            Format::Qcow,
+            Format::Vmdk,
+            Format::Vhd,
+            Format::Vdi,
+        ] {
             let (image, script) = data.split_at(data.len().saturating_sub(512));
             open_and_write(image, f, script);
         }
@@ -117,7 +123,8 @@ fn vdi_and_parallels_headers_at_extremes_are_handled() {
 
 /// Without libFuzzer: the write_paths entry point over a few thousand
 /// mutated small images (qemu-img made: qcow2 with 512 B, 4 KiB and
-/// subcluster clusters, v2, qcow v1, sparse VMDK), each with a random
+/// subcluster clusters, v2, qcow v1, sparse VMDK, dynamic and fixed VHD,
+/// dynamic and static VDI), each with a random
 /// script of writes, zeroings, flushes and reads. Mutations hit the first
 /// 64 KiB, where the headers and tables of these images live.
 #[test]
@@ -176,6 +183,22 @@ fn write_paths_survive_mutated_images() {
             "1M",
             "write -P 8 0 64k",
         ),
+        mk(
+            "g.vhd",
+            "vpc",
+            "subformat=dynamic",
+            "1M",
+            "write -P 9 0 40k",
+        ),
+        mk(
+            "h.vhd",
+            "vpc",
+            "subformat=fixed",
+            "256k",
+            "write -P 10 0 8k",
+        ),
+        mk("i.vdi", "vdi", "", "1M", "write -P 11 0 40k"),
+        mk("j.vdi", "vdi", "static=on", "1M", "write -P 12 0 8k"),
     ];
     let mut r = 0x2545_f491_4f6c_dd1du64;
     let mut next = move || {

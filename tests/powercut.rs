@@ -117,6 +117,27 @@ fn create(dir: &Path, case: &Case) -> PathBuf {
             qemu_io("vmdk", &img, &["write -P 0x66 0 128k"]);
             img
         }
+        "vhd-dynamic" => {
+            let img = p("img.vhd");
+            let o = "subformat=dynamic";
+            qemu_img(&["create", "-q", "-f", "vpc", "-o", o, &s(&img), "8M"]);
+            qemu_io(
+                "vpc",
+                &img,
+                &["write -P 0x77 0 100k", "write -P 0x78 5M 1M"],
+            );
+            img
+        }
+        "vdi-dynamic" => {
+            let img = p("img.vdi");
+            qemu_img(&["create", "-q", "-f", "vdi", &s(&img), "8M"]);
+            qemu_io(
+                "vdi",
+                &img,
+                &["write -P 0x79 0 100k", "write -P 0x7a 5M 1M"],
+            );
+            img
+        }
         other => panic!("unknown case {other}"),
     }
 }
@@ -374,10 +395,13 @@ impl Tally {
     }
 }
 
-/// `qemu-img check`: Ok(leaks) or Err(what is wrong). qcow v1 has no
-/// checker in qemu: reading every byte through qemu stands in for it.
+/// `qemu-img check`: Ok(leaks) or Err(what is wrong). qcow v1 and VHD
+/// (`vpc`) have no checker in qemu: reading every byte through qemu stands
+/// in for it. VDI: an allocated-blocks count ahead of the block map (the
+/// count is raised before the entry is written, see `format::vdi::write`)
+/// is a leaked block slot, which qemu reports as its one corruption.
 fn check(image: &Path, fmt: &str) -> Result<u64, String> {
-    if fmt == "qcow" {
+    if fmt == "qcow" || fmt == "vpc" {
         let out = Command::new("qemu-img")
             .args(["convert", "-f", fmt, "-O", "raw"])
             .arg(image)
@@ -399,10 +423,26 @@ fn check(image: &Path, fmt: &str) -> Result<u64, String> {
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|_| format!("{text}{}", String::from_utf8_lossy(&out.stderr)))?;
     let n = |k: &str| v.get(k).and_then(|n| n.as_u64()).unwrap_or(0);
+    if fmt == "vdi" && n("corruptions") == 1 && n("check-errors") == 0 {
+        if let Some(leaked) = vdi_count_ahead(&String::from_utf8_lossy(&out.stderr)) {
+            return Ok(leaked);
+        }
+    }
     if n("corruptions") + n("check-errors") > 0 {
         return Err(text.into_owned());
     }
     Ok(n("leaks"))
+}
+
+/// The block slots leaked when qemu's only complaint about a VDI is an
+/// allocated-blocks count above the number of map entries.
+fn vdi_count_ahead(stderr: &str) -> Option<u64> {
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("ERROR")).collect();
+    let [line] = errors[..] else { return None };
+    let rest = line.split("allocated blocks mismatch, is ").nth(1)?;
+    let (is, should) = rest.split_once(", should be ")?;
+    let (is, should): (u64, u64) = (is.trim().parse().ok()?, should.trim().parse().ok()?);
+    (should > is).then_some(should - is)
 }
 
 /// Compares `got` with the model of the last durable flush, outside the
@@ -625,6 +665,26 @@ fn vmdk_sparse_survives_power_cuts() {
         fmt: "vmdk",
         unit: 64 * K,
         ops: 120,
+    });
+}
+
+#[test]
+fn vhd_dynamic_survives_power_cuts() {
+    assert_survives(Case {
+        name: "vhd-dynamic",
+        fmt: "vpc",
+        unit: 2 * M,
+        ops: 40,
+    });
+}
+
+#[test]
+fn vdi_dynamic_survives_power_cuts() {
+    assert_survives(Case {
+        name: "vdi-dynamic",
+        fmt: "vdi",
+        unit: M,
+        ops: 60,
     });
 }
 

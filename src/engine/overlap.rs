@@ -70,6 +70,12 @@ pub enum Structure {
     RedundantGrainDirectory,
     /// A VMDK grain table (primary or redundant).
     GrainTable,
+    /// A VHD footer (the copy at offset 0 or the one at the end).
+    Footer,
+    /// A block allocation table (VHD BAT, VDI block map).
+    Bat,
+    /// The sector bitmap in front of a VHD block.
+    SectorBitmap,
 }
 
 impl Structure {
@@ -91,6 +97,9 @@ impl Structure {
             Structure::GrainDirectory => "grain directory",
             Structure::RedundantGrainDirectory => "redundant grain directory",
             Structure::GrainTable => "grain table",
+            Structure::Footer => "footer",
+            Structure::Bat => "block allocation table",
+            Structure::SectorBitmap => "sector bitmap",
         }
     }
 }

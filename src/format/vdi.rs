@@ -1,5 +1,5 @@
-//! The VDI driver (VirtualBox): static, dynamic and differencing images,
-//! read-only.
+//! The VDI driver (VirtualBox): static, dynamic and differencing images;
+//! writes in place are in [`write`].
 //!
 //! A VDI file starts with a text preamble, the signature `0xbeda107f` at
 //! 0x40 and a version-1.1 header (all little-endian): image type, the
@@ -15,9 +15,9 @@
 //! A differencing image names its parent only by UUID: the parent is the
 //! `.vdi` file beside it whose own UUID matches; it is then opened by the
 //! chain through the same [`crate::policy::OpenPolicy`] as any backing file.
-//! Writing in place is not implemented: `--overlay` and `--snapshot` work.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -44,6 +44,9 @@ const MAX_SCAN: usize = 4096;
 
 /// Offset of the image's own UUID.
 const UUID_CREATE_AT: usize = 0x188;
+
+#[path = "vdi_write.rs"]
+pub mod write;
 
 /// Opens a VDI image.
 pub fn open(file: Arc<HostFile>, ctx: &OpenCtx<'_>) -> Result<Arc<dyn Layer>> {
@@ -247,10 +250,16 @@ impl Header {
 pub struct Vdi {
     file: Arc<HostFile>,
     header: Header,
-    map: Vec<u32>,
+    /// The block map (changed only under the writer's allocation lock).
+    map: Vec<AtomicU32>,
     /// The parent's file name (beside this image), for differencing images.
     parent: Option<String>,
     cache_id: u64,
+    /// The end of the host file as the driver knows it: its length at
+    /// open, grown by every allocation before an entry points there.
+    end: AtomicU64,
+    /// The write side, when opened writable.
+    writer: Option<write::Writer>,
 }
 
 impl Vdi {
@@ -274,19 +283,25 @@ impl Vdi {
         file.read_exact_at(&mut raw, header.blocks_offset)?;
         let map = raw
             .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .map(|c| AtomicU32::new(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
             .collect();
         let parent = match header.image_type {
             ImageType::Diff => Some(find_parent(file.path(), &header.parent_uuid)?),
             _ => None,
         };
-        Ok(Vdi {
+        let mut vdi = Vdi {
+            end: AtomicU64::new(file.len()),
             file,
             header,
             map,
             parent,
             cache_id: ctx.caches.new_layer_id(),
-        })
+            writer: None,
+        };
+        if ctx.writable {
+            vdi.writer = Some(write::Writer::new(&vdi)?);
+        }
+        Ok(vdi)
     }
 
     /// The parsed header.
@@ -295,10 +310,11 @@ impl Vdi {
     }
 
     fn block(&self, idx: u64) -> Result<Block> {
-        let entry = *self
+        let entry = self
             .map
             .get(idx as usize)
-            .ok_or_else(|| Error::corrupt(format!("block {idx} is beyond the VDI block map")))?;
+            .ok_or_else(|| Error::corrupt(format!("block {idx} is beyond the VDI block map")))?
+            .load(Ordering::Acquire);
         match entry {
             BLOCK_FREE => Ok(Block::Unallocated),
             BLOCK_ZERO => Ok(Block::Zero),
@@ -306,10 +322,10 @@ impl Vdi {
                 let h = &self.header;
                 let stride = u64::from(h.block_size) + u64::from(h.block_extra);
                 let host = h.data_offset + u64::from(n) * stride + u64::from(h.block_extra);
-                if host >= self.file.len() {
+                let end = self.end.load(Ordering::Acquire);
+                if host >= end {
                     return Err(Error::corrupt(format!(
-                        "VDI block {idx} points at data block {n} (offset {host:#x}), past the end of the file ({} bytes)",
-                        self.file.len()
+                        "VDI block {idx} points at data block {n} (offset {host:#x}), past the end of the file ({end} bytes)"
                     )));
                 }
                 Ok(Block::Data(host))
@@ -443,5 +459,12 @@ impl Layer for Vdi {
 
     fn cache_id(&self) -> u64 {
         self.cache_id
+    }
+
+    fn as_write(&self) -> Option<&dyn super::WriteLayer> {
+        match &self.writer {
+            Some(_) if self.file.writable() => Some(self as &dyn super::WriteLayer),
+            _ => None,
+        }
     }
 }

@@ -1,5 +1,5 @@
 //! The VHD driver (Microsoft Virtual Hard Disk, qemu's `vpc`): fixed,
-//! dynamic and differencing disks, read-only.
+//! dynamic and differencing disks; writes in place are in [`write`].
 //!
 //! - Fixed: the disk lies flat from offset 0; the footer ([`footer`]) is
 //!   the last 512 bytes of the file.
@@ -20,6 +20,7 @@
 //! bitmap that points outside the file fails the reads of that block only.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -31,6 +32,7 @@ use crate::host::HostFile;
 
 pub mod footer;
 pub mod locator;
+pub mod write;
 
 use footer::{uuid_string, DiskType, DynHeader, Footer, DYN_HEADER_LEN, FOOTER_COOKIE, FOOTER_LEN};
 use locator::Candidate;
@@ -64,8 +66,9 @@ pub fn open(file: Arc<HostFile>, ctx: &OpenCtx<'_>) -> Result<Arc<dyn Layer>> {
 /// The tables of a dynamic or differencing disk.
 struct Dynamic {
     header: DynHeader,
-    /// BAT entries for the blocks the virtual size covers.
-    bat: Vec<u32>,
+    /// BAT entries for the blocks the virtual size covers (changed only
+    /// under the writer's allocation lock).
+    bat: Vec<AtomicU32>,
     block_size: u64,
     bitmap_len: u64,
 }
@@ -82,6 +85,11 @@ pub struct Vhd {
     parent: Option<(String, Vec<Candidate>)>,
     caches: Arc<Caches>,
     cache_id: u64,
+    /// The end of the host file as the driver knows it: its length at
+    /// open, grown by every allocation before an entry points there.
+    end: AtomicU64,
+    /// The write side, when opened writable.
+    writer: Option<write::Writer>,
 }
 
 impl Vhd {
@@ -121,6 +129,8 @@ impl Vhd {
             virtual_size,
             dynamic: None,
             parent: None,
+            end: AtomicU64::new(len),
+            writer: None,
         };
         if vhd.footer.disk_type == DiskType::Fixed {
             let data_end = if footer_at_head {
@@ -133,6 +143,9 @@ impl Vhd {
                     "fixed VHD of {virtual_size} bytes but only {data_end} bytes of data \
                      before its footer (truncated file?)"
                 )));
+            }
+            if ctx.writable {
+                vhd.writer = Some(write::Writer::new(&vhd)?);
             }
             return Ok(vhd);
         }
@@ -153,6 +166,9 @@ impl Vhd {
             vhd.parent = Some((chosen, candidates));
         }
         vhd.dynamic = Some(dynamic);
+        if ctx.writable {
+            vhd.writer = Some(write::Writer::new(&vhd)?);
+        }
         Ok(vhd)
     }
 
@@ -196,7 +212,7 @@ impl Vhd {
         self.file.read_exact_at(&mut raw, t)?;
         let bat = raw
             .chunks_exact(4)
-            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+            .map(|c| AtomicU32::new(u32::from_be_bytes([c[0], c[1], c[2], c[3]])))
             .collect();
         Ok(Dynamic {
             bitmap_len: header.bitmap_len(),
@@ -214,14 +230,19 @@ impl Vhd {
     /// Host offset of block `idx`'s bitmap, checked against the file.
     fn block_start(&self, d: &Dynamic, idx: usize, entry: u32) -> Result<u64> {
         let start = u64::from(entry) * 512;
-        if start + d.bitmap_len >= self.file.len() {
+        let end = self.end.load(Ordering::Acquire);
+        if start + d.bitmap_len >= end {
             return Err(Error::corrupt(format!(
                 "BAT entry {idx} points at sector {entry} (host offset {start:#x}), past the \
-                 end of the file ({} bytes)",
-                self.file.len()
+                 end of the file ({end} bytes)"
             )));
         }
         Ok(start)
+    }
+
+    /// BAT entry `idx`.
+    fn entry(d: &Dynamic, idx: usize) -> u32 {
+        d.bat[idx].load(Ordering::Acquire)
     }
 
     /// The sector bitmap of a block starting at `start`, through the cache.
@@ -242,7 +263,7 @@ impl Vhd {
         let idx = (offset / d.block_size) as usize;
         let in_block = offset % d.block_size;
         let block_end = (offset - in_block + d.block_size).min(end);
-        let entry = d.bat[idx];
+        let entry = Self::entry(d, idx);
         let differencing = self.parent.is_some();
         let hole = if differencing {
             Mapping::Backing
@@ -253,7 +274,9 @@ impl Vhd {
             // One run over this and the following unallocated blocks.
             let mut run_end = block_end;
             let mut next = idx + 1;
-            while run_end < end && d.bat.get(next) == Some(&UNALLOCATED) {
+            while run_end < end
+                && d.bat.get(next).map(|e| e.load(Ordering::Acquire)) == Some(UNALLOCATED)
+            {
                 run_end = (run_end + d.block_size).min(end);
                 next += 1;
             }
@@ -373,7 +396,11 @@ impl Layer for Vhd {
                 "max_table_entries".into(),
                 Value::from(dy.header.max_table_entries),
             );
-            let used = dy.bat.iter().filter(|&&e| e != UNALLOCATED).count();
+            let used = dy
+                .bat
+                .iter()
+                .filter(|e| e.load(Ordering::Relaxed) != UNALLOCATED)
+                .count();
             d.insert("allocated_blocks".into(), Value::from(used));
         }
         if let (Some((name, candidates)), Some(dy)) = (&self.parent, &self.dynamic) {
@@ -406,5 +433,12 @@ impl Layer for Vhd {
 
     fn cache_id(&self) -> u64 {
         self.cache_id
+    }
+
+    fn as_write(&self) -> Option<&dyn super::WriteLayer> {
+        match &self.writer {
+            Some(_) if self.file.writable() => Some(self as &dyn super::WriteLayer),
+            _ => None,
+        }
     }
 }
