@@ -66,6 +66,12 @@ pub enum Structure {
     RedundantGrainDirectory,
     /// A VMDK grain table (primary or redundant).
     GrainTable,
+    /// The VHDX log.
+    VhdxLog,
+    /// The VHDX block allocation table.
+    VhdxBat,
+    /// The VHDX metadata region.
+    VhdxMetadata,
 }
 
 impl Structure {
@@ -85,6 +91,9 @@ impl Structure {
             Structure::GrainDirectory => "grain directory",
             Structure::RedundantGrainDirectory => "redundant grain directory",
             Structure::GrainTable => "grain table",
+            Structure::VhdxLog => "VHDX log",
+            Structure::VhdxBat => "VHDX BAT",
+            Structure::VhdxMetadata => "VHDX metadata region",
         }
     }
 }
