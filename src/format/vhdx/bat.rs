@@ -184,6 +184,15 @@ impl Bat {
         Ok(idx * 8 / PAGE)
     }
 
+    /// The file offset a block in a zero, unmapped or undefined state
+    /// still carries (qemu's fixed disks: every block is "zero" at its
+    /// place), when it is at least 1 MiB; unchecked otherwise.
+    pub fn zero_block_offset(&self, block: u64) -> Option<u64> {
+        let e = self.raw(block + block / self.chunk_ratio).ok()?;
+        let offset = (e >> 20) * MIB;
+        (matches!(e & 7, 1 | 2 | 3 | 5) && offset >= MIB).then_some(offset)
+    }
+
     /// The bytes of BAT page `page` as the table now stands in memory.
     pub fn page(&self, page: u64) -> Vec<u8> {
         let per = (PAGE / 8) as usize;

@@ -170,11 +170,12 @@ pub fn max_pages(log_len: u64) -> u64 {
     n
 }
 
-/// One log entry at the start of the log, its tail itself: descriptors
+/// One log entry (sequence number `seq` of log `guid`, for a file of
+/// `file_len` bytes) meant for the start of the log, its tail itself: descriptors
 /// for `pages`, then their data sectors (MS-VHDX 2.3.1: a data sector
 /// keeps bytes 8..4092 of its page; the descriptor keeps the first 8 and
 /// the last 4, whose place holds the signature and the sequence number).
-fn build_entry(guid: Guid, seq: u64, file_len: u64, pages: &[(u64, Vec<u8>)]) -> Vec<u8> {
+pub fn build_entry(guid: Guid, seq: u64, file_len: u64, pages: &[(u64, Vec<u8>)]) -> Vec<u8> {
     let n = pages.len() as u64;
     let ds = desc_sectors(n);
     let len = (ds + n) * SECTOR;

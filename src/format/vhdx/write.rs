@@ -12,7 +12,10 @@
 //! ([`crate::engine::append`], the block is the unit marked pending);
 //! [`crate::engine::cow::write_new_run`] writes the MiBs of the block the
 //! write touches, zero-filled around it, and the block's last sector makes
-//! the file cover the whole block (the rest of it is a hole: zeros). Then
+//! the file cover the whole block (the rest of it is a hole: zeros). A
+//! block in the zero state that keeps a file offset (qemu's fixed disks
+//! are made of those) is written at its place instead, zero-filled whole,
+//! as qemu does. Then
 //! the BAT entry becomes FULLY_PRESENT in memory and its 4 KiB BAT page is
 //! marked dirty; dirty pages reach the file only through the log, in
 //! batches ([`super::journal::Headers::commit`]): on every flush, and when
@@ -182,7 +185,7 @@ impl Vhdx {
         let w = self.writer()?;
         let bs = self.bat.block_size;
         let block = pos / bs;
-        let (host, claim) = {
+        let host = {
             let mut st = w.alloc.lock();
             if st.is_pending(block) {
                 w.alloc.wait(&mut st);
@@ -191,13 +194,27 @@ impl Vhdx {
             if matches!(self.bat.payload(block, self.end())?, State::Full(_)) {
                 return Ok(0);
             }
-            let host = st
-                .reserve(bs, MIB)
-                .ok_or_else(|| Error::corrupt("the image file cannot grow any further"))?;
+            // A zero block that keeps its place (fixed disks) is written
+            // there, as qemu does; anything else is appended.
+            let keep = self.bat.zero_block_offset(block).filter(|&h| {
+                h.checked_add(bs).is_some_and(|e| e <= w.alloc.first_own())
+                    && w.map.guard(h, bs, pos).is_ok()
+            });
+            let host = match keep {
+                Some(h) => h,
+                None => st
+                    .reserve(bs, MIB)
+                    .ok_or_else(|| Error::corrupt("the image file cannot grow any further"))?,
+            };
             self.end
                 .fetch_max(host + bs, std::sync::atomic::Ordering::AcqRel);
-            (host, w.alloc.claim(&mut st, block..block + 1))
+            (
+                host,
+                keep.is_some(),
+                w.alloc.claim(&mut st, block..block + 1),
+            )
         };
+        let (host, kept, claim) = (host.0, host.1, host.2);
         // The MiBs of the block the write touches, zero-filled around it;
         // the last sector of the block makes the file cover all of it.
         let block_start = block * bs;
@@ -210,7 +227,14 @@ impl Vhdx {
             unit: MIB,
         };
         w.map.guard(host, bs, pos)?;
-        if last < bs {
+        if kept {
+            // Its old bytes are undefined: zeros everywhere the run does
+            // not write.
+            let zeros = vec![0u8; MIB as usize];
+            for at in (0..first).chain(last..bs).step_by(MIB as usize) {
+                self.src.file.write_all_at(&zeros, host + at)?;
+            }
+        } else if last < bs {
             self.src.file.write_all_at(&[0u8; 512], host + bs - 512)?;
         }
         let n = write_new_run(
@@ -319,7 +343,10 @@ impl WriteLayer for Vhdx {
     }
 
     fn metadata_maps(&self) -> Vec<&MetadataMap> {
-        self.writer.as_ref().map(|w| vec![&w.map]).unwrap_or_default()
+        self.writer
+            .as_ref()
+            .map(|w| vec![&w.map])
+            .unwrap_or_default()
     }
 }
 
