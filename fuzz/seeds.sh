@@ -40,12 +40,13 @@ seed vhdx_open "$tmp"/small.vhdx
 seed vdi_open "$tmp"/*.vdi $(small '*.vdi')
 seed parallels_open "$tmp"/*.hds $(small '*.hds')
 seed chain_read "$tmp"/* $(small '*')
-# write_paths: the first byte picks the format (0 qcow2, 1 qcow, 2 vmdk).
+# write_paths: the first byte picks the format (0 qcow2, 1 qcow, 2 vmdk, 3 vhdx).
 mkdir -p corpus/write_paths
 for f in "$tmp"/c512.qcow2 "$tmp"/c4k.qcow2 "$tmp"/ext.qcow2 "$tmp"/v2.qcow2; do
   { printf '\x00'; cat "$f"; } > "corpus/write_paths/$(basename "$f")"; done
 { printf '\x01'; cat "$tmp/v1.qcow"; } > corpus/write_paths/v1.qcow
 { printf '\x02'; cat "$tmp/sparse.vmdk"; } > corpus/write_paths/sparse.vmdk
+{ printf '\x03'; cat "$tmp/small.vhdx"; } > corpus/write_paths/small.vhdx
 mkdir -p corpus/decompress
 python3 - <<'PY'
 import os, zlib

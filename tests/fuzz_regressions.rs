@@ -40,7 +40,7 @@ fn every_saved_input_is_handled() {
         }
         open_and_read(data, None, data.get(..64).unwrap_or(&[]));
         // As the write_paths target splits them (first byte: the format).
-        for f in [Format::Qcow2, Format::Qcow, Format::Vmdk] {
+        for f in [Format::Qcow2, Format::Qcow, Format::Vmdk, Format::Vhdx] {
             let (image, script) = data.split_at(data.len().saturating_sub(512));
             open_and_write(image, f, script);
         }

@@ -118,7 +118,11 @@ fn create(dir: &Path, case: &Case) -> PathBuf {
             let img = p("img.vhdx");
             let o = "block_size=1M";
             qemu_img(&["create", "-q", "-f", "vhdx", "-o", o, &s(&img), "8M"]);
-            qemu_io("vhdx", &img, &["write -P 0x77 0 1M", "write -P 0x78 5M 64k"]);
+            qemu_io(
+                "vhdx",
+                &img,
+                &["write -P 0x77 0 1M", "write -P 0x78 5M 64k"],
+            );
             img
         }
         other => panic!("unknown case {other}"),

@@ -348,3 +348,22 @@ fn overlay_and_snapshot_over_vhdx_leave_it_alone() {
     write_through_mount(&img, &["--snapshot"]);
     assert!(std::fs::read(&img).unwrap() == before, "the base changed");
 }
+
+#[test]
+fn fuzz_write_path_runs_on_real_images() {
+    // The write_paths fuzz target's checks (no panic, bounded growth, no
+    // written data over metadata) on qemu's images and random scripts.
+    let d = scratch();
+    for (i, opts) in ["block_size=1M", "block_size=8M,subformat=fixed"]
+        .iter()
+        .enumerate()
+    {
+        let img = create(d.path(), &format!("z{i}.vhdx"), "9M", opts);
+        qemu_io("vhdx", &img, &["write -P 9 0 1536k", "write -z 2M 512k"]);
+        let data = std::fs::read(&img).unwrap();
+        for seed in 0..8 {
+            let script = Rng::new(seed).bytes(512);
+            vdiskfs::fuzzing::open_and_write(&data, vdiskfs::format::Format::Vhdx, &script);
+        }
+    }
+}

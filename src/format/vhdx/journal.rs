@@ -30,6 +30,11 @@ use crate::host::HostFile;
 
 const SECTOR: u64 = 4096;
 
+/// Most a replayed log may grow the file by (a real log grows it by the
+/// blocks allocated since its last flush; a hostile one could name any
+/// length).
+const MAX_REPLAY_GROWTH: u64 = 1 << 30;
+
 /// The header pair of a writable image: the current copy's bytes.
 pub struct Headers {
     state: Mutex<Current>,
@@ -206,27 +211,29 @@ pub fn build_entry(guid: Guid, seq: u64, file_len: u64, pages: &[(u64, Vec<u8>)]
     e
 }
 
-/// Applies a replayed log to the file itself (MS-VHDX: before any write),
-/// grows the file to the length the log expects, and empties the log (a
-/// header with a zero log GUID), with barriers in between. Returns the
-/// new current header.
+/// Applies a replayed log to the file itself (MS-VHDX: before any write):
+/// pages written, zeroed ranges punched, the file grown to the length the
+/// log expects (at most [`MAX_REPLAY_GROWTH`] more); then a barrier and a
+/// header with a zero log GUID (emptying the log). Returns the new current
+/// header.
 pub fn replay_in_place(src: &Source, headers: &Headers) -> Result<Header> {
     let file = &src.file;
-    let zeros = vec![0u8; 1 << 20];
+    let len = file.len();
+    if src.end > len.saturating_add(MAX_REPLAY_GROWTH) {
+        return Err(Error::corrupt(format!(
+            "VHDX log would grow the file from {len} to {} bytes",
+            src.end
+        )));
+    }
     for (start, end, data) in src.overlay.ranges() {
         match data {
             Some(d) => file.write_all_at(d, start)?,
-            None => {
-                let mut at = start;
-                while at < end {
-                    let n = (end - at).min(zeros.len() as u64);
-                    file.write_all_at(&zeros[..n as usize], at)?;
-                    at += n;
-                }
-            }
+            // Past the end, growing the file makes the zeros.
+            None if start < len => file.punch_hole(start, end.min(len) - start)?,
+            None => {}
         }
     }
-    if src.end > file.len() {
+    if src.end > len {
         file.set_len(src.end)?;
     }
     file.sync_data()?;

@@ -82,7 +82,24 @@ impl Writer {
                  at the end of the file); use --overlay FILE or --snapshot",
             ));
         }
-        let log_end = header.log_offset + u64::from(header.log_length);
+        // The log is written at every commit: it must lie in the file,
+        // aligned, clear of the headers and of both regions.
+        let log_len = u64::from(header.log_length);
+        let log_end = header
+            .log_offset
+            .checked_add(log_len)
+            .filter(|&e| e <= file.len())
+            .unwrap_or(0);
+        let clear = [&regions.bat, &regions.metadata]
+            .iter()
+            .all(|r| log_end <= r.offset || r.offset + r.length <= header.log_offset);
+        if log_end == 0 || header.log_offset < MIB || header.log_offset % MIB != 0 || !clear {
+            return Err(Error::corrupt(format!(
+                "VHDX log at {:#x} of {log_len} bytes cannot be written (outside the file, \
+                 misaligned or overlapping a region)",
+                header.log_offset
+            )));
+        }
         let map = MetadataMap::new(file.path());
         map.add(0, MIB, Structure::Header);
         map.add(
@@ -100,7 +117,9 @@ impl Writer {
         for r in [&regions.bat, &regions.metadata] {
             end = end.max(r.offset + r.length);
         }
-        for host in v.bat.stored() {
+        // Blocks the BAT places past the end are damaged (their reads
+        // fail); they do not push the frontier.
+        for host in v.bat.stored().into_iter().filter(|&h| h < file.len()) {
             end = end.max(host.saturating_add(v.bat.block_size));
         }
         let frontier = round_up(end, MIB)
