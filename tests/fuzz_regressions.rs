@@ -176,6 +176,13 @@ fn write_paths_survive_mutated_images() {
             "1M",
             "write -P 8 0 64k",
         ),
+        mk(
+            "g.vhdx",
+            "vhdx",
+            "block_size=1M",
+            "4M",
+            "write -P 9 0 1536k",
+        ),
     ];
     let mut r = 0x2545_f491_4f6c_dd1du64;
     let mut next = move || {
@@ -188,7 +195,10 @@ fn write_paths_survive_mutated_images() {
     for i in 0..runs {
         let (seed, fmt) = &seeds[i % seeds.len()];
         let mut image = seed.clone();
-        let reach = image.len().min(65536);
+        // VHDX keeps its headers, regions and BAT in the first 3 MiB.
+        let reach = image
+            .len()
+            .min(if *fmt == "vhdx" { 3 << 20 } else { 65536 });
         for _ in 0..(next() % 8) {
             let at = (next() as usize) % reach;
             image[at] = match next() % 3 {
