@@ -29,7 +29,7 @@
 //! Differencing disks are refused (`--overlay FILE` or `--snapshot`): a
 //! partial write there needs sector bitmap blocks, not written yet.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
@@ -58,6 +58,10 @@ pub struct Writer {
     /// Set once the first write updated the header.
     started: AtomicBool,
     start_lock: Mutex<()>,
+    /// Blocks this writer allocated past the old end of the file: the only
+    /// ones there a write may go to (a damaged entry pointing past the
+    /// old end could otherwise name another block's new space).
+    owned: Mutex<HashSet<u64>>,
     /// BAT pages changed in memory and not yet committed (page indexes).
     dirty: Mutex<BTreeSet<u64>>,
     /// Serialises commits, so that pages reach the file in order.
@@ -137,6 +141,7 @@ impl Writer {
             headers,
             started: AtomicBool::new(false),
             start_lock: Mutex::new(()),
+            owned: Mutex::new(HashSet::new()),
             dirty: Mutex::new(BTreeSet::new()),
             commit: Mutex::new(()),
             bat_offset: regions.bat.offset,
@@ -182,9 +187,9 @@ impl Vhdx {
         let n = buf.len().min((bs - in_block) as usize);
         match self.bat.payload(block, self.end())? {
             State::Full(host) => {
-                if host < w.alloc.first_own() && host + bs > w.alloc.first_own() {
+                if host >= w.alloc.first_own() && !w.owned.lock().contains(&block) {
                     return Err(Error::corrupt(format!(
-                        "VHDX block {block} at {host:#x} overlaps the end of the file"
+                        "VHDX BAT entry of block {block} points at {host:#x}, past the end of the file"
                     )));
                 }
                 w.map.guard(host + in_block, n as u64, pos)?;
@@ -269,6 +274,9 @@ impl Vhdx {
         {
             let _st = w.alloc.lock();
             let page = self.bat.set_full(block, host)?;
+            if !kept {
+                w.owned.lock().insert(block);
+            }
             w.dirty.lock().insert(page);
         }
         drop(claim);
