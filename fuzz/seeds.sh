@@ -40,7 +40,7 @@ seed vhdx_open "$tmp"/small.vhdx
 seed vdi_open "$tmp"/*.vdi $(small '*.vdi')
 seed parallels_open "$tmp"/*.hds $(small '*.hds')
 seed chain_read "$tmp"/* $(small '*')
-# write_paths: the first byte picks the format (0 qcow2, 1 qcow, 2 vmdk, 3 vhd, 4 vdi).
+# write_paths: the first byte picks the format (0 qcow2, 1 qcow, 2 vmdk, 3 vhd, 4 vdi, 5 vhdx).
 mkdir -p corpus/write_paths
 for f in "$tmp"/c512.qcow2 "$tmp"/c4k.qcow2 "$tmp"/ext.qcow2 "$tmp"/v2.qcow2; do
   { printf '\x00'; cat "$f"; } > "corpus/write_paths/$(basename "$f")"; done
@@ -50,6 +50,7 @@ for f in "$tmp"/dyn.vhd "$tmp"/fixed.vhd; do
   { printf '\x03'; cat "$f"; } > "corpus/write_paths/$(basename "$f")"; done
 for f in "$tmp"/dyn.vdi "$tmp"/static.vdi; do
   { printf '\x04'; cat "$f"; } > "corpus/write_paths/$(basename "$f")"; done
+{ printf '\x05'; cat "$tmp/small.vhdx"; } > corpus/write_paths/small.vhdx
 mkdir -p corpus/decompress
 python3 - <<'PY'
 import os, zlib

@@ -46,6 +46,7 @@ fn every_saved_input_is_handled() {
             Format::Vmdk,
             Format::Vhd,
             Format::Vdi,
+            Format::Vhdx,
         ] {
             let (image, script) = data.split_at(data.len().saturating_sub(512));
             open_and_write(image, f, script);
@@ -199,6 +200,13 @@ fn write_paths_survive_mutated_images() {
         ),
         mk("i.vdi", "vdi", "", "1M", "write -P 11 0 40k"),
         mk("j.vdi", "vdi", "static=on", "1M", "write -P 12 0 8k"),
+        mk(
+            "k.vhdx",
+            "vhdx",
+            "block_size=1M",
+            "4M",
+            "write -P 13 0 1536k",
+        ),
     ];
     let mut r = 0x2545_f491_4f6c_dd1du64;
     let mut next = move || {
@@ -211,7 +219,10 @@ fn write_paths_survive_mutated_images() {
     for i in 0..runs {
         let (seed, fmt) = &seeds[i % seeds.len()];
         let mut image = seed.clone();
-        let reach = image.len().min(65536);
+        // VHDX keeps its headers, regions and BAT in the first 3 MiB.
+        let reach = image
+            .len()
+            .min(if *fmt == "vhdx" { 3 << 20 } else { 65536 });
         for _ in 0..(next() % 8) {
             let at = (next() as usize) % reach;
             image[at] = match next() % 3 {

@@ -76,6 +76,12 @@ pub enum Structure {
     Bat,
     /// The sector bitmap in front of a VHD block.
     SectorBitmap,
+    /// The VHDX log.
+    VhdxLog,
+    /// The VHDX block allocation table.
+    VhdxBat,
+    /// The VHDX metadata region.
+    VhdxMetadata,
 }
 
 impl Structure {
@@ -100,6 +106,9 @@ impl Structure {
             Structure::Footer => "footer",
             Structure::Bat => "block allocation table",
             Structure::SectorBitmap => "sector bitmap",
+            Structure::VhdxLog => "VHDX log",
+            Structure::VhdxBat => "VHDX BAT",
+            Structure::VhdxMetadata => "VHDX metadata region",
         }
     }
 }

@@ -399,6 +399,20 @@ fn differencing_disk_reads_through_its_parent() {
     });
     let c = open_chain(&child).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.layers().len(), 2);
+    // In place, refused with the hint (its sector bitmaps are not written).
+    let rw = vdiskfs::chain::ChainOptions {
+        writable: true,
+        ..Default::default()
+    };
+    let before = std::fs::read(&child).unwrap();
+    match vdiskfs::chain::Chain::open(&child, &rw, &vdiskfs::cache::Caches::new(1 << 20)) {
+        Ok(_) => panic!("a differencing VHDX was opened writable"),
+        Err(e) => assert!(e.to_string().contains("--overlay"), "{e}"),
+    }
+    assert!(
+        std::fs::read(&child).unwrap() == before,
+        "the refusal wrote"
+    );
     for piece in [1 << 20, 4096 + 512, 777] {
         assert_same(&read_all(&c, piece).unwrap(), &expected, &child, piece);
     }

@@ -11,6 +11,8 @@
 //! [`MAX_BAT`]; entries are decoded and checked one by one at map time, so
 //! a damaged entry fails only the reads of its block.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use super::header::{le64, Region, MIB};
 use super::log::Source;
 use super::metadata::Metadata;
@@ -19,6 +21,12 @@ use crate::error::{Error, Result};
 /// Largest BAT read into memory (16 Mi entries: 16 TiB of 1 MiB blocks,
 /// the whole 64 TiB at 4 MiB blocks and more).
 pub const MAX_BAT: u64 = 128 << 20;
+
+/// The unit the BAT is written in (through the log): one log page.
+pub const PAGE: u64 = 4096;
+
+/// Payload block state "fully present" (the state bits of an entry).
+pub const FULLY_PRESENT: u64 = 6;
 
 /// The state of a payload block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +48,10 @@ pub enum State {
 
 /// The BAT and its geometry.
 pub struct Bat {
-    entries: Vec<u64>,
+    /// Every entry of the BAT's pages (whole 4 KiB pages, so that a page
+    /// written back in place carries the bytes past the last entry too);
+    /// atomics so that a writer can publish entries while others read.
+    entries: Vec<AtomicU64>,
     /// Payload block size.
     pub block_size: u64,
     /// Payload blocks per chunk.
@@ -81,9 +92,13 @@ impl Bat {
                 "VHDX BAT of {total} entries is larger than the {MAX_BAT} bytes we load"
             )));
         }
-        let mut raw = vec![0u8; bytes as usize];
+        // Whole pages: the region is 1 MiB-aligned, so they fit in it.
+        let mut raw = vec![0u8; bytes.next_multiple_of(PAGE) as usize];
         src.read_at(&mut raw, region.offset)?;
-        let entries = raw.chunks_exact(8).map(|c| le64(c, 0)).collect();
+        let entries = raw
+            .chunks_exact(8)
+            .map(|c| AtomicU64::new(le64(c, 0)))
+            .collect();
         Ok(Bat {
             entries,
             block_size,
@@ -98,7 +113,7 @@ impl Bat {
     fn raw(&self, idx: u64) -> Result<u64> {
         self.entries
             .get(idx as usize)
-            .copied()
+            .map(|e| e.load(Ordering::Acquire))
             .ok_or_else(|| Error::corrupt(format!("VHDX BAT index {idx} out of range")))
     }
 
@@ -154,6 +169,52 @@ impl Bat {
     /// sector of `block`.
     pub fn bitmap_bit(&self, block: u64) -> u64 {
         (block % self.chunk_ratio) * (self.block_size / self.sector)
+    }
+
+    /// Points payload block `block` at host offset `host` (a multiple of
+    /// 1 MiB) as fully present; returns the index of the BAT page that
+    /// changed. The caller serialises writers.
+    pub fn set_full(&self, block: u64, host: u64) -> Result<u64> {
+        let idx = block + block / self.chunk_ratio;
+        let e = self
+            .entries
+            .get(idx as usize)
+            .ok_or_else(|| Error::corrupt(format!("VHDX BAT index {idx} out of range")))?;
+        e.store((host / MIB) << 20 | FULLY_PRESENT, Ordering::Release);
+        Ok(idx * 8 / PAGE)
+    }
+
+    /// The file offset a block in a zero, unmapped or undefined state
+    /// still carries (qemu's fixed disks: every block is "zero" at its
+    /// place), when it is at least 1 MiB; unchecked otherwise.
+    pub fn zero_block_offset(&self, block: u64) -> Option<u64> {
+        let e = self.raw(block + block / self.chunk_ratio).ok()?;
+        let offset = (e >> 20) * MIB;
+        (matches!(e & 7, 1 | 2 | 3 | 5) && offset >= MIB).then_some(offset)
+    }
+
+    /// The bytes of BAT page `page` as the table now stands in memory.
+    pub fn page(&self, page: u64) -> Vec<u8> {
+        let per = (PAGE / 8) as usize;
+        let first = page as usize * per;
+        let mut out = Vec::with_capacity(PAGE as usize);
+        for e in self.entries.iter().skip(first).take(per) {
+            out.extend_from_slice(&e.load(Ordering::Acquire).to_le_bytes());
+        }
+        out.resize(PAGE as usize, 0);
+        out
+    }
+
+    /// Host offsets of every stored payload or bitmap block, for the
+    /// writer's first free offset and metadata map (unchecked: damaged
+    /// entries are refused when used).
+    pub fn stored(&self) -> Vec<u64> {
+        self.entries
+            .iter()
+            .map(|e| e.load(Ordering::Acquire))
+            .filter(|e| matches!(e & 7, 6 | 7))
+            .map(|e| (e >> 20) * MIB)
+            .collect()
     }
 
     /// Counts of payload blocks per state, for `info`.

@@ -22,8 +22,10 @@ pub const SIGNATURE: &[u8; 8] = b"vhdxfile";
 /// One MiB: the alignment of regions, payload blocks and the log.
 pub const MIB: u64 = 1 << 20;
 
-const HEADER_OFFSETS: [u64; 2] = [64 << 10, 128 << 10];
-const HEADER_LEN: usize = 4096;
+/// File offsets of the two header copies.
+pub const HEADER_OFFSETS: [u64; 2] = [64 << 10, 128 << 10];
+/// Bytes of one header copy.
+pub const HEADER_LEN: usize = 4096;
 const REGION_OFFSETS: [u64; 2] = [192 << 10, 256 << 10];
 const REGION_LEN: usize = 64 << 10;
 const REGION_MAX_ENTRIES: u32 = 2047;

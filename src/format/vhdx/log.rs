@@ -7,11 +7,12 @@
 //! itself may hold stale metadata until the log is replayed; the header's
 //! log GUID is non-zero exactly while the log may hold unreplayed entries.
 //!
-//! We never write in read-only mode, so instead of replaying in place the
+//! Read-only, we never write, so instead of replaying in place the
 //! replayed writes become an [`Overlay`]: an interval map of file ranges to
 //! page contents or zeros, applied on top of every read of the file
 //! ([`Source`]), and consulted by the driver before it sends a payload read
-//! straight to the host file.
+//! straight to the host file. A writable open then applies that overlay to
+//! the file (`journal::replay_in_place`).
 //!
 //! Finding what to replay (MS-VHDX "log replay"): every valid entry whose
 //! successor (the entry right after it in the buffer) has the next sequence
@@ -83,6 +84,14 @@ impl Overlay {
     /// The end of the last overlaid range (0 when empty).
     pub fn end(&self) -> u64 {
         self.pieces.values().map(|p| p.end).max().unwrap_or(0)
+    }
+
+    /// Every overlaid range: `(start, end, data)`, `None` for zeros (for
+    /// replaying the log in place).
+    pub fn ranges(&self) -> impl Iterator<Item = (u64, u64, Option<&[u8]>)> {
+        self.pieces
+            .iter()
+            .map(|(&s, p)| (s, p.end, p.data.as_deref()))
     }
 
     /// Records that `[start, end)` now reads as `data` (or zeros).

@@ -4,9 +4,10 @@
 //! Opening goes: the file type identifier and the current header
 //! ([`header`]); the log, replayed into an in-memory overlay when it is not
 //! empty ([`log`]); the region table, the metadata ([`metadata`]) and the
-//! BAT ([`bat`]), all read through that overlay. Nothing is ever written:
-//! a writable open is refused by the chain with the `--overlay` hint, since
-//! writing VHDX in place needs the log on the shared write path.
+//! BAT ([`bat`]), all read through that overlay. A writable open of a disk
+//! without parent first replays the log in place ([`journal`]), then
+//! writes go through [`write`]; differencing disks are refused by the
+//! chain with the `--overlay` hint.
 //!
 //! [`Vhdx::map`] answers per payload block: stored blocks map to the host
 //! file (runs extended over blocks stored back to back), zero blocks to
@@ -16,7 +17,10 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use parking_lot::RwLock;
 
 use serde_json::{json, Value};
 
@@ -26,8 +30,10 @@ use crate::host::HostFile;
 
 pub mod bat;
 pub mod header;
+pub mod journal;
 pub mod log;
 pub mod metadata;
+pub mod write;
 
 use bat::{Bat, State};
 use header::{Guid, Header, Regions};
@@ -49,13 +55,18 @@ pub fn open(file: Arc<HostFile>, ctx: &OpenCtx<'_>) -> Result<Arc<dyn Layer>> {
 pub struct Vhdx {
     src: Source,
     creator: String,
-    header: Header,
+    /// The current header (replaced by the writer's header updates).
+    header: RwLock<Header>,
     regions: Regions,
     md: Metadata,
     bat: Bat,
     /// The parent as resolved from the locator, when differencing.
     parent_name: Option<String>,
     cache_id: u64,
+    /// The file's length as the log leaves it, grown by allocations.
+    end: AtomicU64,
+    /// The write state, when opened writable.
+    writer: Option<write::Writer>,
 }
 
 impl Vhdx {
@@ -67,27 +78,47 @@ impl Vhdx {
         let regions = Regions::read(&src)?;
         let md = Metadata::read(&src, &regions.metadata)?;
         let bat = Bat::read(&src, &regions.bat, &md)?;
+        let in_place = ctx.writable && !md.has_parent;
+        if in_place && !header.log_guid.is_zero() {
+            // MS-VHDX: replay the log before any write; then open again,
+            // with an empty log.
+            let headers = journal::Headers::read(&src.file, &header)?;
+            journal::replay_in_place(&src, &headers)?;
+            return Vhdx::open(src.file.clone(), ctx);
+        }
         let parent_name = md
             .parent
             .as_ref()
             .map(|loc| choose_parent(loc, src.file.path(), ctx))
             .transpose()?;
-        Ok(Vhdx {
+        let mut v = Vhdx {
             cache_id: ctx.caches.new_layer_id(),
+            end: AtomicU64::new(src.end),
             src,
             creator,
-            header,
-            regions,
+            header: RwLock::new(header.clone()),
+            regions: regions.clone(),
             md,
             bat,
             parent_name,
-        })
+            writer: None,
+        };
+        if in_place {
+            let headers = journal::Headers::read(&v.src.file, &header)?;
+            v.writer = Some(write::Writer::new(&v, headers, &header, &regions)?);
+        }
+        Ok(v)
+    }
+
+    /// The file's length as the log leaves it, grown by allocations.
+    fn end(&self) -> u64 {
+        self.end.load(Ordering::Acquire)
     }
 
     /// The DataWriteGuid: changes whenever guest data changes; children
     /// record their parent's in `parent_linkage`.
     pub fn data_write_guid(&self) -> Guid {
-        self.header.data_write_guid
+        self.header.read().data_write_guid
     }
 
     /// What an unstored block reads as: the parent's data in a
@@ -120,7 +151,7 @@ impl Vhdx {
         let end = offset.saturating_add(max_len);
         let block = offset / bs;
         let in_block = offset % bs;
-        let state = self.bat.payload(block, self.src.end)?;
+        let state = self.bat.payload(block, self.end())?;
         if let State::Partial(host) = state {
             let limit = end.min((block + 1) * bs);
             return self.map_partial(block, host, offset, limit);
@@ -130,7 +161,7 @@ impl Vhdx {
         let mut run_end = (block + 1) * bs;
         let mut b = block + 1;
         while run_end < end {
-            let Ok(next) = self.bat.payload(b, self.src.end) else {
+            let Ok(next) = self.bat.payload(b, self.end()) else {
                 break;
             };
             let same = match (&first, self.block_mapping(next)) {
@@ -166,7 +197,7 @@ impl Vhdx {
     ) -> Result<(Mapping, u64)> {
         let sector = self.bat.sector;
         let bs = self.bat.block_size;
-        let bitmap = self.bat.bitmap(block, self.src.end)?;
+        let bitmap = self.bat.bitmap(block, self.end())?;
         let block_start = block * bs;
         let s0 = (offset - block_start) / sector;
         let s1 = (limit - block_start).div_ceil(sector);
@@ -195,10 +226,10 @@ impl Vhdx {
     /// Maps `n` guest bytes at `offset` stored at `host`, unless the
     /// replayed log rewrote part of that host range.
     fn data(&self, offset: u64, host: u64, n: u64) -> Result<(Mapping, u64)> {
-        if host >= self.src.end {
+        if host >= self.end() {
             return Err(Error::corrupt(format!(
                 "VHDX payload at {host:#x} lies past the end of the file ({} bytes)",
-                self.src.end
+                self.end()
             )));
         }
         Ok(match self.src.overlay.at(host) {
@@ -319,7 +350,7 @@ impl Layer for Vhdx {
     }
 
     fn data_guid(&self) -> Option<[u8; 16]> {
-        Some(self.header.data_write_guid.0)
+        Some(self.header.read().data_write_guid.0)
     }
 
     fn check_parent(&self, parent: &dyn Layer) -> Result<()> {
@@ -374,7 +405,8 @@ impl Layer for Vhdx {
                 .push("log GUID set but no valid log sequence (nothing replayed)".into()),
             None => {}
         }
-        let census = self.bat.census(self.src.end);
+        let census = self.bat.census(self.end());
+        let header = self.header.read().clone();
         let d = &mut info.details;
         d.insert("creator".into(), Value::from(self.creator.clone()));
         d.insert("block_size".into(), json!(self.bat.block_size));
@@ -388,15 +420,15 @@ impl Layer for Vhdx {
         d.insert("virtual_disk_id".into(), json!(md.disk_id.to_string()));
         d.insert(
             "data_write_guid".into(),
-            json!(self.header.data_write_guid.to_string()),
+            json!(header.data_write_guid.to_string()),
         );
         d.insert(
             "file_write_guid".into(),
-            json!(self.header.file_write_guid.to_string()),
+            json!(header.file_write_guid.to_string()),
         );
-        d.insert("log_guid".into(), json!(self.header.log_guid.to_string()));
-        d.insert("header_sequence".into(), json!(self.header.sequence));
-        d.insert("current_header".into(), json!(self.header.copy));
+        d.insert("log_guid".into(), json!(header.log_guid.to_string()));
+        d.insert("header_sequence".into(), json!(header.sequence));
+        d.insert("current_header".into(), json!(header.copy));
         d.insert("chunk_ratio".into(), json!(self.bat.chunk_ratio));
         d.insert(
             "blocks".into(),
@@ -424,6 +456,13 @@ impl Layer for Vhdx {
             .collect();
         d.insert("regions".into(), Value::from(regions));
         info
+    }
+
+    fn as_write(&self) -> Option<&dyn super::WriteLayer> {
+        match &self.writer {
+            Some(_) => Some(self),
+            None => None,
+        }
     }
 
     fn host_files(&self) -> Vec<Arc<HostFile>> {
