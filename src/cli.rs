@@ -196,9 +196,17 @@ pub struct UnmountArgs {
 pub struct InfoArgs {
     /// The image.
     pub image: PathBuf,
-    /// Print JSON.
-    #[arg(long)]
+    /// Print JSON (vdiskfs's own schema, see README).
+    #[arg(long, conflicts_with = "output")]
     pub json: bool,
+    /// `json`: qemu-img's own JSON schema (as `qemu-img info --output=json`);
+    /// `human`: the text report (the default).
+    #[arg(long, value_name = "FMT", value_parser = ["human", "json"])]
+    pub output: Option<String>,
+    /// With --output=json: a list with every layer of the chain, top first
+    /// (as `qemu-img info --backing-chain`).
+    #[arg(long)]
+    pub backing_chain: bool,
     /// Format of the image; detected from content if absent.
     #[arg(long, value_parser = parse_format)]
     pub format: Option<Format>,
@@ -470,6 +478,9 @@ fn info_cmd(args: &InfoArgs) -> Result<()> {
     let report = info::gather(&chain)?;
     let text = if args.json {
         info::to_json(&report) + "\n"
+    } else if args.output.as_deref() == Some("json") {
+        let v = info::qemu::to_qemu_json(&chain, args.backing_chain);
+        serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
     } else {
         info::to_text(&report)
     };

@@ -7,6 +7,8 @@
 
 use std::fmt::Write as _;
 
+pub mod qemu;
+
 use serde::Serialize;
 
 use crate::chain::Chain;
