@@ -207,6 +207,9 @@ pub struct InfoArgs {
     /// (as `qemu-img info --backing-chain`).
     #[arg(long)]
     pub backing_chain: bool,
+    /// Text report: add each layer's raw header fields and every snapshot row.
+    #[arg(short, long)]
+    pub verbose: bool,
     /// Format of the image; detected from content if absent.
     #[arg(long, value_parser = parse_format)]
     pub format: Option<Format>,
@@ -482,7 +485,7 @@ fn info_cmd(args: &InfoArgs) -> Result<()> {
         let v = info::qemu::to_qemu_json(&chain, args.backing_chain);
         serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
     } else {
-        info::to_text(&report)
+        info::to_text(&report, args.verbose)
     };
     let _ = std::io::stdout().write_all(text.as_bytes());
     // The report is printed whole; the exit status still says the image is

@@ -219,3 +219,116 @@ fn info_json_matches_qemu_img_key_by_key() {
     );
     let _ = qemu_img;
 }
+
+/// qemu-img's text for `args`, without its `Child node` blocks (the host
+/// files, which ours lists only with --verbose).
+fn qemu_text(dir: &Path, args: &[&str]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut child = false;
+    for line in run_in(dir, "qemu-img", args).lines() {
+        if line.starts_with("Child node") {
+            child = true;
+        } else if !line.starts_with(' ') {
+            child = false;
+        }
+        if !child {
+            out.push(line.to_string());
+        }
+    }
+    out
+}
+
+/// Every line of `want` appears in `got`, in the same order.
+fn assert_in_order(got: &str, want: &[String], what: &str) {
+    let mut lines = got.lines();
+    for w in want {
+        assert!(
+            lines.any(|g| g == w),
+            "{what}: line {w:?} of qemu-img info is missing or out of order in ours:\n{got}"
+        );
+    }
+}
+
+#[test]
+fn info_text_reads_like_qemu_img() {
+    require_tool("qemu-img", "qemu-utils");
+    let tmp = scratch();
+    let d = tmp.path();
+    run_in(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "base.raw", "64M"],
+    );
+    run_in(
+        d,
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 1 1M 64k", "base.raw"],
+    );
+    let q2 = [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        "top.qcow2",
+    ];
+    run_in(d, "qemu-img", &q2);
+    // The whole chain, laid out as qemu-img --backing-chain lays it out.
+    let ours = run_in(d, bin(), &["info", "top.qcow2"]);
+    let want = qemu_text(d, &["info", "--backing-chain", "top.qcow2"]);
+    assert_in_order(&ours, &want, "top.qcow2");
+    assert!(
+        !ours.contains("l1_table_offset"),
+        "raw fields by default:\n{ours}"
+    );
+    let verbose = run_in(d, bin(), &["info", "--verbose", "top.qcow2"]);
+    assert!(verbose.contains("Header fields:") && verbose.contains("l1_table_offset"));
+    // A sparse raw image counts what the host stores (as qemu-img map sees
+    // it through SEEK_DATA), not its full size.
+    let map: Value = serde_json::from_str(&run_in(
+        d,
+        "qemu-img",
+        &["map", "--output=json", "base.raw"],
+    ))
+    .unwrap();
+    let stored: u64 = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    assert!((65536..1 << 20).contains(&stored), "{map}");
+    let json: Value =
+        serde_json::from_str(&run_in(d, bin(), &["info", "--json", "base.raw"])).unwrap();
+    assert_eq!(json["allocated_bytes"], stored);
+    assert!(
+        ours.contains(&format!("({stored} bytes of guest data")),
+        "{ours}"
+    );
+
+    // Snapshots (table as qemu-img 10 prints it) and bitmaps.
+    let images = testdata().join("images");
+    for img in [
+        "qcow2-dissect-snapshots.qcow2",
+        "qcow2-virtnbdbackup-bitmaps.qcow2",
+        "vmdk-vmdkrs-twoGbMaxExtentSparse/twoGbMaxExtentSparse.vmdk",
+    ] {
+        let ours = run_in(&images, bin(), &["info", img]);
+        assert_in_order(&ours, &qemu_text(&images, &["info", img]), img);
+    }
+
+    // A table of 65,536 (blank) snapshots is summarized, not printed whole.
+    let img = "hostile-cdi-qcow2-65536-snapshots-at-offset0.qcow2";
+    let ours = run_in(&images, bin(), &["info", img]);
+    assert!(ours.lines().count() < 60, "{ours}");
+    assert!(
+        ours.contains("more snapshots (--verbose lists them all)"),
+        "{ours}"
+    );
+    let all = run_in(&images, bin(), &["info", "-v", img]);
+    assert!(all.lines().count() > 1000);
+}
