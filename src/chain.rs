@@ -586,7 +586,9 @@ fn host_data_bytes(file: &HostFile, offset: u64, len: u64) -> u64 {
     data
 }
 
-fn host_sparse(layer: &dyn Layer) -> bool {
+/// Whether the layer has no allocation map of its own (raw, flat VMDK): the
+/// host file's holes are its holes.
+pub(crate) fn host_sparse(layer: &dyn Layer) -> bool {
     match layer.format() {
         Format::Raw => true,
         Format::Vmdk => layer.info().subformat.is_some_and(|s| {

@@ -60,6 +60,8 @@ pub enum Command {
     Info(InfoArgs),
     /// List active vdiskfs mounts.
     List(ListArgs),
+    /// Show where each run of the disk lives in the chain (as `qemu-img map`).
+    Map(MapArgs),
     /// Serve images over NBD: each IMAGE is an export named after its file stem.
     Serve(crate::nbd::cmd::ServeArgs),
 }
@@ -218,6 +220,32 @@ pub struct InfoArgs {
     pub untrusted: bool,
     /// Accept a VMDK parent whose CID differs from the child's parentCID (or a
     /// VHD parent whose unique id differs from the child's parent UUID).
+    #[arg(long)]
+    pub ignore_cid: bool,
+    /// Allow backing/extent files that are devices, FIFOs or under /proc, /sys, /dev.
+    #[arg(long)]
+    pub allow_devices: bool,
+    /// Refuse backing chains longer than this.
+    #[arg(long, default_value_t = DEFAULT_MAX_DEPTH)]
+    pub max_depth: usize,
+}
+
+/// `vdiskfs map`.
+#[derive(Debug, Args)]
+pub struct MapArgs {
+    /// The image.
+    pub image: PathBuf,
+    /// `human`: the runs holding data and their files (the default);
+    /// `json`: every run, in `qemu-img map --output=json`'s shape.
+    #[arg(long, value_name = "FMT", value_parser = ["human", "json"], default_value = "human")]
+    pub output: String,
+    /// Format of the image; detected from content if absent.
+    #[arg(long, value_parser = parse_format)]
+    pub format: Option<Format>,
+    /// Confine backing and extent files as for an untrusted mount.
+    #[arg(long)]
+    pub untrusted: bool,
+    /// Accept a parent whose CID or unique id differs from the child's record.
     #[arg(long)]
     pub ignore_cid: bool,
     /// Allow backing/extent files that are devices, FIFOs or under /proc, /sys, /dev.
@@ -461,6 +489,7 @@ fn run(cli: Cli) -> Result<()> {
         ),
         Command::Info(i) => info_cmd(&i),
         Command::List(l) => list_cmd(&l),
+        Command::Map(m) => map_cmd(&m),
         Command::Serve(s) => crate::nbd::cmd::run(s),
     }
 }
@@ -494,6 +523,29 @@ fn info_cmd(args: &InfoArgs) -> Result<()> {
     if let Some(damage) = report.chain.iter().find_map(|l| l.damage.as_ref()) {
         return Err(Error::corrupt(format!("damaged: {damage}")));
     }
+    Ok(())
+}
+
+fn map_cmd(args: &MapArgs) -> Result<()> {
+    let opts = ChainOptions {
+        format: args.format,
+        policy: OpenPolicy {
+            untrusted: args.untrusted,
+            allow_devices: args.allow_devices,
+            ..Default::default()
+        },
+        ignore_cid: args.ignore_cid,
+        max_depth: args.max_depth,
+        ..Default::default()
+    };
+    let chain = Chain::open(&args.image, &opts, &Caches::new(64 << 20))?;
+    let entries = crate::map::map(&chain)?;
+    let text = if args.output == "json" {
+        crate::map::to_json(&entries)
+    } else {
+        crate::map::to_human(&entries)
+    };
+    let _ = std::io::stdout().write_all(text.as_bytes());
     Ok(())
 }
 
