@@ -457,12 +457,19 @@ impl Chain {
         let mut total = 0;
         let mut first_error = None;
         let mut errors = 0u32;
+        // Raw files and flat extents store what the host file stores: their
+        // holes are counted out, as `du` and qemu-img's map see them.
+        let sparse = host_sparse(layer.as_ref());
         while pos < size {
             match layer.map(pos, size - pos) {
                 Ok((m, n)) => {
                     let n = n.clamp(1, size - pos);
-                    if matches!(m, Mapping::Data { .. } | Mapping::Compressed(_)) {
-                        total += n;
+                    match m {
+                        Mapping::Data { file, offset } if sparse => {
+                            total += host_data_bytes(&file, offset, n);
+                        }
+                        Mapping::Data { .. } | Mapping::Compressed(_) => total += n,
+                        Mapping::Zero | Mapping::Backing => {}
                     }
                     pos += n;
                 }
@@ -543,7 +550,29 @@ fn record_identity(layer: &Arc<dyn Layer>, seen: &mut HashSet<(u64, u64)>) -> Re
 
 /// True for layers whose data runs are plain byte ranges of a host file
 /// without an allocation map: raw images and flat VMDKs.
-fn host_sparse(layer: &dyn Layer) -> bool {
+/// Bytes of `len` at host `offset` that the host file stores (all of
+/// them when the host cannot tell).
+fn host_data_bytes(file: &HostFile, offset: u64, len: u64) -> u64 {
+    let mut done = 0;
+    let mut data = 0;
+    while done < len {
+        match file.host_run(offset + done, len - done) {
+            Some((is_data, run)) => {
+                let run = run.clamp(1, len - done);
+                if is_data {
+                    data += run;
+                }
+                done += run;
+            }
+            None => return data + (len - done),
+        }
+    }
+    data
+}
+
+/// Whether the layer has no allocation map of its own (raw, flat VMDK): the
+/// host file's holes are its holes.
+pub(crate) fn host_sparse(layer: &dyn Layer) -> bool {
     match layer.format() {
         Format::Raw => true,
         Format::Vmdk => layer.info().subformat.is_some_and(|s| {

@@ -60,6 +60,8 @@ pub enum Command {
     Info(InfoArgs),
     /// List active vdiskfs mounts.
     List(ListArgs),
+    /// Show where each run of the disk lives in the chain (as `qemu-img map`).
+    Map(MapArgs),
     /// Serve images over NBD: each IMAGE is an export named after its file stem.
     Serve(crate::nbd::cmd::ServeArgs),
 }
@@ -217,9 +219,20 @@ pub struct UnmountArgs {
 pub struct InfoArgs {
     /// The image.
     pub image: PathBuf,
-    /// Print JSON.
-    #[arg(long)]
+    /// Print JSON (vdiskfs's own schema, see README).
+    #[arg(long, conflicts_with = "output")]
     pub json: bool,
+    /// `json`: qemu-img's own JSON schema (as `qemu-img info --output=json`);
+    /// `human`: the text report (the default).
+    #[arg(long, value_name = "FMT", value_parser = ["human", "json"])]
+    pub output: Option<String>,
+    /// With --output=json: a list with every layer of the chain, top first
+    /// (as `qemu-img info --backing-chain`).
+    #[arg(long)]
+    pub backing_chain: bool,
+    /// Text report: add each layer's raw header fields and every snapshot row.
+    #[arg(short, long)]
+    pub verbose: bool,
     /// Format of the image; detected from content if absent.
     #[arg(long, value_parser = parse_format)]
     pub format: Option<Format>,
@@ -228,6 +241,32 @@ pub struct InfoArgs {
     pub untrusted: bool,
     /// Accept a VMDK parent whose CID differs from the child's parentCID (or a
     /// VHD parent whose unique id differs from the child's parent UUID).
+    #[arg(long)]
+    pub ignore_cid: bool,
+    /// Allow backing/extent files that are devices, FIFOs or under /proc, /sys, /dev.
+    #[arg(long)]
+    pub allow_devices: bool,
+    /// Refuse backing chains longer than this.
+    #[arg(long, default_value_t = DEFAULT_MAX_DEPTH)]
+    pub max_depth: usize,
+}
+
+/// `vdiskfs map`.
+#[derive(Debug, Args)]
+pub struct MapArgs {
+    /// The image.
+    pub image: PathBuf,
+    /// `human`: the runs holding data and their files (the default);
+    /// `json`: every run, in `qemu-img map --output=json`'s shape.
+    #[arg(long, value_name = "FMT", value_parser = ["human", "json"], default_value = "human")]
+    pub output: String,
+    /// Format of the image; detected from content if absent.
+    #[arg(long, value_parser = parse_format)]
+    pub format: Option<Format>,
+    /// Confine backing and extent files as for an untrusted mount.
+    #[arg(long)]
+    pub untrusted: bool,
+    /// Accept a parent whose CID or unique id differs from the child's record.
     #[arg(long)]
     pub ignore_cid: bool,
     /// Allow backing/extent files that are devices, FIFOs or under /proc, /sys, /dev.
@@ -471,6 +510,7 @@ fn run(cli: Cli) -> Result<()> {
         ),
         Command::Info(i) => info_cmd(&i),
         Command::List(l) => list_cmd(&l),
+        Command::Map(m) => map_cmd(&m),
         Command::Serve(s) => crate::nbd::cmd::run(s),
     }
 }
@@ -491,8 +531,11 @@ fn info_cmd(args: &InfoArgs) -> Result<()> {
     let report = info::gather(&chain)?;
     let text = if args.json {
         info::to_json(&report) + "\n"
+    } else if args.output.as_deref() == Some("json") {
+        let v = info::qemu::to_qemu_json(&chain, args.backing_chain);
+        serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
     } else {
-        info::to_text(&report)
+        info::to_text(&report, args.verbose)
     };
     let _ = std::io::stdout().write_all(text.as_bytes());
     // The report is printed whole; the exit status still says the image is
@@ -501,6 +544,29 @@ fn info_cmd(args: &InfoArgs) -> Result<()> {
     if let Some(damage) = report.chain.iter().find_map(|l| l.damage.as_ref()) {
         return Err(Error::corrupt(format!("damaged: {damage}")));
     }
+    Ok(())
+}
+
+fn map_cmd(args: &MapArgs) -> Result<()> {
+    let opts = ChainOptions {
+        format: args.format,
+        policy: OpenPolicy {
+            untrusted: args.untrusted,
+            allow_devices: args.allow_devices,
+            ..Default::default()
+        },
+        ignore_cid: args.ignore_cid,
+        max_depth: args.max_depth,
+        ..Default::default()
+    };
+    let chain = Chain::open(&args.image, &opts, &Caches::new(64 << 20))?;
+    let entries = crate::map::map(&chain)?;
+    let text = if args.output == "json" {
+        crate::map::to_json(&entries)
+    } else {
+        crate::map::to_human(&entries)
+    };
+    let _ = std::io::stdout().write_all(text.as_bytes());
     Ok(())
 }
 

@@ -7,6 +7,8 @@
 
 use std::fmt::Write as _;
 
+pub mod qemu;
+
 use serde::Serialize;
 
 use crate::chain::Chain;
@@ -110,79 +112,262 @@ pub fn to_json(info: &ImageInfo) -> String {
     serde_json::to_string_pretty(info).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
-/// Renders the report for people.
-pub fn to_text(info: &ImageInfo) -> String {
+/// Snapshot rows shown without `--verbose`: the first and last half of
+/// this many; the rest are summarized in one line.
+const SNAPSHOT_ROWS: usize = 20;
+
+/// Renders the report for people, laid out as `qemu-img info
+/// --backing-chain` prints it: one block per layer, top first. `verbose`
+/// adds each layer's raw header fields and every snapshot row.
+pub fn to_text(info: &ImageInfo, verbose: bool) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "image: {}", info.filename);
-    let _ = writeln!(s, "format: {}", info.format);
+    if info.chain_length > 1 {
+        let names: Vec<&str> = info.chain.iter().map(|l| l.filename.as_str()).collect();
+        let _ = writeln!(
+            s,
+            "chain: {} link(s): {}\n",
+            info.chain_length,
+            names.join(" -> ")
+        );
+    }
+    for (i, link) in info.chain.iter().enumerate() {
+        if i > 0 {
+            s.push('\n');
+        }
+        link_text(&mut s, link, info.chain.get(i + 1), verbose);
+    }
+    s
+}
+
+/// One layer's block.
+fn link_text(s: &mut String, link: &LinkInfo, below: Option<&LinkInfo>, verbose: bool) {
+    let l = &link.layer;
+    let _ = writeln!(s, "image: {}", link.filename);
+    let _ = writeln!(s, "file format: {}", l.format);
+    if let Some(v) = &l.subformat {
+        let _ = writeln!(s, "subformat: {v}");
+    }
     let _ = writeln!(
         s,
         "virtual size: {} ({} bytes)",
-        human(info.virtual_size),
-        info.virtual_size
+        qemu_size(l.virtual_size),
+        l.virtual_size
     );
-    if let Some(c) = info.cluster_size {
-        let _ = writeln!(s, "cluster size: {c}");
-    }
+    let _ = writeln!(s, "disk size: {}", qemu_size(link.disk_size));
     let _ = writeln!(
         s,
-        "allocated: {} ({} bytes of guest data in this image)",
-        human(info.allocated_bytes),
-        info.allocated_bytes
+        "allocated: {} ({} bytes of guest data stored in this image)",
+        qemu_size(link.allocated_bytes),
+        link.allocated_bytes
     );
-    let _ = writeln!(s, "disk size: {}", human(info.disk_size));
-    if !info.features.is_empty() {
-        let _ = writeln!(s, "features: {}", info.features.join(", "));
+    if let Some(c) = l.cluster_size {
+        let _ = writeln!(s, "cluster_size: {c}");
     }
-    if !info.snapshots.is_empty() {
-        let _ = writeln!(s, "snapshots:");
-        let _ = writeln!(
-            s,
-            "  {:<6} {:<24} {:>12} {:>12}",
-            "ID", "NAME", "DISK SIZE", "VM STATE"
-        );
-        for snap in &info.snapshots {
+    if let Some(b) = &link.backing_filename {
+        match below {
+            Some(p) if p.filename != *b => {
+                let _ = writeln!(s, "backing file: {b} (actual path: {})", p.filename);
+            }
+            _ => {
+                let _ = writeln!(s, "backing file: {b}");
+            }
+        }
+        if let Some(f) = l.details.get("backing_format").and_then(|v| v.as_str()) {
+            let _ = writeln!(s, "backing file format: {f}");
+        }
+    }
+    if !l.features.is_empty() {
+        let _ = writeln!(s, "features: {}", l.features.join(", "));
+    }
+    if let Some(t) = &link.e_tag {
+        let _ = writeln!(s, "etag: {t}");
+    }
+    if let Some(d) = &link.damage {
+        let _ = writeln!(s, "DAMAGED (reads of that range fail): {d}");
+    }
+    if !l.snapshots.is_empty() {
+        snapshot_table(s, &l.snapshots, verbose);
+    }
+    if let Some(e) = l.details.get("snapshot_table_error") {
+        let _ = writeln!(s, "snapshot table: {}", render_value(e));
+    }
+    if let Some(spec) = &l.qemu_specific {
+        let _ = writeln!(s, "Format specific information:");
+        if let serde_json::Value::Object(m) = spec {
+            for (k, v) in in_qemu_order(m) {
+                tree(s, 1, k, v);
+            }
+        }
+    }
+    if verbose {
+        if link.files.len() > 1 {
+            let _ = writeln!(s, "files: {}", link.files.join(", "));
+        }
+        if !l.details.is_empty() {
+            let _ = writeln!(s, "Header fields:");
+            for (k, v) in &l.details {
+                let _ = writeln!(s, "    {k}: {}", render_value(v));
+            }
+        }
+    }
+}
+
+/// qemu-img's snapshot table. Beyond [`SNAPSHOT_ROWS`] entries (a
+/// qcow2 may hold 65,536) only the first and last rows are printed unless
+/// `verbose`, with a line saying how many are left out.
+fn snapshot_table(s: &mut String, snaps: &[SnapshotInfo], verbose: bool) {
+    let _ = writeln!(s, "Snapshot list:");
+    let _ = writeln!(
+        s,
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    );
+    let half = SNAPSHOT_ROWS / 2;
+    let summarize = !verbose && snaps.len() > SNAPSHOT_ROWS;
+    for (i, snap) in snaps.iter().enumerate() {
+        if summarize && i == half {
             let _ = writeln!(
                 s,
-                "  {:<6} {:<24} {:>12} {:>12}",
-                snap.id,
-                snap.name,
-                human(snap.virtual_size),
-                human(snap.vm_state_size)
+                "... {} more snapshots (--verbose lists them all) ...",
+                snaps.len() - SNAPSHOT_ROWS
             );
         }
-    }
-    let _ = writeln!(s, "chain: {} link(s)", info.chain_length);
-    for (i, link) in info.chain.iter().enumerate() {
+        if summarize && i >= half && i < snaps.len() - half {
+            continue;
+        }
+        let clock_ms = snap.vm_clock_nsec / 1_000_000;
+        let clock = format!(
+            "{:04}:{:02}:{:02}.{:03}",
+            clock_ms / 3_600_000,
+            clock_ms / 60_000 % 60,
+            clock_ms / 1000 % 60,
+            clock_ms % 1000
+        );
         let _ = writeln!(
             s,
-            "  [{i}] {} ({}{}, {} bytes)",
-            link.filename,
-            link.layer.format,
-            link.layer
-                .subformat
-                .as_deref()
-                .map(|v| format!(" {v}"))
-                .unwrap_or_default(),
-            link.layer.virtual_size
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+            snap.id,
+            snap.name,
+            qemu_size(snap.vm_state_size),
+            utc_date(snap.date_sec),
+            clock,
+            snap.icount.map(|c| c.to_string()).unwrap_or_default()
         );
-        if let Some(b) = &link.backing_filename {
-            let _ = writeln!(s, "      backing file: {b}");
+    }
+}
+
+/// A format-specific value as qemu-img prints it: `-` in keys becomes a
+/// space, lists are numbered, nested objects indented.
+fn tree(s: &mut String, depth: usize, key: &str, v: &serde_json::Value) {
+    let pad = "    ".repeat(depth);
+    let key = key.replace('-', " ");
+    match v {
+        serde_json::Value::Object(m) => {
+            let _ = writeln!(s, "{pad}{key}:");
+            for (k, v) in in_qemu_order(m) {
+                tree(s, depth + 1, k, v);
+            }
         }
-        if let Some(t) = &link.e_tag {
-            let _ = writeln!(s, "      etag: {t}");
+        serde_json::Value::Array(a) => {
+            let _ = writeln!(s, "{pad}{key}:");
+            for (i, v) in a.iter().enumerate() {
+                tree(s, depth + 1, &format!("[{i}]"), v);
+            }
         }
-        if let Some(d) = &link.damage {
-            let _ = writeln!(s, "      DAMAGED (reads of that range fail): {d}");
-        }
-        if i > 0 && !link.layer.features.is_empty() {
-            let _ = writeln!(s, "      features: {}", link.layer.features.join(", "));
-        }
-        for (k, v) in &link.layer.details {
-            let _ = writeln!(s, "      {k}: {}", render_value(v));
+        other => {
+            let _ = writeln!(s, "{pad}{key}: {}", render_value(other));
         }
     }
-    s
+}
+
+/// Format-specific keys in the order qemu-img prints them (its QAPI
+/// declaration order); the JSON map itself is sorted by name.
+const QEMU_ORDER: [&str; 18] = [
+    "compat",
+    "compression-type",
+    "lazy-refcounts",
+    "bitmaps",
+    "refcount-bits",
+    "data-file",
+    "data-file-raw",
+    "corrupt",
+    "extended-l2",
+    "cid",
+    "parent-cid",
+    "create-type",
+    "extents",
+    "compressed",
+    "virtual-size",
+    "filename",
+    "cluster-size",
+    "format",
+];
+
+/// The entries of `m` in qemu's order, unknown keys (e.g. `flags`,
+/// `name`, `granularity` of a bitmap, in that order) after the known.
+fn in_qemu_order(
+    m: &serde_json::Map<String, serde_json::Value>,
+) -> Vec<(&String, &serde_json::Value)> {
+    let rank = |k: &str| {
+        QEMU_ORDER.iter().position(|o| *o == k).unwrap_or(match k {
+            "flags" => 100,
+            "name" => 101,
+            _ => 102,
+        })
+    };
+    let mut v: Vec<_> = m.iter().collect();
+    v.sort_by_key(|(k, _)| rank(k));
+    v
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in UTC for seconds since the epoch.
+fn utc_date(secs: u64) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian), by
+    // 400-year eras of 146,097 days.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// Sizes as qemu-img prints them: three significant digits, the unit
+/// switching once the value passes 1000 of the smaller one (`1.25 MiB`,
+/// `64 MiB`, `0.977 GiB`).
+pub fn qemu_size(bytes: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let scaled = bytes as f64 * 1024.0 / 1000.0;
+    let mut i = 0;
+    while i + 1 < UNITS.len() && scaled >= (1u64 << (10 * (i + 1))) as f64 {
+        i += 1;
+    }
+    let v = bytes as f64 / (1u64 << (10 * i)) as f64;
+    let digits = if v >= 100.0 {
+        0
+    } else if v >= 10.0 {
+        1
+    } else if v >= 1.0 {
+        2
+    } else {
+        3
+    };
+    let mut t = format!("{v:.digits$}");
+    if t.contains('.') {
+        t = t.trim_end_matches('0').trim_end_matches('.').to_string();
+    }
+    format!("{t} {}", UNITS[i])
 }
 
 fn render_value(v: &serde_json::Value) -> String {
@@ -211,6 +396,18 @@ pub fn human(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qemu_sizes_and_dates() {
+        assert_eq!(qemu_size(0), "0 B");
+        assert_eq!(qemu_size(512), "512 B");
+        assert_eq!(qemu_size(1314816), "1.25 MiB");
+        assert_eq!(qemu_size(64 << 20), "64 MiB");
+        assert_eq!(qemu_size(1000 << 20), "0.977 GiB");
+        assert_eq!(utc_date(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_date(1754957438), "2025-08-12 00:10:38");
+        assert_eq!(utc_date(951_782_400), "2000-02-29 00:00:00");
+    }
 
     #[test]
     fn human_sizes() {

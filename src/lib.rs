@@ -22,6 +22,7 @@ pub mod fuzzing;
 pub mod host;
 pub mod info;
 pub mod lock;
+pub mod map;
 pub mod nbd;
 pub mod options;
 pub mod overlay;

@@ -431,12 +431,14 @@ fn command_line_errors_keep_their_reason_and_both_spellings_agree() {
     let meta = std::fs::metadata(mp.join("a.raw")).unwrap();
     assert_eq!((meta.uid(), meta.gid()), (65534, 0));
     assert!(vdiskfs(&["unmount", s(&mp)]).status.success());
-    // -v/-q are mount's; info does not advertise them.
+    // -v/-q are mount's log levels; info does not advertise them (its own
+    // --verbose adds raw header fields to the report).
     let help = text(&vdiskfs(&["info", "--help"]));
     assert!(
-        !help.contains("--verbose") && help.contains("--max-depth"),
+        !help.contains("--quiet") && !help.contains("log output") && help.contains("--max-depth"),
         "{help}"
     );
+    assert!(help.contains("raw header fields"), "{help}");
     assert!(help.contains("--allow-devices"), "{help}");
 }
 

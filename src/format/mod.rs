@@ -172,6 +172,13 @@ pub struct SnapshotInfo {
     pub virtual_size: u64,
     /// Seconds since the epoch when it was taken.
     pub date_sec: u64,
+    /// Nanoseconds within that second.
+    pub date_nsec: u32,
+    /// The guest clock (nanoseconds since the VM started) when it was taken.
+    pub vm_clock_nsec: u64,
+    /// Instructions executed under record/replay, when the image records it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icount: Option<u64>,
     /// VM state size saved with it.
     pub vm_state_size: u64,
 }
@@ -198,6 +205,10 @@ pub struct LayerInfo {
     /// geometry, extents, ddb keys…), shown under their own names.
     #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
     pub details: serde_json::Map<String, serde_json::Value>,
+    /// The `data` of qemu-img's `format-specific` object for this format
+    /// (qcow2, vmdk), for `info --output=json`; `None` where qemu prints none.
+    #[serde(skip)]
+    pub qemu_specific: Option<serde_json::Value>,
 }
 
 impl LayerInfo {
@@ -211,6 +222,7 @@ impl LayerInfo {
             features: Vec::new(),
             snapshots: Vec::new(),
             details: serde_json::Map::new(),
+            qemu_specific: None,
         }
     }
 }

@@ -6,7 +6,6 @@
 
 use crate::chain::{Chain, Status};
 use crate::error::Result;
-use crate::format::Mapping;
 
 use super::proto::{CTX_ALLOCATION_DEPTH, CTX_BASE_ALLOCATION, STATE_HOLE, STATE_ZERO};
 
@@ -53,25 +52,10 @@ pub fn extents(
 }
 
 /// The depth of the layer that stores the run at `offset` (at most
-/// `max_len` bytes), and the run's length.
+/// `max_len` bytes; 1 is the top, 0 none), and the run's length.
 pub fn depth(chain: &Chain, offset: u64, max_len: u64) -> Result<(u32, u64)> {
-    let mut want = max_len;
-    for (idx, layer) in chain.layers().iter().enumerate() {
-        let size = layer.virtual_size();
-        if offset >= size {
-            // Past the end of a shorter backing layer: stored nowhere.
-            return Ok((0, want));
-        }
-        let (m, n) = layer
-            .map(offset, want.min(size - offset))
-            .map_err(|e| e.with_path(layer.path()))?;
-        let n = n.clamp(1, want);
-        match m {
-            Mapping::Backing => want = n,
-            _ => return Ok((idx as u32 + 1, n)),
-        }
-    }
-    Ok((0, want))
+    let at = crate::map::locate(chain, offset, max_len)?;
+    Ok((at.layer.map_or(0, |i| i as u32 + 1), at.len))
 }
 
 /// How a structured read of `len` bytes at `offset` is cut: (offset,

@@ -44,6 +44,7 @@ use crate::format::SnapshotInfo;
 use crate::host::HostFile;
 
 mod alloc;
+mod bitmaps;
 pub mod create;
 mod guard;
 pub mod header;
@@ -296,6 +297,54 @@ impl Walker<'_> {
     }
 }
 
+impl Qcow2 {
+    /// qemu-img's `format-specific` data for this image (QAPI
+    /// `ImageInfoSpecificQCow2`): version 2 images show only compat,
+    /// compression type and refcount width, as qemu does.
+    fn qemu_specific(&self) -> serde_json::Value {
+        use header::{CompressionType, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT};
+        let h = &self.header;
+        let mut m = serde_json::Map::new();
+        let compression = match h.compression {
+            CompressionType::Deflate => "zlib",
+            CompressionType::Zstd => "zstd",
+        };
+        if h.version < 3 {
+            m.insert("compat".into(), json!("0.10"));
+            m.insert("compression-type".into(), json!(compression));
+            m.insert("refcount-bits".into(), json!(h.refcount_bits()));
+            return serde_json::Value::Object(m);
+        }
+        m.insert("compat".into(), json!("1.1"));
+        m.insert("compression-type".into(), json!(compression));
+        m.insert(
+            "lazy-refcounts".into(),
+            json!(h.compatible & COMPAT_LAZY_REFCOUNTS != 0),
+        );
+        match bitmaps::read_bitmaps(&self.file, h) {
+            Ok(list) if !list.is_empty() => {
+                m.insert("bitmaps".into(), serde_json::Value::Array(list));
+            }
+            Ok(_) => {}
+            Err(why) => log::warn!("{}: {why}", self.file.path().display()),
+        }
+        m.insert("refcount-bits".into(), json!(h.refcount_bits()));
+        if let Some(name) = &h.data_file {
+            m.insert("data-file".into(), json!(name));
+            m.insert(
+                "data-file-raw".into(),
+                json!(h.autoclear & header::AUTOCLEAR_DATA_FILE_RAW != 0),
+            );
+        }
+        m.insert(
+            "corrupt".into(),
+            json!(h.incompatible & INCOMPAT_CORRUPT != 0),
+        );
+        m.insert("extended-l2".into(), json!(h.extended_l2()));
+        serde_json::Value::Object(m)
+    }
+}
+
 impl Layer for Qcow2 {
     fn path(&self) -> &Path {
         self.file.path()
@@ -435,6 +484,7 @@ impl Layer for Qcow2 {
         if let Some(e) = &self.snapshot_error {
             d.insert("snapshot_table_error".into(), json!(e));
         }
+        info.qemu_specific = Some(self.qemu_specific());
         info
     }
 

@@ -132,6 +132,8 @@ fn read_entries_inner(
         let id_len = usize::from(be16(fixed, 12));
         let name_len = usize::from(be16(fixed, 14));
         let date_sec = u64::from(be32(fixed, 16));
+        let date_nsec = be32(fixed, 20);
+        let vm_clock_nsec = be64(fixed, 24);
         let vm_state_32 = u64::from(be32(fixed, 32));
         let extra_len = be32(fixed, 36);
         if extra_len > MAX_EXTRA {
@@ -155,6 +157,12 @@ fn read_entries_inner(
         } else {
             h.size
         };
+        // qemu writes all ones when it did not record the count.
+        let icount = if extra.len() >= 24 {
+            Some(be64(extra, 16)).filter(|&c| c != u64::MAX)
+        } else {
+            None
+        };
         let Some(id) = r.take(id_len)? else {
             return Ok((out, Some(cut_short(i, count))));
         };
@@ -171,6 +179,9 @@ fn read_entries_inner(
                 name,
                 virtual_size,
                 date_sec,
+                date_nsec,
+                vm_clock_nsec,
+                icount,
                 vm_state_size,
             },
             l1,

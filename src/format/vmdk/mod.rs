@@ -305,6 +305,49 @@ impl Vmdk {
     }
 }
 
+impl Vmdk {
+    /// qemu-img's `format-specific` data (QAPI `ImageInfoSpecificVmdk`):
+    /// CIDs as numbers, and per extent its size, file, descriptor type
+    /// (empty for an extent that carries its own descriptor, which qemu
+    /// opens without reading an extent line), grain size and compression.
+    fn qemu_specific(&self) -> Value {
+        let d = self.desc.as_ref();
+        let extents: Vec<Value> =
+            self.extents
+                .iter()
+                .map(|e| {
+                    let own = e.file.as_ref().is_some_and(|f| {
+                        Arc::ptr_eq(f, &self.file) || f.path() == self.file.path()
+                    });
+                    let kind = match &e.line {
+                        Some(l) if !own => l.kind.as_str(),
+                        _ => "",
+                    };
+                    let mut m = Map::new();
+                    if let ExtentData::Sparse { info, .. } = &e.data {
+                        if info.compressed {
+                            m.insert("compressed".into(), json!(true));
+                        }
+                    }
+                    m.insert("virtual-size".into(), json!(e.len));
+                    let file = e.file.as_ref().map(|f| f.path().display().to_string());
+                    m.insert("filename".into(), json!(file.unwrap_or_default()));
+                    if let ExtentData::Sparse { tables, .. } = &e.data {
+                        m.insert("cluster-size".into(), json!(tables.grain_size));
+                    }
+                    m.insert("format".into(), json!(kind));
+                    Value::Object(m)
+                })
+                .collect();
+        json!({
+            "cid": d.and_then(|d| d.cid).unwrap_or(0),
+            "parent-cid": d.and_then(|d| d.parent_cid).unwrap_or(u32::MAX),
+            "create-type": self.create_type,
+            "extents": extents,
+        })
+    }
+}
+
 fn ddb_num(d: &Descriptor, key: &str) -> Option<Value> {
     let v = d.ddb.get(key)?;
     Some(match v.trim().parse::<u64>() {
@@ -507,6 +550,7 @@ impl Layer for Vmdk {
             })
             .collect();
         dt.insert("extents".into(), Value::Array(extents));
+        info.qemu_specific = Some(self.qemu_specific());
         info
     }
 
