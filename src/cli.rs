@@ -149,8 +149,8 @@ pub struct MountArgs {
     pub threads: usize,
     /// How requests reach the daemon: auto, uring (FUSE over io_uring, Linux
     /// 6.14+ with the fuse module's enable_uring on; falls back to classic),
-    /// or classic (/dev/fuse).
-    #[arg(long, default_value = "auto", value_parser = crate::options::parse_transport)]
+    /// or classic (/dev/fuse). Default from $VDISKFS_TRANSPORT, else auto.
+    #[arg(long, env = "VDISKFS_TRANSPORT", default_value = "auto", value_parser = crate::options::parse_transport)]
     pub transport: crate::fs::Transport,
     /// Mount options, mount(8) style: every flag has a -o spelling
     /// (ro, allow_other, cache_size=64M, partitions, ...); repeatable.

@@ -182,6 +182,20 @@ impl Queue {
                 .completion()
                 .map(|c| (c.user_data(), c.result()))
                 .collect();
+            // Requests of this batch that may wait on image I/O: all but the
+            // last go to the pool (several in flight reach the disk at
+            // once), the last is served here (a lone request, as at queue
+            // depth 1, costs no hand-off).
+            let mut blocking_left = cqes
+                .iter()
+                .filter(|&&(ud, res)| {
+                    ud != WAKE
+                        && res >= 0
+                        && may_block(
+                            abi::InHeader::decode(&self.entries[ud as usize].header).opcode,
+                        )
+                })
+                .count();
             for (ud, res) in cqes {
                 if ud == WAKE {
                     armed = false;
@@ -204,8 +218,12 @@ impl Queue {
                 let e = &mut self.entries[idx];
                 e.commit_id = abi::ent_in_out(&e.header).0;
                 let opcode = abi::InHeader::decode(&e.header).opcode;
+                let blocking = may_block(opcode);
+                if blocking {
+                    blocking_left -= 1;
+                }
                 match (&pool, &done) {
-                    (Some(p), Some(d)) if may_block(opcode) => {
+                    (Some(p), Some(d)) if blocking && blocking_left > 0 => {
                         let loan = Lent {
                             header: e.header.as_mut_ptr(),
                             header_len: e.header.len(),
