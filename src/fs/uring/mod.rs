@@ -1,7 +1,7 @@
 //! FUSE over io_uring (Linux 6.14+, `enable_uring`): the transport that
 //! replaces read(2)/write(2) on /dev/fuse with io_uring commands, one queue
-//! per possible CPU, each served by its own thread (pinned to its CPU) that
-//! owns its ring and its registered buffers. fuser still mounts, negotiates
+//! per possible CPU, each served by its own thread that owns its ring and
+//! its registered buffers (pinned to its CPU with `VDISKFS_URING_PIN=1`). fuser still mounts, negotiates
 //! INIT (with `FUSE_OVER_IO_URING`) and keeps reading /dev/fuse for what
 //! the kernel never sends on the ring (interrupts, forgets). Requests that
 //! may wait on image I/O go to a small pool so a ring thread never blocks on
@@ -96,13 +96,16 @@ pub fn start(
     let inline = std::env::var_os("VDISKFS_URING_INLINE").is_some_and(|v| v == "1");
     let pool = (!inline && pool_threads > 0).then(|| spawn_pool(pool_threads, fs.clone()));
     let n = prepared.queues.len();
+    let pin = std::env::var_os("VDISKFS_URING_PIN").is_some_and(|v| v == "1");
     let mut threads = Vec::with_capacity(n);
     for (qid, q) in prepared.queues.into_iter().enumerate() {
         let (fs, raw, pool) = (fs.clone(), dev.as_raw_fd(), pool.clone());
         let t = std::thread::Builder::new()
             .name(format!("uring-{qid}"))
             .spawn(move || {
-                pin_to_cpu(qid);
+                if pin {
+                    pin_to_cpu(qid);
+                }
                 q.run(raw, fs, pool)
             })
             .map_err(|e| e.raw_os_error().unwrap_or(libc::EAGAIN))?;

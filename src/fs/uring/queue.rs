@@ -81,8 +81,9 @@ pub struct Queue {
 impl Queue {
     /// A queue with `depth` entries of `payload` bytes each.
     pub fn new(qid: u16, depth: usize, payload: usize) -> std::io::Result<Queue> {
+        // Not COOP_TASKRUN: the kernel completes a fetch through task work
+        // on this thread, which must wake it while it waits for completions.
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
-            .setup_coop_taskrun()
             .build((depth as u32 + 2).next_power_of_two())?;
         let entries = (0..depth)
             .map(|_| {
