@@ -1,11 +1,12 @@
 //! FUSE over io_uring (Linux 6.14+, `enable_uring`): the transport that
 //! replaces read(2)/write(2) on /dev/fuse with io_uring commands, one queue
 //! per possible CPU, each served by its own thread that owns its ring and
-//! its registered buffers (pinned to its CPU with `VDISKFS_URING_PIN=1`). fuser still mounts, negotiates
-//! INIT (with `FUSE_OVER_IO_URING`) and keeps reading /dev/fuse for what
-//! the kernel never sends on the ring (interrupts, forgets). Requests that
-//! may wait on image I/O go to a small pool so a ring thread never blocks on
-//! the disk (`VDISKFS_URING_INLINE=1` serves everything on the ring threads,
+//! its registered buffers (pinned to its CPU with `VDISKFS_URING_PIN=1`).
+//! fuser still mounts, negotiates INIT (with `FUSE_OVER_IO_URING`) and keeps
+//! reading /dev/fuse for what the kernel never sends on the ring
+//! (interrupts, forgets). Requests that may wait on image I/O go to a small
+//! pool when several are pending, so a ring thread does not block on the
+//! disk (`VDISKFS_URING_INLINE=1` serves everything on the ring threads,
 //! for measurement). The protocol as used here: docs/fuse-uring.md.
 
 pub mod abi;
