@@ -57,6 +57,14 @@ def pid_of(mountpoint):
     return None
 
 
+def transport_of(mountpoint):
+    mp = os.path.realpath(mountpoint)
+    for e in json.load(sys.stdin):
+        if os.path.realpath(str(e.get("mountpoint", ""))) == mp:
+            return e.get("transport")
+    return None
+
+
 def record(path, pairs):
     rec = {}
     for p in pairs:
@@ -86,6 +94,8 @@ TARGETS = [
     (lambda w: w == "randwrite-4k", lambda i: True, "qsd", 1.5),
     (lambda w: w in ("seqwrite-1m-buf", "randwrite-4k-buf"), lambda i: True, "qsd", 1.5),
     (lambda w: not w.startswith(("seqwrite", "randwrite")), lambda i: i == "raw", "rawfile", 0.9),
+    # Transport only (issue 15): the raw file served by the daemon, both in the page cache.
+    (lambda w: w == "randread-qd32", lambda i: i == "raw-cached", "rawfile", 0.5),
 ]
 
 WORKLOAD_ORDER = [
@@ -94,7 +104,7 @@ WORKLOAD_ORDER = [
     "randwrite-4k-buf",
 ]
 IMAGE_ORDER = [
-    "raw", "qcow2", "vmdk-sparse", "vmdk-stream", "qcow2-comp", "chain", "vhd-dynamic", "vhdx",
+    "raw", "raw-cached", "qcow2", "vmdk-sparse", "vmdk-stream", "qcow2-comp", "chain", "vhd-dynamic", "vhdx",
     "qcow2-rw", "qcow2-overlay",
 ]
 
@@ -115,13 +125,13 @@ def fmt_val(v, unit):
     return f"{v:,.1f}"
 
 
-def paired_ratio(runs, workload, image, other_image, other="qsd"):
-    """vdiskfs/OTHER per round (rounds where both ran) and their geometric mean."""
+def paired_ratio(runs, workload, image, other_image, other="qsd", mine_target="vdiskfs"):
+    """MINE/OTHER per round (rounds where both ran) and their geometric mean."""
     def by_round(image, target):
         return {r["round"]: r["value"] for r in runs
                 if r["workload"] == workload and r["image"] == image
                 and r["target"] == target and r["status"] == "ok" and r["value"] > 0}
-    mine, theirs = by_round(image, "vdiskfs"), by_round(other_image, other)
+    mine, theirs = by_round(image, mine_target), by_round(other_image, other)
     per_round = {k: mine[k] / theirs[k] for k in sorted(mine) if k in theirs}
     if not per_round:
         return None, {}
@@ -154,6 +164,7 @@ def report(outdir):
                     notes.append(str(r["note"]))
         return vals, notes, statuses
 
+    uring = any(r["target"] == "vdiskfs-uring" for r in runs)
     workloads = order({r["workload"] for r in runs}, WORKLOAD_ORDER)
     images = order({r["image"] for r in runs if r["image"] != "-"}, IMAGE_ORDER)
     rows = []
@@ -163,7 +174,7 @@ def report(outdir):
                 continue
             unit = next(r["unit"] for r in runs if r["workload"] == w)
             cell = {}
-            for t in ("vdiskfs", "qsd"):
+            for t in ("vdiskfs", "qsd", "vdiskfs-uring"):
                 vals, notes, statuses = collect(w, img, t)
                 cell[t] = {
                     "median": statistics.median(vals) if vals else None,
@@ -171,7 +182,9 @@ def report(outdir):
                     "status": "ok" if vals else ("n/a" if "n/a" in statuses else ("fail" if statuses else "missing")),
                     "note": notes[0] if notes else "",
                 }
-            vals, notes, statuses = collect(w, "-", "rawfile")
+            # The transport-only row has its own raw-file runs (page cache warm).
+            raw_img = img if img == "raw-cached" else "-"
+            vals, notes, statuses = collect(w, raw_img, "rawfile")
             cell["rawfile"] = {
                 "median": statistics.median(vals) if vals else None,
                 "values": vals,
@@ -184,7 +197,9 @@ def report(outdir):
             # order flipped every round, an advantage of going first or
             # second cancels out.
             ratio_q, per_round_q = paired_ratio(runs, w, img, img)
-            ratio_r, per_round_r = paired_ratio(runs, w, img, "-", "rawfile")
+            ratio_r, per_round_r = paired_ratio(runs, w, img, raw_img, "rawfile")
+            ratio_u, _ = paired_ratio(runs, w, img, img, "vdiskfs", "vdiskfs-uring")
+            ratio_ur, _ = paired_ratio(runs, w, img, raw_img, "rawfile", "vdiskfs-uring")
             checks = []
             for wp, ip, against, minimum in TARGETS:
                 if not (wp(w) and ip(img)):
@@ -203,6 +218,8 @@ def report(outdir):
             rows.append({
                 "workload": w, "image": img, "unit": unit,
                 "vdiskfs": cell["vdiskfs"], "qsd": cell["qsd"], "rawfile": cell["rawfile"],
+                "vdiskfs-uring": cell["vdiskfs-uring"], "ratio_uring_classic": ratio_u,
+                "ratio_uring_raw": ratio_ur,
                 "ratio_qsd": ratio_q, "ratio_raw": ratio_r, "checks": checks,
                 "ratio_qsd_per_round": per_round_q, "ratio_raw_per_round": per_round_r,
                 "rss_hwm_kib_max": max(rss) if rss else None,
@@ -219,6 +236,8 @@ def report(outdir):
 
     lines = []
     hdr = ("workload", "image", "unit", "vdiskfs", "qsd", "raw file", "vdk/qsd", "vdk/raw", "targets")
+    if uring:
+        hdr = hdr[:3] + ("vdiskfs", "uring") + hdr[4:8] + ("uring/classic", "uring/raw", "targets")
     table = []
     for row in rows:
         def show(t):
@@ -232,15 +251,17 @@ def report(outdir):
         for c in row["checks"]:
             r = "-" if c["ratio"] is None else f"{c['ratio']:.2f}"
             tg.append(f"{c['against']}≥{c['min']}: {c['verdict']}" + ("" if c["verdict"] == "n/a" else f" ({r})"))
-        table.append((
-            row["workload"], row["image"], row["unit"], show("vdiskfs"), show("qsd"), show("rawfile"),
-            "-" if row["ratio_qsd"] is None else f"{row['ratio_qsd']:.2f}",
-            "-" if row["ratio_raw"] is None else f"{row['ratio_raw']:.2f}",
-            "; ".join(tg) if tg else "(no target)",
-        ))
+        def ratio(x):
+            return "-" if x is None else f"{x:.2f}"
+        cols = [row["workload"], row["image"], row["unit"], show("vdiskfs"), show("qsd"), show("rawfile"),
+                ratio(row["ratio_qsd"]), ratio(row["ratio_raw"])]
+        if uring:
+            cols[4:4] = [show("vdiskfs-uring")]
+            cols += [ratio(row["ratio_uring_classic"]), ratio(row["ratio_uring_raw"])]
+        table.append(tuple(cols) + ("; ".join(tg) if tg else "(no target)",))
     widths = [max(len(h), *(len(t[i]) for t in table)) if table else len(h) for i, h in enumerate(hdr)]
     def line(cols):
-        return "  ".join(c.ljust(widths[i]) if i in (0, 1, 2, 8) else c.rjust(widths[i]) for i, c in enumerate(cols)).rstrip()
+        return "  ".join(c.ljust(widths[i]) if i in (0, 1, 2, len(hdr) - 1) else c.rjust(widths[i]) for i, c in enumerate(cols)).rstrip()
     lines.append(line(hdr))
     lines.append(line(["-" * w for w in widths]))
     for t in table:
@@ -294,6 +315,8 @@ def main(argv):
         if pid is None:
             sys.exit(1)
         print(pid)
+    elif cmd == "transport":
+        print(transport_of(args[0]) or "")
     elif cmd == "record":
         record(args[0], args[1:])
     elif cmd == "report":

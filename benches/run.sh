@@ -25,11 +25,16 @@ usage: benches/run.sh [OPTIONS]
   --images DIR         where images are built and kept between runs
                        (default: OUT/images-SIZE; rebuilt when missing)
   --no-build           do not run cargo build --release
+  --transport LIST     vdiskfs transports to measure, comma-separated: classic (target
+                       "vdiskfs"), uring (target "vdiskfs-uring", FUSE over io_uring);
+                       default classic. Both: every row gets both, in the same round
   -h, --help           this text
 
 workloads: seqread-psync seqread-aio16 randread-qd1 randread-qd32 sha256sum
            qemu-img-convert seqwrite-1m randwrite-4k seqwrite-1m-buf randwrite-4k-buf
 images:    raw qcow2 vmdk-sparse vmdk-stream qcow2-comp chain vhd-dynamic vhdx (reads)
+           raw-cached (reads, "transport only": the raw file in the host page cache,
+           vdiskfs with --no-passthrough, against the raw file also in the page cache)
            qcow2-rw qcow2-overlay (writes)
 
 environment: VDISKFS=PATH measures that vdiskfs binary instead of
@@ -56,6 +61,7 @@ CACHE_SIZE=256M
 THREADS=""
 IMAGES=""
 BUILD=1
+TRANSPORTS=classic
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--quick) MODE=quick ;;
@@ -68,6 +74,7 @@ while [ $# -gt 0 ]; do
 	--threads) THREADS=${2:?}; shift ;;
 	--images) IMAGES=${2:?}; shift ;;
 	--no-build) BUILD=0 ;;
+	--transport) TRANSPORTS=${2:?--transport needs classic, uring or classic,uring}; shift ;;
 	-h | --help) usage; exit 0 ;;
 	*) usage >&2; exit 2 ;;
 	esac
@@ -77,6 +84,20 @@ if [ "$MODE" = quick ]; then
 	: "${ROUNDS:=1}" "${SIZE_MIB:=512}" "${RUNTIME:=3}"
 else
 	: "${ROUNDS:=4}" "${SIZE_MIB:=4096}" "${RUNTIME:=15}"
+fi
+VDK_TARGETS=()
+for t in ${TRANSPORTS//,/ }; do
+	case "$t" in
+	classic) VDK_TARGETS+=(vdiskfs) ;;
+	uring) VDK_TARGETS+=(vdiskfs-uring) ;;
+	*) die "--transport: classic or uring, not $t" ;;
+	esac
+done
+[ ${#VDK_TARGETS[@]} -gt 0 ] || die "--transport: nothing to measure"
+if [[ " ${VDK_TARGETS[*]} " == *" vdiskfs-uring "* ]]; then
+	p=/sys/module/fuse/parameters/enable_uring
+	[ -e $p ] || die "--transport uring: $p is missing (Linux 6.14+ with CONFIG_FUSE_IO_URING)"
+	echo Y >$p || die "cannot turn on $p"
 fi
 # The daemons take turns going first; only an even number of rounds gives
 # each the first place equally often for every workload and image.
@@ -146,7 +167,7 @@ fi
 # ---------------------------------------------------------------- selection
 READ_WORKLOADS=(seqread-psync seqread-aio16 randread-qd1 randread-qd32 sha256sum qemu-img-convert)
 WRITE_WORKLOADS=(seqwrite-1m randwrite-4k seqwrite-1m-buf randwrite-4k-buf)
-READ_IMAGES=(raw qcow2 vmdk-sparse vmdk-stream qcow2-comp chain vhd-dynamic vhdx)
+READ_IMAGES=(raw qcow2 vmdk-sparse vmdk-stream qcow2-comp chain vhd-dynamic vhdx raw-cached)
 WRITE_IMAGES=(qcow2-rw qcow2-overlay)
 
 selected() { # WORKLOAD IMAGE
@@ -171,13 +192,13 @@ image_needed() { # IMAGE
 # ---------------------------------------------------------------- images
 # The file behind each image name, and its format for qemu-storage-daemon.
 declare -A IMG_FILE=(
-	[raw]=data.raw [qcow2]=disk.qcow2 [vmdk-sparse]=sparse.vmdk [vmdk-stream]=stream.vmdk
+	[raw]=data.raw [raw-cached]=data.raw [qcow2]=disk.qcow2 [vmdk-sparse]=sparse.vmdk [vmdk-stream]=stream.vmdk
 	[qcow2-comp]=comp.qcow2 [chain]=chain-top.qcow2 [qcow2-rw]=disk.qcow2 [qcow2-overlay]=disk.qcow2
 	[vhd-dynamic]=dynamic.vhd
 	[vhdx]=disk.vhdx
 )
 declare -A IMG_FMT=(
-	[raw]=raw [qcow2]=qcow2 [vmdk-sparse]=vmdk [vmdk-stream]=vmdk
+	[raw]=raw [raw-cached]=raw [qcow2]=qcow2 [vmdk-sparse]=vmdk [vmdk-stream]=vmdk
 	[qcow2-comp]=qcow2 [chain]=qcow2 [qcow2-rw]=qcow2 [qcow2-overlay]=qcow2
 	[vhd-dynamic]=vpc
 	[vhdx]=vhdx
@@ -192,6 +213,10 @@ build_image() { # NAME
 	case "$name" in
 	raw)
 		python3 "$HELPER" gen "$tmp" "$SIZE_MIB" || return 1
+		;;
+	raw-cached)
+		build_image raw
+		return
 		;;
 	qcow2 | qcow2-rw | qcow2-overlay)
 		build_image raw || return 1
@@ -278,13 +303,15 @@ expose() { # TARGET IMAGE
 		;;
 	esac
 	case "$target" in
-	vdiskfs)
+	vdiskfs | vdiskfs-uring)
 		EXP_MP="$WORK/mnt-vdiskfs"
 		mkdir -p "$EXP_MP"
-		local extra=()
+		local extra=(--transport classic)
+		[ "$target" = vdiskfs-uring ] && extra=(--transport uring)
 		case "$image" in
-		qcow2-rw) extra=(--rw) ;;
-		qcow2-overlay) extra=(--overlay "$src"); src="$file" ;;
+		qcow2-rw) extra+=(--rw) ;;
+		qcow2-overlay) extra+=(--overlay "$src"); src="$file" ;;
+		raw-cached) extra+=(--no-passthrough) ;;
 		esac
 		if ! "$VDISKFS" mount "${VDK_ARGS[@]}" "${extra[@]}" "$src" "$EXP_MP" 2>"$WORK/mount.err"; then
 			grep -Eqi "not implemented|cannot be written|not supported" "$WORK/mount.err" && return 3
@@ -295,6 +322,11 @@ expose() { # TARGET IMAGE
 		name=$(basename "${src%.*}").raw
 		EXPOSED="$EXP_MP/$name"
 		EXP_PID=$("$VDISKFS" list --json | python3 "$HELPER" pid "$EXP_MP") || EXP_PID=""
+		if [ "$target" = vdiskfs-uring ] &&
+			! "$VDISKFS" list --json | python3 "$HELPER" transport "$EXP_MP" | grep -qx io_uring; then
+			echo "vdiskfs fell back to the classic transport (see its log)" >"$WORK/mount.err"
+			return 1
+		fi
 		;;
 	qsd)
 		EXP_MP="$WORK/qsd.raw"
@@ -328,7 +360,7 @@ expose() { # TARGET IMAGE
 
 unexpose() { # TARGET
 	case "$1" in
-	vdiskfs)
+	vdiskfs | vdiskfs-uring)
 		"$VDISKFS" unmount "$EXP_MP" >>"$LOG" 2>&1 || umount -l "$EXP_MP" 2>/dev/null
 		VDK_MOUNTS=("${VDK_MOUNTS[@]/$EXP_MP/}")
 		;;
@@ -436,7 +468,7 @@ measure() { # ROUND WORKLOAD IMAGE TARGET
 	local round=$1 w=$2 image=$3 target=$4 rc res hwm="" unit
 	unit=$(unit_of "$w")
 	local rec_image=$image
-	[ "$target" = rawfile ] && rec_image=-
+	[ "$target" = rawfile ] && [ "$image" != raw-cached ] && rec_image=-
 	expose "$target" "$image"
 	rc=$?
 	if [ $rc = 3 ]; then
@@ -452,14 +484,17 @@ measure() { # ROUND WORKLOAD IMAGE TARGET
 		return 0
 	fi
 	drop_caches
+	# Transport only: the host file stays in the page cache, so what is
+	# measured is the way requests travel, not the disk.
+	[ "$image" = raw-cached ] && cat "$IMAGES/data.raw" >/dev/null
 	: >"$WORK/wl.err"
 	if res=$(run_workload "$w"); then
 		cat "$WORK/wl.err" >>"$LOG"
-		[ "$target" = vdiskfs ] && hwm=$(vmhwm_kib "$EXP_PID")
+		[[ "$target" == vdiskfs* ]] && hwm=$(vmhwm_kib "$EXP_PID")
 		log "  $w $image $target: $res${hwm:+ (VmHWM ${hwm} KiB)}"
 		record round="$round" workload="$w" image="$rec_image" target="$target" unit="$unit" \
 			status=ok value="${res% *}" ${hwm:+rss_hwm_kib=$hwm} pid="${EXP_PID:-0}"
-	elif cat "$WORK/wl.err" >>"$LOG" && [ "$target" = vdiskfs ] &&
+	elif cat "$WORK/wl.err" >>"$LOG" && [[ "$target" == vdiskfs* ]] &&
 		grep -Eqi "not implemented|not supported|read-only file system" "$WORK/wl.err"; then
 		log "  $w $image $target: n/a ($(grep -Eim1 "not implemented|not supported|read-only" "$WORK/wl.err"))"
 		record round="$round" workload="$w" image="$rec_image" target="$target" unit="$unit" \
@@ -476,6 +511,7 @@ measure() { # ROUND WORKLOAD IMAGE TARGET
 cat >"$OUT/meta.json" <<EOF
 {"mode": "$MODE", "rounds": $ROUNDS, "size_mib": $SIZE_MIB, "runtime_s": $RUNTIME,
  "cache_size": "$CACHE_SIZE", "cache_mib": $CACHE_MIB, "threads": "${THREADS:-default}",
+ "transports": "$TRANSPORTS",
  "date": "$(date -u +%FT%TZ)", "host": "$(uname -r)", "cpus": $(nproc),
  "commit": "$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)",
  "qemu": "$(qemu-img --version | head -1)", "fio": "$(fio --version)"}
@@ -500,7 +536,9 @@ for ((round = 1; round <= ROUNDS; round++)); do
 		for img in "${images[@]}"; do
 			selected "$w" "$img" || continue
 			any=1
-			if [ $flip = 1 ]; then order=(vdiskfs qsd); else order=(qsd vdiskfs); fi
+			if [ $flip = 1 ]; then order=("${VDK_TARGETS[@]}" qsd); else order=(qsd "${VDK_TARGETS[@]}"); fi
+			# The transport-only row has its own raw file: in the page cache too.
+			[ "$img" = raw-cached ] && order+=(rawfile)
 			flip=$((1 - flip))
 			log "round $round/$ROUNDS: $w on $img"
 			for target in "${order[@]}"; do

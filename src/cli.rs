@@ -149,6 +149,11 @@ pub struct MountArgs {
     /// FUSE worker threads (1 to 256).
     #[arg(long, default_value_t = default_threads(), value_parser = crate::options::parse_threads)]
     pub threads: usize,
+    /// How requests reach the daemon: auto, uring (FUSE over io_uring, Linux
+    /// 6.14+ with the fuse module's enable_uring on; falls back to classic),
+    /// or classic (/dev/fuse). Default from $VDISKFS_TRANSPORT, else auto.
+    #[arg(long, env = "VDISKFS_TRANSPORT", default_value = "auto", value_parser = crate::options::parse_transport)]
+    pub transport: crate::fs::Transport,
     /// Mount options, mount(8) style: every flag has a -o spelling
     /// (ro, allow_other, cache_size=64M, partitions, ...); repeatable.
     #[arg(short = 'o', long = "options", value_name = "OPTS")]
@@ -581,6 +586,7 @@ fn list_cmd(args: &ListArgs) -> Result<()> {
                     "images": st.as_ref().map(|s| s.images.clone()).unwrap_or_else(|| vec![PathBuf::from(&m.source)]),
                     "mode": st.as_ref().map(|s| s.mode.clone()).unwrap_or_else(|| "unknown".into()),
                     "pid": st.as_ref().map(|s| s.pid),
+                    "transport": st.as_ref().and_then(|s| s.transport.clone()),
                     "nbd": st.as_ref().map(|s| s.nbd.clone()).unwrap_or_default(),
                 })
             })
@@ -597,9 +603,16 @@ fn list_cmd(args: &ListArgs) -> Result<()> {
         println!("{}", serde_json::Value::Array(v));
         return Ok(());
     }
-    println!("{:<30} {:<8} {:>8}  IMAGES", "MOUNTPOINT", "MODE", "PID");
+    println!(
+        "{:<30} {:<8} {:>8}  {:<9} IMAGES",
+        "MOUNTPOINT", "MODE", "PID", "TRANSPORT"
+    );
     for (m, st) in entries {
         let nbd = st.as_ref().map(|s| s.nbd.clone()).unwrap_or_default();
+        let transport = st
+            .as_ref()
+            .and_then(|s| s.transport.clone())
+            .unwrap_or_else(|| "?".into());
         let (mode, pid, images) = match st {
             Some(s) => (
                 s.mode,
@@ -613,10 +626,11 @@ fn list_cmd(args: &ListArgs) -> Result<()> {
             None => ("?".into(), "-".into(), m.source.clone()),
         };
         println!(
-            "{:<30} {:<8} {:>8}  {}",
+            "{:<30} {:<8} {:>8}  {:<9} {}",
             m.mountpoint.display(),
             mode,
             pid,
+            transport,
             images
         );
         for u in nbd {
@@ -1006,6 +1020,7 @@ fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<
             read_only: !plan.mode.writable(),
             allow_other: args.allow_other,
             threads: args.workers(),
+            transport: args.transport,
         },
     )
     .map_err(|e| Error::io("cannot mount", e).with_path(&plan.mountpoint))?;
@@ -1014,6 +1029,7 @@ fn serve(args: &MountArgs, plan: &MountPlan, notifier: &mut Notifier) -> Result<
         images: plan.images.iter().map(|(p, _)| p.clone()).collect(),
         mode: plan.mode.name().into(),
         pid: std::process::id(),
+        transport: Some(session.transport.name().into()),
         nbd: nbd.as_ref().map_or(Vec::new(), |s| s.endpoints().to_vec()),
     })
     .map_err(|e| log::warn!("{e}; vdiskfs list will not show this mount"))

@@ -34,6 +34,10 @@ pub struct MountState {
     pub mode: String,
     /// The daemon's process id.
     pub pid: u32,
+    /// The FUSE transport that runs (`classic` or `io_uring`); none for
+    /// `serve` daemons and for states written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
     /// NBD endpoints the daemon serves the disks on (`vdiskfs serve`,
     /// `mount --nbd`); a `serve` daemon has an empty mount point.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -94,6 +94,8 @@ pub struct MountOptions {
     pub max_depth: Option<(usize, Raw)>,
     /// `threads=`.
     pub threads: Option<(usize, Raw)>,
+    /// `transport=` (auto, uring, classic).
+    pub transport: Option<(crate::fs::Transport, Raw)>,
     /// `log_file=`.
     pub log_file: Option<(PathBuf, Raw)>,
     /// `log_level=`.
@@ -293,6 +295,10 @@ pub fn parse(s: &str, sloppy: bool) -> Result<MountOptions, String> {
                 let n = parse_threads(val()?).map_err(|e| bad(&e))?;
                 o.threads = Some((n, raw.clone()));
             }
+            "transport" => {
+                let t = parse_transport(val()?).map_err(|e| bad(&e))?;
+                o.transport = Some((t, raw.clone()));
+            }
             "log_file" => {
                 let v = val()?;
                 if v.is_empty() {
@@ -357,6 +363,18 @@ pub fn parse_threads(s: &str) -> Result<usize, String> {
         0 => Err("needs at least 1".into()),
         n if n > MAX_THREADS => Err(format!("at most {MAX_THREADS} worker threads")),
         n => Ok(n),
+    }
+}
+
+/// `--transport`, `transport=`: how requests travel between the kernel and
+/// the daemon (docs/fuse-uring.md).
+pub fn parse_transport(s: &str) -> Result<crate::fs::Transport, String> {
+    use crate::fs::Transport;
+    match s {
+        "auto" => Ok(Transport::Auto),
+        "uring" | "io_uring" => Ok(Transport::Uring),
+        "classic" => Ok(Transport::Classic),
+        _ => Err("auto, uring or classic".into()),
     }
 }
 
@@ -531,6 +549,7 @@ pub fn merge(args: &mut MountArgs, given: &dyn Fn(&str) -> bool) -> Result<(), S
     defaulted_value!(cache_size, "--cache-size");
     defaulted_value!(max_depth, "--max-depth");
     defaulted_value!(threads, "--threads");
+    defaulted_value!(transport, "--transport");
     defaulted_value!(remote_chunk, "--remote-chunk");
     defaulted_value!(remote_readahead, "--remote-readahead");
     defaulted_value!(remote_cache_size, "--remote-cache-size");

@@ -14,23 +14,24 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig,
-    LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig, LockOwner,
+    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use log::{debug, error, info};
+use log::{debug, info};
 
 use crate::chain::{Chain, Status};
-use crate::error::Error;
 
 mod mount;
+mod ops;
 pub mod partitions;
-pub use mount::{mount, MountConfig, Session, Unmounter};
+pub mod uring;
+pub use mount::{mount, MountConfig, Session, Transport, Unmounter};
+use ops::Xattr;
 
 /// How long the kernel may cache attributes and entries: the set of files
 /// and their sizes never change while mounted.
-const TTL: Duration = Duration::from_secs(3600);
+pub(crate) const TTL: Duration = Duration::from_secs(3600);
 
 /// Background requests the kernel may have outstanding.
 const MAX_BACKGROUND: u16 = 64;
@@ -156,6 +157,22 @@ pub struct VdiskFs {
     /// Which inode each passthrough handle belongs to.
     passthrough_fhs: parking_lot::Mutex<std::collections::HashMap<u64, u64>>,
     next_fh: AtomicU64,
+    /// Ask for `FUSE_OVER_IO_URING` at INIT (rings are ready to register).
+    uring_wanted: AtomicBool,
+    /// The kernel agreed to it at INIT.
+    uring_agreed: AtomicBool,
+    /// The io_uring transport, while it runs.
+    ring: parking_lot::Mutex<Option<uring::Ring>>,
+}
+
+/// The filesystem as fuser holds it: shared with the io_uring transport.
+struct FuserFs(Arc<VdiskFs>);
+
+impl std::ops::Deref for FuserFs {
+    type Target = VdiskFs;
+    fn deref(&self) -> &VdiskFs {
+        &self.0
+    }
 }
 
 impl VdiskFs {
@@ -171,6 +188,9 @@ impl VdiskFs {
             backing_ids: parking_lot::Mutex::new(std::collections::HashMap::new()),
             passthrough_fhs: parking_lot::Mutex::new(std::collections::HashMap::new()),
             next_fh: AtomicU64::new(1),
+            uring_wanted: AtomicBool::new(false),
+            uring_agreed: AtomicBool::new(false),
+            ring: parking_lot::Mutex::new(None),
         }
     }
 
@@ -273,11 +293,7 @@ impl VdiskFs {
     }
 }
 
-fn errno(e: &Error) -> Errno {
-    Errno::from_i32(e.errno())
-}
-
-impl Filesystem for VdiskFs {
+impl Filesystem for FuserFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         if let Err(nearest) = config.set_max_write(MAX_REQUEST) {
             let _ = config.set_max_write(nearest);
@@ -329,41 +345,34 @@ impl Filesystem for VdiskFs {
         if wanted && !ok {
             info!("the kernel offers no FUSE passthrough; serving raw images in user space");
         }
+        if self.uring_wanted.load(Ordering::Relaxed) {
+            let ok = config
+                .add_capabilities(fuser::InitFlags::FUSE_OVER_IO_URING)
+                .is_ok();
+            self.uring_agreed.store(ok, Ordering::Relaxed);
+        }
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        if parent.0 != ROOT || self.single_file {
-            return reply.error(Errno::ENOENT);
-        }
-        match self.disks.iter().position(|d| d.name == name) {
-            Some(idx) => {
-                let ino = self.disk_ino(idx);
-                reply.entry(
-                    &TTL,
-                    &self.file_attr(ino, &self.disks[idx]),
-                    fuser::Generation(0),
-                )
-            }
-            None => reply.error(Errno::ENOENT),
+        match self.op_lookup(parent.0, name) {
+            Ok(a) => reply.entry(&TTL, &a, fuser::Generation(0)),
+            Err(e) => reply.error(e),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.attr(ino) {
-            Some(a) => reply.attr(&TTL, &a),
-            None => reply.error(Errno::ENOENT),
+        match self.op_getattr(ino.0) {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
         }
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if self.disk(ino).is_none() {
-            return reply.error(Errno::EISDIR);
-        }
-        let disk = self.disk(ino).expect("checked above");
-        if flags.acc_mode() != OpenAccMode::O_RDONLY && !disk.chain.is_writable() {
-            return reply.error(Errno::EROFS);
-        }
+        let disk = match self.op_open(ino.0, flags.acc_mode() != OpenAccMode::O_RDONLY) {
+            Ok(d) => d,
+            Err(e) => return reply.error(e),
+        };
         let Some(reply) = self.try_passthrough(ino, disk, reply) else {
             return;
         };
@@ -405,26 +414,14 @@ impl Filesystem for VdiskFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(disk) = self.disk(ino) else {
-            return reply.error(Errno::EISDIR);
-        };
-        let end = disk.size();
-        if offset >= end {
-            return reply.data(&[]);
-        }
-        let len = (size as u64).min(end - offset) as usize;
         READ_BUF.with(|cell| {
             let mut buf = cell.borrow_mut();
-            if buf.len() < len {
-                buf.resize(len, 0);
+            if buf.len() < size as usize {
+                buf.resize(size as usize, 0);
             }
-            let buf = &mut buf[..len];
-            match disk.chain.read_at(buf, disk.base() + offset) {
-                Ok(()) => reply.data(buf),
-                Err(e) => {
-                    error!("read of {len} bytes at {offset:#x} of {:?}: {e}", disk.name);
-                    reply.error(errno(&e))
-                }
+            match self.op_read(ino.0, offset, &mut buf[..size as usize]) {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(e) => reply.error(e),
             }
         })
     }
@@ -441,36 +438,10 @@ impl Filesystem for VdiskFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let Some(disk) = self.disk(ino) else {
-            return reply.error(Errno::EISDIR);
-        };
-        let size = disk.size();
-        if offset >= size {
-            // The disk has a fixed size, like a block device.
-            return reply.error(Errno::ENOSPC);
-        }
-        let len = (data.len() as u64).min(size - offset) as usize;
-        // From the writeback cache, a short count would be dropped in
-        // silence (the writer was told long ago that all of it was
-        // written): the part inside the disk is written and the rest is
-        // refused, which the writer's fsync reports.
-        let cut = len < data.len() && write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
-        match disk.chain.write_at(&data[..len], disk.base() + offset) {
-            Ok(()) if cut => {
-                disk.invalidate_blocks();
-                reply.error(Errno::ENOSPC)
-            }
-            Ok(()) => {
-                disk.invalidate_blocks();
-                reply.written(len as u32)
-            }
-            Err(e) => {
-                error!(
-                    "write of {len} bytes at {offset:#x} of {:?}: {e}",
-                    disk.name
-                );
-                reply.error(errno(&e))
-            }
+        let from_cache = write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
+        match self.op_write(ino.0, offset, data, from_cache) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -493,15 +464,9 @@ impl Filesystem for VdiskFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let Some(disk) = self.disk(ino) else {
-            return reply.ok();
-        };
-        match disk.chain.flush() {
+        match self.op_fsync(ino.0) {
             Ok(()) => reply.ok(),
-            Err(e) => {
-                error!("fsync of {:?}: {e}", disk.name);
-                reply.error(errno(&e))
-            }
+            Err(e) => reply.error(e),
         }
     }
 
@@ -515,48 +480,9 @@ impl Filesystem for VdiskFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let Some(disk) = self.disk(ino) else {
-            return reply.error(Errno::EISDIR);
-        };
-        if !disk.chain.is_writable() {
-            return reply.error(Errno::EROFS);
-        }
-        let size = disk.size();
-        let Some(end) = offset.checked_add(length) else {
-            return reply.error(Errno::EINVAL);
-        };
-        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
-        let op = mode & !libc::FALLOC_FL_KEEP_SIZE;
-        if end > size && !keep {
-            // The size of a disk never changes.
-            return reply.error(Errno::ENOSPC);
-        }
-        let end = end.min(size);
-        debug!(
-            "fallocate({mode:#x}) {length} bytes at {offset:#x} of {:?}",
-            disk.name
-        );
-        let result = match op {
-            // Preallocation: every byte of the disk already exists.
-            0 => Ok(()),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE if offset < end => {
-                disk.chain.write_zeroes(disk.base() + offset, end - offset)
-            }
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE => Ok(()),
-            _ => return reply.error(Errno::EOPNOTSUPP),
-        };
-        match result {
-            Ok(()) => {
-                disk.invalidate_blocks();
-                reply.ok()
-            }
-            Err(e) => {
-                error!(
-                    "fallocate({mode:#x}) of {length} bytes at {offset:#x} of {:?}: {e}",
-                    disk.name
-                );
-                reply.error(errno(&e))
-            }
+        match self.op_fallocate(ino.0, offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -578,24 +504,20 @@ impl Filesystem for VdiskFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let Some(attr) = self.attr(ino) else {
-            return reply.error(Errno::ENOENT);
-        };
-        match size {
-            // A disk's size is fixed: truncate is refused (qemu's export would resize the image).
-            Some(s) if s != attr.size => reply.error(Errno::EPERM),
-            // Mode, owner and times are set at mount time; accept and ignore.
-            _ => reply.attr(&TTL, &attr),
+        match self.op_setattr(ino.0, size) {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
         }
     }
 
     fn destroy(&mut self) {
-        for d in &self.disks {
-            match d.chain.flush() {
-                Ok(()) => info!("flushed {:?}", d.name),
-                Err(e) => error!("final flush of {:?} failed: {e}", d.name),
-            }
+        // The ring's workers first: none may still be writing when the
+        // disks are flushed for the last time.
+        let ring = self.ring.lock().take();
+        if let Some(ring) = ring {
+            ring.join();
         }
+        self.op_destroy();
     }
 
     fn readdir(
@@ -606,18 +528,17 @@ impl Filesystem for VdiskFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        if ino.0 != ROOT || self.single_file {
-            return reply.error(Errno::ENOTDIR);
-        }
-        let mut entries: Vec<(INodeNo, FileType, &OsStr)> = vec![
-            (INodeNo(ROOT), FileType::Directory, OsStr::new(".")),
-            (INodeNo(ROOT), FileType::Directory, OsStr::new("..")),
-        ];
-        for (idx, d) in self.disks.iter().enumerate() {
-            entries.push((self.disk_ino(idx), FileType::RegularFile, &d.name));
-        }
-        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(*ino, (i + 1) as u64, *kind, name) {
+        let entries = match self.op_readdir(ino.0) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
+        };
+        for (i, (ino, dir, name)) in entries.iter().enumerate().skip(offset as usize) {
+            let kind = if *dir {
+                FileType::Directory
+            } else {
+                FileType::RegularFile
+            };
+            if reply.add(INodeNo(*ino), (i + 1) as u64, kind, name) {
                 break;
             }
         }
@@ -625,36 +546,23 @@ impl Filesystem for VdiskFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let total: u64 = self.disks.iter().map(|d| d.size().div_ceil(4096)).sum();
-        reply.statfs(total, 0, 0, self.disks.len() as u64 + 1, 0, 4096, 255, 4096);
+        let (blocks, files) = self.op_statfs();
+        reply.statfs(blocks, 0, 0, files, 0, 4096, 255, 4096);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let Some(disk) = self.disk(ino) else {
-            return reply.error(Errno::NO_XATTR);
-        };
-        match disk.xattrs.iter().find(|(k, _)| OsStr::new(k) == name) {
-            Some((_, v)) if size == 0 => reply.size(v.len() as u32),
-            Some((_, v)) if v.len() <= size as usize => reply.data(v),
-            Some(_) => reply.error(Errno::ERANGE),
-            None => reply.error(Errno::NO_XATTR),
+        match self.op_getxattr(ino.0, name, size) {
+            Ok(Xattr::Size(n)) => reply.size(n),
+            Ok(Xattr::Data(v)) => reply.data(&v),
+            Err(e) => reply.error(e),
         }
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let mut list = Vec::new();
-        if let Some(disk) = self.disk(ino) {
-            for (k, _) in &disk.xattrs {
-                list.extend_from_slice(k.as_bytes());
-                list.push(0);
-            }
-        }
-        if size == 0 {
-            reply.size(list.len() as u32)
-        } else if list.len() <= size as usize {
-            reply.data(&list)
-        } else {
-            reply.error(Errno::ERANGE)
+        match self.op_listxattr(ino.0, size) {
+            Ok(Xattr::Size(n)) => reply.size(n),
+            Ok(Xattr::Data(v)) => reply.data(&v),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -671,42 +579,9 @@ impl Filesystem for VdiskFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let Some(disk) = self.disk(ino) else {
-            return reply.error(Errno::EISDIR);
-        };
-        // Positions in the chain; replies are relative to the exposed file.
-        let base = disk.base();
-        let size = base + disk.size();
-        let Some(start) = u64::try_from(offset).ok().and_then(|o| o.checked_add(base)) else {
-            return reply.error(Errno::EINVAL);
-        };
-        if start >= size {
-            return reply.error(Errno::ENXIO);
-        }
-        let want = match whence {
-            libc::SEEK_DATA => Status::Data,
-            libc::SEEK_HOLE => Status::Hole,
-            _ => return reply.error(Errno::EINVAL),
-        };
-        let mut pos = start;
-        while pos < size {
-            match disk.chain.status(pos, size - pos) {
-                Ok((s, _)) if s == want => return reply.offset((pos - base) as i64),
-                Ok((_, n)) => pos += n.max(1),
-                Err(e) => {
-                    debug!("lseek status at {pos:#x}: {e}");
-                    // Unknown allocation is data.
-                    return match want {
-                        Status::Data => reply.offset((pos - base) as i64),
-                        Status::Hole => reply.offset((size - base) as i64),
-                    };
-                }
-            }
-        }
-        match want {
-            Status::Data => reply.error(Errno::ENXIO),
-            // The end of the file is an implicit hole.
-            Status::Hole => reply.offset((size - base) as i64),
+        match self.op_lseek(ino.0, offset, whence) {
+            Ok(o) => reply.offset(o),
+            Err(e) => reply.error(e),
         }
     }
 }

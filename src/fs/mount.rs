@@ -1,11 +1,42 @@
 //! Mounting: our own mount(2) as root (so the mount table says
 //! `fuse.vdiskfs`), fusermount3 otherwise, the session handle, unmounting
-//! from a signal handler, and the readahead of the new mount.
+//! from a signal handler, the readahead of the new mount, and the choice
+//! of transport (classic /dev/fuse or io_uring, `fs/uring/`).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use fuser::MountOption;
-use log::debug;
+use log::{debug, info};
 
-use super::{VdiskFs, MAX_REQUEST};
+use super::{uring, FuserFs, VdiskFs, MAX_REQUEST};
+
+/// How requests travel between the kernel and us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// io_uring where it measured a win ([`AUTO_URING`]), classic otherwise.
+    #[default]
+    Auto,
+    /// FUSE over io_uring, falling back to classic if the kernel refuses.
+    Uring,
+    /// read(2)/write(2) on /dev/fuse, through fuser.
+    Classic,
+}
+
+/// Whether `auto` tries io_uring: only where the benchmark showed a win
+/// (docs/performance.md, "Transports").
+pub const AUTO_URING: bool = false;
+
+impl Transport {
+    /// The name `list` and `info` show for a running transport.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Auto => "auto",
+            Transport::Uring => "io_uring",
+            Transport::Classic => "classic",
+        }
+    }
+}
 
 /// How to mount.
 #[derive(Debug, Clone)]
@@ -18,11 +49,15 @@ pub struct MountConfig {
     pub allow_other: bool,
     /// FUSE worker threads.
     pub threads: usize,
+    /// Which transport to try.
+    pub transport: Transport,
 }
 
 /// A live mount, not yet serving requests.
 pub struct Session {
-    inner: fuser::Session<VdiskFs>,
+    inner: fuser::Session<FuserFs>,
+    /// The transport that runs ([`Transport::Uring`] or [`Transport::Classic`]).
+    pub transport: Transport,
     /// Set when we mounted with mount(2) ourselves (and so unmount ourselves).
     own_mount: Option<std::path::PathBuf>,
 }
@@ -93,6 +128,7 @@ pub fn mount(
     cfg: &MountConfig,
 ) -> std::io::Result<Session> {
     use MountOption as O;
+    let fs = Arc::new(fs);
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         O::FSName(cfg.fsname.clone()),
@@ -110,24 +146,100 @@ pub fn mount(
     config.n_threads = Some(cfg.threads.max(1));
     config.clone_fd = true;
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return fuser::Session::new(fs, mountpoint, &config).map(|inner| Session {
+    let root = unsafe { libc::geteuid() } == 0;
+    let prepared = prepare_uring(cfg.transport, root);
+    if prepared.is_some() {
+        fs.uring_wanted.store(true, Ordering::Relaxed);
+        // On the ring, fuser's loop only sees interrupts and forgets.
+        config.n_threads = Some(1);
+    }
+    if !root {
+        return fuser::Session::new(FuserFs(fs), mountpoint, &config).map(|inner| Session {
             inner,
+            transport: Transport::Classic,
             own_mount: None,
         });
     }
     let fd = mount_sys(mountpoint, cfg)?;
-    match fuser::Session::from_fd(fs, fd, config.acl, config) {
+    // The ring's commands go to the same /dev/fuse file fuser reads.
+    let ring_fd = match prepared {
+        Some(_) => Some(fd.try_clone()?),
+        None => None,
+    };
+    match fuser::Session::from_fd(FuserFs(fs.clone()), fd, config.acl, config) {
         Ok(inner) => {
             raise_readahead(mountpoint);
+            let transport = match (prepared, ring_fd) {
+                (Some(p), Some(dev)) => start_uring(p, dev, &fs, cfg.threads),
+                _ => Transport::Classic,
+            };
             Ok(Session {
                 inner,
+                transport,
                 own_mount: Some(mountpoint.to_path_buf()),
             })
         }
         Err(e) => {
             let _ = umount_detach(mountpoint);
             Err(e)
+        }
+    }
+}
+
+/// The rings for the io_uring transport, created before INIT (so that
+/// `FUSE_OVER_IO_URING` is only asked for when they exist: once agreed, the
+/// kernel holds every request until the rings register), or None with one
+/// log line saying why when the transport is classic.
+fn prepare_uring(transport: Transport, root: bool) -> Option<uring::Prepared> {
+    match transport {
+        Transport::Classic => return None,
+        Transport::Auto if !AUTO_URING => return None,
+        _ => {}
+    }
+    if !root {
+        info!("FUSE over io_uring is used by root mounts only; serving over /dev/fuse");
+        return None;
+    }
+    if !uring::enabled_in_kernel() {
+        info!(
+            "FUSE over io_uring is off in the kernel (/sys/module/fuse/parameters/enable_uring); \
+             serving over /dev/fuse"
+        );
+        return None;
+    }
+    match uring::prepare() {
+        Ok(p) => Some(p),
+        Err(e) => {
+            info!("cannot create io_urings ({e}); serving over /dev/fuse");
+            None
+        }
+    }
+}
+
+/// Registers the rings once INIT is done; the transport that runs.
+fn start_uring(
+    prepared: uring::Prepared,
+    dev: std::os::fd::OwnedFd,
+    fs: &Arc<VdiskFs>,
+    pool: usize,
+) -> Transport {
+    if !fs.uring_agreed.load(Ordering::Relaxed) {
+        info!("the kernel did not offer FUSE over io_uring at INIT; serving over /dev/fuse");
+        return Transport::Classic;
+    }
+    match uring::start(prepared, dev, fs.clone(), pool) {
+        Ok(ring) => {
+            *fs.ring.lock() = Some(ring);
+            Transport::Uring
+        }
+        Err(errno) => {
+            // A refused registration turns io_uring off for the connection:
+            // the kernel serves it over /dev/fuse from then on.
+            info!(
+                "the kernel refused the io_uring registration ({}); serving over /dev/fuse",
+                std::io::Error::from_raw_os_error(errno)
+            );
+            Transport::Classic
         }
     }
 }

@@ -292,6 +292,7 @@ fn serve(args: &ServeArgs, notifier: &mut Notifier) -> Result<()> {
             .collect(),
         mode: args.write_mode()?.name().into(),
         pid: std::process::id(),
+        transport: None,
         nbd: server.endpoints().to_vec(),
     })
     .map_err(|e| log::warn!("{e}; vdiskfs list will not show this server"))

@@ -3,8 +3,16 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The `vdiskfs` binary under test.
+/// The `vdiskfs` binary under test. `VDISKFS_TEST_TRANSPORT=uring|classic`
+/// runs every mount of the suite on that transport (passed to the daemons
+/// as `VDISKFS_TRANSPORT`, the default of `--transport`).
 pub fn bin() -> &'static str {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Some(t) = std::env::var_os("VDISKFS_TEST_TRANSPORT") {
+            std::env::set_var("VDISKFS_TRANSPORT", t);
+        }
+    });
     env!("CARGO_BIN_EXE_vdiskfs")
 }
 

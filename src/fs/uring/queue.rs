@@ -1,0 +1,310 @@
+//! One ring queue: a thread that owns its io_uring and its entries (each a
+//! header buffer and a payload buffer registered with the kernel), serves
+//! the requests that complete on it and commits each reply while fetching
+//! the next request in the same command. Requests that may wait on image
+//! I/O go to the shared [`Pool`] when there is one; the pool hands the
+//! entry back through a channel and an eventfd the ring also waits on.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use log::{debug, error};
+
+use super::abi;
+use super::serve::{may_block, serve};
+use crate::fs::VdiskFs;
+
+/// user_data of the eventfd read (entries use their index).
+const WAKE: u64 = u64::MAX;
+
+/// One registered entry: the kernel writes a request into its buffers and
+/// reads the reply from them.
+struct Entry {
+    header: Box<[u8]>,
+    payload: Box<[u8]>,
+    /// The two `struct iovec`s of REGISTER as (base, length) words, kept
+    /// alive with the entry.
+    iov: Box<[u64; 4]>,
+    /// `commit_id` of the request this entry holds.
+    commit_id: u64,
+}
+
+/// Buffers of an entry lent to a pool thread until it hands them back.
+pub struct Lent {
+    header: *mut u8,
+    header_len: usize,
+    payload: *mut u8,
+    payload_len: usize,
+    idx: usize,
+    done: Arc<Done>,
+}
+
+// SAFETY: the ring thread does not touch an entry's buffers while they are
+// lent; they are owned by the queue, which outlives every loan (it waits
+// for them before exiting).
+unsafe impl Send for Lent {}
+
+impl Lent {
+    /// Serves the request in the lent buffers and hands the entry back.
+    pub fn run(self, fs: &VdiskFs) {
+        // SAFETY: see `unsafe impl Send`: exclusive access until handed back.
+        let (header, payload) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(self.header, self.header_len),
+                std::slice::from_raw_parts_mut(self.payload, self.payload_len),
+            )
+        };
+        serve(fs, header, payload);
+        let _ = self.done.tx.send(self.idx);
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writing 8 bytes from a valid buffer to our eventfd.
+        unsafe { libc::write(self.done.event.as_raw_fd(), one.as_ptr().cast(), 8) };
+    }
+}
+
+/// Where pool threads hand entries back to a queue.
+struct Done {
+    tx: mpsc::Sender<usize>,
+    event: OwnedFd,
+}
+
+/// A queue ready to register: its ring is created before INIT so that a
+/// kernel without io_uring is found out before the flag is negotiated.
+pub struct Queue {
+    qid: u16,
+    ring: IoUring<squeue::Entry128, cqueue::Entry>,
+    entries: Vec<Entry>,
+}
+
+impl Queue {
+    /// A queue with `depth` entries of `payload` bytes each.
+    pub fn new(qid: u16, depth: usize, payload: usize) -> std::io::Result<Queue> {
+        // Not COOP_TASKRUN: the kernel completes a fetch through task work
+        // on this thread, which must wake it while it waits for completions.
+        let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
+            .build((depth as u32 + 2).next_power_of_two())?;
+        let entries = (0..depth)
+            .map(|_| {
+                let mut header = vec![0u8; abi::HEADER_SZ].into_boxed_slice();
+                let mut payload = vec![0u8; payload].into_boxed_slice();
+                let iov = Box::new([
+                    header.as_mut_ptr() as u64,
+                    header.len() as u64,
+                    payload.as_mut_ptr() as u64,
+                    payload.len() as u64,
+                ]);
+                Entry {
+                    header,
+                    payload,
+                    iov,
+                    commit_id: 0,
+                }
+            })
+            .collect();
+        Ok(Queue { qid, ring, entries })
+    }
+
+    /// Registers every entry on `dev`; the kernel's errno if it refuses.
+    /// Success has no completion: an entry's first completion is a request.
+    pub fn register(&mut self, dev: RawFd) -> Result<(), i32> {
+        for (i, e) in self.entries.iter().enumerate() {
+            let sqe = opcode::UringCmd80::new(types::Fd(dev), abi::CMD_REGISTER)
+                .cmd(abi::cmd_req(0, self.qid))
+                .addr(Some(e.iov.as_ptr() as u64))
+                .build()
+                .user_data(i as u64);
+            let sqe = with_len(sqe, 2);
+            // SAFETY: the iovecs and the buffers they point to live as long
+            // as the queue, which outlives every command it submits.
+            if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+                return Err(libc::ENOSPC);
+            }
+        }
+        self.ring
+            .submit()
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        // A refusal completes at once, inline with the submission.
+        for cqe in self.ring.completion() {
+            if cqe.result() < 0 {
+                return Err(-cqe.result());
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves requests until the kernel tears the ring down (unmount) and
+    /// every entry has come back.
+    pub fn run(mut self, dev: RawFd, fs: Arc<VdiskFs>, pool: Option<mpsc::Sender<Lent>>) {
+        let (tx, rx) = mpsc::channel();
+        // SAFETY: eventfd has no memory preconditions; the result is checked.
+        let event = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        let pool = if event < 0 { None } else { pool };
+        let done = (event >= 0).then(|| {
+            Arc::new(Done {
+                tx,
+                // SAFETY: a fresh fd we own.
+                event: unsafe { OwnedFd::from_raw_fd(event) },
+            })
+        });
+        // Leaked: the kernel may still hold the last eventfd read when the
+        // ring is closed, and closing cancels it asynchronously.
+        let wake_buf: &'static mut [u8; 8] = Box::leak(Box::new([0u8; 8]));
+        let mut armed = false;
+        let mut live = self.entries.len();
+        let mut lent = 0usize;
+        while live > 0 {
+            if let (Some(d), false) = (&done, armed) {
+                let sqe =
+                    opcode::Read::new(types::Fd(d.event.as_raw_fd()), wake_buf.as_mut_ptr(), 8)
+                        .build()
+                        .user_data(WAKE);
+                // SAFETY: wake_buf is never freed.
+                if unsafe { self.ring.submission().push(&sqe.into()) }.is_ok() {
+                    armed = true;
+                }
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => {
+                    error!(
+                        "io_uring queue {}: {e}; its requests are abandoned",
+                        self.qid
+                    );
+                    // The kernel may still write into the entries: never free them.
+                    std::mem::forget(std::mem::take(&mut self.entries));
+                    break;
+                }
+            }
+            let cqes: Vec<(u64, i32)> = self
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.result()))
+                .collect();
+            // Requests of this batch that may wait on image I/O: all but the
+            // last go to the pool (several in flight reach the disk at
+            // once), the last is served here (a lone request, as at queue
+            // depth 1, costs no hand-off).
+            let mut blocking_left = cqes
+                .iter()
+                .filter(|&&(ud, res)| {
+                    ud != WAKE
+                        && res >= 0
+                        && may_block(
+                            abi::InHeader::decode(&self.entries[ud as usize].header).opcode,
+                        )
+                })
+                .count();
+            for (ud, res) in cqes {
+                if ud == WAKE {
+                    armed = false;
+                    while let Ok(idx) = rx_try(&done, &rx) {
+                        lent -= 1;
+                        self.commit(dev, idx);
+                    }
+                    continue;
+                }
+                let idx = ud as usize;
+                if res < 0 {
+                    // Teardown (ENOTCONN on unmount or abort) or a refused
+                    // commit: the entry is gone either way.
+                    if res != -libc::ENOTCONN && res != -libc::ECONNABORTED {
+                        error!("io_uring queue {} entry {idx}: errno {}", self.qid, -res);
+                    }
+                    live -= 1;
+                    continue;
+                }
+                let e = &mut self.entries[idx];
+                e.commit_id = abi::ent_in_out(&e.header).0;
+                let opcode = abi::InHeader::decode(&e.header).opcode;
+                let blocking = may_block(opcode);
+                if blocking {
+                    blocking_left -= 1;
+                }
+                match (&pool, &done) {
+                    (Some(p), Some(d)) if blocking && blocking_left > 0 => {
+                        let loan = Lent {
+                            header: e.header.as_mut_ptr(),
+                            header_len: e.header.len(),
+                            payload: e.payload.as_mut_ptr(),
+                            payload_len: e.payload.len(),
+                            idx,
+                            done: d.clone(),
+                        };
+                        lent += 1;
+                        if let Err(mpsc::SendError(loan)) = p.send(loan) {
+                            lent -= 1;
+                            loan.run_inline(&fs);
+                            self.commit(dev, idx);
+                        }
+                    }
+                    _ => {
+                        serve(&fs, &mut e.header, &mut e.payload);
+                        self.commit(dev, idx);
+                    }
+                }
+            }
+        }
+        // Loans still out point into our buffers: wait for them.
+        while lent > 0 {
+            if rx.recv().is_err() {
+                break;
+            }
+            lent -= 1;
+        }
+        debug!("io_uring queue {} stopped", self.qid);
+    }
+
+    /// Commits the reply in entry `idx` and fetches its next request.
+    fn commit(&mut self, dev: RawFd, idx: usize) {
+        let sqe = opcode::UringCmd80::new(types::Fd(dev), abi::CMD_COMMIT_AND_FETCH)
+            .cmd(abi::cmd_req(self.entries[idx].commit_id, self.qid))
+            .build()
+            .user_data(idx as u64);
+        loop {
+            // SAFETY: the entry's buffers (registered before) outlive the command.
+            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                return;
+            }
+            // Full: hand what is queued to the kernel and retry.
+            if let Err(e) = self.ring.submit() {
+                error!("io_uring queue {}: {e}", self.qid);
+                return;
+            }
+        }
+    }
+}
+
+impl Lent {
+    /// Gives the buffers back unserved-by-pool: served here instead.
+    fn run_inline(self, fs: &VdiskFs) {
+        // SAFETY: as in `run`.
+        let (header, payload) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(self.header, self.header_len),
+                std::slice::from_raw_parts_mut(self.payload, self.payload_len),
+            )
+        };
+        serve(fs, header, payload);
+    }
+}
+
+fn rx_try(done: &Option<Arc<Done>>, rx: &mpsc::Receiver<usize>) -> Result<usize, ()> {
+    if done.is_none() {
+        return Err(());
+    }
+    rx.try_recv().map_err(|_| ())
+}
+
+/// Sets `sqe->len` (the iovec count of REGISTER), which the `io-uring`
+/// crate's `UringCmd80` has no setter for.
+fn with_len(sqe: squeue::Entry128, len: u32) -> squeue::Entry128 {
+    // SAFETY: Entry128 is repr(C): the 64-byte io_uring_sqe then 64 bytes
+    // of command data; `len` is the u32 at byte 24 of io_uring_sqe.
+    let mut raw: [u8; 128] = unsafe { std::mem::transmute(sqe) };
+    raw[24..28].copy_from_slice(&len.to_ne_bytes());
+    // SAFETY: same layout back; every bit pattern is a valid SQE value.
+    unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
+}
