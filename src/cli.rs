@@ -64,6 +64,10 @@ pub enum Command {
     Map(MapArgs),
     /// Serve images over NBD: each IMAGE is an export named after its file stem.
     Serve(crate::nbd::cmd::ServeArgs),
+    /// Write the man pages or a shell's completions (for packagers and
+    /// mount-helper/install.sh).
+    #[command(hide = true)]
+    Generate(crate::generate::GenerateArgs),
 }
 
 /// `vdiskfs mount`.
@@ -517,6 +521,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::List(l) => list_cmd(&l),
         Command::Map(m) => map_cmd(&m),
         Command::Serve(s) => crate::nbd::cmd::run(s),
+        Command::Generate(g) => crate::generate::run(&g),
     }
 }
 

@@ -19,6 +19,7 @@ pub mod error;
 pub mod format;
 pub mod fs;
 pub mod fuzzing;
+pub mod generate;
 pub mod host;
 pub mod info;
 pub mod lock;

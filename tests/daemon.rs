@@ -237,8 +237,36 @@ fn mount8_helper_fstab_and_umount() {
         s(&bindir),
         "--sbindir",
         "/sbin",
+        "--datadir",
+        s(&d.path().join("share")),
     ]));
     assert!(bindir.join("vdiskfs").exists());
+    // The man pages and completions, generated from the command line's
+    // definitions: one page per command, each naming its options.
+    let man1 = d.path().join("share/man/man1");
+    for cmd in ["mount", "unmount", "info", "list", "map", "serve"] {
+        let page = std::fs::read_to_string(man1.join(format!("vdiskfs-{cmd}.1")))
+            .unwrap_or_else(|e| panic!("man page of {cmd}: {e}"));
+        assert!(page.contains(&format!("vdiskfs\\-{cmd}")), "{cmd}: {page}");
+    }
+    let mount_page = std::fs::read_to_string(man1.join("vdiskfs-mount.1")).unwrap();
+    for opt in ["overlay", "snapshot", "transport", "remote\\-cache"] {
+        assert!(mount_page.contains(opt), "mount page lacks --{opt}");
+    }
+    let top = std::fs::read_to_string(man1.join("vdiskfs.1")).unwrap();
+    assert!(top.contains("vdiskfs\\-mount(1)"), "{top}");
+    for f in [
+        "bash-completion/completions/vdiskfs",
+        "zsh/site-functions/_vdiskfs",
+        "fish/vendor_completions.d/vdiskfs.fish",
+    ] {
+        // fish spells long options `-l overlay`, the others `--overlay`.
+        let text = std::fs::read_to_string(d.path().join("share").join(f)).unwrap();
+        assert!(
+            text.contains("--overlay") || text.contains("-l overlay"),
+            "{f} lacks --overlay"
+        );
+    }
     let mount = |args: &[&str]| Command::new("mount").args(args).output().unwrap();
 
     // mount -t vdiskfs -o ro
