@@ -353,8 +353,18 @@ fn nbdfuse_mounts_the_export() {
     }
     let got = std::fs::read(&file);
     let c = std::ffi::CString::new(mnt.to_str().unwrap()).unwrap();
-    // SAFETY: c is a valid NUL-terminated path.
-    let rc = unsafe { libc::umount2(c.as_ptr(), 0) };
+    // The kernel may still be releasing the file just read (FUSE RELEASE
+    // is asynchronous): EBUSY for a moment is not a failure.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let rc = loop {
+        // SAFETY: c is a valid NUL-terminated path.
+        let rc = unsafe { libc::umount2(c.as_ptr(), 0) };
+        let busy = std::io::Error::last_os_error().raw_os_error() == Some(libc::EBUSY);
+        if rc == 0 || !busy || std::time::Instant::now() >= deadline {
+            break rc;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
     assert_eq!(
         rc,
         0,
