@@ -385,6 +385,16 @@ impl HostFile {
         self.queue.due()
     }
 
+    /// Flushes the queued metadata when it is large or old (bounding what
+    /// a power cut can lose and what the queue holds); the drivers that
+    /// need nothing else done around a flush call this after each write.
+    pub fn flush_ordered_if_due(&self) -> Result<()> {
+        if self.flush_due() {
+            self.flush_ordered()?;
+        }
+        Ok(())
+    }
+
     /// Logs this file's host I/O to `r` from now on (once per file).
     pub fn set_recorder(&self, r: Arc<Recorder>) {
         let _ = self.recorder.set(r);

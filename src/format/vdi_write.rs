@@ -243,14 +243,6 @@ impl Vdi {
         }
         Ok(())
     }
-
-    /// Flushes the queued map and header updates when they are large or old.
-    fn flush_if_due(&self) -> Result<()> {
-        if self.file.flush_due() {
-            self.file.flush_ordered()?;
-        }
-        Ok(())
-    }
 }
 
 impl WriteLayer for Vdi {
@@ -258,14 +250,14 @@ impl WriteLayer for Vdi {
         self.writer().map.refuse_if_tripped()?;
         self.write_inner(buf, offset, below, false)
             .map_err(|e| e.with_path(self.file.path()))?;
-        self.flush_if_due()
+        self.file.flush_ordered_if_due()
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()> {
         self.writer().map.refuse_if_tripped()?;
         self.zero_inner(offset, len, below)
             .map_err(|e| e.at_guest(offset).with_path(self.file.path()))?;
-        self.flush_if_due()
+        self.file.flush_ordered_if_due()
     }
 
     fn flush(&self) -> Result<()> {

@@ -502,14 +502,14 @@ impl WriteLayer for Qcow {
                 .write_some(&buf[done..], pos, below, false)
                 .map_err(|e| e.at_guest(pos))?;
         }
-        self.flush_if_due()
+        self.file.flush_ordered_if_due()
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()> {
         self.writer().map.refuse_if_tripped()?;
         self.write_zeroes_inner(offset, len, below)
             .map_err(|e| e.at_guest(offset))?;
-        self.flush_if_due()
+        self.file.flush_ordered_if_due()
     }
 
     fn flush(&self) -> Result<()> {
@@ -521,12 +521,4 @@ impl WriteLayer for Qcow {
     }
 }
 
-impl Qcow {
-    /// Flushes the queued table updates when they are large or old.
-    fn flush_if_due(&self) -> Result<()> {
-        if self.file.flush_due() {
-            self.file.flush_ordered()?;
-        }
-        Ok(())
-    }
-}
+impl Qcow {}

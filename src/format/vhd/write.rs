@@ -368,14 +368,6 @@ impl Vhd {
         }
         Ok(())
     }
-
-    /// Flushes the queued BAT and bitmap updates when they are large or old.
-    fn flush_if_due(&self) -> Result<()> {
-        if self.file.flush_due() {
-            self.file.flush_ordered()?;
-        }
-        Ok(())
-    }
 }
 
 impl WriteLayer for Vhd {
@@ -386,7 +378,7 @@ impl WriteLayer for Vhd {
             Some(d) => self.write_dynamic(d, buf, offset, below, false),
         }
         .map_err(|e| e.with_path(self.file.path()))?;
-        self.flush_if_due()
+        self.file.flush_ordered_if_due()
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()> {
@@ -405,7 +397,7 @@ impl WriteLayer for Vhd {
             Some(d) => self.zero_dynamic(d, offset, len, below),
         }
         .map_err(|e| e.at_guest(offset).with_path(self.file.path()))?;
-        self.flush_if_due()
+        self.file.flush_ordered_if_due()
     }
 
     fn flush(&self) -> Result<()> {

@@ -872,15 +872,6 @@ fn flat_file(e: &Extent) -> (&Arc<HostFile>, u64) {
     }
 }
 
-/// Flushes a sparse extent's queued table updates when they are large or
-/// old.
-fn flush_if_due(file: &HostFile) -> Result<()> {
-    if file.flush_due() {
-        file.flush_ordered()?;
-    }
-    Ok(())
-}
-
 fn sparse_tables(e: &Extent) -> &GrainTables {
     match &e.data {
         ExtentData::Sparse { tables, .. } => tables,
@@ -913,7 +904,7 @@ impl WriteLayer for Vmdk {
                     let n = self
                         .sparse_write(e, t, sw, piece, rel, below, false)
                         .map_err(|err| err.at_guest(pos))?;
-                    flush_if_due(&t.file)?;
+                    t.file.flush_ordered_if_due()?;
                     n
                 }
                 ExtentWriter::Refused(kind, msg) => {
@@ -946,7 +937,7 @@ impl WriteLayer for Vmdk {
                     let t = sparse_tables(e);
                     self.sparse_zeroes(e, t, sw, rel, rel + n, below)
                         .map_err(|err| err.at_guest(pos))?;
-                    flush_if_due(&t.file)?;
+                    t.file.flush_ordered_if_due()?;
                 }
                 // A ZERO extent already reads as zeros.
                 ExtentWriter::Refused(..) if matches!(e.data, ExtentData::Zero) => {}
