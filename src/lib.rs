@@ -25,7 +25,6 @@ pub mod info;
 pub mod lock;
 pub mod map;
 pub mod nbd;
-pub mod options;
 pub mod overlay;
 pub mod partition;
 pub mod policy;

@@ -14,13 +14,12 @@ use super::tls::TlsFiles;
 use super::transmit::Limits;
 use super::Export;
 use crate::cache::Caches;
-use crate::chain::{ChainOptions, DEFAULT_MAX_DEPTH};
-use crate::cli::parse_size;
+use crate::cli::config::DiskConfig;
+use crate::cli::options::MountOptions;
+use crate::cli::DiskArgs;
 use crate::daemon::{self, Notifier};
 use crate::error::{Error, Result};
-use crate::format::Format;
 use crate::overlay::{self, WriteMode};
-use crate::policy::OpenPolicy;
 
 /// The default listener when no `--listen` is given: `nbd.sock` in the
 /// state directory (`/run/vdiskfs/nbd.sock` for root).
@@ -113,45 +112,12 @@ pub struct ServeArgs {
     /// Detach once listening.
     #[arg(long)]
     pub fork: bool,
-    /// Format of the top image(s) (raw, qcow2, qcow, vmdk); detected from content if absent.
-    #[arg(long, value_parser = |s: &str| Format::from_name(s).map_err(|e| e.message().to_string()))]
-    pub format: Option<Format>,
-    /// Cache size for metadata and decompressed blocks (e.g. 64M, 1G).
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
-    pub cache_size: u64,
-    /// Write into the top image in place (qcow2, sparse VMDK, qcow, raw).
-    #[arg(long, conflicts_with_all = ["overlay", "snapshot"])]
-    pub rw: bool,
-    /// Send writes to a qcow2 overlay FILE backed by the image (created if missing).
-    #[arg(long, value_name = "FILE", conflicts_with = "snapshot")]
-    pub overlay: Option<PathBuf>,
-    /// Send writes to a temporary overlay that disappears when the server stops.
-    #[arg(long)]
-    pub snapshot: bool,
-    /// Write even if another process holds the image's locks.
-    #[arg(long)]
-    pub force_lock: bool,
-    /// Expose only the top layer: unallocated ranges read as zeros.
-    #[arg(long)]
-    pub single_link: bool,
-    /// Treat the image as hostile: confine backing and extent files to its directory.
-    #[arg(long)]
-    pub untrusted: bool,
-    /// Allow backing/extent files that are devices, FIFOs or under /proc, /sys, /dev.
-    #[arg(long)]
-    pub allow_devices: bool,
-    /// Accept a VMDK parent whose CID differs from the child's parentCID.
-    #[arg(long)]
-    pub ignore_cid: bool,
-    /// Refuse backing chains longer than this.
-    #[arg(long, default_value_t = DEFAULT_MAX_DEPTH)]
-    pub max_depth: usize,
+    /// How the disks open and where writes go (as for `mount`).
+    #[command(flatten)]
+    pub disk: DiskArgs,
     /// Clients served at once.
     #[arg(long, default_value_t = 16)]
     pub max_connections: usize,
-    /// Log file of the detached server (default: syslog).
-    #[arg(long, value_name = "FILE")]
-    pub log_file: Option<PathBuf>,
     /// Internal: set in the detached copy.
     #[arg(skip)]
     pub foreground: bool,
@@ -162,19 +128,13 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    fn write_mode(&self) -> Result<WriteMode> {
-        Ok(if self.rw {
-            WriteMode::InPlace
-        } else if let Some(o) = &self.overlay {
-            if self.images.len() != 1 {
-                return Err(Error::invalid("--overlay takes exactly one image"));
-            }
-            WriteMode::Overlay(o.clone())
-        } else if self.snapshot {
-            WriteMode::Snapshot
-        } else {
-            WriteMode::ReadOnly
-        })
+    /// The disk settings, validated as `mount`'s are (`serve` has no `-o`).
+    fn disk_config(&self) -> Result<DiskConfig> {
+        let cfg = DiskConfig::new(&self.disk, &mut MountOptions::default(), false)?;
+        if matches!(cfg.mode, WriteMode::Overlay(_)) && self.images.len() != 1 {
+            return Err(Error::invalid("--overlay takes exactly one image"));
+        }
+        Ok(cfg)
     }
 
     fn config(&self) -> Result<Config> {
@@ -201,27 +161,14 @@ impl ServeArgs {
 }
 
 /// Opens every image as an export.
-fn open_exports(args: &ServeArgs) -> Result<Vec<Export>> {
-    let mode = args.write_mode()?;
-    let opts = ChainOptions {
-        format: args.format,
-        policy: OpenPolicy {
-            untrusted: args.untrusted,
-            root: None,
-            allow_devices: args.allow_devices,
-            direct: false,
-            read_lock: if args.force_lock {
-                crate::lock::ReadLock::Force
-            } else {
-                crate::lock::ReadLock::Share
-            },
-        },
-        max_depth: args.max_depth,
-        single_link: args.single_link,
-        ignore_cid: args.ignore_cid,
-        writable: false,
-    };
-    let caches: Arc<Caches> = Caches::new(usize::try_from(args.cache_size).unwrap_or(usize::MAX));
+fn open_exports(args: &ServeArgs, disk: &DiskConfig) -> Result<Vec<Export>> {
+    let budget = usize::try_from(disk.cache_size).unwrap_or(usize::MAX);
+    let budget = disk
+        .chain
+        .remote
+        .apply(budget, args.images.iter().map(PathBuf::as_path))?;
+    let caches: Arc<Caches> = Caches::new(budget);
+    let opts = disk.chain_options();
     let mut exports: Vec<Export> = Vec::new();
     for img in &args.images {
         let name = super::export_name(img)?;
@@ -232,7 +179,7 @@ fn open_exports(args: &ServeArgs) -> Result<Vec<Export>> {
                 img.display()
             )));
         }
-        let chain = overlay::open(img, &mode, &opts, &caches, args.force_lock)?;
+        let chain = overlay::open(img, &disk.mode, &opts, &caches, disk.force_lock)?;
         let description = format!(
             "{} ({}, {} layer{}{})",
             img.display(),
@@ -273,7 +220,8 @@ fn serve(args: &ServeArgs, notifier: &mut Notifier) -> Result<()> {
     let sigset = daemon::block_signals();
     // The credentials first: a bad file fails before the images open.
     let config = args.config()?;
-    let exports = Arc::new(open_exports(args)?);
+    let disk = args.disk_config()?;
+    let exports = Arc::new(open_exports(args, &disk)?);
     let server = Server::start(exports.clone(), config)?;
     let stopper = server.stopper();
     daemon::on_signal(sigset, move || stopper.stop());
@@ -290,7 +238,7 @@ fn serve(args: &ServeArgs, notifier: &mut Notifier) -> Result<()> {
             .iter()
             .map(|p| p.canonicalize().unwrap_or_else(|_| p.clone()))
             .collect(),
-        mode: args.write_mode()?.name().into(),
+        mode: disk.mode.name().into(),
         pid: std::process::id(),
         transport: None,
         nbd: server.endpoints().to_vec(),
