@@ -464,7 +464,8 @@ mod tests {
     #[test]
     fn an_option_and_its_flag_share_the_parser_and_its_message() {
         // (option, the flag's parser on the same value)
-        let cases: &[(&str, fn(&str) -> Result<()>)] = &[
+        type Parser = fn(&str) -> Result<()>;
+        let cases: &[(&str, Parser)] = &[
             ("uid=no-such-user-vdiskfs", |v| {
                 parse::parse_uid(v).map(drop)
             }),
