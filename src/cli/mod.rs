@@ -320,6 +320,64 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    fn cli(argv: &[&str]) -> std::result::Result<Cli, String> {
+        let mut full = vec!["vdiskfs"];
+        full.extend_from_slice(argv);
+        Cli::try_parse_from(full).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_shared_options_mean_the_same_in_every_command() {
+        let chain = |c: Cli| match c.command {
+            Command::Mount(m) => m.disk.chain,
+            Command::Serve(s) => s.disk.chain,
+            Command::Info(i) => i.chain,
+            Command::Map(m) => m.chain,
+            other => panic!("{other:?}"),
+        };
+        let opts = [
+            "--format=qcow2",
+            "--untrusted",
+            "--allow-devices",
+            "--ignore-cid",
+            "--max-depth=3",
+            "--remote-chunk=1M",
+            "--aws-region=r",
+        ];
+        for (cmd, paths) in [
+            ("mount", &["i", "m"][..]),
+            ("serve", &["i"]),
+            ("info", &["i"]),
+            ("map", &["i"]),
+        ] {
+            let mut argv = vec![cmd];
+            argv.extend_from_slice(&opts);
+            argv.extend_from_slice(paths);
+            let c = chain(cli(&argv).unwrap());
+            assert_eq!(c.format, Some(Format::Qcow2), "{cmd}");
+            assert!(c.untrusted && c.allow_devices && c.ignore_cid, "{cmd}");
+            assert_eq!(c.max_depth, Some(3), "{cmd}");
+            assert_eq!(c.remote.remote_chunk, Some(1 << 20), "{cmd}");
+            assert_eq!(c.remote.aws_region.as_deref(), Some("r"), "{cmd}");
+            // The same parser, so the same limit and message everywhere.
+            let mut argv = vec![cmd, "--max-depth=x", "--remote-chunk=1K"];
+            argv.extend_from_slice(paths);
+            let e = cli(&argv).unwrap_err();
+            assert!(
+                e.contains("--max-depth") && e.contains("not a number"),
+                "{cmd}: {e}"
+            );
+        }
+        for cmd in ["mount", "serve"] {
+            let e = cli(&[cmd, "--cache-size=0", "i", "m"]).unwrap_err();
+            assert!(
+                e.contains("--cache-size") && e.contains("at least 1M"),
+                "{e}"
+            );
+            assert!(cli(&[cmd, "-r", "--rw", "i", "m"]).is_err(), "{cmd}");
+        }
+    }
+
     #[test]
     fn exposed_names_drop_the_last_extension() {
         assert_eq!(
