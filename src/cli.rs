@@ -106,6 +106,11 @@ pub struct MountArgs {
     /// Read-only (the default; the spelling of qemu-nbd and guestmount).
     #[arg(short = 'r', long, conflicts_with_all = ["rw", "overlay", "snapshot"])]
     pub read_only: bool,
+    /// Expose this internal qcow2 snapshot, read-only, instead of the
+    /// image's current state (qemu-nbd's -l): an ID or name (IDs are tried
+    /// first), or snapshot.id=ID[,snapshot.name=NAME].
+    #[arg(short = 'l', long, value_name = "SNAPSHOT", value_parser = crate::format::qcow2::snapshot::SnapshotSel::parse, conflicts_with_all = ["rw", "overlay", "snapshot"])]
+    pub load_snapshot: Option<crate::format::qcow2::snapshot::SnapshotSel>,
     /// Write into the top image in place (qcow2, sparse VMDK, qcow, raw).
     #[arg(long, conflicts_with_all = ["overlay", "snapshot"])]
     pub rw: bool,
@@ -242,6 +247,11 @@ pub struct InfoArgs {
     /// Text report: add each layer's raw header fields and every snapshot row.
     #[arg(short, long)]
     pub verbose: bool,
+    /// Expose this internal qcow2 snapshot, read-only, instead of the
+    /// image's current state (qemu-nbd's -l): an ID or name (IDs are tried
+    /// first), or snapshot.id=ID[,snapshot.name=NAME].
+    #[arg(short = 'l', long, value_name = "SNAPSHOT", value_parser = crate::format::qcow2::snapshot::SnapshotSel::parse)]
+    pub load_snapshot: Option<crate::format::qcow2::snapshot::SnapshotSel>,
     /// Format of the image; detected from content if absent.
     #[arg(long, value_parser = parse_format)]
     pub format: Option<Format>,
@@ -269,6 +279,11 @@ pub struct MapArgs {
     /// `json`: every run, in `qemu-img map --output=json`'s shape.
     #[arg(long, value_name = "FMT", value_parser = ["human", "json"], default_value = "human")]
     pub output: String,
+    /// Expose this internal qcow2 snapshot, read-only, instead of the
+    /// image's current state (qemu-nbd's -l): an ID or name (IDs are tried
+    /// first), or snapshot.id=ID[,snapshot.name=NAME].
+    #[arg(short = 'l', long, value_name = "SNAPSHOT", value_parser = crate::format::qcow2::snapshot::SnapshotSel::parse)]
+    pub load_snapshot: Option<crate::format::qcow2::snapshot::SnapshotSel>,
     /// Format of the image; detected from content if absent.
     #[arg(long, value_parser = parse_format)]
     pub format: Option<Format>,
@@ -535,6 +550,7 @@ fn info_cmd(args: &InfoArgs) -> Result<()> {
         },
         ignore_cid: args.ignore_cid,
         max_depth: args.max_depth,
+        load_snapshot: args.load_snapshot.clone(),
         ..Default::default()
     };
     let chain = Chain::open(&args.image, &opts, &Caches::new(64 << 20))?;
@@ -567,6 +583,7 @@ fn map_cmd(args: &MapArgs) -> Result<()> {
         },
         ignore_cid: args.ignore_cid,
         max_depth: args.max_depth,
+        load_snapshot: args.load_snapshot.clone(),
         ..Default::default()
     };
     let chain = Chain::open(&args.image, &opts, &Caches::new(64 << 20))?;
@@ -742,6 +759,13 @@ fn plan(args: &MountArgs) -> Result<MountPlan> {
     } else {
         WriteMode::ReadOnly
     };
+    if args.load_snapshot.is_some() && mode.writable() {
+        return Err(Error::new(
+            crate::error::ErrorKind::ReadOnly,
+            "--load-snapshot exposes a snapshot read-only (as qemu-nbd -l): \
+             it cannot be combined with --rw, --overlay or --snapshot",
+        ));
+    }
     let chain_opts = ChainOptions {
         format: args.format,
         policy: OpenPolicy {
@@ -759,6 +783,7 @@ fn plan(args: &MountArgs) -> Result<MountPlan> {
         single_link: args.single_link,
         ignore_cid: args.ignore_cid,
         writable: false,
+        load_snapshot: args.load_snapshot.clone(),
     };
     if single_file && args.partitions {
         return Err(

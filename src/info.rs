@@ -163,6 +163,21 @@ fn link_text(s: &mut String, link: &LinkInfo, below: Option<&LinkInfo>, verbose:
     if let Some(c) = l.cluster_size {
         let _ = writeln!(s, "cluster_size: {c}");
     }
+    if let Some(snap) = l.details.get("loaded_snapshot") {
+        // --load-snapshot: the sizes and allocation above are the snapshot's.
+        let field = |k: &str| {
+            snap.get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string()
+        };
+        let _ = writeln!(
+            s,
+            "loaded snapshot: ID {}, name {:?} (read-only)",
+            field("id"),
+            field("name")
+        );
+    }
     if let Some(b) = &link.backing_filename {
         match below {
             Some(p) if p.filename != *b => {

@@ -98,6 +98,8 @@ pub struct MountOptions {
     pub transport: Option<(crate::fs::Transport, Raw)>,
     /// `log_file=`.
     pub log_file: Option<(PathBuf, Raw)>,
+    /// `load_snapshot=` (an ID or name; the `snapshot.id=` form needs the flag).
+    pub load_snapshot: Option<(crate::format::qcow2::snapshot::SnapshotSel, Raw)>,
     /// `log_level=`.
     pub log_level: Option<(LevelFilter, Raw)>,
     /// `pid_file=`.
@@ -316,6 +318,11 @@ pub fn parse(s: &str, sloppy: bool) -> Result<MountOptions, String> {
             "log_level" => {
                 let l = parse_log_level(val()?).map_err(|e| bad(&e))?;
                 o.log_level = Some((l, raw.clone()));
+            }
+            "load_snapshot" => {
+                let sel = crate::format::qcow2::snapshot::SnapshotSel::parse(val()?)
+                    .map_err(|e| bad(&e))?;
+                o.load_snapshot = Some((sel, raw.clone()));
             }
             "partitions" => o.partitions = Some(flag(value)?),
             "unbuffered" => o.unbuffered = Some(flag(value)?),
@@ -546,6 +553,7 @@ pub fn merge(args: &mut MountArgs, given: &dyn Fn(&str) -> bool) -> Result<(), S
     opt_value!(log_file, "--log-file");
     opt_value!(log_level, "--log-level");
     opt_value!(pid_file, "--pid-file");
+    opt_value!(load_snapshot, "--load-snapshot");
     defaulted_value!(cache_size, "--cache-size");
     defaulted_value!(max_depth, "--max-depth");
     defaulted_value!(threads, "--threads");

@@ -119,6 +119,11 @@ pub struct ServeArgs {
     /// Cache size for metadata and decompressed blocks (e.g. 64M, 1G).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub cache_size: u64,
+    /// Expose this internal qcow2 snapshot, read-only, instead of the
+    /// image's current state (qemu-nbd's -l): an ID or name (IDs are tried
+    /// first), or snapshot.id=ID[,snapshot.name=NAME].
+    #[arg(short = 'l', long, value_name = "SNAPSHOT", value_parser = crate::format::qcow2::snapshot::SnapshotSel::parse, conflicts_with_all = ["rw", "overlay", "snapshot"])]
+    pub load_snapshot: Option<crate::format::qcow2::snapshot::SnapshotSel>,
     /// Write into the top image in place (qcow2, sparse VMDK, qcow, raw).
     #[arg(long, conflicts_with_all = ["overlay", "snapshot"])]
     pub rw: bool,
@@ -220,6 +225,7 @@ fn open_exports(args: &ServeArgs) -> Result<Vec<Export>> {
         single_link: args.single_link,
         ignore_cid: args.ignore_cid,
         writable: false,
+        load_snapshot: args.load_snapshot.clone(),
     };
     let caches: Arc<Caches> = Caches::new(usize::try_from(args.cache_size).unwrap_or(usize::MAX));
     let mut exports: Vec<Export> = Vec::new();
