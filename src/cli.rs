@@ -94,9 +94,16 @@ pub struct MountArgs {
     /// Cache size for metadata and decompressed blocks (e.g. 64M, 1G).
     #[arg(long, default_value = "256M", value_parser = crate::options::parse_cache_size)]
     pub cache_size: u64,
-    /// Log level of the daemon: error, warn, info, debug, trace.
-    #[arg(long, value_name = "LEVEL", value_parser = crate::options::parse_log_level)]
-    pub log_level: Option<LevelFilter>,
+    /// Log level of the daemon: off, error, warn, info, debug, trace; or
+    /// libvirt log outputs separated by spaces, each with its own level
+    /// (1 debug, 2 info, 3 warning, 4 error): LEVEL:stderr,
+    /// LEVEL:syslog:IDENT, LEVEL:file:/PATH, e.g. "1:file:/var/log/vd.log 3:stderr".
+    #[arg(long, value_name = "LEVEL|OUTPUTS", value_parser = crate::options::parse_log_level)]
+    pub log_level: Option<crate::logging::LogSpec>,
+    /// libvirt log filters separated by spaces: LEVEL:MODULE keeps records of
+    /// matching modules at LEVEL or above (e.g. "1:format.qcow2 3:fs"; * wildcards).
+    #[arg(long, value_name = "FILTERS", value_parser = crate::logging::parse_filters)]
+    pub log_filters: Option<crate::logging::Filters>,
     /// Log file of the detached daemon (default: syslog).
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
@@ -433,7 +440,10 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&cli, detached_log_target(&cli));
+    if let Err(e) = init_logging(&cli) {
+        let _ = writeln!(std::io::stderr(), "vdiskfs: {e}");
+        return ExitCode::FAILURE;
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -502,11 +512,50 @@ fn detached_log_target(cli: &Cli) -> Option<env_logger::Target> {
     None
 }
 
-fn init_logging(cli: &Cli, target: Option<env_logger::Target>) {
-    let explicit = match &cli.command {
-        Command::Mount(m) => m.log_level,
-        _ => None,
+/// Installs the logger. libvirt-style outputs or filters (`--log-level`
+/// with outputs, `--log-filters`) go through [`crate::logging::Dispatch`];
+/// a plain level keeps env_logger, `RUST_LOG` overriding.
+fn init_logging(cli: &Cli) -> Result<()> {
+    use crate::logging::{Dispatch, LogSpec, Output, Sink};
+    let (spec, filters) = match &cli.command {
+        Command::Mount(m) => (m.log_level.clone(), m.log_filters.clone()),
+        _ => (None, None),
     };
+    let explicit = match &spec {
+        Some(LogSpec::Outputs(outputs)) => {
+            if let Command::Mount(m) = &cli.command {
+                if m.log_file.is_some() {
+                    return Err(Error::invalid(
+                        "--log-file cannot be combined with --log-level outputs: \
+                         give the file as LEVEL:file:/PATH",
+                    ));
+                }
+            }
+            let d = Dispatch::open(outputs, filters.unwrap_or_default().0)?;
+            d.install();
+            return Ok(());
+        }
+        Some(LogSpec::Level(l)) => Some(*l),
+        None => None,
+    };
+    if let Some(filters) = filters {
+        // Filters with a plain level: one output, where logs go by default.
+        let sink = match &cli.command {
+            Command::Mount(m) => match (&m.log_file, m.notify_fd) {
+                (Some(p), Some(_)) => Sink::File(std::path::absolute(p).unwrap_or(p.clone())),
+                (None, Some(_)) => Sink::Syslog("vdiskfs".into()),
+                _ => Sink::Stderr,
+            },
+            _ => Sink::Stderr,
+        };
+        let out = Output {
+            level: level(cli, explicit),
+            sink,
+        };
+        Dispatch::open(&[out], filters.0)?.install();
+        return Ok(());
+    }
+    let target = detached_log_target(cli);
     let mut b = env_logger::Builder::new();
     b.filter_level(level(cli, explicit));
     if let Ok(spec) = std::env::var("RUST_LOG") {
@@ -518,10 +567,14 @@ fn init_logging(cli: &Cli, target: Option<env_logger::Target>) {
             b.target(t);
         }
         // A detached daemon without a log file: syslog, its terminal is gone.
-        None if detached => return daemon::SyslogLogger::install(b.build()),
+        None if detached => {
+            daemon::SyslogLogger::install(b.build());
+            return Ok(());
+        }
         None => {}
     }
     let _ = b.try_init();
+    Ok(())
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -994,6 +1047,18 @@ fn mount(args: MountArgs) -> Result<()> {
                 .append(true)
                 .open(p)
                 .map_err(|e| Error::io("cannot open the log file", e).with_path(p))?;
+        }
+        if let Some(crate::logging::LogSpec::Outputs(outputs)) = &args.log_level {
+            // The same for a file output of --log-level.
+            for o in outputs {
+                if let crate::logging::Sink::File(p) = &o.sink {
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(p)
+                        .map_err(|e| Error::io("cannot open the log file", e).with_path(p))?;
+                }
+            }
         }
         drop(open_disks(&plan, args.cache_size, args.workers())?);
         return daemon::spawn_detached(&[]);

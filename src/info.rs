@@ -336,7 +336,7 @@ fn in_qemu_order(
 }
 
 /// `YYYY-MM-DD HH:MM:SS` in UTC for seconds since the epoch.
-fn utc_date(secs: u64) -> String {
+pub(crate) fn utc_date(secs: u64) -> String {
     let days = secs / 86_400;
     let rem = secs % 86_400;
     // Civil date from days since 1970-01-01 (proleptic Gregorian), by

@@ -25,8 +25,6 @@
 
 use std::path::PathBuf;
 
-use log::LevelFilter;
-
 use crate::cli::{parse_size, MountArgs};
 use crate::format::Format;
 
@@ -101,7 +99,9 @@ pub struct MountOptions {
     /// `load_snapshot=` (an ID or name; the `snapshot.id=` form needs the flag).
     pub load_snapshot: Option<(crate::format::qcow2::snapshot::SnapshotSel, Raw)>,
     /// `log_level=`.
-    pub log_level: Option<(LevelFilter, Raw)>,
+    pub log_level: Option<(crate::logging::LogSpec, Raw)>,
+    /// `log_filters=` (libvirt's log_filters).
+    pub log_filters: Option<(crate::logging::Filters, Raw)>,
     /// `pid_file=`.
     pub pid_file: Option<(PathBuf, Raw)>,
     /// `partitions`.
@@ -319,6 +319,10 @@ pub fn parse(s: &str, sloppy: bool) -> Result<MountOptions, String> {
                 let l = parse_log_level(val()?).map_err(|e| bad(&e))?;
                 o.log_level = Some((l, raw.clone()));
             }
+            "log_filters" => {
+                let f = crate::logging::parse_filters(val()?).map_err(|e| bad(&e))?;
+                o.log_filters = Some((f, raw.clone()));
+            }
             "load_snapshot" => {
                 let sel = crate::format::qcow2::snapshot::SnapshotSel::parse(val()?)
                     .map_err(|e| bad(&e))?;
@@ -413,11 +417,10 @@ pub fn parse_cache_size(s: &str) -> Result<u64, String> {
     Ok(n)
 }
 
-/// `--log-level`, `log_level=`.
-pub fn parse_log_level(s: &str) -> Result<LevelFilter, String> {
-    s.parse::<LevelFilter>().map_err(|_| {
-        format!("unknown log level {s:?} (use off, error, warn, info, debug or trace)")
-    })
+/// `--log-level`, `log_level=`: a level name or libvirt outputs
+/// (see [`crate::logging`]).
+pub fn parse_log_level(s: &str) -> Result<crate::logging::LogSpec, String> {
+    crate::logging::LogSpec::parse(s)
 }
 
 /// `--uid`, `uid=`: a number or a user name.
@@ -552,6 +555,7 @@ pub fn merge(args: &mut MountArgs, given: &dyn Fn(&str) -> bool) -> Result<(), S
     opt_value!(mode, "--mode");
     opt_value!(log_file, "--log-file");
     opt_value!(log_level, "--log-level");
+    opt_value!(log_filters, "--log-filters");
     opt_value!(pid_file, "--pid-file");
     opt_value!(load_snapshot, "--load-snapshot");
     defaulted_value!(cache_size, "--cache-size");
@@ -635,7 +639,10 @@ mod tests {
         assert_eq!(o.max_depth.unwrap().0, 8);
         assert_eq!(o.threads.unwrap().0, 3);
         assert_eq!(o.log_file.unwrap().0, PathBuf::from("/tmp/l"));
-        assert_eq!(o.log_level.unwrap().0, LevelFilter::Debug);
+        assert_eq!(
+            o.log_level.unwrap().0,
+            crate::logging::LogSpec::Level(log::LevelFilter::Debug)
+        );
         assert!(o.partitions.is_some() && o.unbuffered.is_some());
         assert!(o.force_lock.is_some() && o.no_passthrough.is_some());
         assert_eq!(o.remote_chunk.unwrap().0, 1 << 20);
