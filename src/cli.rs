@@ -48,6 +48,9 @@ pub struct Cli {
 }
 
 /// The commands.
+// One value per process, parsed once: its size does not matter, and boxing
+// the mount arguments would change every place that matches on them.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Mount images: each IMAGE appears in MOUNTPOINT as <name>.raw.

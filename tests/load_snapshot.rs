@@ -299,12 +299,23 @@ fn bad_selections_and_write_modes_are_refused() {
 }
 
 #[test]
-fn a_snapshot_l1_table_past_the_end_is_a_clear_error() {
+fn a_damaged_snapshot_entry_is_a_clear_error() {
     require_tool("qemu-img", "qemu-utils");
     let tmp = scratch();
     let img = build_main(tmp.path());
-    let mut bytes = std::fs::read(&img).unwrap();
-    let at = u64::from_be_bytes(bytes[64..72].try_into().unwrap()) as usize;
+    let pristine = std::fs::read(&img).unwrap();
+    let at = u64::from_be_bytes(pristine[64..72].try_into().unwrap()) as usize;
+    // A hostile virtual size in the first entry's extra data (after the
+    // 40 fixed bytes and the 8-byte VM state size) is refused, not exposed.
+    let mut bytes = pristine.clone();
+    bytes[at + 48..at + 56].copy_from_slice(&(1u64 << 62).to_be_bytes());
+    std::fs::write(&img, &bytes).unwrap();
+    let e = open_snap(&img, "first")
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(e.contains("L1 limit") && e.contains("\"first\""), "{e}");
+    let mut bytes = pristine;
     // The first entry's l1_table_offset: cluster aligned, far past the end.
     bytes[at..at + 8].copy_from_slice(&(1u64 << 40).to_be_bytes());
     std::fs::write(&img, &bytes).unwrap();

@@ -138,6 +138,16 @@ impl Qcow2 {
                 // Entries past the snapshot's table (if it is short for its
                 // size) read as unallocated, as in qemu.
                 let want = geo.l1_entries_for(snap.virtual_size);
+                if want.saturating_mul(8) > tables::MAX_L1_BYTES {
+                    // The bound the active size meets too (read_l1).
+                    return Err(Error::corrupt(format!(
+                        "snapshot {} {:?}: virtual size {} needs more than the {} MiB L1 limit",
+                        snap.id,
+                        snap.name,
+                        snap.virtual_size,
+                        tables::MAX_L1_BYTES >> 20
+                    )));
+                }
                 let what = format!("L1 table of snapshot {} {:?}", snap.id, snap.name);
                 let l1 = tables::read_l1_at(&file, &what, off, u64::from(entries), want, &geo)?;
                 (l1, snap.virtual_size, Some(snap))
