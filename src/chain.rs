@@ -52,6 +52,9 @@ pub struct ChainOptions {
     pub ignore_cid: bool,
     /// Open the top layer for writing.
     pub writable: bool,
+    /// Read this internal snapshot of the top image (qcow2 only, read-only)
+    /// instead of its active state: qemu-nbd's `-l`.
+    pub load_snapshot: Option<format::qcow2::snapshot::SnapshotSel>,
 }
 
 impl Default for ChainOptions {
@@ -63,6 +66,7 @@ impl Default for ChainOptions {
             single_link: false,
             ignore_cid: false,
             writable: false,
+            load_snapshot: None,
         }
     }
 }
@@ -113,7 +117,17 @@ impl Chain {
             policy: &policy,
             writable: opts.writable,
         };
-        let top: Arc<dyn Layer> = if opts.format.is_none() && top_format == Format::Raw {
+        let top: Arc<dyn Layer> = if let Some(sel) = &opts.load_snapshot {
+            if top_format != Format::Qcow2 {
+                return Err(Error::unsupported(format!(
+                    "--load-snapshot needs a qcow2 image; this one is {top_format}"
+                ))
+                .with_path(path));
+            }
+            Arc::new(format::qcow2::Qcow2::open_snapshot(
+                top_file, &top_ctx, sel,
+            )?)
+        } else if opts.format.is_none() && top_format == Format::Raw {
             // Probed raw: guard writes that would turn it into another format.
             Arc::new(format::raw::Raw::open_probed(top_file, &top_ctx)?)
         } else {

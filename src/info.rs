@@ -163,6 +163,21 @@ fn link_text(s: &mut String, link: &LinkInfo, below: Option<&LinkInfo>, verbose:
     if let Some(c) = l.cluster_size {
         let _ = writeln!(s, "cluster_size: {c}");
     }
+    if let Some(snap) = l.details.get("loaded_snapshot") {
+        // --load-snapshot: the sizes and allocation above are the snapshot's.
+        let field = |k: &str| {
+            snap.get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string()
+        };
+        let _ = writeln!(
+            s,
+            "loaded snapshot: ID {}, name {:?} (read-only)",
+            field("id"),
+            field("name")
+        );
+    }
     if let Some(b) = &link.backing_filename {
         match below {
             Some(p) if p.filename != *b => {
@@ -321,7 +336,7 @@ fn in_qemu_order(
 }
 
 /// `YYYY-MM-DD HH:MM:SS` in UTC for seconds since the epoch.
-fn utc_date(secs: u64) -> String {
+pub(crate) fn utc_date(secs: u64) -> String {
     let days = secs / 86_400;
     let rem = secs % 86_400;
     // Civil date from days since 1970-01-01 (proleptic Gregorian), by

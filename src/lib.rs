@@ -23,6 +23,7 @@ pub mod generate;
 pub mod host;
 pub mod info;
 pub mod lock;
+pub mod logging;
 pub mod map;
 pub mod nbd;
 pub mod overlay;

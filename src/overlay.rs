@@ -60,6 +60,16 @@ pub fn open(
     caches: &Arc<Caches>,
     force_lock: bool,
 ) -> Result<Chain> {
+    if opts.load_snapshot.is_some() && mode.writable() {
+        // A loaded snapshot shares its clusters with the active state; an
+        // overlay on it would need a backing reference naming the snapshot.
+        return Err(Error::new(
+            ErrorKind::ReadOnly,
+            "--load-snapshot exposes a snapshot read-only (as qemu-nbd -l): \
+             it cannot be combined with --rw, --overlay or --snapshot",
+        )
+        .with_path(image));
+    }
     let ro = ChainOptions {
         writable: false,
         ..opts.clone()

@@ -13,8 +13,6 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use log::LevelFilter;
-
 use super::options::{self, MountOptions, Raw};
 use super::parse;
 use super::{ChainArgs, DiskArgs, MountArgs, RemoteArgs};
@@ -41,6 +39,8 @@ pub struct ChainConfig {
     pub ignore_cid: bool,
     /// Longest chain accepted.
     pub max_depth: usize,
+    /// The internal qcow2 snapshot to expose instead of the current state.
+    pub load_snapshot: Option<crate::format::qcow2::snapshot::SnapshotSel>,
     /// Remote images' settings.
     pub remote: RemoteConfig,
 }
@@ -84,8 +84,10 @@ pub struct MountConfig {
     pub paths: Vec<PathBuf>,
     /// How the disks open.
     pub disk: DiskConfig,
-    /// Log level of the daemon, if given.
-    pub log_level: Option<LevelFilter>,
+    /// Log level or libvirt outputs of the daemon, if given.
+    pub log_level: Option<crate::logging::LogSpec>,
+    /// libvirt log filters, if given.
+    pub log_filters: Option<crate::logging::Filters>,
     /// File to write the daemon's pid into.
     pub pid_file: Option<PathBuf>,
     /// Let other users reach the mount.
@@ -152,6 +154,11 @@ impl ChainConfig {
             ignore_cid: switch(args.ignore_cid, &o.ignore_cid),
             max_depth: pick(args.max_depth, o.max_depth.take(), "--max-depth")?
                 .unwrap_or(DEFAULT_MAX_DEPTH),
+            load_snapshot: pick(
+                args.load_snapshot.clone(),
+                o.load_snapshot.take(),
+                "--load-snapshot",
+            )?,
             remote: RemoteConfig::new(&args.remote, o)?,
         })
     }
@@ -177,6 +184,7 @@ impl ChainConfig {
             single_link,
             ignore_cid: self.ignore_cid,
             writable: false,
+            load_snapshot: self.load_snapshot.clone(),
         }
     }
 }
@@ -261,8 +269,16 @@ impl DiskConfig {
                 ));
             }
         }
+        let chain = ChainConfig::new(&args.chain, o)?;
+        if chain.load_snapshot.is_some() && mode.writable() {
+            return Err(Error::new(
+                crate::error::ErrorKind::ReadOnly,
+                "--load-snapshot exposes a snapshot read-only (as qemu-nbd -l): \
+                 it cannot be combined with --rw, --overlay or --snapshot",
+            ));
+        }
         Ok(DiskConfig {
-            chain: ChainConfig::new(&args.chain, o)?,
+            chain,
             mode,
             force_lock: switch(args.force_lock, &o.force_lock),
             single_link: switch(args.single_link, &o.single_link),
@@ -359,7 +375,12 @@ impl MountConfig {
         }
         Ok(MountConfig {
             paths: args.paths.clone(),
-            log_level: pick(args.log_level, o.log_level.take(), "--log-level")?,
+            log_level: pick(args.log_level.clone(), o.log_level.take(), "--log-level")?,
+            log_filters: pick(
+                args.log_filters.clone(),
+                o.log_filters.take(),
+                "--log-filters",
+            )?,
             pid_file: pick(args.pid_file.clone(), o.pid_file.take(), "--pid-file")?,
             allow_other: switch(args.allow_other, &o.allow_other),
             uid: pick(args.uid, o.uid.take(), "--uid")?,

@@ -27,7 +27,6 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
-use log::LevelFilter;
 
 use crate::error::{Error, Result};
 use crate::format::Format;
@@ -99,6 +98,11 @@ pub struct ChainArgs {
     /// Refuse backing chains longer than this [default: 64].
     #[arg(long, value_name = "N", value_parser = parse::parse_count)]
     pub max_depth: Option<usize>,
+    /// Expose this internal qcow2 snapshot, read-only, instead of the
+    /// image's current state (qemu-nbd's -l): an ID or name (IDs are tried
+    /// first), or snapshot.id=ID[,snapshot.name=NAME].
+    #[arg(short = 'l', long, value_name = "SNAPSHOT", value_parser = parse::parse_snapshot)]
+    pub load_snapshot: Option<crate::format::qcow2::snapshot::SnapshotSel>,
     /// Remote images.
     #[command(flatten)]
     pub remote: RemoteArgs,
@@ -143,13 +147,13 @@ pub struct DiskArgs {
     #[arg(short = 'r', long, conflicts_with_all = ["rw", "overlay", "snapshot"])]
     pub read_only: bool,
     /// Write into the top image in place (qcow2, sparse VMDK, qcow, raw).
-    #[arg(long, conflicts_with_all = ["overlay", "snapshot"])]
+    #[arg(long, conflicts_with_all = ["overlay", "snapshot", "load_snapshot"])]
     pub rw: bool,
     /// Send writes to a qcow2 overlay FILE backed by the image (created if missing); the image is never written.
-    #[arg(long, value_name = "FILE", conflicts_with = "snapshot", value_parser = parse::parse_path)]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["snapshot", "load_snapshot"], value_parser = parse::parse_path)]
     pub overlay: Option<PathBuf>,
     /// Send writes to a temporary overlay that disappears at unmount or when the server stops (and after a crash).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "load_snapshot")]
     pub snapshot: bool,
     /// Open even if another process (a VM, qemu-img) holds locks that conflict with ours
     /// (writing, or reading an image someone writes: the view may go stale).
@@ -187,9 +191,16 @@ pub struct MountArgs {
     /// How the disks open and where writes go.
     #[command(flatten)]
     pub disk: DiskArgs,
-    /// Log level of the daemon: error, warn, info, debug, trace.
-    #[arg(long, value_name = "LEVEL", value_parser = parse::parse_log_level)]
-    pub log_level: Option<LevelFilter>,
+    /// Log level of the daemon: off, error, warn, info, debug, trace; or
+    /// libvirt log outputs separated by spaces, each with its own level
+    /// (1 debug, 2 info, 3 warning, 4 error): LEVEL:stderr,
+    /// LEVEL:syslog:IDENT, LEVEL:file:/PATH, e.g. "1:file:/var/log/vd.log 3:stderr".
+    #[arg(long, value_name = "LEVEL|OUTPUTS", value_parser = parse::parse_log_level)]
+    pub log_level: Option<crate::logging::LogSpec>,
+    /// libvirt log filters separated by spaces: LEVEL:MODULE keeps records of
+    /// matching modules at LEVEL or above (e.g. "1:format.qcow2 3:fs"; * wildcards).
+    #[arg(long, value_name = "FILTERS", value_parser = parse::parse_log_filters)]
+    pub log_filters: Option<crate::logging::Filters>,
     /// Write the daemon's process id to FILE once the mount is live (removed at exit).
     #[arg(long, value_name = "FILE", value_parser = parse::parse_path)]
     pub pid_file: Option<PathBuf>,

@@ -114,6 +114,18 @@ pub fn run(cfg: MountConfig) -> Result<()> {
                 .open(p)
                 .map_err(|e| Error::io("cannot open the log file", e).with_path(p))?;
         }
+        if let Some(crate::logging::LogSpec::Outputs(outputs)) = &cfg.log_level {
+            // The same for a file output of --log-level.
+            for o in outputs {
+                if let crate::logging::Sink::File(p) = &o.sink {
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(p)
+                        .map_err(|e| Error::io("cannot open the log file", e).with_path(p))?;
+                }
+            }
+        }
         drop(open_disks(&cfg, &plan)?);
         return daemon::spawn_detached(&[]);
     }

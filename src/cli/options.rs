@@ -27,8 +27,6 @@
 
 use std::path::PathBuf;
 
-use log::LevelFilter;
-
 use super::parse;
 use crate::error::{Error, Result};
 use crate::format::Format;
@@ -93,7 +91,12 @@ pub struct MountOptions {
     /// `log_file=`.
     pub log_file: Option<(PathBuf, Raw)>,
     /// `log_level=`.
-    pub log_level: Option<(LevelFilter, Raw)>,
+    pub log_level: Option<(crate::logging::LogSpec, Raw)>,
+    /// `log_filters=` (libvirt's log_filters).
+    pub log_filters: Option<(crate::logging::Filters, Raw)>,
+    /// `load_snapshot=` (an ID or name; the `snapshot.id=` form needs the flag:
+    /// mount(8) splits options at commas).
+    pub load_snapshot: Option<(crate::format::qcow2::snapshot::SnapshotSel, Raw)>,
     /// `pid_file=`.
     pub pid_file: Option<(PathBuf, Raw)>,
     /// `partitions`.
@@ -279,6 +282,8 @@ pub fn parse(s: &str, sloppy: bool) -> Result<MountOptions> {
             "log_file" => o.log_file = val!(parse::parse_path),
             "pid_file" => o.pid_file = val!(parse::parse_path),
             "log_level" => o.log_level = val!(parse::parse_log_level),
+            "log_filters" => o.log_filters = val!(parse::parse_log_filters),
+            "load_snapshot" => o.load_snapshot = val!(parse::parse_snapshot),
             "partitions" => o.partitions = Some(flag()?),
             "unbuffered" => o.unbuffered = Some(flag()?),
             "force_lock" => o.force_lock = Some(flag()?),
@@ -332,7 +337,10 @@ mod tests {
         assert_eq!(o.max_depth.unwrap().0, 8);
         assert_eq!(o.threads.unwrap().0, 3);
         assert_eq!(o.log_file.unwrap().0, PathBuf::from("/tmp/l"));
-        assert_eq!(o.log_level.unwrap().0, LevelFilter::Debug);
+        assert_eq!(
+            o.log_level.unwrap().0,
+            crate::logging::LogSpec::Level(log::LevelFilter::Debug)
+        );
         assert!(o.partitions.is_some() && o.unbuffered.is_some());
         assert!(o.force_lock.is_some() && o.no_passthrough.is_some());
         assert_eq!(o.remote_chunk.unwrap().0, 1 << 20);

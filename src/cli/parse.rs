@@ -6,7 +6,8 @@
 //! crate's [`Error`] ([`ErrorKind::InvalidInput`](crate::ErrorKind)); clap
 //! or the `-o` parser adds which argument was wrong.
 
-use log::LevelFilter;
+use crate::format::qcow2::snapshot::SnapshotSel;
+use crate::logging::{Filters, LogSpec};
 
 use crate::error::{Error, Result};
 use crate::format::Format;
@@ -148,13 +149,21 @@ pub fn parse_transport(s: &str) -> Result<Transport> {
     }
 }
 
-/// `--log-level`, `log_level=`.
-pub fn parse_log_level(s: &str) -> Result<LevelFilter> {
-    s.parse::<LevelFilter>().map_err(|_| {
-        bad(format!(
-            "unknown log level {s:?} (use off, error, warn, info, debug or trace)"
-        ))
-    })
+/// `--log-level`, `log_level=`: a level name or libvirt log outputs
+/// (see [`crate::logging`]).
+pub fn parse_log_level(s: &str) -> Result<LogSpec> {
+    LogSpec::parse(s).map_err(bad)
+}
+
+/// `--log-filters`, `log_filters=`: libvirt log filters.
+pub fn parse_log_filters(s: &str) -> Result<Filters> {
+    crate::logging::parse_filters(s).map_err(bad)
+}
+
+/// `--load-snapshot`, `load_snapshot=`: an internal qcow2 snapshot's ID or
+/// name, or `snapshot.id=`/`snapshot.name=`.
+pub fn parse_snapshot(s: &str) -> Result<SnapshotSel> {
+    SnapshotSel::parse(s).map_err(bad)
 }
 
 /// `--format`, `format=`: a format name.
@@ -278,7 +287,10 @@ mod tests {
         assert!(parse_file_mode("17777").is_err());
         assert_eq!(parse_transport("io_uring").unwrap(), Transport::Uring);
         assert!(msg(parse_transport("fast")).contains("auto, uring or classic"));
-        assert_eq!(parse_log_level("debug").unwrap(), LevelFilter::Debug);
+        assert_eq!(
+            parse_log_level("debug").unwrap(),
+            LogSpec::Level(log::LevelFilter::Debug)
+        );
         assert!(msg(parse_log_level("chatty")).contains("unknown log level \"chatty\""));
         assert_eq!(parse_format("qcow2").unwrap(), Format::Qcow2);
         assert!(parse_format("xyz").is_err());

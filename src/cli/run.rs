@@ -65,7 +65,10 @@ pub fn main() -> ExitCode {
         }
         other => Job::Other(other),
     };
-    init_logging(verbose, quiet, &job);
+    if let Err(e) = init_logging(verbose, quiet, &job) {
+        let _ = writeln!(std::io::stderr(), "vdiskfs: {e}");
+        return ExitCode::FAILURE;
+    }
     match run(job) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -105,7 +108,7 @@ fn one_line(e: &clap::Error) -> String {
 fn level(verbose: u8, quiet: bool, job: &Job) -> LevelFilter {
     let (verbose, quiet) = match job {
         Job::Mount(m) => {
-            if let Some(l) = m.log_level {
+            if let Some(crate::logging::LogSpec::Level(l)) = m.log_level {
                 return l;
             }
             (verbose.saturating_add(m.verbose), quiet || m.quiet)
@@ -144,7 +147,38 @@ fn detached_log_target(job: &Job) -> Option<env_logger::Target> {
     None
 }
 
-fn init_logging(verbose: u8, quiet: bool, job: &Job) {
+/// Installs the logger. libvirt-style outputs or filters (`--log-level`
+/// with outputs, `--log-filters`) go through [`crate::logging::Dispatch`];
+/// a plain level keeps env_logger, `RUST_LOG` overriding.
+fn init_logging(verbose: u8, quiet: bool, job: &Job) -> Result<()> {
+    use crate::logging::{Dispatch, LogSpec, Output, Sink};
+    if let Job::Mount(m) = job {
+        if let Some(LogSpec::Outputs(outputs)) = &m.log_level {
+            if m.disk.log_file.is_some() {
+                return Err(crate::error::Error::invalid(
+                    "--log-file cannot be combined with --log-level outputs: \
+                     give the file as LEVEL:file:/PATH",
+                ));
+            }
+            let filters = m.log_filters.clone().unwrap_or_default().0;
+            Dispatch::open(outputs, filters)?.install();
+            return Ok(());
+        }
+        if let Some(filters) = &m.log_filters {
+            // Filters with a plain level: one output, where logs go by default.
+            let sink = match (&m.disk.log_file, m.notify_fd) {
+                (Some(p), Some(_)) => Sink::File(std::path::absolute(p).unwrap_or(p.clone())),
+                (None, Some(_)) => Sink::Syslog("vdiskfs".into()),
+                _ => Sink::Stderr,
+            };
+            let out = Output {
+                level: level(verbose, quiet, job),
+                sink,
+            };
+            Dispatch::open(&[out], filters.0.clone())?.install();
+            return Ok(());
+        }
+    }
     let mut b = env_logger::Builder::new();
     b.filter_level(level(verbose, quiet, job));
     if let Ok(spec) = std::env::var("RUST_LOG") {
@@ -156,10 +190,14 @@ fn init_logging(verbose: u8, quiet: bool, job: &Job) {
             b.target(t);
         }
         // A detached daemon without a log file: syslog, its terminal is gone.
-        None if detached => return daemon::SyslogLogger::install(b.build()),
+        None if detached => {
+            daemon::SyslogLogger::install(b.build());
+            return Ok(());
+        }
         None => {}
     }
     let _ = b.try_init();
+    Ok(())
 }
 
 fn run(job: Job) -> Result<()> {

@@ -2,7 +2,8 @@
 //!
 //! - [`header`]: header fields, extensions and feature bits.
 //! - [`tables`]: geometry, the L1 table and L2 entry decoding.
-//! - [`snapshot`]: the internal snapshot table (for `info`).
+//! - [`snapshot`]: the internal snapshot table (for `info` and
+//!   `--load-snapshot`).
 //! - [`refcount`]: refcount lookups and entry encoding.
 //! - [`alloc`]: host cluster allocation and refcount updates (writes).
 //! - [`meta`]: L1/L2 table updates and cache coherence (writes).
@@ -22,6 +23,12 @@
 //!   the format and the backing file), as the chain could not honour it.
 //! - A damaged snapshot table does not fail the open (only the active
 //!   state is exposed); `info` reports it under `snapshot_table_error`.
+//! - A loaded internal snapshot ([`Qcow2::open_snapshot`], qemu-nbd's
+//!   `-l`) is read-only and reads through the snapshot's L1 table at the
+//!   snapshot's own virtual size (what `qemu-img snapshot -a` restores;
+//!   qemu-nbd keeps the image's current size, padding or cutting the
+//!   snapshot). Its L2 tables and data are shared with the active state,
+//!   which is why nothing may write while it is open.
 //! - With an external data file (`data_file_raw` or not) reads follow the
 //!   L2 tables, as qemu does: allocated clusters are read from the data
 //!   file at the entry's offset; zero flags and unallocated clusters keep
@@ -79,6 +86,10 @@ pub struct Qcow2 {
     backing: Option<BackingSpec>,
     snapshots: Vec<SnapshotInfo>,
     snapshot_error: Option<String>,
+    /// The guest size: the header's, or the loaded snapshot's.
+    size: u64,
+    /// The internal snapshot read instead of the active state, if any.
+    loaded: Option<SnapshotInfo>,
     caches: Arc<Caches>,
     cache_id: u64,
 }
@@ -87,10 +98,31 @@ impl Qcow2 {
     /// Opens `file` as a qcow2 layer.
     pub fn open(file: Arc<HostFile>, ctx: &OpenCtx<'_>) -> Result<Qcow2> {
         let path = file.path().to_path_buf();
-        Self::open_inner(file, ctx).map_err(|e| e.with_path(&path))
+        Self::open_inner(file, ctx, None).map_err(|e| e.with_path(&path))
     }
 
-    fn open_inner(file: Arc<HostFile>, ctx: &OpenCtx<'_>) -> Result<Qcow2> {
+    /// Opens `file` read-only as the internal snapshot `sel` selects.
+    pub fn open_snapshot(
+        file: Arc<HostFile>,
+        ctx: &OpenCtx<'_>,
+        sel: &snapshot::SnapshotSel,
+    ) -> Result<Qcow2> {
+        let path = file.path().to_path_buf();
+        if ctx.writable {
+            return Err(Error::new(
+                crate::error::ErrorKind::ReadOnly,
+                "a loaded snapshot is read-only",
+            )
+            .with_path(&path));
+        }
+        Self::open_inner(file, ctx, Some(sel)).map_err(|e| e.with_path(&path))
+    }
+
+    fn open_inner(
+        file: Arc<HostFile>,
+        ctx: &OpenCtx<'_>,
+        sel: Option<&snapshot::SnapshotSel>,
+    ) -> Result<Qcow2> {
         let head_len = file.len().min(1 << MAX_CLUSTER_BITS) as usize;
         let mut head = vec![0u8; head_len];
         let n = file.read_at_most(&mut head, 0)?;
@@ -99,7 +131,28 @@ impl Qcow2 {
         drop(head);
         let geo = Geometry::new(&header);
         let backing = read_backing(&file, &header)?;
-        let l1 = tables::read_l1(&file, &header, &geo)?;
+        let (l1, size, loaded) = match sel {
+            None => (tables::read_l1(&file, &header, &geo)?, header.size, None),
+            Some(sel) => {
+                let (snap, (off, entries)) = snapshot::find(&file, &header, sel)?;
+                // Entries past the snapshot's table (if it is short for its
+                // size) read as unallocated, as in qemu.
+                let want = geo.l1_entries_for(snap.virtual_size);
+                if want.saturating_mul(8) > tables::MAX_L1_BYTES {
+                    // The bound the active size meets too (read_l1).
+                    return Err(Error::corrupt(format!(
+                        "snapshot {} {:?}: virtual size {} needs more than the {} MiB L1 limit",
+                        snap.id,
+                        snap.name,
+                        snap.virtual_size,
+                        tables::MAX_L1_BYTES >> 20
+                    )));
+                }
+                let what = format!("L1 table of snapshot {} {:?}", snap.id, snap.name);
+                let l1 = tables::read_l1_at(&file, &what, off, u64::from(entries), want, &geo)?;
+                (l1, snap.virtual_size, Some(snap))
+            }
+        };
         let data_file = match &header.data_file {
             Some(name) if header.has_data_file() => Some(
                 ctx.policy
@@ -150,6 +203,8 @@ impl Qcow2 {
             backing,
             snapshots,
             snapshot_error,
+            size,
+            loaded,
             caches: ctx.caches.clone(),
             cache_id: ctx.caches.new_layer_id(),
         })
@@ -355,7 +410,7 @@ impl Layer for Qcow2 {
     }
 
     fn virtual_size(&self) -> u64 {
-        self.header.size
+        self.size
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)> {
@@ -445,7 +500,7 @@ impl Layer for Qcow2 {
 
     fn info(&self) -> LayerInfo {
         let h = &self.header;
-        let mut info = LayerInfo::new(Format::Qcow2, h.size);
+        let mut info = LayerInfo::new(Format::Qcow2, self.size);
         info.subformat = Some(format!("v{}", h.version));
         info.cluster_size = Some(h.cluster_size());
         info.features = h.feature_list();
@@ -483,6 +538,12 @@ impl Layer for Qcow2 {
         }
         if let Some(e) = &self.snapshot_error {
             d.insert("snapshot_table_error".into(), json!(e));
+        }
+        if let Some(s) = &self.loaded {
+            d.insert(
+                "loaded_snapshot".into(),
+                json!({"id": s.id, "name": s.name}),
+            );
         }
         info.qemu_specific = Some(self.qemu_specific());
         info

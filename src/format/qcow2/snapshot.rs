@@ -1,12 +1,18 @@
-//! The internal snapshot table, read for `info` only.
+//! The internal snapshot table: listed by `info`, and the source of the
+//! L1 table when a snapshot is loaded (`--load-snapshot`, [`find`]).
 //!
 //! Reading exposes the active state, so a damaged snapshot table does not
 //! stop an image from opening: [`read_snapshots`] returns the entries it
 //! could parse and a description of what stopped it. It never reads past
 //! the end of the file, never more than [`MAX_TABLE_BYTES`], and never
 //! more than [`MAX_SNAPSHOTS`] entries.
+//!
+//! [`SnapshotSel`] is qemu-nbd's `-l` argument: a plain string is an ID
+//! first, then a name (as qemu's `bdrv_snapshot_load_tmp_by_id_or_name`);
+//! `snapshot.id=ID,snapshot.name=NAME` (either or both) matches exactly,
+//! both on the same entry when both are given.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::SnapshotInfo;
 use crate::host::HostFile;
 
@@ -200,4 +206,198 @@ fn cut_short(i: u32, count: u32) -> String {
         "snapshot table ends (at end of file or after {} MiB) after {i} of {count} entries",
         MAX_TABLE_BYTES >> 20
     )
+}
+
+/// Which internal snapshot to load, as qemu-nbd's `-l` spells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotSel {
+    /// A plain string: matched against the IDs first, then the names.
+    IdOrName(String),
+    /// `snapshot.id=…,snapshot.name=…`: whichever are given must match.
+    Exact {
+        /// `snapshot.id=`.
+        id: Option<String>,
+        /// `snapshot.name=`.
+        name: Option<String>,
+    },
+}
+
+impl SnapshotSel {
+    /// Parses qemu-nbd's `-l` argument. In the `snapshot.` form a comma
+    /// inside a value is written twice (`,,`), as in all qemu option strings.
+    pub fn parse(s: &str) -> std::result::Result<SnapshotSel, String> {
+        if s.is_empty() {
+            return Err("--load-snapshot needs a snapshot ID or name".into());
+        }
+        if !s.starts_with("snapshot.") {
+            return Ok(SnapshotSel::IdOrName(s.to_string()));
+        }
+        let (mut id, mut name) = (None, None);
+        for part in split_opts(s) {
+            let (key, value) = part.split_once('=').ok_or_else(|| {
+                format!("--load-snapshot: {part:?} needs a value (snapshot.id=ID or snapshot.name=NAME)")
+            })?;
+            let slot = match key {
+                "snapshot.id" => &mut id,
+                "snapshot.name" => &mut name,
+                _ => {
+                    return Err(format!(
+                        "--load-snapshot: unknown key {key:?} (snapshot.id= or snapshot.name=)"
+                    ))
+                }
+            };
+            *slot = Some(value.to_string());
+        }
+        Ok(SnapshotSel::Exact { id, name })
+    }
+
+    /// Whether `s` is the snapshot selected, by ID or name as `by_id` says
+    /// (a plain string is tried by ID over the whole table first).
+    fn matches(&self, s: &SnapshotInfo, by_id: bool) -> bool {
+        match self {
+            SnapshotSel::IdOrName(v) if by_id => s.id == *v,
+            SnapshotSel::IdOrName(v) => s.name == *v,
+            SnapshotSel::Exact { id, name } => {
+                id.as_ref().is_none_or(|i| *i == s.id) && name.as_ref().is_none_or(|n| *n == s.name)
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for SnapshotSel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SnapshotSel::IdOrName(v) => write!(f, "with ID or name {v:?}"),
+            SnapshotSel::Exact { id, name } => match (id, name) {
+                (Some(i), Some(n)) => write!(f, "with ID {i:?} and name {n:?}"),
+                (Some(i), None) => write!(f, "with ID {i:?}"),
+                (None, Some(n)) => write!(f, "named {n:?}"),
+                (None, None) => write!(f, "(no ID or name given)"),
+            },
+        }
+    }
+}
+
+/// Splits a qemu option string at single commas; `,,` stands for a comma.
+fn split_opts(s: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                if let Some(p) = out.last_mut() {
+                    p.push(',');
+                }
+            } else {
+                out.push(String::new());
+            }
+        } else if let Some(p) = out.last_mut() {
+            p.push(c);
+        }
+    }
+    out
+}
+
+/// The snapshot `sel` selects, with its L1 table (offset, entries).
+///
+/// A damaged table is an error here: the user asked for a snapshot the
+/// image cannot describe. An unknown one is an error listing those there are.
+pub fn find(file: &HostFile, h: &Header, sel: &SnapshotSel) -> Result<(SnapshotInfo, (u64, u32))> {
+    if let SnapshotSel::Exact {
+        id: None,
+        name: None,
+    } = sel
+    {
+        return Err(Error::invalid(
+            "--load-snapshot needs snapshot.id= or snapshot.name=",
+        ));
+    }
+    let (list, _, why) = read_entries(file, h)?;
+    let hit = list
+        .iter()
+        .find(|(s, _)| sel.matches(s, true))
+        .or_else(|| list.iter().find(|(s, _)| sel.matches(s, false)));
+    if let Some((s, l1)) = hit {
+        return Ok((s.clone(), *l1));
+    }
+    if let Some(why) = why {
+        return Err(Error::corrupt(format!(
+            "no snapshot {sel} among the readable ones: {why}"
+        )));
+    }
+    let available = if list.is_empty() {
+        "the image has no snapshots".to_string()
+    } else {
+        let names: Vec<String> = list
+            .iter()
+            .take(20)
+            .map(|(s, _)| format!("{} {:?}", s.id, s.name))
+            .collect();
+        let more = if list.len() > 20 {
+            format!(" and {} more", list.len() - 20)
+        } else {
+            String::new()
+        };
+        format!("available (ID name): {}{more}", names.join(", "))
+    };
+    Err(Error::new(
+        crate::error::ErrorKind::NotFound,
+        format!("no snapshot {sel}; {available}"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selections_parse_as_qemu_nbd_spells_them() {
+        assert_eq!(
+            SnapshotSel::parse("s1"),
+            Ok(SnapshotSel::IdOrName("s1".into()))
+        );
+        assert_eq!(
+            SnapshotSel::parse("snapshot.id=2,snapshot.name=a,,b"),
+            Ok(SnapshotSel::Exact {
+                id: Some("2".into()),
+                name: Some("a,b".into())
+            })
+        );
+        assert_eq!(
+            SnapshotSel::parse("snapshot.name=x"),
+            Ok(SnapshotSel::Exact {
+                id: None,
+                name: Some("x".into())
+            })
+        );
+        assert!(SnapshotSel::parse("").is_err());
+        let e = SnapshotSel::parse("snapshot.size=3").unwrap_err();
+        assert!(e.contains("unknown key \"snapshot.size\""), "{e}");
+        assert!(SnapshotSel::parse("snapshot.id").is_err());
+    }
+
+    #[test]
+    fn a_plain_string_matches_ids_before_names() {
+        let info = |id: &str, name: &str| SnapshotInfo {
+            id: id.into(),
+            name: name.into(),
+            virtual_size: 0,
+            date_sec: 0,
+            date_nsec: 0,
+            vm_clock_nsec: 0,
+            icount: None,
+            vm_state_size: 0,
+        };
+        let sel = SnapshotSel::IdOrName("2".into());
+        assert!(sel.matches(&info("2", "x"), true));
+        assert!(!sel.matches(&info("1", "2"), true));
+        assert!(sel.matches(&info("1", "2"), false));
+        let both = SnapshotSel::Exact {
+            id: Some("1".into()),
+            name: Some("a".into()),
+        };
+        assert!(both.matches(&info("1", "a"), true));
+        assert!(!both.matches(&info("1", "b"), true));
+    }
 }

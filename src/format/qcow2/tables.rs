@@ -124,33 +124,46 @@ pub fn read_l1(file: &HostFile, h: &Header, geo: &Geometry) -> Result<Vec<u64>> 
             h.size
         )));
     }
-    let bytes = l1_size * 8;
+    read_l1_at(file, "L1 table", h.l1_table_offset, l1_size, needed, geo)
+}
+
+/// Reads the first `want` entries (at most `l1_size`) of the L1 table
+/// `what` with `l1_size` entries at `off`, after checking the whole
+/// table's size, alignment and place in the file.
+pub fn read_l1_at(
+    file: &HostFile,
+    what: &str,
+    off: u64,
+    l1_size: u64,
+    want: u64,
+    geo: &Geometry,
+) -> Result<Vec<u64>> {
+    let bytes = l1_size.saturating_mul(8);
     if bytes > MAX_L1_BYTES {
         return Err(Error::corrupt(format!(
-            "l1_size {l1_size} is larger than the {} MiB L1 limit",
+            "{what}: l1_size {l1_size} is larger than the {} MiB L1 limit",
             MAX_L1_BYTES >> 20
         )));
     }
     if l1_size == 0 {
         return Ok(Vec::new());
     }
-    let off = h.l1_table_offset;
     if off % geo.cluster_size() != 0 || off == 0 {
         return Err(Error::corrupt(format!(
-            "l1_table_offset {off:#x} is not a non-zero multiple of the cluster size"
+            "{what}: offset {off:#x} is not a non-zero multiple of the cluster size"
         )));
     }
     match off.checked_add(bytes) {
         Some(end) if end <= file.len() => {}
         _ => {
             return Err(Error::corrupt(format!(
-                "L1 table ({l1_size} entries at {off:#x}) lies past the end of the file ({} bytes)",
+                "{what} ({l1_size} entries at {off:#x}) lies past the end of the file ({} bytes)",
                 file.len()
             )))
         }
     }
     // Only the entries the virtual size uses matter for reading.
-    let mut raw = vec![0u8; (needed * 8) as usize];
+    let mut raw = vec![0u8; (want.min(l1_size) * 8) as usize];
     file.read_exact_at(&mut raw, off)?;
     Ok(raw
         .chunks_exact(8)
