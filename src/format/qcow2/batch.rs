@@ -96,7 +96,7 @@ impl Qcow2 {
     ) -> Result<()> {
         let cb = self.geo.cluster_bits;
         let mut st = self.w().state.lock();
-        let r = if filled.is_err() {
+        if filled.is_err() {
             // Nothing points at the new clusters yet: give them back.
             for &(h, k) in runs {
                 for c in 0..k {
@@ -112,8 +112,7 @@ impl Qcow2 {
         } else {
             // A failure here leaves at worst leaked clusters.
             self.link_new_clusters(&mut st, old, runs)
-        };
-        r
+        }
     }
 
     /// Points the entries `old` (table, index, previous entry) at the host
