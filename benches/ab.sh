@@ -8,7 +8,8 @@
 # Workload (env WORKLOAD): seqread (default; fio 1 MiB psync buffered, cold
 # caches, first SIZE, default 1G), seqwrite-buf (fio 1 MiB psync buffered
 # writes + fsync), randwrite-buf (4 KiB buffered random writes + fsync).
-# Writes go to a fresh copy of IMAGE for every run.
+# Writes go to a fresh copy of IMAGE for every run (`--rw`), or with
+# OVERLAY=1 to a fresh `--overlay` file over IMAGE (never written).
 set -uo pipefail
 A=${1:?A binary} B=${2:?B binary} IMG=${3:?image} ROUNDS=${4:-3}
 shift $(($# < 4 ? $# : 4))
@@ -20,7 +21,10 @@ trap 'umount -l "$MP" 2>/dev/null; rm -rf "$WORK"' EXIT
 one() { # BINARY -> prints MiB/s or IOPS
 	local bin=$1 src=$IMG args=() t0 t1
 	shift
-	if [ "$WORKLOAD" != seqread ]; then
+	if [ "$WORKLOAD" != seqread ] && [ -n "${OVERLAY:-}" ]; then
+		rm -f "$WORK/overlay.qcow2"
+		args=(--overlay "$WORK/overlay.qcow2")
+	elif [ "$WORKLOAD" != seqread ]; then
 		src="$WORK/copy.${IMG##*.}"
 		cp --reflink=auto "$IMG" "$src" || return 1
 		args=(--rw)
@@ -41,7 +45,7 @@ one() { # BINARY -> prints MiB/s or IOPS
 	esac
 	t1=$(date +%s.%N)
 	"$bin" unmount "$MP" >/dev/null 2>&1 || umount -l "$MP"
-	rm -f "$WORK/copy."*
+	rm -f "$WORK/copy."* "$WORK/overlay.qcow2"
 	local bytes
 	bytes=$(numfmt --from=iec "$SIZE")
 	if [ "$WORKLOAD" = randwrite-buf ]; then

@@ -28,6 +28,8 @@ use std::ops::Range;
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
+use crate::engine::units::HostOffset;
+
 /// The allocation state of one growable host file.
 pub struct Appender {
     state: Mutex<AppendState>,
@@ -100,13 +102,13 @@ impl Appender {
 
     /// The frontier when the image was opened: host space at or past it
     /// was allocated by this writer.
-    pub fn first_own(&self) -> u64 {
-        self.first_own
+    pub fn first_own(&self) -> HostOffset {
+        HostOffset(self.first_own)
     }
 
     /// The current frontier.
-    pub fn frontier(&self) -> u64 {
-        self.state.lock().frontier
+    pub fn frontier(&self) -> HostOffset {
+        HostOffset(self.state.lock().frontier)
     }
 }
 
@@ -119,11 +121,11 @@ impl AppendState {
     /// Reserves `len` bytes at the frontier, aligned to `align` (a power
     /// of two or any non-zero value); `None` when the file cannot grow
     /// that far. Returns the host offset.
-    pub fn reserve(&mut self, len: u64, align: u64) -> Option<u64> {
+    pub fn reserve(&mut self, len: u64, align: u64) -> Option<HostOffset> {
         let host = round_up(self.frontier, align)?;
         let end = host.checked_add(len).filter(|&e| e <= self.limit)?;
         self.frontier = end;
-        Some(host)
+        Some(HostOffset(host))
     }
 }
 
@@ -152,14 +154,14 @@ mod tests {
     fn reserve_aligns_and_respects_the_limit() {
         let a = Appender::new(1000, 1 << 20);
         let mut st = a.lock();
-        assert_eq!(st.reserve(512, 4096), Some(4096));
-        assert_eq!(st.reserve(100, 1), Some(4608));
+        assert_eq!(st.reserve(512, 4096), Some(HostOffset(4096)));
+        assert_eq!(st.reserve(100, 1), Some(HostOffset(4608)));
         assert_eq!(st.reserve(1 << 20, 1), None);
         // A refused reservation leaves the frontier alone.
-        assert_eq!(st.reserve(10, 1), Some(4708));
+        assert_eq!(st.reserve(10, 1), Some(HostOffset(4708)));
         drop(st);
-        assert_eq!(a.first_own(), 1000);
-        assert_eq!(a.frontier(), 4718);
+        assert_eq!(a.first_own(), HostOffset(1000));
+        assert_eq!(a.frontier(), HostOffset(4718));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! its table entries, so an entry never points at unwritten space.
 
 use crate::engine::overlap::MetadataMap;
+use crate::engine::units::{GuestOffset, HostOffset};
 use crate::error::Result;
 use crate::format::Below;
 use crate::host::HostFile;
@@ -19,9 +20,9 @@ use crate::host::HostFile;
 #[derive(Clone, Copy, Debug)]
 pub struct NewRun {
     /// Guest offset of the first unit (unit-aligned).
-    pub guest: u64,
+    pub guest: GuestOffset,
     /// Host offset of the first unit.
-    pub host: u64,
+    pub host: HostOffset,
     /// Number of units.
     pub count: u64,
     /// Unit size in bytes.
@@ -35,14 +36,14 @@ impl NewRun {
     }
 
     /// Guest offset one past the run.
-    pub fn guest_end(&self) -> u64 {
-        self.guest + self.bytes()
+    pub fn guest_end(&self) -> GuestOffset {
+        self.guest.add(self.bytes())
     }
 }
 
 /// Fills unit `k` at guest offset `guest` into `out` (see
 /// [`write_new_run`]).
-pub type Fill<'a> = dyn FnMut(usize, u64, &mut [u8]) -> Result<()> + 'a;
+pub type Fill<'a> = dyn FnMut(usize, GuestOffset, &mut [u8]) -> Result<()> + 'a;
 
 /// Writes the start of `buf` (guest offset `pos`, inside the run's first
 /// unit) into the run and returns how many bytes of it were written.
@@ -61,42 +62,49 @@ pub fn write_new_run(
     run: NewRun,
     vsize: u64,
     buf: &[u8],
-    pos: u64,
+    pos: GuestOffset,
     zeros: bool,
     fill: &mut Fill<'_>,
 ) -> Result<usize> {
     let unit = run.unit;
-    let run_end = run.guest_end();
+    let (guest, host) = (run.guest.get(), run.host.get());
+    let pos = pos.get();
+    let run_end = run.guest_end().get();
     let buf_end = pos + buf.len() as u64;
     let n = (buf_end.min(run_end) - pos) as usize;
     map.guard(run.host, run.bytes(), run.guest)?;
-    let covers_all = pos == run.guest && buf_end >= run_end.min(vsize);
+    let covers_all = pos == guest && buf_end >= run_end.min(vsize);
     if zeros && covers_all {
         return file
-            .write_all_at(&[0u8; 512], run.host + run.bytes() - 512)
+            .write_all_at(&[0u8; 512], host + run.bytes() - 512)
             .map(|()| n);
     }
     if covers_all && n as u64 == run.bytes() {
         // Nothing to fill: the caller's bytes are the run.
-        return file.write_all_at(&buf[..n], run.host).map(|()| n);
+        return file.write_all_at(&buf[..n], host).map(|()| n);
     }
     let mut data = vec![0u8; run.bytes() as usize];
     for (k, out) in data.chunks_mut(unit as usize).enumerate() {
-        let c = run.guest + k as u64 * unit;
+        let c = guest + k as u64 * unit;
         let covered = pos <= c && buf_end >= (c + unit).min(vsize);
         if !covered && c < vsize {
-            fill(k, c, out)?;
+            fill(k, GuestOffset(c), out)?;
         }
     }
-    let at = (pos - run.guest) as usize;
+    let at = (pos - guest) as usize;
     data[at..at + n].copy_from_slice(&buf[..n]);
-    file.write_all_at(&data, run.host)?;
+    file.write_all_at(&data, host)?;
     Ok(n)
 }
 
 /// The usual fill: the guest bytes of `out` as the layers below see them,
 /// up to the disk's end (`vsize`); the rest stays zero.
-pub fn fill_from_below(below: &dyn Below, guest: u64, out: &mut [u8], vsize: u64) -> Result<()> {
-    let visible = (vsize.saturating_sub(guest)).min(out.len() as u64) as usize;
-    below.read_below(&mut out[..visible], guest)
+pub fn fill_from_below(
+    below: &dyn Below,
+    guest: GuestOffset,
+    out: &mut [u8],
+    vsize: u64,
+) -> Result<()> {
+    let visible = (vsize.saturating_sub(guest.get())).min(out.len() as u64) as usize;
+    below.read_below(&mut out[..visible], guest.get())
 }

@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::RwLock;
 
+use crate::engine::units::{GuestOffset, HostOffset};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Ranges at most this long go into the ordered map; longer ones into
@@ -142,7 +143,7 @@ struct Ranges {
 
 /// The `guest` of [`MetadataMap::guard`] for a host range that is being
 /// allocated or freed rather than written for a guest offset.
-pub const NO_GUEST: u64 = u64::MAX;
+pub const NO_GUEST: GuestOffset = GuestOffset(u64::MAX);
 
 /// Called once when a write is refused (qcow2 v3: set the corrupt bit).
 pub type OnTrip = Box<dyn Fn() -> Result<()> + Send + Sync>;
@@ -261,8 +262,9 @@ impl MetadataMap {
 
     /// Checks a data write of `len` bytes at host offset `host` (for guest
     /// offset `guest`) before it is issued: see the module documentation.
-    pub fn guard(&self, host: u64, len: u64, guest: u64) -> Result<()> {
+    pub fn guard(&self, host: HostOffset, len: u64, guest: GuestOffset) -> Result<()> {
         self.refuse_if_tripped()?;
+        let host = host.get();
         let Some(hit) = self.find(host, len) else {
             return Ok(());
         };
@@ -337,13 +339,15 @@ mod tests {
             n2.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }));
-        m.guard(0x40000, 4096, 0).unwrap();
-        let e = m.guard(0x30000, 4096, 0x5000).unwrap_err();
+        m.guard(HostOffset(0x40000), 4096, GuestOffset(0)).unwrap();
+        let e = m
+            .guard(HostOffset(0x30000), 4096, GuestOffset(0x5000))
+            .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Corrupt);
         assert_eq!(e.errno(), libc::EIO);
         assert!(e.to_string().contains("refcount table"), "{e}");
         assert!(e.to_string().contains("0x5000"), "{e}");
-        assert!(m.guard(0x40000, 4096, 0).is_err());
+        assert!(m.guard(HostOffset(0x40000), 4096, GuestOffset(0)).is_err());
         assert_eq!(n.load(Ordering::SeqCst), 1);
         assert!(m.tripped());
     }

@@ -25,6 +25,7 @@ use crate::engine::append::{AppendState, Appender};
 use crate::engine::cow::{fill_from_below, write_new_run, NewRun};
 use crate::engine::order::Stage;
 use crate::engine::overlap::{MetadataMap, Structure};
+use crate::engine::units::{GuestOffset, HostOffset};
 use crate::error::{Error, Result};
 use crate::format::{Below, Layer, WriteLayer};
 
@@ -111,14 +112,14 @@ impl Vdi {
         }
         let w = self.writer();
         let start = self.header.data_offset + u64::from(entry) * self.stride();
-        let first_own = w.alloc.first_own();
+        let first_own = w.alloc.first_own().get();
         if start < first_own && start + self.stride() > first_own {
             return Err(Error::corrupt(format!(
                 "VDI block {idx} points at data block {entry}, which runs past the end of the file"
             )));
         }
         let host = start + u64::from(self.header.block_extra) + in_block;
-        w.map.guard(host, n, pos)?;
+        w.map.guard(HostOffset(host), n, GuestOffset(pos))?;
         self.file.write_all_at(&buf[..n as usize], host)?;
         Ok(n as usize)
     }
@@ -127,7 +128,8 @@ impl Vdi {
     fn reserve(&self, st: &mut AppendState) -> Result<u64> {
         let host = st
             .reserve(self.stride(), 1)
-            .ok_or_else(|| Error::corrupt("the VDI file cannot grow any further"))?;
+            .ok_or_else(|| Error::corrupt("the VDI file cannot grow any further"))?
+            .get();
         self.end.fetch_max(host + self.stride(), Ordering::AcqRel);
         Ok(host)
     }
@@ -153,8 +155,8 @@ impl Vdi {
         let vsize = self.virtual_size();
         let from_below = old == BLOCK_FREE && self.parent.is_some();
         let run = NewRun {
-            guest: idx * bs,
-            host: host + u64::from(self.header.block_extra),
+            guest: GuestOffset(idx * bs),
+            host: HostOffset(host + u64::from(self.header.block_extra)),
             count: 1,
             unit: bs,
         };
@@ -164,7 +166,7 @@ impl Vdi {
             run,
             vsize,
             buf,
-            pos,
+            GuestOffset(pos),
             zeros && !from_below,
             &mut |_, c, out| {
                 if from_below {

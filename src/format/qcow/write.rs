@@ -37,6 +37,7 @@ use crate::engine::append::{round_up, AppendState, Appender};
 use crate::engine::cow::{fill_from_below, write_new_run, NewRun};
 use crate::engine::order::Stage;
 use crate::engine::overlap::{MetadataMap, Structure};
+use crate::engine::units::{GuestOffset, HostOffset};
 use crate::error::{Error, Result};
 use crate::format::{Below, CompressedBlock, Layer, WriteLayer};
 use crate::host::HostFile;
@@ -129,7 +130,8 @@ impl Qcow {
     fn reserve(&self, st: &mut AppendState, len: u64) -> Result<u64> {
         let host = st
             .reserve(len, self.cluster_size())
-            .ok_or_else(|| Error::corrupt("the image file cannot grow any further"))?;
+            .ok_or_else(|| Error::corrupt("the image file cannot grow any further"))?
+            .get();
         self.end.fetch_max(host + len, Ordering::AcqRel);
         Ok(host)
     }
@@ -178,7 +180,7 @@ impl Qcow {
     /// Checks that a data cluster may be written in place.
     fn check_writable_data(&self, host: u64) -> Result<()> {
         self.check_data(host)?;
-        let first_own = self.writer().alloc.first_own();
+        let first_own = self.writer().alloc.first_own().get();
         let cs = self.cluster_size();
         if host < first_own && host + cs > first_own {
             return Err(Error::corrupt(format!(
@@ -211,7 +213,9 @@ impl Qcow {
                     n = (n + cs).min(buf.len() as u64);
                     k += 1;
                 }
-                self.writer().map.guard(host + in_c, n, pos)?;
+                self.writer()
+                    .map
+                    .guard(HostOffset(host + in_c), n, GuestOffset(pos))?;
                 let n = n as usize;
                 self.file.write_all_at(&buf[..n], host + in_c)?;
                 return Ok(n);
@@ -290,8 +294,8 @@ impl Qcow {
         let count = run.old.len() as u64;
         let vsize = self.virtual_size();
         let new_run = NewRun {
-            guest: run.guest,
-            host: run.host,
+            guest: GuestOffset(run.guest),
+            host: HostOffset(run.host),
             count,
             unit: cs,
         };
@@ -301,11 +305,11 @@ impl Qcow {
             new_run,
             vsize,
             buf,
-            pos,
+            GuestOffset(pos),
             zeros,
             &mut |k, c, out| match run.old[k] {
                 Entry::Compressed { offset, size } => {
-                    self.cluster_from_compressed(c, offset, size, out)
+                    self.cluster_from_compressed(c.get(), offset, size, out)
                 }
                 _ => fill_from_below(below, c, out, vsize),
             },
@@ -385,8 +389,9 @@ impl Qcow {
         for k in 0..count as usize {
             let raw = raw_entry(&table, idx + k);
             if let Entry::Data(h) = g.decode(raw) {
-                if h >= w.alloc.first_own() {
-                    w.map.guard(h, cs, pos + k as u64 * cs)?;
+                if h >= w.alloc.first_own().get() {
+                    w.map
+                        .guard(HostOffset(h), cs, GuestOffset(pos + k as u64 * cs))?;
                     punch.push(h);
                 }
             }
@@ -462,7 +467,9 @@ impl Qcow {
             if let Some((_, table)) = self.l2_for(pos)? {
                 if let Entry::Data(h) = g.decode(raw_entry(&table, g.l2_index(pos))) {
                     self.check_writable_data(h)?;
-                    self.writer().map.guard(h, cs, pos)?;
+                    self.writer()
+                        .map
+                        .guard(HostOffset(h), cs, GuestOffset(pos))?;
                     self.file.punch_hole(h, cs)?;
                     pos += cs;
                     continue;

@@ -29,6 +29,7 @@ use std::sync::Arc;
 use crate::cache::Caches;
 use crate::engine::order::Stage;
 use crate::engine::overlap::{MetadataMap, Structure, NO_GUEST};
+use crate::engine::units::{HostCluster, HostOffset};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 
@@ -52,7 +53,7 @@ pub struct Alloc {
     pub freed: u64,
     /// Clusters that lost a reference not yet durably removed: their
     /// refcounts are lowered after the next flush.
-    deferred: Vec<u64>,
+    deferred: Vec<HostCluster>,
     /// The image's metadata ranges: refcount structures are added and
     /// removed here; no cluster in it is handed out or freed.
     map: Arc<MetadataMap>,
@@ -139,7 +140,8 @@ impl Alloc {
     }
 
     /// The refcount of host cluster `cluster` (an index, not an offset).
-    pub fn get(&mut self, file: &HostFile, cluster: u64) -> Result<u64> {
+    pub fn get(&mut self, file: &HostFile, cluster: HostCluster) -> Result<u64> {
+        let cluster = cluster.get();
         let entries = self.entries();
         let ti = (cluster / entries) as usize;
         let Some(&te) = self.table.get(ti) else {
@@ -183,13 +185,13 @@ impl Alloc {
 
     /// Notes that a reference to `cluster` was removed (by an ordered
     /// write): its refcount is lowered once that removal is durable.
-    pub fn decref_later(&mut self, cluster: u64) {
+    pub fn decref_later(&mut self, cluster: HostCluster) {
         self.deferred.push(cluster);
     }
 
     /// Takes the clusters noted by [`Alloc::decref_later`] so far: the
     /// caller applies [`Alloc::decref`] to each after the next flush.
-    pub fn take_deferred(&mut self) -> Vec<u64> {
+    pub fn take_deferred(&mut self) -> Vec<HostCluster> {
         std::mem::take(&mut self.deferred)
     }
 
@@ -202,9 +204,9 @@ impl Alloc {
         file: &HostFile,
         caches: &Caches,
         cid: u64,
-        cluster: u64,
+        cluster: HostCluster,
     ) -> Result<u64> {
-        self.decref_inner(file, caches, cid, cluster, true)
+        self.decref_inner(file, caches, cid, cluster.get(), true)
     }
 
     /// Of `frees` (clusters, one entry per reference to drop), those whose
@@ -213,8 +215,12 @@ impl Alloc {
     /// with references can only go down while the caller has them, so the
     /// answer holds until [`Alloc::decref_punched`] is applied; meanwhile
     /// the caller punches their host space without the allocation mutex.
-    pub fn last_references(&mut self, file: &HostFile, frees: &[u64]) -> Result<Vec<u64>> {
-        let mut counts = std::collections::BTreeMap::<u64, u64>::new();
+    pub fn last_references(
+        &mut self,
+        file: &HostFile,
+        frees: &[HostCluster],
+    ) -> Result<Vec<HostCluster>> {
+        let mut counts = std::collections::BTreeMap::<HostCluster, u64>::new();
         for &c in frees {
             *counts.entry(c).or_default() += 1;
         }
@@ -222,7 +228,7 @@ impl Alloc {
         for (c, n) in counts {
             if self.get(file, c)? == n {
                 self.map
-                    .guard(c << self.cluster_bits, self.cs(), NO_GUEST)?;
+                    .guard(c.offset(self.cluster_bits), self.cs(), NO_GUEST)?;
                 last.push(c);
             }
         }
@@ -236,9 +242,9 @@ impl Alloc {
         file: &HostFile,
         caches: &Caches,
         cid: u64,
-        cluster: u64,
+        cluster: HostCluster,
     ) -> Result<u64> {
-        self.decref_inner(file, caches, cid, cluster, false)
+        self.decref_inner(file, caches, cid, cluster.get(), false)
     }
 
     fn decref_inner(
@@ -249,7 +255,7 @@ impl Alloc {
         cluster: u64,
         punch: bool,
     ) -> Result<u64> {
-        let v = self.get(file, cluster)?;
+        let v = self.get(file, HostCluster(cluster))?;
         if v == 0 {
             return Err(Error::corrupt(format!(
                 "refcount of host cluster {:#x} is already 0 while it is still referenced",
@@ -259,8 +265,11 @@ impl Alloc {
         if v == 1 {
             // Freeing a cluster that still holds metadata: a data entry
             // pointed into it (legitimately freed tables leave the map first).
-            self.map
-                .guard(cluster << self.cluster_bits, self.cs(), NO_GUEST)?;
+            self.map.guard(
+                HostOffset(cluster << self.cluster_bits),
+                self.cs(),
+                NO_GUEST,
+            )?;
         }
         self.set(file, caches, cid, cluster, v - 1)?;
         if v == 1 {
@@ -300,7 +309,7 @@ impl Alloc {
     }
 
     /// Allocates one host cluster with refcount 1 and returns its offset.
-    pub fn alloc(&mut self, file: &HostFile, caches: &Caches, cid: u64) -> Result<u64> {
+    pub fn alloc(&mut self, file: &HostFile, caches: &Caches, cid: u64) -> Result<HostOffset> {
         Ok(self.alloc_run(file, caches, cid, 1)?.0)
     }
 
@@ -314,7 +323,7 @@ impl Alloc {
         caches: &Caches,
         cid: u64,
         want: u64,
-    ) -> Result<(u64, u64)> {
+    ) -> Result<(HostOffset, u64)> {
         let entries = self.entries();
         let order = self.order;
         loop {
@@ -336,7 +345,7 @@ impl Alloc {
                 k += 1;
             }
             // A "free" cluster holding metadata: the refcounts are wrong.
-            self.map.guard(c * cs, k * cs, NO_GUEST)?;
+            self.map.guard(HostOffset(c * cs), k * cs, NO_GUEST)?;
             let blk = self.block(file, b)?;
             let (mut lo, mut hi) = (usize::MAX, 0);
             for i in 0..k {
@@ -349,7 +358,7 @@ impl Alloc {
             caches.meta.remove((cid, b | 1));
             self.hint = c + k;
             self.end = self.end.max(c + k);
-            return Ok((c << self.cluster_bits, k));
+            return Ok((HostCluster(c).offset(self.cluster_bits), k));
         }
     }
 
@@ -360,7 +369,7 @@ impl Alloc {
         let mut blk = vec![0u8; self.cs() as usize].into_boxed_slice();
         rc_set(&mut blk, c % entries, self.order, 1);
         let at = c << self.cluster_bits;
-        self.map.guard(at, self.cs(), NO_GUEST)?;
+        self.map.guard(HostOffset(at), self.cs(), NO_GUEST)?;
         file.write_all_at(&blk, at)?;
         self.map.add(at, self.cs(), Structure::RefcountBlock);
         caches.meta.remove((cid, at | 1));
@@ -398,7 +407,8 @@ impl Alloc {
         }
         // 1. The new blocks, counting themselves and the new table.
         let used = start..start + k + n;
-        self.map.guard(start * cs, (k + n) * cs, NO_GUEST)?;
+        self.map
+            .guard(HostOffset(start * cs), (k + n) * cs, NO_GUEST)?;
         let mut new_table = self.table.clone();
         new_table.resize(tbl_entries as usize, 0);
         for j in 0..k {
@@ -433,7 +443,7 @@ impl Alloc {
         // 4. Free the old table once the switch is durable.
         self.map.remove(old_at, Structure::RefcountTable);
         for i in 0..old_clusters {
-            self.decref_later((old_at >> self.cluster_bits) + i);
+            self.decref_later(HostOffset(old_at).cluster(self.cluster_bits).add(i));
         }
         Ok(())
     }

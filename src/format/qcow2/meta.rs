@@ -12,6 +12,8 @@ use crate::engine::order::Stage;
 use crate::engine::overlap::Structure;
 use crate::error::{Error, Result};
 
+use crate::engine::units::{HostCluster, HostOffset};
+
 use super::alloc::Alloc;
 use super::tables::{entry_at, L2_COMPRESSED, L2_COPIED, OFFSET_MASK};
 use super::Qcow2;
@@ -93,7 +95,7 @@ impl Qcow2 {
     }
 
     /// Allocates one host cluster in the image file (refcount 1 on disk).
-    pub(super) fn alloc_cluster(&self, st: &mut Alloc) -> Result<u64> {
+    pub(super) fn alloc_cluster(&self, st: &mut Alloc) -> Result<HostOffset> {
         let at = st.alloc(&self.file, &self.caches, self.cache_id)?;
         self.file_end.fetch_max(st.end_bytes(), Ordering::AcqRel);
         Ok(at)
@@ -101,7 +103,7 @@ impl Qcow2 {
 
     /// Allocates up to `want` host-contiguous clusters (at least one):
     /// the first one's offset and how many.
-    pub(super) fn alloc_clusters(&self, st: &mut Alloc, want: u64) -> Result<(u64, u64)> {
+    pub(super) fn alloc_clusters(&self, st: &mut Alloc, want: u64) -> Result<(HostOffset, u64)> {
         let run = st.alloc_run(&self.file, &self.caches, self.cache_id, want)?;
         self.file_end.fetch_max(st.end_bytes(), Ordering::AcqRel);
         Ok(run)
@@ -135,7 +137,7 @@ impl Qcow2 {
             .expect("writes reach writable layers")
             .map;
         if table == 0 {
-            let new = self.alloc_cluster(st)?;
+            let new = self.alloc_cluster(st)?.get();
             map.add(new, cs, Structure::L2Table);
             self.write_l2_table(new, &vec![0u8; cs as usize])?;
             self.set_l1_entry(l1i, new | L2_COPIED)?;
@@ -146,7 +148,7 @@ impl Qcow2 {
         if l1e & L2_COPIED != 0 {
             return Ok((table, index));
         }
-        if st.get(&self.file, table >> geo.cluster_bits)? == 1 {
+        if st.get(&self.file, HostCluster(table >> geo.cluster_bits))? == 1 {
             self.set_l1_entry(l1i, table | L2_COPIED)?;
             return Ok((table, index));
         }
@@ -163,13 +165,13 @@ impl Qcow2 {
                 }
             }
         }
-        let new = self.alloc_cluster(st)?;
+        let new = self.alloc_cluster(st)?.get();
         map.add(new, cs, Structure::L2Table);
         self.write_l2_table(new, &content)?;
         self.set_l1_entry(l1i, new | L2_COPIED)?;
         // The old table stays recorded as a snapshot's L2 table, if it is one.
         map.remove(table, Structure::L2Table);
-        st.decref_later(table >> geo.cluster_bits);
+        st.decref_later(HostOffset(table).cluster(geo.cluster_bits));
         Ok((new, index))
     }
 }

@@ -7,8 +7,10 @@
 //! - [`refcount`]: refcount lookups and entry encoding.
 //! - [`alloc`]: host cluster allocation and refcount updates (writes).
 //! - [`meta`]: L1/L2 table updates and cache coherence (writes).
-//! - [`write`]: the [`WriteLayer`] side: in-place writes, copy-on-write,
-//!   zeroing; its module documentation gives the ordering and locking rules.
+//! - [`write`]: the [`WriteLayer`] side: open checks, lock-free in-place
+//!   writes, flush; its module documentation gives the ordering and
+//!   locking rules. [`first_write`] (one cluster) and [`batch`] (whole
+//!   clusters) are the first writes and copy-on-write, [`zero`] zeroing.
 //! - [`guard`]: the map of metadata ranges no data write may touch.
 //! - [`create`]: new empty images (overlays).
 //!
@@ -51,8 +53,10 @@ use crate::format::SnapshotInfo;
 use crate::host::HostFile;
 
 mod alloc;
+mod batch;
 mod bitmaps;
 pub mod create;
+mod first_write;
 mod guard;
 pub mod header;
 mod meta;
@@ -60,6 +64,7 @@ pub mod refcount;
 pub mod snapshot;
 pub mod tables;
 mod write;
+mod zero;
 
 use header::{CompressionType, Header, MAX_CLUSTER_BITS};
 use tables::{EntryRules, Geometry, HostOffset, Unit, OFFSET_MASK};

@@ -29,13 +29,7 @@ pub const SUBCLUSTERS: u64 = 32;
 /// Largest L2 slice read and cached at once.
 pub const SLICE_BYTES: u64 = 64 << 10;
 
-/// A guest byte offset (offset into the virtual disk).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct GuestOffset(pub u64);
-
-/// A host byte offset (offset into the image or data file).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct HostOffset(pub u64);
+pub use crate::engine::units::{GuestOffset, HostOffset};
 
 /// Table geometry derived from the header.
 #[derive(Debug, Clone, Copy)]

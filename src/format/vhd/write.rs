@@ -40,6 +40,7 @@ use crate::engine::append::{round_up, AppendState, Appender};
 use crate::engine::cow::{fill_from_below, write_new_run, NewRun};
 use crate::engine::order::Stage;
 use crate::engine::overlap::{MetadataMap, Structure};
+use crate::engine::units::{GuestOffset, HostOffset};
 use crate::error::{Error, Result};
 use crate::format::{Below, Layer, WriteLayer};
 
@@ -176,7 +177,7 @@ impl Vhd {
         }
         let start = self.block_start(d, idx, entry)?;
         let alloc = w.alloc.as_ref().expect("dynamic disks have an allocator");
-        let first_own = alloc.first_own();
+        let first_own = alloc.first_own().get();
         if start < first_own && start + d.bitmap_len + d.block_size > first_own {
             return Err(Error::corrupt(format!(
                 "BAT entry {idx} points at a block (host offset {start:#x}) that runs past \
@@ -192,7 +193,7 @@ impl Vhd {
             }
         }
         let host = start + d.bitmap_len + in_block;
-        w.map.guard(host, n, pos)?;
+        w.map.guard(HostOffset(host), n, GuestOffset(pos))?;
         self.file.write_all_at(&buf[..n as usize], host)?;
         Ok(n as usize)
     }
@@ -204,7 +205,8 @@ impl Vhd {
         let old = self.end.load(Ordering::Acquire);
         let host = st
             .reserve(d.bitmap_len + d.block_size, 512)
-            .ok_or_else(|| Error::corrupt("the VHD file cannot grow any further"))?;
+            .ok_or_else(|| Error::corrupt("the VHD file cannot grow any further"))?
+            .get();
         let footer_at = host + d.bitmap_len + d.block_size;
         w.map.remove(host, Structure::Footer);
         w.map.add(footer_at, FOOTER_LEN as u64, Structure::Footer);
@@ -242,8 +244,8 @@ impl Vhd {
         };
         let vsize = self.virtual_size();
         let run = NewRun {
-            guest: idx as u64 * d.block_size,
-            host: nb.host + d.bitmap_len,
+            guest: GuestOffset(idx as u64 * d.block_size),
+            host: HostOffset(nb.host + d.bitmap_len),
             count: 1,
             unit: d.block_size,
         };
@@ -254,7 +256,7 @@ impl Vhd {
             run,
             vsize,
             buf,
-            pos,
+            GuestOffset(pos),
             zeros && !differencing,
             &mut |_, c, out| {
                 if differencing {
@@ -314,9 +316,10 @@ impl Vhd {
             let guest = guest0 + s * 512;
             if guest < vsize {
                 let mut data = vec![0u8; ((e - s) * 512) as usize];
-                fill_from_below(below, guest, &mut data, vsize)?;
+                fill_from_below(below, GuestOffset(guest), &mut data, vsize)?;
                 let host = start + d.bitmap_len + s * 512;
-                w.map.guard(host, data.len() as u64, guest)?;
+                w.map
+                    .guard(HostOffset(host), data.len() as u64, GuestOffset(guest))?;
                 self.file.write_all_at(&data, host)?;
             }
             s = e;
@@ -347,7 +350,9 @@ impl Vhd {
     }
 
     fn write_fixed(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.writer().map.guard(offset, buf.len() as u64, offset)?;
+        self.writer()
+            .map
+            .guard(HostOffset(offset), buf.len() as u64, GuestOffset(offset))?;
         self.file.write_all_at(buf, offset)
     }
 

@@ -41,6 +41,7 @@ use super::Vhdx;
 use crate::engine::append::{round_up, Appender};
 use crate::engine::cow::{write_new_run, NewRun};
 use crate::engine::overlap::{MetadataMap, Structure};
+use crate::engine::units::{GuestOffset, HostOffset};
 use crate::error::{Error, Result};
 use crate::format::{Below, Layer, WriteLayer};
 
@@ -187,12 +188,13 @@ impl Vhdx {
         let n = buf.len().min((bs - in_block) as usize);
         match self.bat.payload(block, self.end())? {
             State::Full(host) => {
-                if host >= w.alloc.first_own() && !w.owned.lock().contains(&block) {
+                if host >= w.alloc.first_own().get() && !w.owned.lock().contains(&block) {
                     return Err(Error::corrupt(format!(
                         "VHDX BAT entry of block {block} points at {host:#x}, past the end of the file"
                     )));
                 }
-                w.map.guard(host + in_block, n as u64, pos)?;
+                w.map
+                    .guard(HostOffset(host + in_block), n as u64, GuestOffset(pos))?;
                 self.src.file.write_all_at(&buf[..n], host + in_block)?;
                 Ok(n)
             }
@@ -221,14 +223,16 @@ impl Vhdx {
             // A zero block that keeps its place (fixed disks) is written
             // there, as qemu does; anything else is appended.
             let keep = self.bat.zero_block_offset(block).filter(|&h| {
-                h.checked_add(bs).is_some_and(|e| e <= w.alloc.first_own())
-                    && w.map.guard(h, bs, pos).is_ok()
+                h.checked_add(bs)
+                    .is_some_and(|e| e <= w.alloc.first_own().get())
+                    && w.map.guard(HostOffset(h), bs, GuestOffset(pos)).is_ok()
             });
             let host = match keep {
                 Some(h) => h,
                 None => st
                     .reserve(bs, MIB)
-                    .ok_or_else(|| Error::corrupt("the image file cannot grow any further"))?,
+                    .ok_or_else(|| Error::corrupt("the image file cannot grow any further"))?
+                    .get(),
             };
             self.end
                 .fetch_max(host + bs, std::sync::atomic::Ordering::AcqRel);
@@ -245,12 +249,12 @@ impl Vhdx {
         let first = (pos - block_start) / MIB * MIB;
         let last = (pos - block_start + buf.len() as u64).div_ceil(MIB) * MIB;
         let run = NewRun {
-            guest: block_start + first,
-            host: host + first,
+            guest: GuestOffset(block_start + first),
+            host: HostOffset(host + first),
             count: (last - first) / MIB,
             unit: MIB,
         };
-        w.map.guard(host, bs, pos)?;
+        w.map.guard(HostOffset(host), bs, GuestOffset(pos))?;
         if kept {
             // Its old bytes are undefined: zeros everywhere the run does
             // not write.
@@ -267,7 +271,7 @@ impl Vhdx {
             run,
             self.virtual_size(),
             buf,
-            pos,
+            GuestOffset(pos),
             false,
             &mut |_, _, _| Ok(()),
         )?;

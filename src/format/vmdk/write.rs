@@ -54,6 +54,7 @@ use crate::engine::append::{round_up, AppendState, Appender};
 use crate::engine::cow::{fill_from_below, write_new_run, NewRun};
 use crate::engine::order::Stage;
 use crate::engine::overlap::{MetadataMap, Structure};
+use crate::engine::units::{GuestOffset, HostOffset};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{Below, Layer, WriteLayer};
 use crate::host::HostFile;
@@ -311,7 +312,7 @@ impl SparseWriter {
                  ({end} bytes)"
             )));
         }
-        let first_own = self.alloc.first_own();
+        let first_own = self.alloc.first_own().get();
         if host < first_own && host + gs > first_own {
             return Err(Error::corrupt(format!(
                 "grain table entry points at host offset {host:#x}, a grain overlapping the end \
@@ -323,12 +324,15 @@ impl SparseWriter {
 
     /// Reserves `len` bytes at the frontier, aligned to `align`.
     fn reserve(&self, t: &GrainTables, st: &mut AppendState, len: u64, align: u64) -> Result<u64> {
-        let host = st.reserve(len, align).ok_or_else(|| {
-            Error::new(
-                ErrorKind::Unsupported,
-                "the extent file cannot grow any further (2 TiB limit of sparse extents)",
-            )
-        })?;
+        let host = st
+            .reserve(len, align)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Unsupported,
+                    "the extent file cannot grow any further (2 TiB limit of sparse extents)",
+                )
+            })?
+            .get();
         t.end.fetch_max(host + len, Ordering::AcqRel);
         Ok(host)
     }
@@ -612,7 +616,8 @@ impl Vmdk {
                         n = (n + gs).min(buf.len() as u64);
                         k += 1;
                     }
-                    w.map.guard(host + in_g, n, e.start + rel)?;
+                    w.map
+                        .guard(HostOffset(host + in_g), n, GuestOffset(e.start + rel))?;
                     let n = n as usize;
                     w.dirty.store(true, Ordering::Release);
                     t.file.write_all_at(&buf[..n], host + in_g)?;
@@ -708,8 +713,8 @@ impl Vmdk {
         // In guest offsets (the extent starts at `e.start`), as the layers
         // below and the overlap log see them.
         let new_run = NewRun {
-            guest: e.start + run.rel,
-            host: run.host,
+            guest: GuestOffset(e.start + run.rel),
+            host: HostOffset(run.host),
             count,
             unit: gs,
         };
@@ -721,7 +726,7 @@ impl Vmdk {
             new_run,
             end,
             buf,
-            e.start + rel,
+            GuestOffset(e.start + rel),
             zeros,
             &mut |k, c, out| match run.old[k] {
                 Grain::Zero => Ok(()),
@@ -838,7 +843,7 @@ impl Vmdk {
             }
             if let Grain::Data(h) = grain {
                 w.check_data(h, gs, t)?;
-                w.map.guard(h, gs, e.start + pos)?;
+                w.map.guard(HostOffset(h), gs, GuestOffset(e.start + pos))?;
                 w.dirty.store(true, Ordering::Release);
                 t.file.punch_hole(h, gs)?;
                 pos += gs;
