@@ -14,6 +14,7 @@
 
 use std::sync::Arc;
 
+use crate::endian::{be16, be32, be64, be64_bytes, be64s};
 use crate::engine::overlap::{MetadataMap, Structure};
 use crate::error::Result;
 use crate::host::HostFile;
@@ -46,15 +47,9 @@ fn add_bitmaps(map: &mut MetadataMap, file: &HostFile, off: u64, len: u64, cs: u
     // padded to 8 bytes.
     while let Some(fixed) = dir.get(at..at + 24) {
         let table = be64(fixed, 0);
-        let entries = u64::from(u32::from_be_bytes(
-            fixed[8..12].try_into().unwrap_or_default(),
-        ));
-        let name = u64::from(u16::from_be_bytes(
-            fixed[18..20].try_into().unwrap_or_default(),
-        ));
-        let extra = u64::from(u32::from_be_bytes(
-            fixed[20..24].try_into().unwrap_or_default(),
-        ));
+        let entries = u64::from(be32(fixed, 8));
+        let name = u64::from(be16(fixed, 18));
+        let extra = u64::from(be32(fixed, 20));
         let bytes = entries * 8;
         if bytes > 0 {
             map.add(table, bytes, Structure::BitmapTable);
@@ -63,8 +58,8 @@ fn add_bitmaps(map: &mut MetadataMap, file: &HostFile, off: u64, len: u64, cs: u
             budget -= bytes;
             let mut raw = vec![0u8; bytes as usize];
             file.read_exact_at(&mut raw, table)?;
-            for c in raw.chunks_exact(8) {
-                let e = be64(c, 0) & OFFSET_MASK;
+            for e in be64s(&raw) {
+                let e = e & OFFSET_MASK;
                 if e != 0 {
                     map.add(e, cs, Structure::BitmapData);
                 }
@@ -80,12 +75,6 @@ fn add_bitmaps(map: &mut MetadataMap, file: &HostFile, off: u64, len: u64, cs: u
         at = next;
     }
     Ok(())
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 8)
-        .and_then(|s| s.try_into().ok())
-        .map_or(0, u64::from_be_bytes)
 }
 
 /// The metadata map of `file` (header `h`, active L1 entries `l1`),
@@ -115,8 +104,8 @@ pub fn build(file: &Arc<HostFile>, h: &Header, l1: &[u64]) -> Result<MetadataMap
             budget -= bytes;
             let mut raw = vec![0u8; bytes as usize];
             file.read_exact_at(&mut raw, off)?;
-            for c in raw.chunks_exact(8) {
-                let e = u64::from_be_bytes(c.try_into().unwrap_or_default()) & OFFSET_MASK;
+            for e in be64s(&raw) {
+                let e = e & OFFSET_MASK;
                 if e != 0 {
                     map.add(e, cs, Structure::SnapshotL2Table);
                 }
@@ -133,7 +122,7 @@ pub fn build(file: &Arc<HostFile>, h: &Header, l1: &[u64]) -> Result<MetadataMap
         let bits = h.incompatible | INCOMPAT_CORRUPT;
         map.set_on_trip(Box::new(move || {
             // As qemu does: the image is unusable until repaired.
-            f.write_all_at(&bits.to_be_bytes(), 72)?;
+            f.write_all_at(&be64_bytes(bits), 72)?;
             f.sync_data()
         }));
     }

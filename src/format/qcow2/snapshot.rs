@@ -6,6 +6,7 @@
 //! the end of the file, never more than [`MAX_TABLE_BYTES`], and never
 //! more than [`MAX_SNAPSHOTS`] entries.
 
+use crate::endian::{be16, be32, be64};
 use crate::error::Result;
 use crate::format::SnapshotInfo;
 use crate::host::HostFile;
@@ -66,20 +67,6 @@ impl<'a> Chunked<'a> {
         self.pos = want_end;
         Ok(Some(&self.buf[at..at + n]))
     }
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
 }
 
 /// The snapshots of the image, and the reason parsing stopped early, if it did.

@@ -162,7 +162,7 @@ impl Vmdk {
         line: Option<ExtentLine>,
         file: Option<Arc<HostFile>>,
         tables: extent::GrainTables,
-        info: sparse::SparseInfo,
+        info: extent::SparseInfo,
     ) {
         let len = info.capacity_sectors * 512;
         self.push(Extent {
@@ -297,7 +297,7 @@ impl Vmdk {
         })
     }
 
-    fn first_sparse(&self) -> Option<(&extent::GrainTables, &sparse::SparseInfo)> {
+    fn first_sparse(&self) -> Option<(&extent::GrainTables, &extent::SparseInfo)> {
         self.extents.iter().find_map(|e| match &e.data {
             ExtentData::Sparse { tables, info } => Some((tables, info)),
             _ => None,

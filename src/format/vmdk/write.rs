@@ -50,6 +50,7 @@ use parking_lot::Mutex;
 use super::descriptor::{Access, ExtentType};
 use super::extent::{Extent, ExtentData, Grain, GrainTables, GteCodec, GD_BAD, GD_NONE, GD_ZERO};
 use super::Vmdk;
+use crate::endian::{le32_bytes, put_le32};
 use crate::engine::append::{round_up, AppendState, Appender};
 use crate::engine::cow::{fill_from_below, write_new_run, NewRun};
 use crate::engine::order::Stage;
@@ -241,7 +242,7 @@ fn random_cid(old: Option<u32>, digits: usize) -> u32 {
 }
 
 impl SparseWriter {
-    fn new(t: &GrainTables, info: &super::sparse::SparseInfo) -> Result<SparseWriter> {
+    fn new(t: &GrainTables, info: &super::extent::SparseInfo) -> Result<SparseWriter> {
         let file = &t.file;
         let meta = file
             .file()
@@ -360,7 +361,7 @@ impl SparseWriter {
         }
         // A zeroed directory entry: the table's grains all read as zeros.
         let fill: u32 = if cur == GD_ZERO { 1 } else { 0 };
-        let table: Vec<u8> = (0..t.gt_entries).flat_map(|_| fill.to_le_bytes()).collect();
+        let table: Vec<u8> = (0..t.gt_entries).flat_map(|_| le32_bytes(fill)).collect();
         let space = round_up(table.len() as u64, 512).expect("tables are small");
         let redundant = self.rgd_at != 0 && t.rgd_entry(gdi).is_some();
         self.dirty.store(true, Ordering::Release);
@@ -378,7 +379,7 @@ impl SparseWriter {
         let entry_at = gdi * 4;
         if let Some(rh) = rhost {
             t.file.write_ordered_at(
-                &((rh / 512) as u32).to_le_bytes(),
+                &le32_bytes((rh / 512) as u32),
                 self.rgd_at + entry_at,
                 Stage::Map,
             )?;
@@ -387,7 +388,7 @@ impl SparseWriter {
             }
         }
         t.file.write_ordered_at(
-            &((host / 512) as u32).to_le_bytes(),
+            &le32_bytes((host / 512) as u32),
             self.gd_at + entry_at,
             Stage::Map,
         )?;
@@ -411,7 +412,7 @@ impl SparseWriter {
         let mut new = table.to_vec();
         for (k, r) in raw.iter().enumerate() {
             let at = (idx as usize + k) * 4;
-            new[at..at + 4].copy_from_slice(&r.to_le_bytes());
+            put_le32(&mut new, at, *r);
         }
         if new[..] == table[..] {
             return Ok(());
