@@ -215,7 +215,7 @@ mod tests {
         assert_eq!(detect_parts(&head, &footer(7)), Format::Raw, "bad type");
         let mut koly = vec![0u8; 512];
         koly[..4].copy_from_slice(b"koly");
-        put_be32(&mut koly, 8, 512u32);
+        put_be32(&mut koly, 8, 512);
         assert_eq!(detect_parts(&head, &koly), Format::Dmg);
         // The head wins over the tail.
         assert_eq!(

@@ -491,8 +491,8 @@ mod tests {
         put_be32(&mut b, 0, REQUEST_MAGIC);
         put_be16(&mut b, 4, CMD_FLAG_FUA);
         put_be16(&mut b, 6, CMD_WRITE);
-        put_be64(&mut b, 8, 0x1122u64);
-        put_be64(&mut b, 16, 4096u64);
+        put_be64(&mut b, 8, 0x1122);
+        put_be64(&mut b, 16, 4096);
         put_be32(&mut b, 24, 512);
         let r = parse_request(&b).unwrap();
         assert_eq!(

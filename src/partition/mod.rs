@@ -311,14 +311,14 @@ mod tests {
         d[1024..1024 + array.len()].copy_from_slice(&array);
         let h = &mut d[512..1024];
         h[0..8].copy_from_slice(b"EFI PART");
-        put_le32(h, 8, 0x0001_0000u32);
-        put_le32(h, 12, 92u32);
-        put_le64(h, 24, 1u64);
-        put_le64(h, 40, 34u64);
+        put_le32(h, 8, 0x0001_0000);
+        put_le32(h, 12, 92);
+        put_le64(h, 24, 1);
+        put_le64(h, 40, 34);
         put_le64(h, 48, size / 512 - 34);
-        put_le64(h, 72, 2u64);
+        put_le64(h, 72, 2);
         put_le32(h, 80, count);
-        put_le32(h, 84, 128u32);
+        put_le32(h, 84, 128);
         put_le32(h, 88, crc32(&array));
         let c = crc32(&h[..92]);
         put_le32(h, 16, c);
@@ -409,7 +409,7 @@ mod tests {
         assert!(t.warnings[0].contains("protective MBR"), "{:?}", t.warnings);
         // Absurd entry size.
         let mut d = gpt_disk(4 * MIB, &[], 128);
-        put_le32(&mut d, 512 + 84, 1000u32);
+        put_le32(&mut d, 512 + 84, 1000);
         assert!(parse(&d).unwrap().partitions.is_empty());
     }
 }

@@ -225,11 +225,11 @@ mod tests {
     fn header(cluster_bits: u8, l2_bits: u8, size: u64) -> Vec<u8> {
         let mut h = vec![0u8; HEADER_LEN];
         h[0..4].copy_from_slice(&MAGIC);
-        put_be32(&mut h, 4, 1u32);
+        put_be32(&mut h, 4, 1);
         put_be64(&mut h, 24, size);
         h[32] = cluster_bits;
         h[33] = l2_bits;
-        put_be64(&mut h, 40, 48u64);
+        put_be64(&mut h, 40, 48);
         h
     }
 

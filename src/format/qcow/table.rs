@@ -244,7 +244,7 @@ mod tests {
     #[test]
     fn reads_entries_big_endian() {
         let mut t = vec![0u8; 16];
-        put_be64(&mut t, 8, 0x1122_3344_5566_7788u64);
+        put_be64(&mut t, 8, 0x1122_3344_5566_7788);
         assert_eq!(raw_entry(&t, 1), 0x1122_3344_5566_7788);
         assert_eq!(raw_entry(&t, 2), 0);
     }

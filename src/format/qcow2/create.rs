@@ -112,7 +112,7 @@ fn create_inner(file: &HostFile, opts: &CreateOptions) -> Result<()> {
 fn header_cluster(opts: &CreateOptions, l1_entries: u64, cs: u64) -> Result<Vec<u8>> {
     let mut h = vec![0u8; cs as usize];
     h[0..4].copy_from_slice(&MAGIC);
-    put_be32(&mut h, 4, 3u32);
+    put_be32(&mut h, 4, 3);
     put_be32(&mut h, 20, cs.trailing_zeros());
     put_be64(&mut h, 24, opts.virtual_size);
     put_be32(&mut h, 36, l1_entries as u32);

@@ -29,6 +29,24 @@ pub const SNAPSHOT_L1_BUDGET: u64 = 64 << 20;
 /// Bytes of the bitmap directory and of bitmap tables read at open.
 pub const BITMAP_BUDGET: u64 = 64 << 20;
 
+/// Reads the table of `bytes` bytes at `off` (big-endian u64 entries) and
+/// marks the cluster each nonzero entry points at as `kind`.
+fn add_pointed_clusters(
+    map: &mut MetadataMap,
+    file: &HostFile,
+    off: u64,
+    bytes: u64,
+    cs: u64,
+    kind: Structure,
+) -> Result<()> {
+    let mut raw = vec![0u8; bytes as usize];
+    file.read_exact_at(&mut raw, off)?;
+    for e in be64s(&raw).map(|e| e & OFFSET_MASK).filter(|&e| e != 0) {
+        map.add(e, cs, kind);
+    }
+    Ok(())
+}
+
 /// Records the table of every bitmap of the directory at `off` (`len`
 /// bytes) and the data clusters the tables name. A directory or table out
 /// of the file is skipped (qemu refuses such an image's bitmaps; reading
@@ -56,14 +74,7 @@ fn add_bitmaps(map: &mut MetadataMap, file: &HostFile, off: u64, len: u64, cs: u
         }
         if bytes <= budget && table.checked_add(bytes).is_some_and(|e| e <= file.len()) {
             budget -= bytes;
-            let mut raw = vec![0u8; bytes as usize];
-            file.read_exact_at(&mut raw, table)?;
-            for e in be64s(&raw) {
-                let e = e & OFFSET_MASK;
-                if e != 0 {
-                    map.add(e, cs, Structure::BitmapData);
-                }
-            }
+            add_pointed_clusters(map, file, table, bytes, cs, Structure::BitmapData)?;
         }
         let Some(next) = (24 + extra + name)
             .checked_next_multiple_of(8)
@@ -102,14 +113,7 @@ pub fn build(file: &Arc<HostFile>, h: &Header, l1: &[u64]) -> Result<MetadataMap
                 continue;
             }
             budget -= bytes;
-            let mut raw = vec![0u8; bytes as usize];
-            file.read_exact_at(&mut raw, off)?;
-            for e in be64s(&raw) {
-                let e = e & OFFSET_MASK;
-                if e != 0 {
-                    map.add(e, cs, Structure::SnapshotL2Table);
-                }
-            }
+            add_pointed_clusters(&mut map, file, off, bytes, cs, Structure::SnapshotL2Table)?;
         }
     }
     if let Some((off, len)) = h.bitmap_directory {

@@ -453,11 +453,11 @@ mod tests {
     fn v3(cluster_bits: u32) -> Vec<u8> {
         let mut h = vec![0u8; 4096];
         h[0..4].copy_from_slice(&MAGIC);
-        put_be32(&mut h, 4, 3u32);
+        put_be32(&mut h, 4, 3);
         put_be32(&mut h, 20, cluster_bits);
         put_be64(&mut h, 24, 1u64 << 20);
-        put_be32(&mut h, 96, 4u32);
-        put_be32(&mut h, 100, 112u32);
+        put_be32(&mut h, 96, 4);
+        put_be32(&mut h, 100, 112);
         h
     }
 
@@ -477,10 +477,10 @@ mod tests {
             assert!(e.message().contains("cluster_bits"));
         }
         let mut h = v3(16);
-        put_be32(&mut h, 96, 7u32);
+        put_be32(&mut h, 96, 7);
         assert_eq!(Header::parse(&h).unwrap_err().kind(), ErrorKind::Corrupt);
         let mut h = v3(16);
-        put_be32(&mut h, 32, 2u32);
+        put_be32(&mut h, 32, 2);
         assert_eq!(Header::parse(&h).unwrap_err().kind(), ErrorKind::Encrypted);
         assert_eq!(
             Header::parse(&v3(16)[..80]).unwrap_err().kind(),
@@ -494,7 +494,7 @@ mod tests {
         put_be64(&mut h, 72, 1u64 << 9);
         // Feature table extension with one entry: incompatible bit 9 "frobnicate".
         put_be32(&mut h, 112, EXT_FEATURE_TABLE);
-        put_be32(&mut h, 116, 48u32);
+        put_be32(&mut h, 116, 48);
         h[120] = 0;
         h[121] = 9;
         h[122..132].copy_from_slice(b"frobnicate");
@@ -507,7 +507,7 @@ mod tests {
     fn overlong_extension_is_refused() {
         let mut h = v3(12);
         put_be32(&mut h, 112, EXT_BACKING_FORMAT);
-        put_be32(&mut h, 116, 100_000u32);
+        put_be32(&mut h, 116, 100_000);
         assert_eq!(Header::parse(&h).unwrap_err().kind(), ErrorKind::Corrupt);
     }
 }

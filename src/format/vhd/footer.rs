@@ -311,7 +311,7 @@ mod tests {
         put_be16(&mut b, 56, geometry.0);
         b[58] = geometry.1;
         b[59] = geometry.2;
-        put_be32(&mut b, 60, 2u32);
+        put_be32(&mut b, 60, 2);
         let c = checksum(&b, 64);
         put_be32(&mut b, 64, c);
         b

@@ -514,7 +514,7 @@ mod tests {
             let h = &mut log[at..at + SECTOR];
             h[0..4].copy_from_slice(b"loge");
             put_le32(h, 8, n as u32);
-            put_le64(h, 16, 1u64);
+            put_le64(h, 16, 1);
             h[32..48].copy_from_slice(&guid.0);
         }
         let started = std::time::Instant::now();

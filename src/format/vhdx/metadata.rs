@@ -306,7 +306,7 @@ mod tests {
         put_le16(&mut b, 30, v.len() as u16);
         let m = parse_locator(&b).unwrap();
         assert_eq!(m["relative_path"], ".\\base.vhdx");
-        put_le16(&mut b, 30, 1000u16);
+        put_le16(&mut b, 30, 1000);
         assert!(parse_locator(&b).is_err());
         b[18] = 200;
         assert!(parse_locator(&b).is_err());
