@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::cache::Caches;
 use crate::chain::{Chain, ChainOptions};
+use crate::endian::{le16, le32};
 use crate::format::{self, Format, OpenCtx};
 use crate::host::HostFile;
 use crate::policy::OpenPolicy;
@@ -86,8 +87,8 @@ fn exercise(chain: &Chain, script: &[u8]) {
     read(size / 2, 65536);
     read(size.saturating_sub(4096), 4096);
     for pair in script.chunks_exact(8).take(64) {
-        let off = u32::from_le_bytes([pair[0], pair[1], pair[2], pair[3]]) as u64 * 512;
-        let len = u32::from_le_bytes([pair[4], pair[5], pair[6], pair[7]]) as u64;
+        let off = le32(pair, 0) as u64 * 512;
+        let len = le32(pair, 4) as u64;
         read(off, len);
     }
 }
@@ -144,8 +145,8 @@ pub fn open_and_write(data: &[u8], format: Format, script: &[u8]) {
     };
     let mut written = Vec::new();
     for (i, op) in script.chunks_exact(8).take(64).enumerate() {
-        let len = u64::from(u16::from_le_bytes([op[1], op[2]])) * 2 + 1;
-        let off = u64::from(u32::from_le_bytes([op[4], op[5], op[6], op[7]])) * 512 % size;
+        let len = u64::from(le16(op, 1)) * 2 + 1;
+        let off = u64::from(le32(op, 4)) * 512 % size;
         let len = len.min(size - off);
         match op[0] % 4 {
             0 => {

@@ -14,6 +14,7 @@ pub mod chain;
 pub mod cli;
 pub mod compress;
 pub mod daemon;
+pub mod endian;
 pub mod engine;
 pub mod error;
 pub mod format;

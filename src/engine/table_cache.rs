@@ -84,6 +84,7 @@ impl TableCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endian::{be64, be64_bytes, put_be64};
     use std::sync::mpsc;
 
     fn lru() -> Arc<ByteLru> {
@@ -202,7 +203,7 @@ mod tests {
                         tc.load(&lru, (1, 0), 8, |b| {
                             let v = disk.load(Ordering::Acquire);
                             std::thread::yield_now();
-                            b.copy_from_slice(&v.to_be_bytes());
+                            put_be64(b, 0, v);
                             Ok(())
                         })
                         .unwrap();
@@ -213,9 +214,9 @@ mod tests {
             .collect();
         for v in 1..=500u64 {
             disk.store(v, Ordering::Release);
-            tc.publish(&lru, (1, 0), Some(v.to_be_bytes().to_vec().into()));
+            tc.publish(&lru, (1, 0), Some(be64_bytes(v).to_vec().into()));
             if let Some(t) = lru.get((1, 0)) {
-                let got = u64::from_be_bytes(t[..8].try_into().unwrap());
+                let got = be64(&t, 0);
                 assert!(got >= v, "cache rolled back to {got} after publish {v}");
             }
         }
@@ -223,6 +224,6 @@ mod tests {
             r.join().unwrap();
         }
         let t = lru.get((1, 0)).unwrap();
-        assert_eq!(u64::from_be_bytes(t[..8].try_into().unwrap()), 500);
+        assert_eq!(be64(&t, 0), 500);
     }
 }

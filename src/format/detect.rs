@@ -13,6 +13,7 @@
 //! not serve (QED, LUKS, bochs, cloop, dmg).
 
 use super::{vhd, vmdk, Format};
+use crate::endian::{get_be16, get_be32, get_le32};
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::HostFile;
 
@@ -74,17 +75,9 @@ pub fn detect_parts(head: &[u8], tail: &[u8]) -> Format {
     Format::Raw
 }
 
-fn be32(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-fn le32(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
 fn detect_head(head: &[u8]) -> Option<Format> {
     if head.starts_with(b"QFI\xfb") {
-        let version = be32(head, 4)?;
+        let version = get_be32(head, 4)?;
         // Versions 2 and 3 are qcow2; others are refused by its driver.
         return Some(if version == 1 {
             Format::Qcow
@@ -102,12 +95,12 @@ fn detect_head(head: &[u8]) -> Option<Format> {
     if head.starts_with(b"vhdxfile") {
         return Some(Format::Vhdx);
     }
-    if le32(head, VDI_SIGNATURE_AT) == Some(VDI_SIGNATURE) {
+    if get_le32(head, VDI_SIGNATURE_AT) == Some(VDI_SIGNATURE) {
         // Even a header cut short is VDI: its driver refuses it by name.
         return Some(Format::Vdi);
     }
     if (head.starts_with(b"WithoutFreeSpace") || head.starts_with(b"WithouFreSpacExt"))
-        && le32(head, 16) == Some(2)
+        && get_le32(head, 16) == Some(2)
     {
         return Some(Format::Parallels);
     }
@@ -115,7 +108,7 @@ fn detect_head(head: &[u8]) -> Option<Format> {
         return Some(Format::Parallels);
     }
     if head.starts_with(b"LUKS\xba\xbe") {
-        let version = u16::from_be_bytes(head.get(6..8)?.try_into().ok()?);
+        let version = get_be16(head, 6)?;
         if version == 1 || version == 2 {
             return Some(Format::Luks);
         }
@@ -147,7 +140,7 @@ pub fn is_parallels_descriptor(head: &[u8]) -> bool {
 
 /// Whether `tail` (512 bytes) is an Apple disk image's `koly` trailer.
 fn is_dmg_trailer(tail: &[u8]) -> bool {
-    tail.starts_with(b"koly") && be32(tail, 8) == Some(512)
+    tail.starts_with(b"koly") && get_be32(tail, 8) == Some(512)
 }
 
 /// The one-line refusal for a recognised format vdiskfs does not serve.
@@ -174,13 +167,14 @@ pub fn refusal(format: Format) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endian::{le32_bytes, put_be32, put_le32};
 
     fn footer(disk_type: u32) -> Vec<u8> {
         let mut f = vec![0u8; 512];
         f[..8].copy_from_slice(b"conectix");
-        f[60..64].copy_from_slice(&disk_type.to_be_bytes());
+        put_be32(&mut f, 60, disk_type);
         let sum = f.iter().fold(0u32, |s, &b| s.wrapping_add(u32::from(b)));
-        f[64..68].copy_from_slice(&(!sum).to_be_bytes());
+        put_be32(&mut f, 64, !sum);
         f
     }
 
@@ -197,10 +191,10 @@ mod tests {
         assert_eq!(detect_bytes(b"hello world"), Format::Raw);
         assert_eq!(detect_bytes(b""), Format::Raw);
         let mut vdi = vec![0u8; 512];
-        vdi[0x40..0x44].copy_from_slice(&VDI_SIGNATURE.to_le_bytes());
+        put_le32(&mut vdi, 0x40, VDI_SIGNATURE);
         assert_eq!(detect_bytes(&vdi), Format::Vdi);
         let mut ploop = b"WithouFreSpacExt".to_vec();
-        ploop.extend_from_slice(&2u32.to_le_bytes());
+        ploop.extend_from_slice(&le32_bytes(2));
         assert_eq!(detect_bytes(&ploop), Format::Parallels);
         ploop[16] = 3;
         assert_eq!(detect_bytes(&ploop), Format::Raw);
@@ -221,7 +215,7 @@ mod tests {
         assert_eq!(detect_parts(&head, &footer(7)), Format::Raw, "bad type");
         let mut koly = vec![0u8; 512];
         koly[..4].copy_from_slice(b"koly");
-        koly[8..12].copy_from_slice(&512u32.to_be_bytes());
+        put_be32(&mut koly, 8, 512);
         assert_eq!(detect_parts(&head, &koly), Format::Dmg);
         // The head wins over the tail.
         assert_eq!(

@@ -26,6 +26,7 @@ use super::blockmap::{map_blocks, Block};
 use super::detect::is_parallels_descriptor;
 use super::parallels_bundle::Bundle;
 use super::{BackingSpec, Format, Layer, LayerInfo, Mapping, OpenCtx};
+use crate::endian::{le32, le32s, le64};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 
@@ -73,14 +74,6 @@ pub struct Header {
     pub flags: u32,
     /// Format extension offset in sectors (0: none).
     pub ext_off: u64,
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from(le32(b, at)) | (u64::from(le32(b, at + 4)) << 32)
 }
 
 /// Largest block map loaded into memory (256 MiB of entries).
@@ -187,10 +180,7 @@ impl Parallels {
         }
         let mut raw = vec![0u8; header.bat_entries as usize * 4];
         file.read_exact_at(&mut raw, HEADER_LEN)?;
-        let bat = raw
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let bat = le32s(&raw).collect();
         Ok(Parallels {
             file,
             header,

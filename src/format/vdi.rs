@@ -24,6 +24,7 @@ use serde_json::Value;
 
 use super::blockmap::{map_blocks, Block};
 use super::{BackingSpec, Format, Layer, LayerInfo, Mapping, OpenCtx};
+use crate::endian::{le32, le32s, le64};
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::HostFile;
 
@@ -114,10 +115,6 @@ pub struct Header {
     pub parent_modify_uuid: [u8; 16],
 }
 
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
 fn uuid_at(b: &[u8], at: usize) -> [u8; 16] {
     let mut u = [0u8; 16];
     u.copy_from_slice(&b[at..at + 16]);
@@ -179,7 +176,7 @@ impl Header {
             blocks_offset: u64::from(le32(b, 0x154)),
             data_offset: u64::from(le32(b, 0x158)),
             sector_size: le32(b, 0x168),
-            disk_size: u64::from_le_bytes(b[0x170..0x178].try_into().unwrap_or_default()),
+            disk_size: le64(b, 0x170),
             block_size: le32(b, 0x178),
             block_extra: le32(b, 0x17c),
             blocks: le32(b, 0x180),
@@ -281,10 +278,7 @@ impl Vdi {
         }
         let mut raw = vec![0u8; header.blocks as usize * 4];
         file.read_exact_at(&mut raw, header.blocks_offset)?;
-        let map = raw
-            .chunks_exact(4)
-            .map(|c| AtomicU32::new(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-            .collect();
+        let map = le32s(&raw).map(AtomicU32::new).collect();
         let parent = match header.image_type {
             ImageType::Diff => Some(find_parent(file.path(), &header.parent_uuid)?),
             _ => None,

@@ -21,6 +21,7 @@
 use std::sync::atomic::Ordering;
 
 use super::{Vdi, BLOCK_FREE, BLOCK_ZERO};
+use crate::endian::le32_bytes;
 use crate::engine::append::{AppendState, Appender};
 use crate::engine::cow::{fill_from_below, write_new_run, NewRun};
 use crate::engine::order::Stage;
@@ -180,10 +181,10 @@ impl Vdi {
         let number = ((host - self.header.data_offset) / self.stride()) as u32;
         let count = w.allocated.load(Ordering::Acquire).saturating_add(1);
         self.file
-            .write_ordered_at(&count.to_le_bytes(), BLOCKS_ALLOCATED_AT, Stage::Link)?;
+            .write_ordered_at(&le32_bytes(count), BLOCKS_ALLOCATED_AT, Stage::Link)?;
         w.allocated.store(count, Ordering::Release);
         self.file.write_ordered_at(
-            &number.to_le_bytes(),
+            &le32_bytes(number),
             self.header.blocks_offset + idx * 4,
             Stage::Map,
         )?;
@@ -200,7 +201,7 @@ impl Vdi {
             return Ok(());
         }
         self.file.write_ordered_at(
-            &BLOCK_ZERO.to_le_bytes(),
+            &le32_bytes(BLOCK_ZERO),
             self.header.blocks_offset + idx * 4,
             Stage::Map,
         )?;

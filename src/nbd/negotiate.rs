@@ -13,6 +13,7 @@ use std::io::{self, Read, Write};
 
 use super::proto::{self, *};
 use super::Export;
+use crate::endian::{be16_bytes, be32, be64, be64_bytes};
 
 /// Largest option payload read; the longest legitimate one (a meta-context
 /// request with a few queries) is far smaller.
@@ -100,14 +101,14 @@ impl Negotiator {
     /// a client without fixed newstyle (which cannot start TLS) is refused.
     pub fn greet<S: Read + Write>(s: &mut S, tls: Tls) -> io::Result<Negotiator> {
         let mut hello = Vec::with_capacity(18);
-        hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
-        hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        hello.extend_from_slice(&be64_bytes(NBDMAGIC));
+        hello.extend_from_slice(&be64_bytes(IHAVEOPT));
+        hello.extend_from_slice(&be16_bytes(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
         s.write_all(&hello)?;
         s.flush()?;
         let mut b4 = [0u8; 4];
         s.read_exact(&mut b4)?;
-        let client_flags = u32::from_be_bytes(b4);
+        let client_flags = be32(&b4, 0);
         if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
             return Err(protocol("unknown client flags"));
         }
@@ -149,12 +150,12 @@ impl Negotiator {
     ) -> io::Result<Option<Step>> {
         let mut head = [0u8; 16];
         s.read_exact(&mut head)?;
-        let magic = u64::from_be_bytes(head[..8].try_into().unwrap_or_default());
+        let magic = be64(&head, 0);
         if magic != IHAVEOPT {
             return Err(protocol("bad option magic"));
         }
-        let option = u32::from_be_bytes([head[8], head[9], head[10], head[11]]);
-        let len = u32::from_be_bytes([head[12], head[13], head[14], head[15]]);
+        let option = be32(&head, 8);
+        let len = be32(&head, 12);
         if len > MAX_OPTION_LEN {
             return Err(protocol("option payload too large"));
         }
@@ -196,8 +197,8 @@ impl Negotiator {
                 let idx = find_export(exports, &name).ok_or_else(|| protocol("no such export"))?;
                 let e = &exports[idx];
                 let mut r = Vec::with_capacity(134);
-                r.extend_from_slice(&e.size().to_be_bytes());
-                r.extend_from_slice(&e.flags().to_be_bytes());
+                r.extend_from_slice(&be64_bytes(e.size()));
+                r.extend_from_slice(&be16_bytes(e.flags()));
                 if !no_zeroes {
                     r.resize(r.len() + 124, 0);
                 }
@@ -319,6 +320,7 @@ impl Negotiator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endian::be32_bytes;
 
     /// Client bytes in, server bytes out.
     struct Pipe {
@@ -342,9 +344,9 @@ mod tests {
     }
 
     fn option(opt: u32, data: &[u8]) -> Vec<u8> {
-        let mut v = IHAVEOPT.to_be_bytes().to_vec();
-        v.extend_from_slice(&opt.to_be_bytes());
-        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut v = be64_bytes(IHAVEOPT).to_vec();
+        v.extend_from_slice(&be32_bytes(opt));
+        v.extend_from_slice(&be32_bytes(data.len() as u32));
         v.extend_from_slice(data);
         v
     }
@@ -354,8 +356,8 @@ mod tests {
         let mut kinds = Vec::new();
         let mut p = 0;
         while p + 20 <= out.len() {
-            kinds.push(u32::from_be_bytes(out[p + 12..p + 16].try_into().unwrap()));
-            let len = u32::from_be_bytes(out[p + 16..p + 20].try_into().unwrap());
+            kinds.push(be32(out, p + 12));
+            let len = be32(out, p + 16);
             p += 20 + len as usize;
         }
         kinds
@@ -370,7 +372,7 @@ mod tests {
 
     #[test]
     fn tls_required_serves_only_starttls_and_abort_before_the_upgrade() {
-        let mut input = 3u32.to_be_bytes().to_vec();
+        let mut input = be32_bytes(3).to_vec();
         input.extend(option(OPT_LIST, &[]));
         input.extend(option(OPT_STRUCTURED_REPLY, &[]));
         input.extend(option(OPT_GO, &[0, 0, 0, 0, 0, 0]));
@@ -401,16 +403,16 @@ mod tests {
 
     #[test]
     fn tls_required_hangs_up_on_export_name_and_old_clients() {
-        let mut input = 3u32.to_be_bytes().to_vec();
+        let mut input = be32_bytes(3).to_vec();
         input.extend(option(OPT_EXPORT_NAME, b""));
         let mut p = pipe(input);
         let mut n = Negotiator::greet(&mut p, Tls::Required).unwrap();
         assert!(n.options(&mut p, &[]).is_err());
         assert!(p.output.len() == 18, "EXPORT_NAME before TLS was answered");
-        let mut p = pipe(0u32.to_be_bytes().to_vec());
+        let mut p = pipe(be32_bytes(0).to_vec());
         assert!(Negotiator::greet(&mut p, Tls::Required).is_err());
         // Without TLS, STARTTLS is unsupported and negotiation goes on.
-        let mut input = 1u32.to_be_bytes().to_vec();
+        let mut input = be32_bytes(1).to_vec();
         input.extend(option(OPT_STARTTLS, &[]));
         input.extend(option(OPT_ABORT, &[]));
         let mut p = pipe(input);

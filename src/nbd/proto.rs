@@ -6,6 +6,9 @@
 //! fuzzed without sockets. The numbers are those of the NBD project's
 //! `doc/proto.md`; `qemu:allocation-depth` is described in qemu's
 //! `docs/interop/nbd.txt`.
+use crate::endian::{
+    be16, be16_bytes, be32, be32_bytes, be64, be64_bytes, put_be16, put_be32, put_be64,
+};
 
 /// `NBDMAGIC`: the first eight bytes the server sends.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -193,11 +196,15 @@ impl<'a> Cursor<'a> {
     }
     fn u16(&mut self, what: &'static str) -> Result<u16, Malformed> {
         let b = self.take(2, what)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
+        Ok(be16(b, 0))
     }
     fn u32(&mut self, what: &'static str) -> Result<u32, Malformed> {
         let b = self.take(4, what)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        Ok(be32(b, 0))
+    }
+    fn u64(&mut self, what: &'static str) -> Result<u64, Malformed> {
+        let b = self.take(8, what)?;
+        Ok(be64(b, 0))
     }
     /// A u32-length-prefixed string of at most [`MAX_STRING`] bytes.
     fn string(&mut self, what: &'static str) -> Result<String, Malformed> {
@@ -282,10 +289,10 @@ pub fn match_context(query: &str, list: bool) -> Vec<(u32, &'static str)> {
 /// One option reply: header and payload.
 pub fn option_reply(option: u32, reply: u32, data: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(20 + data.len());
-    v.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
-    v.extend_from_slice(&option.to_be_bytes());
-    v.extend_from_slice(&reply.to_be_bytes());
-    v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    v.extend_from_slice(&be64_bytes(OPT_REPLY_MAGIC));
+    v.extend_from_slice(&be32_bytes(option));
+    v.extend_from_slice(&be32_bytes(reply));
+    v.extend_from_slice(&be32_bytes(data.len() as u32));
     v.extend_from_slice(data);
     v
 }
@@ -293,7 +300,7 @@ pub fn option_reply(option: u32, reply: u32, data: &[u8]) -> Vec<u8> {
 /// The `NBD_REP_SERVER` payload naming one export.
 pub fn server_entry(name: &str) -> Vec<u8> {
     let mut v = Vec::with_capacity(4 + name.len());
-    v.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    v.extend_from_slice(&be32_bytes(name.len() as u32));
     v.extend_from_slice(name.as_bytes());
     v
 }
@@ -301,31 +308,31 @@ pub fn server_entry(name: &str) -> Vec<u8> {
 /// The `NBD_INFO_EXPORT` payload.
 pub fn info_export(size: u64, flags: u16) -> Vec<u8> {
     let mut v = Vec::with_capacity(12);
-    v.extend_from_slice(&INFO_EXPORT.to_be_bytes());
-    v.extend_from_slice(&size.to_be_bytes());
-    v.extend_from_slice(&flags.to_be_bytes());
+    v.extend_from_slice(&be16_bytes(INFO_EXPORT));
+    v.extend_from_slice(&be64_bytes(size));
+    v.extend_from_slice(&be16_bytes(flags));
     v
 }
 
 /// An `NBD_INFO_NAME` or `NBD_INFO_DESCRIPTION` payload.
 pub fn info_text(kind: u16, text: &str) -> Vec<u8> {
-    let mut v = kind.to_be_bytes().to_vec();
+    let mut v = be16_bytes(kind).to_vec();
     v.extend_from_slice(text.as_bytes());
     v
 }
 
 /// The `NBD_INFO_BLOCK_SIZE` payload.
 pub fn info_block_size(min: u32, preferred: u32, max: u32) -> Vec<u8> {
-    let mut v = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+    let mut v = be16_bytes(INFO_BLOCK_SIZE).to_vec();
     for x in [min, preferred, max] {
-        v.extend_from_slice(&x.to_be_bytes());
+        v.extend_from_slice(&be32_bytes(x));
     }
     v
 }
 
 /// The `NBD_REP_META_CONTEXT` payload.
 pub fn meta_context(id: u32, name: &str) -> Vec<u8> {
-    let mut v = id.to_be_bytes().to_vec();
+    let mut v = be32_bytes(id).to_vec();
     v.extend_from_slice(name.as_bytes());
     v
 }
@@ -347,15 +354,15 @@ pub struct Request {
 
 /// Parses a request header; a wrong magic is a protocol error.
 pub fn parse_request(b: &[u8; REQUEST_LEN]) -> Result<Request, Malformed> {
-    let magic = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    let magic = be32(b, 0);
     if magic != REQUEST_MAGIC {
         return Err(Malformed("bad request magic"));
     }
     let mut c = Cursor { buf: &b[4..] };
     let flags = c.u16("request")?;
     let kind = c.u16("request")?;
-    let cookie = u64::from_be_bytes(to8(c.take(8, "request")?));
-    let offset = u64::from_be_bytes(to8(c.take(8, "request")?));
+    let cookie = c.u64("request")?;
+    let offset = c.u64("request")?;
     let len = c.u32("request")?;
     Ok(Request {
         flags,
@@ -366,37 +373,31 @@ pub fn parse_request(b: &[u8; REQUEST_LEN]) -> Result<Request, Malformed> {
     })
 }
 
-fn to8(b: &[u8]) -> [u8; 8] {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    a
-}
-
 /// A simple reply header (for READ, the data follows it).
 pub fn simple_reply(cookie: u64, error: u32) -> [u8; 16] {
     let mut v = [0u8; 16];
-    v[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-    v[4..8].copy_from_slice(&error.to_be_bytes());
-    v[8..].copy_from_slice(&cookie.to_be_bytes());
+    put_be32(&mut v, 0, SIMPLE_REPLY_MAGIC);
+    put_be32(&mut v, 4, error);
+    put_be64(&mut v, 8, cookie);
     v
 }
 
 /// A structured chunk header announcing `len` bytes of payload.
 pub fn chunk_header(cookie: u64, flags: u16, kind: u16, len: u32) -> [u8; 20] {
     let mut v = [0u8; 20];
-    v[..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-    v[4..6].copy_from_slice(&flags.to_be_bytes());
-    v[6..8].copy_from_slice(&kind.to_be_bytes());
-    v[8..16].copy_from_slice(&cookie.to_be_bytes());
-    v[16..].copy_from_slice(&len.to_be_bytes());
+    put_be32(&mut v, 0, STRUCTURED_REPLY_MAGIC);
+    put_be16(&mut v, 4, flags);
+    put_be16(&mut v, 6, kind);
+    put_be64(&mut v, 8, cookie);
+    put_be32(&mut v, 16, len);
     v
 }
 
 /// A whole `NBD_REPLY_TYPE_OFFSET_HOLE` chunk.
 pub fn hole_chunk(cookie: u64, flags: u16, offset: u64, len: u32) -> Vec<u8> {
     let mut v = chunk_header(cookie, flags, REPLY_TYPE_OFFSET_HOLE, 12).to_vec();
-    v.extend_from_slice(&offset.to_be_bytes());
-    v.extend_from_slice(&len.to_be_bytes());
+    v.extend_from_slice(&be64_bytes(offset));
+    v.extend_from_slice(&be32_bytes(len));
     v
 }
 
@@ -410,8 +411,8 @@ pub fn error_chunk(cookie: u64, error: u32, message: &str) -> Vec<u8> {
         6 + msg.len() as u32,
     )
     .to_vec();
-    v.extend_from_slice(&error.to_be_bytes());
-    v.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    v.extend_from_slice(&be32_bytes(error));
+    v.extend_from_slice(&be16_bytes(msg.len() as u16));
     v.extend_from_slice(msg);
     v
 }
@@ -421,10 +422,10 @@ pub fn error_chunk(cookie: u64, error: u32, message: &str) -> Vec<u8> {
 pub fn status_chunk(cookie: u64, flags: u16, context: u32, extents: &[(u32, u32)]) -> Vec<u8> {
     let len = 4 + 8 * extents.len() as u32;
     let mut v = chunk_header(cookie, flags, REPLY_TYPE_BLOCK_STATUS, len).to_vec();
-    v.extend_from_slice(&context.to_be_bytes());
+    v.extend_from_slice(&be32_bytes(context));
     for (l, f) in extents {
-        v.extend_from_slice(&l.to_be_bytes());
-        v.extend_from_slice(&f.to_be_bytes());
+        v.extend_from_slice(&be32_bytes(*l));
+        v.extend_from_slice(&be32_bytes(*f));
     }
     v
 }
@@ -434,7 +435,7 @@ mod tests {
     use super::*;
 
     fn string(s: &str) -> Vec<u8> {
-        let mut v = (s.len() as u32).to_be_bytes().to_vec();
+        let mut v = be32_bytes(s.len() as u32).to_vec();
         v.extend_from_slice(s.as_bytes());
         v
     }
@@ -442,9 +443,9 @@ mod tests {
     #[test]
     fn info_requests_parse() {
         let mut d = string("disk");
-        d.extend_from_slice(&2u16.to_be_bytes());
-        d.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-        d.extend_from_slice(&INFO_NAME.to_be_bytes());
+        d.extend_from_slice(&be16_bytes(2));
+        d.extend_from_slice(&be16_bytes(INFO_BLOCK_SIZE));
+        d.extend_from_slice(&be16_bytes(INFO_NAME));
         let r = parse_info_request(&d).unwrap();
         assert_eq!(r.name, "disk");
         assert_eq!(r.requests, vec![INFO_BLOCK_SIZE, INFO_NAME]);
@@ -453,7 +454,7 @@ mod tests {
         let mut t = d.clone();
         t.push(0);
         assert!(parse_info_request(&t).is_err());
-        let mut big = (MAX_STRING as u32 + 1).to_be_bytes().to_vec();
+        let mut big = be32_bytes(MAX_STRING as u32 + 1).to_vec();
         big.resize(MAX_STRING + 10, b'a');
         assert!(parse_info_request(&big).is_err());
         assert!(parse_info_request(&[0xff, 0xff, 0xff, 0xff]).is_err());
@@ -462,14 +463,14 @@ mod tests {
     #[test]
     fn meta_requests_parse_and_match() {
         let mut d = string("disk");
-        d.extend_from_slice(&2u32.to_be_bytes());
+        d.extend_from_slice(&be32_bytes(2));
         d.extend(string("base:allocation"));
         d.extend(string("qemu:"));
         let r = parse_meta_request(&d).unwrap();
         assert_eq!(r.queries, vec!["base:allocation", "qemu:"]);
         // A count far beyond the payload fails without allocating.
         let mut h = string("disk");
-        h.extend_from_slice(&u32::MAX.to_be_bytes());
+        h.extend_from_slice(&be32_bytes(u32::MAX));
         assert!(parse_meta_request(&h).is_err());
         assert_eq!(
             match_context("base:allocation", false),
@@ -487,12 +488,12 @@ mod tests {
     #[test]
     fn requests_parse() {
         let mut b = [0u8; REQUEST_LEN];
-        b[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        b[4..6].copy_from_slice(&CMD_FLAG_FUA.to_be_bytes());
-        b[6..8].copy_from_slice(&CMD_WRITE.to_be_bytes());
-        b[8..16].copy_from_slice(&0x1122u64.to_be_bytes());
-        b[16..24].copy_from_slice(&4096u64.to_be_bytes());
-        b[24..].copy_from_slice(&512u32.to_be_bytes());
+        put_be32(&mut b, 0, REQUEST_MAGIC);
+        put_be16(&mut b, 4, CMD_FLAG_FUA);
+        put_be16(&mut b, 6, CMD_WRITE);
+        put_be64(&mut b, 8, 0x1122);
+        put_be64(&mut b, 16, 4096);
+        put_be32(&mut b, 24, 512);
         let r = parse_request(&b).unwrap();
         assert_eq!(
             r,
@@ -512,13 +513,13 @@ mod tests {
     fn replies_encode() {
         let r = option_reply(OPT_GO, REP_ACK, &[]);
         assert_eq!(r.len(), 20);
-        assert_eq!(&r[..8], &OPT_REPLY_MAGIC.to_be_bytes());
-        assert_eq!(&r[8..12], &7u32.to_be_bytes());
+        assert_eq!(&r[..8], &be64_bytes(OPT_REPLY_MAGIC));
+        assert_eq!(be32(&r, 8), 7);
         let s = simple_reply(9, EIO);
-        assert_eq!(&s[4..8], &5u32.to_be_bytes());
+        assert_eq!(be32(&s, 4), 5);
         let e = error_chunk(9, EINVAL, "bad");
         assert_eq!(e.len(), 20 + 6 + 3);
-        assert_eq!(&e[16..20], &9u32.to_be_bytes());
+        assert_eq!(be32(&e, 16), 9);
         let st = status_chunk(1, REPLY_FLAG_DONE, 2, &[(4096, 1), (512, 0)]);
         assert_eq!(st.len(), 20 + 4 + 16);
         let h = hole_chunk(1, 0, 65536, 512);

@@ -18,6 +18,7 @@ use super::extents;
 use super::negotiate::{Negotiated, MAX_REQUEST};
 use super::proto::{self, *};
 use super::Export;
+use crate::endian::be64_bytes;
 use crate::error::{Error, ErrorKind};
 
 /// Per-connection limits.
@@ -316,7 +317,7 @@ fn read(export: &Export, neg: &Negotiated, req: &Request) -> Vec<u8> {
             REPLY_TYPE_OFFSET_DATA,
             8 + n as u32,
         ));
-        v.extend_from_slice(&off.to_be_bytes());
+        v.extend_from_slice(&be64_bytes(off));
         let at = v.len();
         v.resize(at + n as usize, 0);
         if let Err(e) = chain.read_at(&mut v[at..], off) {

@@ -1,8 +1,9 @@
 //! GUID partition tables: the header at LBA 1 (for 512- or 4096-byte
 //! sectors) and its entry array, bounded; CRC mismatches are warnings.
 
-use super::{le16, le32, le64, push_checked, read_sector, Partition, ReadAt, Scheme, Table};
+use super::{push_checked, read_sector, Partition, ReadAt, Scheme, Table};
 use super::{MAX_GPT_ARRAY, MAX_GPT_ENTRIES};
+use crate::endian::{le16, le32, le64};
 use crate::error::Result;
 
 /// Formats a GPT GUID (first three fields little-endian).

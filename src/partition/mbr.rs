@@ -4,7 +4,8 @@
 
 use std::collections::HashSet;
 
-use super::{le16, le32, push_checked, read_sector, Partition, ReadAt, Scheme, Table, MAX_LOGICAL};
+use super::{push_checked, read_sector, Partition, ReadAt, Scheme, Table, MAX_LOGICAL};
+use crate::endian::{le16, le32};
 use crate::error::Result;
 
 /// One 16-byte MBR entry.

@@ -19,6 +19,7 @@
 //! exposed partition files are built from a [`Table`] by
 //! `crate::fs::partitions`.
 
+use crate::endian::le16;
 use crate::error::Result;
 
 mod gpt;
@@ -80,16 +81,6 @@ pub struct Table {
 
 /// Reads `buf.len()` bytes at a disk offset.
 pub type ReadAt<'a> = &'a dyn Fn(&mut [u8], u64) -> Result<()>;
-
-pub(crate) fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-pub(crate) fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-pub(crate) fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
 
 pub(crate) fn read_sector(
     read: ReadAt<'_>,
@@ -173,6 +164,7 @@ pub(crate) fn push_checked(
 mod tests {
     use super::gpt::crc32;
     use super::*;
+    use crate::endian::{put_le16, put_le32, put_le64};
 
     const MIB: u64 = 1 << 20;
 
@@ -188,8 +180,8 @@ mod tests {
         let e = &mut sector[446 + 16 * slot..446 + 16 * (slot + 1)];
         e[0] = status;
         e[4] = kind;
-        e[8..12].copy_from_slice(&lba.to_le_bytes());
-        e[12..16].copy_from_slice(&sectors.to_le_bytes());
+        put_le32(e, 8, lba);
+        put_le32(e, 12, sectors);
     }
 
     fn sign(disk: &mut [u8], sector: u64) {
@@ -310,26 +302,26 @@ mod tests {
                 0x7d, 0xe4,
             ]);
             e[16] = i as u8 + 1;
-            e[32..40].copy_from_slice(&first.to_le_bytes());
-            e[40..48].copy_from_slice(&last.to_le_bytes());
+            put_le64(e, 32, *first);
+            put_le64(e, 40, *last);
             for (k, c) in name.encode_utf16().enumerate() {
-                e[56 + 2 * k..58 + 2 * k].copy_from_slice(&c.to_le_bytes());
+                put_le16(e, 56 + 2 * k, c);
             }
         }
         d[1024..1024 + array.len()].copy_from_slice(&array);
         let h = &mut d[512..1024];
         h[0..8].copy_from_slice(b"EFI PART");
-        h[8..12].copy_from_slice(&0x0001_0000u32.to_le_bytes());
-        h[12..16].copy_from_slice(&92u32.to_le_bytes());
-        h[24..32].copy_from_slice(&1u64.to_le_bytes());
-        h[40..48].copy_from_slice(&34u64.to_le_bytes());
-        h[48..56].copy_from_slice(&(size / 512 - 34).to_le_bytes());
-        h[72..80].copy_from_slice(&2u64.to_le_bytes());
-        h[80..84].copy_from_slice(&count.to_le_bytes());
-        h[84..88].copy_from_slice(&128u32.to_le_bytes());
-        h[88..92].copy_from_slice(&crc32(&array).to_le_bytes());
+        put_le32(h, 8, 0x0001_0000);
+        put_le32(h, 12, 92);
+        put_le64(h, 24, 1);
+        put_le64(h, 40, 34);
+        put_le64(h, 48, size / 512 - 34);
+        put_le64(h, 72, 2);
+        put_le32(h, 80, count);
+        put_le32(h, 84, 128);
+        put_le32(h, 88, crc32(&array));
         let c = crc32(&h[..92]);
-        h[16..20].copy_from_slice(&c.to_le_bytes());
+        put_le32(h, 16, c);
         d
     }
 
@@ -344,11 +336,11 @@ mod tests {
         let mut d = d;
         d[1024 + 128..1024 + 256].fill(0);
         let crc = crc32(&d[1024..1024 + 128 * 128]);
-        d[512 + 88..512 + 92].copy_from_slice(&crc.to_le_bytes());
+        put_le32(&mut d, 512 + 88, crc);
         let mut h = d[512..512 + 92].to_vec();
         h[16..20].fill(0);
         let c = crc32(&h);
-        d[512 + 16..512 + 20].copy_from_slice(&c.to_le_bytes());
+        put_le32(&mut d, 512 + 16, c);
         let t = parse(&d).unwrap();
         assert_eq!(t.scheme, Scheme::Gpt);
         assert!(t.warnings.is_empty(), "{:?}", t.warnings);
@@ -417,7 +409,7 @@ mod tests {
         assert!(t.warnings[0].contains("protective MBR"), "{:?}", t.warnings);
         // Absurd entry size.
         let mut d = gpt_disk(4 * MIB, &[], 128);
-        d[512 + 84..512 + 88].copy_from_slice(&1000u32.to_le_bytes());
+        put_le32(&mut d, 512 + 84, 1000);
         assert!(parse(&d).unwrap().partitions.is_empty());
     }
 }

@@ -27,6 +27,7 @@ use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
 
+use crate::endian::{le32, le32_bytes, le64, le64_bytes};
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"VDKCHNK1";
@@ -117,10 +118,10 @@ impl DiskCache {
                 .tempfile_in(&self.dir)?;
             let mut head = Vec::with_capacity(total as usize - data.len());
             head.extend_from_slice(MAGIC);
-            head.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            head.extend_from_slice(&le32_bytes(key.len() as u32));
             head.extend_from_slice(key.as_bytes());
-            head.extend_from_slice(&(data.len() as u64).to_le_bytes());
-            head.extend_from_slice(&crc32c::crc32c(data).to_le_bytes());
+            head.extend_from_slice(&le64_bytes(data.len() as u64));
+            head.extend_from_slice(&le32_bytes(crc32c::crc32c(data)));
             tmp.write_all(&head)?;
             tmp.write_all(data)?;
             tmp.persist(&path).map_err(|e| e.error)?;
@@ -199,13 +200,13 @@ fn parse<'a>(
         return Err("bad magic".into());
     }
     let mut at = MAGIC.len();
-    let klen = u32::from_le_bytes(take(at, 4)?.try_into().unwrap_or_default()) as usize;
+    let klen = le32(take(at, 4)?, 0) as usize;
     at += 4;
     let stored_key = take(at, klen)?;
     at += klen;
-    let dlen = u64::from_le_bytes(take(at, 8)?.try_into().unwrap_or_default());
+    let dlen = le64(take(at, 8)?, 0);
     at += 8;
-    let crc = u32::from_le_bytes(take(at, 4)?.try_into().unwrap_or_default());
+    let crc = le32(take(at, 4)?, 0);
     at += 4;
     if stored_key != key.as_bytes() || dlen != len as u64 {
         return Ok(None);

@@ -19,6 +19,7 @@
 //! Parsing validates every field against the limits qemu enforces, plus a
 //! hard cap on the L1 table so that no image can make us allocate much.
 
+use crate::endian::{be32, be64};
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::HostFile;
 
@@ -67,18 +68,6 @@ pub struct Header {
     pub crypt_method: u32,
     /// Host offset of the L1 table.
     pub l1_table_offset: u64,
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_be_bytes(a)
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
 }
 
 impl Header {
@@ -231,15 +220,16 @@ impl Header {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endian::{put_be32, put_be64};
 
     fn header(cluster_bits: u8, l2_bits: u8, size: u64) -> Vec<u8> {
         let mut h = vec![0u8; HEADER_LEN];
         h[0..4].copy_from_slice(&MAGIC);
-        h[4..8].copy_from_slice(&1u32.to_be_bytes());
-        h[24..32].copy_from_slice(&size.to_be_bytes());
+        put_be32(&mut h, 4, 1);
+        put_be64(&mut h, 24, size);
         h[32] = cluster_bits;
         h[33] = l2_bits;
-        h[40..48].copy_from_slice(&48u64.to_be_bytes());
+        put_be64(&mut h, 40, 48);
         h
     }
 

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use super::header::Header;
 use crate::cache::Caches;
+use crate::endian::{be64s, get_be64};
 use crate::engine::table_cache::TableCache;
 use crate::error::{Error, Result};
 use crate::host::HostFile;
@@ -135,14 +136,7 @@ impl Tables {
         let entries = header.l1_entries()?;
         let mut raw = vec![0u8; (entries * 8) as usize];
         file.read_exact_at(&mut raw, header.l1_table_offset)?;
-        let l1 = raw
-            .chunks_exact(8)
-            .map(|c| {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(c);
-                AtomicU64::new(u64::from_be_bytes(a))
-            })
-            .collect();
+        let l1 = be64s(&raw).map(AtomicU64::new).collect();
         Ok(Tables {
             geometry: Geometry::of(header),
             l1,
@@ -217,19 +211,13 @@ impl Tables {
 /// for an index from [`Geometry::l2_index`]).
 pub fn raw_entry(table: &[u8], idx: usize) -> u64 {
     let start = idx * 8;
-    match table.get(start..start + 8) {
-        Some(b) => {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(b);
-            u64::from_be_bytes(a)
-        }
-        None => 0,
-    }
+    get_be64(table, start).unwrap_or(0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endian::put_be64;
 
     #[test]
     fn decodes_entries() {
@@ -256,7 +244,7 @@ mod tests {
     #[test]
     fn reads_entries_big_endian() {
         let mut t = vec![0u8; 16];
-        t[8..16].copy_from_slice(&0x1122_3344_5566_7788u64.to_be_bytes());
+        put_be64(&mut t, 8, 0x1122_3344_5566_7788);
         assert_eq!(raw_entry(&t, 1), 0x1122_3344_5566_7788);
         assert_eq!(raw_entry(&t, 2), 0);
     }

@@ -33,6 +33,7 @@ use std::sync::Arc;
 use super::header::Header;
 use super::table::{raw_entry, Entry, Tables};
 use super::Qcow;
+use crate::endian::{be64_bytes, put_be64};
 use crate::engine::append::{round_up, AppendState, Appender};
 use crate::engine::cow::{fill_from_below, write_new_run, NewRun};
 use crate::engine::order::Stage;
@@ -155,7 +156,7 @@ impl Qcow {
         self.file.write_all_at(&zeros, host)?;
         let idx = g.l1_index(pos);
         self.file.write_ordered_at(
-            &host.to_be_bytes(),
+            &be64_bytes(host),
             self.header.l1_table_offset + idx * 8,
             Stage::Map,
         )?;
@@ -323,7 +324,7 @@ impl Qcow {
         let mut t = table.to_vec();
         for k in 0..count as usize {
             let at = (run.idx + k) * 8;
-            t[at..at + 8].copy_from_slice(&(run.host + k as u64 * cs).to_be_bytes());
+            put_be64(&mut t, at, run.host + k as u64 * cs);
         }
         let span = run.idx * 8..(run.idx + count as usize) * 8;
         let written = self.file.write_ordered_at(

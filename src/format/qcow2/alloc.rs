@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::cache::Caches;
+use crate::endian::{be64_bytes, be64s, put_be32, put_be64};
 use crate::engine::order::Stage;
 use crate::engine::overlap::{MetadataMap, Structure, NO_GUEST};
 use crate::engine::units::{HostCluster, HostOffset};
@@ -79,10 +80,7 @@ impl Alloc {
         }
         let mut raw = vec![0u8; bytes as usize];
         file.read_zero_fill_at(&mut raw, h.refcount_table_offset)?;
-        let table: Vec<u64> = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-            .collect();
+        let table: Vec<u64> = be64s(&raw).collect();
         for (i, &e) in table.iter().enumerate() {
             let b = e & OFFSET_MASK;
             if b % cs != 0 || (b != 0 && b >= file.len()) {
@@ -374,7 +372,7 @@ impl Alloc {
         self.map.add(at, self.cs(), Structure::RefcountBlock);
         caches.meta.remove((cid, at | 1));
         self.blocks.insert(at, blk);
-        file.write_ordered_at(&at.to_be_bytes(), self.table_offset + ti * 8, Stage::Link)?;
+        file.write_ordered_at(&be64_bytes(at), self.table_offset + ti * 8, Stage::Link)?;
         let base = (self.table_offset + ti * 8) & !(self.cs() - 1);
         caches.meta.remove((cid, base | 1));
         self.table[ti as usize] = at;
@@ -426,13 +424,13 @@ impl Alloc {
         }
         // 2. The new table.
         let tbl_at = (start + k) << self.cluster_bits;
-        let raw: Vec<u8> = new_table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        let raw: Vec<u8> = new_table.iter().flat_map(|&e| be64_bytes(e)).collect();
         file.write_all_at(&raw, tbl_at)?;
         self.map.add(tbl_at, n * cs, Structure::RefcountTable);
         // 3. Switch the header (offset and cluster count in one write).
         let mut hdr = [0u8; 12];
-        hdr[..8].copy_from_slice(&tbl_at.to_be_bytes());
-        hdr[8..].copy_from_slice(&(n as u32).to_be_bytes());
+        put_be64(&mut hdr, 0, tbl_at);
+        put_be32(&mut hdr, 8, n as u32);
         file.write_ordered_at(&hdr, 48, Stage::Link)?;
         let old_at = self.table_offset;
         let old_clusters = (old_len * 8).div_ceil(cs);

@@ -8,6 +8,7 @@
 
 use serde_json::{json, Value};
 
+use crate::endian::{be16, be32};
 use crate::host::HostFile;
 
 use super::header::{Header, AUTOCLEAR_BITMAPS};
@@ -55,10 +56,10 @@ fn parse_directory(dir: &[u8]) -> Result<Vec<Value>, String> {
         let Some(fixed) = dir.get(pos..pos + ENTRY_FIXED) else {
             return Err(format!("bitmap directory entry at {pos} is cut short"));
         };
-        let flags = u32::from_be_bytes([fixed[12], fixed[13], fixed[14], fixed[15]]);
+        let flags = be32(fixed, 12);
         let granularity_bits = fixed[17];
-        let name_size = usize::from(u16::from_be_bytes([fixed[18], fixed[19]]));
-        let extra = u32::from_be_bytes([fixed[20], fixed[21], fixed[22], fixed[23]]) as usize;
+        let name_size = usize::from(be16(fixed, 18));
+        let extra = be32(fixed, 20) as usize;
         let name_at = pos + ENTRY_FIXED + extra;
         let Some(name) = dir.get(name_at..name_at + name_size) else {
             return Err(format!("bitmap directory entry at {pos} is cut short"));
@@ -88,13 +89,14 @@ fn parse_directory(dir: &[u8]) -> Result<Vec<Value>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endian::{put_be16, put_be32};
 
     fn entry(name: &str, flags: u32, bits: u8) -> Vec<u8> {
         let mut e = vec![0u8; ENTRY_FIXED];
-        e[12..16].copy_from_slice(&flags.to_be_bytes());
+        put_be32(&mut e, 12, flags);
         e[16] = 1;
         e[17] = bits;
-        e[18..20].copy_from_slice(&(name.len() as u16).to_be_bytes());
+        put_be16(&mut e, 18, name.len() as u16);
         e.extend_from_slice(name.as_bytes());
         e.resize(e.len().next_multiple_of(8), 0);
         e

@@ -6,6 +6,7 @@
 //! nothing else is allocated. Refcount blocks and table are sized for the
 //! metadata only: the write path grows them as clusters get allocated.
 
+use crate::endian::{put_be32, put_be64};
 use crate::error::{Error, Result};
 use crate::format::Format;
 use crate::host::HostFile;
@@ -81,14 +82,14 @@ fn create_inner(file: &HostFile, opts: &CreateOptions) -> Result<()> {
     let (rt_at, rb_at, l1_at) = (cs, (1 + rt) * cs, (1 + rt + rb) * cs);
 
     let mut head = head;
-    head[40..48].copy_from_slice(&l1_at.to_be_bytes());
-    head[48..56].copy_from_slice(&rt_at.to_be_bytes());
-    head[56..60].copy_from_slice(&(rt as u32).to_be_bytes());
+    put_be64(&mut head, 40, l1_at);
+    put_be64(&mut head, 48, rt_at);
+    put_be32(&mut head, 56, rt as u32);
 
     let mut table = vec![0u8; (rt * cs) as usize];
     for i in 0..rb {
         let at = rb_at + i * cs;
-        table[(i * 8) as usize..(i * 8 + 8) as usize].copy_from_slice(&at.to_be_bytes());
+        put_be64(&mut table, (i * 8) as usize, at);
     }
     let mut blocks = vec![0u8; (rb * cs) as usize];
     for c in 0..total {
@@ -111,12 +112,12 @@ fn create_inner(file: &HostFile, opts: &CreateOptions) -> Result<()> {
 fn header_cluster(opts: &CreateOptions, l1_entries: u64, cs: u64) -> Result<Vec<u8>> {
     let mut h = vec![0u8; cs as usize];
     h[0..4].copy_from_slice(&MAGIC);
-    h[4..8].copy_from_slice(&3u32.to_be_bytes());
-    h[20..24].copy_from_slice(&(cs.trailing_zeros()).to_be_bytes());
-    h[24..32].copy_from_slice(&opts.virtual_size.to_be_bytes());
-    h[36..40].copy_from_slice(&(l1_entries as u32).to_be_bytes());
-    h[96..100].copy_from_slice(&REFCOUNT_ORDER.to_be_bytes());
-    h[100..104].copy_from_slice(&(HEADER_LEN as u32).to_be_bytes());
+    put_be32(&mut h, 4, 3);
+    put_be32(&mut h, 20, cs.trailing_zeros());
+    put_be64(&mut h, 24, opts.virtual_size);
+    put_be32(&mut h, 36, l1_entries as u32);
+    put_be32(&mut h, 96, REFCOUNT_ORDER);
+    put_be32(&mut h, 100, HEADER_LEN as u32);
     let mut pos = HEADER_LEN;
     let Some(name) = &opts.backing_file else {
         return Ok(h);
@@ -136,14 +137,14 @@ fn header_cluster(opts: &CreateOptions, l1_entries: u64, cs: u64) -> Result<Vec<
         )));
     }
     if let Some(f) = fmt {
-        h[pos..pos + 4].copy_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
-        h[pos + 4..pos + 8].copy_from_slice(&(f.len() as u32).to_be_bytes());
+        put_be32(&mut h, pos, EXT_BACKING_FORMAT);
+        put_be32(&mut h, pos + 4, f.len() as u32);
         h[pos + 8..pos + 8 + f.len()].copy_from_slice(f.as_bytes());
         pos += ext_len;
     }
     pos += 8; // end-of-extensions marker: zeros
     h[pos..pos + name.len()].copy_from_slice(name.as_bytes());
-    h[8..16].copy_from_slice(&(pos as u64).to_be_bytes());
-    h[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+    put_be64(&mut h, 8, pos as u64);
+    put_be32(&mut h, 16, name.len() as u32);
     Ok(h)
 }

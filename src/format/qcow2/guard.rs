@@ -14,6 +14,7 @@
 
 use std::sync::Arc;
 
+use crate::endian::{be16, be32, be64, be64_bytes, be64s};
 use crate::engine::overlap::{MetadataMap, Structure};
 use crate::error::Result;
 use crate::host::HostFile;
@@ -27,6 +28,24 @@ pub const SNAPSHOT_L1_BUDGET: u64 = 64 << 20;
 
 /// Bytes of the bitmap directory and of bitmap tables read at open.
 pub const BITMAP_BUDGET: u64 = 64 << 20;
+
+/// Reads the table of `bytes` bytes at `off` (big-endian u64 entries) and
+/// marks the cluster each nonzero entry points at as `kind`.
+fn add_pointed_clusters(
+    map: &mut MetadataMap,
+    file: &HostFile,
+    off: u64,
+    bytes: u64,
+    cs: u64,
+    kind: Structure,
+) -> Result<()> {
+    let mut raw = vec![0u8; bytes as usize];
+    file.read_exact_at(&mut raw, off)?;
+    for e in be64s(&raw).map(|e| e & OFFSET_MASK).filter(|&e| e != 0) {
+        map.add(e, cs, kind);
+    }
+    Ok(())
+}
 
 /// Records the table of every bitmap of the directory at `off` (`len`
 /// bytes) and the data clusters the tables name. A directory or table out
@@ -46,29 +65,16 @@ fn add_bitmaps(map: &mut MetadataMap, file: &HostFile, off: u64, len: u64, cs: u
     // padded to 8 bytes.
     while let Some(fixed) = dir.get(at..at + 24) {
         let table = be64(fixed, 0);
-        let entries = u64::from(u32::from_be_bytes(
-            fixed[8..12].try_into().unwrap_or_default(),
-        ));
-        let name = u64::from(u16::from_be_bytes(
-            fixed[18..20].try_into().unwrap_or_default(),
-        ));
-        let extra = u64::from(u32::from_be_bytes(
-            fixed[20..24].try_into().unwrap_or_default(),
-        ));
+        let entries = u64::from(be32(fixed, 8));
+        let name = u64::from(be16(fixed, 18));
+        let extra = u64::from(be32(fixed, 20));
         let bytes = entries * 8;
         if bytes > 0 {
             map.add(table, bytes, Structure::BitmapTable);
         }
         if bytes <= budget && table.checked_add(bytes).is_some_and(|e| e <= file.len()) {
             budget -= bytes;
-            let mut raw = vec![0u8; bytes as usize];
-            file.read_exact_at(&mut raw, table)?;
-            for c in raw.chunks_exact(8) {
-                let e = be64(c, 0) & OFFSET_MASK;
-                if e != 0 {
-                    map.add(e, cs, Structure::BitmapData);
-                }
-            }
+            add_pointed_clusters(map, file, table, bytes, cs, Structure::BitmapData)?;
         }
         let Some(next) = (24 + extra + name)
             .checked_next_multiple_of(8)
@@ -80,12 +86,6 @@ fn add_bitmaps(map: &mut MetadataMap, file: &HostFile, off: u64, len: u64, cs: u
         at = next;
     }
     Ok(())
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 8)
-        .and_then(|s| s.try_into().ok())
-        .map_or(0, u64::from_be_bytes)
 }
 
 /// The metadata map of `file` (header `h`, active L1 entries `l1`),
@@ -113,14 +113,7 @@ pub fn build(file: &Arc<HostFile>, h: &Header, l1: &[u64]) -> Result<MetadataMap
                 continue;
             }
             budget -= bytes;
-            let mut raw = vec![0u8; bytes as usize];
-            file.read_exact_at(&mut raw, off)?;
-            for c in raw.chunks_exact(8) {
-                let e = u64::from_be_bytes(c.try_into().unwrap_or_default()) & OFFSET_MASK;
-                if e != 0 {
-                    map.add(e, cs, Structure::SnapshotL2Table);
-                }
-            }
+            add_pointed_clusters(&mut map, file, off, bytes, cs, Structure::SnapshotL2Table)?;
         }
     }
     if let Some((off, len)) = h.bitmap_directory {
@@ -133,7 +126,7 @@ pub fn build(file: &Arc<HostFile>, h: &Header, l1: &[u64]) -> Result<MetadataMap
         let bits = h.incompatible | INCOMPAT_CORRUPT;
         map.set_on_trip(Box::new(move || {
             // As qemu does: the image is unusable until repaired.
-            f.write_all_at(&bits.to_be_bytes(), 72)?;
+            f.write_all_at(&be64_bytes(bits), 72)?;
             f.sync_data()
         }));
     }

@@ -4,6 +4,7 @@
 //! it can be unit-tested on crafted buffers. Every field taken from the
 //! image is checked before anything is sized from it; errors name the field.
 
+use crate::endian::{be32, be64};
 use crate::error::{Error, Result};
 
 /// The qcow2 magic, "QFI\xfb".
@@ -131,18 +132,6 @@ pub struct Header {
     pub bitmap_directory: Option<(u64, u64)>,
     /// Number of header extensions of unknown type that were skipped.
     pub unknown_extensions: u32,
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_be_bytes(a)
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
 }
 
 fn ext_string(what: &str, data: &[u8]) -> Result<String> {
@@ -458,16 +447,17 @@ impl Header {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endian::{put_be32, put_be64};
     use crate::error::ErrorKind;
 
     fn v3(cluster_bits: u32) -> Vec<u8> {
         let mut h = vec![0u8; 4096];
         h[0..4].copy_from_slice(&MAGIC);
-        h[4..8].copy_from_slice(&3u32.to_be_bytes());
-        h[20..24].copy_from_slice(&cluster_bits.to_be_bytes());
-        h[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
-        h[96..100].copy_from_slice(&4u32.to_be_bytes());
-        h[100..104].copy_from_slice(&112u32.to_be_bytes());
+        put_be32(&mut h, 4, 3);
+        put_be32(&mut h, 20, cluster_bits);
+        put_be64(&mut h, 24, 1u64 << 20);
+        put_be32(&mut h, 96, 4);
+        put_be32(&mut h, 100, 112);
         h
     }
 
@@ -487,10 +477,10 @@ mod tests {
             assert!(e.message().contains("cluster_bits"));
         }
         let mut h = v3(16);
-        h[96..100].copy_from_slice(&7u32.to_be_bytes());
+        put_be32(&mut h, 96, 7);
         assert_eq!(Header::parse(&h).unwrap_err().kind(), ErrorKind::Corrupt);
         let mut h = v3(16);
-        h[32..36].copy_from_slice(&2u32.to_be_bytes());
+        put_be32(&mut h, 32, 2);
         assert_eq!(Header::parse(&h).unwrap_err().kind(), ErrorKind::Encrypted);
         assert_eq!(
             Header::parse(&v3(16)[..80]).unwrap_err().kind(),
@@ -501,10 +491,10 @@ mod tests {
     #[test]
     fn unknown_incompatible_bit_is_named_from_the_feature_table() {
         let mut h = v3(16);
-        h[72..80].copy_from_slice(&(1u64 << 9).to_be_bytes());
+        put_be64(&mut h, 72, 1u64 << 9);
         // Feature table extension with one entry: incompatible bit 9 "frobnicate".
-        h[112..116].copy_from_slice(&EXT_FEATURE_TABLE.to_be_bytes());
-        h[116..120].copy_from_slice(&48u32.to_be_bytes());
+        put_be32(&mut h, 112, EXT_FEATURE_TABLE);
+        put_be32(&mut h, 116, 48);
         h[120] = 0;
         h[121] = 9;
         h[122..132].copy_from_slice(b"frobnicate");
@@ -516,8 +506,8 @@ mod tests {
     #[test]
     fn overlong_extension_is_refused() {
         let mut h = v3(12);
-        h[112..116].copy_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
-        h[116..120].copy_from_slice(&100_000u32.to_be_bytes());
+        put_be32(&mut h, 112, EXT_BACKING_FORMAT);
+        put_be32(&mut h, 116, 100_000);
         assert_eq!(Header::parse(&h).unwrap_err().kind(), ErrorKind::Corrupt);
     }
 }

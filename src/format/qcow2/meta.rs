@@ -8,6 +8,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::endian::{be64, be64_bytes, put_be64};
 use crate::engine::order::Stage;
 use crate::engine::overlap::Structure;
 use crate::error::{Error, Result};
@@ -58,9 +59,9 @@ impl Qcow2 {
         let at0 = first as usize * eb;
         for (i, &(e, bm)) in ents.iter().enumerate() {
             let at = at0 + i * eb;
-            v[at..at + 8].copy_from_slice(&e.to_be_bytes());
+            put_be64(&mut v, at, e);
             if self.geo.extended {
-                v[at + 8..at + 16].copy_from_slice(&bm.to_be_bytes());
+                put_be64(&mut v, at + 8, bm);
             }
         }
         // Ordered: the entries point at data and clusters written and
@@ -88,8 +89,7 @@ impl Qcow2 {
     /// the in-memory table.
     fn set_l1_entry(&self, idx: usize, e: u64) -> Result<()> {
         let at = self.header.l1_table_offset + idx as u64 * 8;
-        self.file
-            .write_ordered_at(&e.to_be_bytes(), at, Stage::Map)?;
+        self.file.write_ordered_at(&be64_bytes(e), at, Stage::Map)?;
         self.l1.write()[idx] = e;
         Ok(())
     }
@@ -159,9 +159,9 @@ impl Qcow2 {
         self.file.read_zero_fill_at(&mut content, table)?;
         if self.data_file.is_none() {
             for e in content.chunks_exact_mut(geo.entry_bytes as usize) {
-                let v = u64::from_be_bytes(e[..8].try_into().expect("8 bytes"));
+                let v = be64(e, 0);
                 if v & L2_COMPRESSED == 0 {
-                    e[..8].copy_from_slice(&(v & !L2_COPIED).to_be_bytes());
+                    put_be64(e, 0, v & !L2_COPIED);
                 }
             }
         }

@@ -7,6 +7,7 @@
 //! loaded at open, so a damaged refcount structure never stops reads.
 
 use crate::cache::Caches;
+use crate::endian::{be64, be64_bytes};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 
@@ -120,9 +121,7 @@ impl RefcountLayout {
             }
         };
         let i = (at - base) as usize;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&cluster[i..i + 8]);
-        Ok(u64::from_be_bytes(a))
+        Ok(be64(&cluster, i))
     }
 }
 
@@ -148,7 +147,7 @@ pub fn rc_set(block: &mut [u8], i: u64, order: u32, v: u64) -> (usize, usize) {
     if bits >= 8 {
         let n = (bits / 8) as usize;
         let at = i as usize * n;
-        block[at..at + n].copy_from_slice(&v.to_be_bytes()[8 - n..]);
+        block[at..at + n].copy_from_slice(&be64_bytes(v)[8 - n..]);
         (at, n)
     } else {
         let bit = i * bits;

@@ -12,6 +12,7 @@
 //! `snapshot.id=ID,snapshot.name=NAME` (either or both) matches exactly,
 //! both on the same entry when both are given.
 
+use crate::endian::{be16, be32, be64};
 use crate::error::{Error, Result};
 use crate::format::SnapshotInfo;
 use crate::host::HostFile;
@@ -72,20 +73,6 @@ impl<'a> Chunked<'a> {
         self.pos = want_end;
         Ok(Some(&self.buf[at..at + n]))
     }
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
 }
 
 /// The snapshots of the image, and the reason parsing stopped early, if it did.

@@ -9,6 +9,7 @@
 //! shared metadata cache, keyed by the slice's host offset, so 2 MiB
 //! clusters do not mean 2 MiB reads per lookup.
 
+use crate::endian::{be64, be64s};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 
@@ -159,14 +160,7 @@ pub fn read_l1_at(
     // Only the entries the virtual size uses matter for reading.
     let mut raw = vec![0u8; (want.min(l1_size) * 8) as usize];
     file.read_exact_at(&mut raw, off)?;
-    Ok(raw
-        .chunks_exact(8)
-        .map(|c| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(c);
-            u64::from_be_bytes(a)
-        })
-        .collect())
+    Ok(be64s(&raw).collect())
 }
 
 /// What one allocation unit (cluster or subcluster) of an L2 entry holds.
@@ -286,11 +280,7 @@ pub fn classify(entry: u64, bitmap: u64, sub: u32, geo: &Geometry, r: &EntryRule
 /// Reads entry `i` (and its bitmap) from an L2 slice's raw bytes.
 pub fn entry_at(slice: &[u8], i: usize, geo: &Geometry) -> (u64, u64) {
     let at = i * geo.entry_bytes as usize;
-    let word = |o: usize| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&slice[o..o + 8]);
-        u64::from_be_bytes(a)
-    };
+    let word = |o: usize| be64(slice, o);
     let bitmap = if geo.extended { word(at + 8) } else { 0 };
     (word(at), bitmap)
 }

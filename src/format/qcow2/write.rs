@@ -112,7 +112,7 @@ impl Writer {
         let st = Alloc::open(file, h, map.clone())?;
         if h.version >= 3 && h.autoclear & !AUTOCLEAR_DATA_FILE_RAW != 0 {
             let keep = h.autoclear & AUTOCLEAR_DATA_FILE_RAW;
-            file.write_all_at(&keep.to_be_bytes(), 88)?;
+            file.write_all_at(&crate::endian::be64_bytes(keep), 88)?;
         }
         Ok(Writer {
             state: Mutex::new(st),

@@ -9,6 +9,7 @@
 //! the one's complement of the byte sum with the checksum field zeroed.
 //! A bad checksum is refused, as qemu does.
 
+use crate::endian::{be16, be16s, be32, be64};
 use crate::error::{Error, Result};
 
 /// Size of the footer (and of its copy at offset 0).
@@ -48,20 +49,6 @@ impl DiskType {
             DiskType::Differencing => "differencing",
         }
     }
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(x)
 }
 
 /// The VHD checksum of `bytes`, whose checksum field lies at `field`.
@@ -280,11 +267,7 @@ impl DynHeader {
         }
         let mut parent_uuid = [0u8; 16];
         parent_uuid.copy_from_slice(&b[40..56]);
-        let units: Vec<u16> = b[64..576]
-            .chunks_exact(2)
-            .map(|c| u16::from_be_bytes([c[0], c[1]]))
-            .take_while(|&u| u != 0)
-            .collect();
+        let units: Vec<u16> = be16s(&b[64..576]).take_while(|&u| u != 0).collect();
         let parent_name = String::from_utf16_lossy(&units);
         let locators = (0..8)
             .map(|i| 576 + 24 * i)
@@ -318,18 +301,19 @@ impl DynHeader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endian::{put_be16, put_be32, put_be64};
 
     fn footer(app: &[u8; 4], geometry: (u16, u8, u8), current: u64) -> Vec<u8> {
         let mut b = vec![0u8; FOOTER_LEN];
         b[0..8].copy_from_slice(FOOTER_COOKIE);
         b[28..32].copy_from_slice(app);
-        b[48..56].copy_from_slice(&current.to_be_bytes());
-        b[56..58].copy_from_slice(&geometry.0.to_be_bytes());
+        put_be64(&mut b, 48, current);
+        put_be16(&mut b, 56, geometry.0);
         b[58] = geometry.1;
         b[59] = geometry.2;
-        b[60..64].copy_from_slice(&2u32.to_be_bytes());
+        put_be32(&mut b, 60, 2);
         let c = checksum(&b, 64);
-        b[64..68].copy_from_slice(&c.to_be_bytes());
+        put_be32(&mut b, 64, c);
         b
     }
 

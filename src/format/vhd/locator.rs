@@ -17,6 +17,7 @@
 //! found that way is caught by the parent UUID check.
 
 use super::footer::{fourcc, DynHeader};
+use crate::endian::le16s;
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 
@@ -119,11 +120,7 @@ fn read_blob(file: &HostFile, offset: u64, len: u32) -> Result<Option<Vec<u8>>> 
 }
 
 fn utf16le(b: &[u8]) -> String {
-    let units: Vec<u16> = b
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .take_while(|&u| u != 0)
-        .collect();
+    let units: Vec<u16> = le16s(b).take_while(|&u| u != 0).collect();
     String::from_utf16_lossy(&units)
 }
 

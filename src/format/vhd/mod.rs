@@ -27,6 +27,7 @@ use serde_json::Value;
 
 use super::{BackingSpec, Format, Layer, LayerInfo, Mapping, OpenCtx};
 use crate::cache::Caches;
+use crate::endian::be32s;
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 
@@ -210,10 +211,7 @@ impl Vhd {
         }
         let mut raw = vec![0u8; bat_bytes as usize];
         self.file.read_exact_at(&mut raw, t)?;
-        let bat = raw
-            .chunks_exact(4)
-            .map(|c| AtomicU32::new(u32::from_be_bytes([c[0], c[1], c[2], c[3]])))
-            .collect();
+        let bat = be32s(&raw).map(AtomicU32::new).collect();
         Ok(Dynamic {
             bitmap_len: header.bitmap_len(),
             header,

@@ -36,6 +36,7 @@ use std::sync::Arc;
 
 use super::footer::{DiskType, FOOTER_COOKIE, FOOTER_LEN};
 use super::{Dynamic, Vhd, UNALLOCATED};
+use crate::endian::be32_bytes;
 use crate::engine::append::{round_up, AppendState, Appender};
 use crate::engine::cow::{fill_from_below, write_new_run, NewRun};
 use crate::engine::order::Stage;
@@ -271,7 +272,7 @@ impl Vhd {
         let _st = alloc.lock();
         let sector = (nb.host / 512) as u32;
         self.file.write_ordered_at(
-            &sector.to_be_bytes(),
+            &be32_bytes(sector),
             d.header.table_offset + nb.idx as u64 * 4,
             Stage::Map,
         )?;

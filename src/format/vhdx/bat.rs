@@ -13,9 +13,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::header::{le64, Region, MIB};
+use super::header::{Region, MIB};
 use super::log::Source;
 use super::metadata::Metadata;
+use crate::endian::{le64_bytes, le64s};
 use crate::error::{Error, Result};
 
 /// Largest BAT read into memory (16 Mi entries: 16 TiB of 1 MiB blocks,
@@ -95,10 +96,7 @@ impl Bat {
         // Whole pages: the region is 1 MiB-aligned, so they fit in it.
         let mut raw = vec![0u8; bytes.next_multiple_of(PAGE) as usize];
         src.read_at(&mut raw, region.offset)?;
-        let entries = raw
-            .chunks_exact(8)
-            .map(|c| AtomicU64::new(le64(c, 0)))
-            .collect();
+        let entries = le64s(&raw).map(AtomicU64::new).collect();
         Ok(Bat {
             entries,
             block_size,
@@ -199,7 +197,7 @@ impl Bat {
         let first = page as usize * per;
         let mut out = Vec::with_capacity(PAGE as usize);
         for e in self.entries.iter().skip(first).take(per) {
-            out.extend_from_slice(&e.load(Ordering::Acquire).to_le_bytes());
+            out.extend_from_slice(&le64_bytes(e.load(Ordering::Acquire)));
         }
         out.resize(PAGE as usize, 0);
         out

@@ -13,6 +13,7 @@
 use std::fmt;
 
 use super::log::Source;
+use crate::endian::{be16, be32, le16, le16_bytes, le16s, le32, le32_bytes, le64};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 
@@ -37,9 +38,9 @@ pub struct Guid(pub [u8; 16]);
 impl Guid {
     /// Builds a GUID from its usual textual fields.
     pub const fn new(a: u32, b: u16, c: u16, d: [u8; 8]) -> Guid {
-        let a = a.to_le_bytes();
-        let b = b.to_le_bytes();
-        let c = c.to_le_bytes();
+        let a = le32_bytes(a);
+        let b = le16_bytes(b);
+        let c = le16_bytes(c);
         Guid([
             a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d[0], d[1], d[2], d[3], d[4], d[5],
             d[6], d[7],
@@ -70,9 +71,9 @@ impl Guid {
         for (i, v) in t.iter_mut().enumerate() {
             *v = byte(i)?;
         }
-        let a = u32::from_be_bytes([t[0], t[1], t[2], t[3]]);
-        let b = u16::from_be_bytes([t[4], t[5]]);
-        let c = u16::from_be_bytes([t[6], t[7]]);
+        let a = be32(&t, 0);
+        let b = be16(&t, 4);
+        let c = be16(&t, 6);
         let mut d = [0u8; 8];
         d.copy_from_slice(&t[8..]);
         Some(Guid::new(a, b, c, d))
@@ -85,9 +86,9 @@ impl fmt::Display for Guid {
         write!(
             f,
             "{:08x}-{:04x}-{:04x}-{:02x}{:02x}-",
-            u32::from_le_bytes([g[0], g[1], g[2], g[3]]),
-            u16::from_le_bytes([g[4], g[5]]),
-            u16::from_le_bytes([g[6], g[7]]),
+            le32(g, 0),
+            le16(g, 4),
+            le16(g, 6),
             g[8],
             g[9]
         )?;
@@ -119,23 +120,6 @@ pub const METADATA_REGION: Guid = Guid::new(
     [0xb8, 0xfe, 0x57, 0x5f, 0x05, 0x0f, 0x88, 0x6e],
 );
 
-/// Little-endian field readers over a slice the caller bounds-checked.
-pub fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-/// See [`le16`].
-pub fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-/// See [`le16`].
-pub fn le64(b: &[u8], at: usize) -> u64 {
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(v)
-}
-
 /// CRC-32C of `block` with its 4-byte checksum field at `at` taken as zero.
 pub fn crc_with_zeroed(block: &[u8], at: usize) -> u32 {
     let c = crc32c::crc32c(&block[..at]);
@@ -145,11 +129,7 @@ pub fn crc_with_zeroed(block: &[u8], at: usize) -> u32 {
 
 /// Decodes a UTF-16LE string, stopping at the first NUL.
 pub fn utf16le(b: &[u8]) -> String {
-    let units: Vec<u16> = b
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .take_while(|&u| u != 0)
-        .collect();
+    let units: Vec<u16> = le16s(b).take_while(|&u| u != 0).collect();
     String::from_utf16_lossy(&units)
 }
 
@@ -438,6 +418,7 @@ fn check_region(r: &Region, end: u64) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endian::put_le32;
 
     #[test]
     fn guid_text_round_trips() {
@@ -461,7 +442,7 @@ mod tests {
     fn crc_ignores_the_checksum_field() {
         let mut b = vec![7u8; 64];
         let c = crc_with_zeroed(&b, 4);
-        b[4..8].copy_from_slice(&c.to_le_bytes());
+        put_le32(&mut b, 4, c);
         assert_eq!(crc_with_zeroed(&b, 4), c);
         b[4..8].fill(0);
         assert_eq!(crc32c::crc32c(&b), c);

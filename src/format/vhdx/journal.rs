@@ -23,8 +23,9 @@
 
 use parking_lot::Mutex;
 
-use super::header::{crc_with_zeroed, le64, Guid, Header, HEADER_LEN, HEADER_OFFSETS};
+use super::header::{crc_with_zeroed, Guid, Header, HEADER_LEN, HEADER_OFFSETS};
 use super::log::Source;
+use crate::endian::{le64, put_le32, put_le64};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 
@@ -80,10 +81,10 @@ impl Headers {
         let seq = le64(&raw, 8)
             .checked_add(1)
             .ok_or_else(|| Error::corrupt("VHDX header sequence number at its maximum"))?;
-        raw[8..16].copy_from_slice(&seq.to_le_bytes());
+        put_le64(&mut raw, 8, seq);
         edit(&mut raw);
         let crc = crc_with_zeroed(&raw, 4);
-        raw[4..8].copy_from_slice(&crc.to_le_bytes());
+        put_le32(&mut raw, 4, crc);
         let slot = 1 - st.slot;
         file.write_all_at(&raw, HEADER_OFFSETS[slot])?;
         file.sync_data()?;
@@ -186,28 +187,28 @@ pub fn build_entry(guid: Guid, seq: u64, file_len: u64, pages: &[(u64, Vec<u8>)]
     let len = (ds + n) * SECTOR;
     let mut e = vec![0u8; len as usize];
     e[0..4].copy_from_slice(b"loge");
-    e[8..12].copy_from_slice(&(len as u32).to_le_bytes());
+    put_le32(&mut e, 8, len as u32);
     // tail (12..16) = 0: this entry is the whole active sequence.
-    e[16..24].copy_from_slice(&seq.to_le_bytes());
-    e[24..28].copy_from_slice(&(n as u32).to_le_bytes());
+    put_le64(&mut e, 16, seq);
+    put_le32(&mut e, 24, n as u32);
     e[32..48].copy_from_slice(&guid.0);
-    e[48..56].copy_from_slice(&file_len.to_le_bytes());
-    e[56..64].copy_from_slice(&file_len.to_le_bytes());
+    put_le64(&mut e, 48, file_len);
+    put_le64(&mut e, 56, file_len);
     for (i, (offset, page)) in pages.iter().enumerate() {
         let d = 64 + 32 * i;
         e[d..d + 4].copy_from_slice(b"desc");
         e[d + 4..d + 8].copy_from_slice(&page[4092..4096]);
         e[d + 8..d + 16].copy_from_slice(&page[0..8]);
-        e[d + 16..d + 24].copy_from_slice(&offset.to_le_bytes());
-        e[d + 24..d + 32].copy_from_slice(&seq.to_le_bytes());
+        put_le64(&mut e, d + 16, *offset);
+        put_le64(&mut e, d + 24, seq);
         let s = ((ds + i as u64) * SECTOR) as usize;
         e[s..s + 4].copy_from_slice(b"data");
-        e[s + 4..s + 8].copy_from_slice(&((seq >> 32) as u32).to_le_bytes());
+        put_le32(&mut e, s + 4, (seq >> 32) as u32);
         e[s + 8..s + 4092].copy_from_slice(&page[8..4092]);
-        e[s + 4092..s + 4096].copy_from_slice(&(seq as u32).to_le_bytes());
+        put_le32(&mut e, s + 4092, seq as u32);
     }
     let crc = crc_with_zeroed(&e, 4);
-    e[4..8].copy_from_slice(&crc.to_le_bytes());
+    put_le32(&mut e, 4, crc);
     e
 }
 

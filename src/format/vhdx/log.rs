@@ -23,7 +23,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use super::header::{crc_with_zeroed, le32, le64, Guid, Header};
+use super::header::{crc_with_zeroed, Guid, Header};
+use crate::endian::{le32, le64};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 
@@ -480,6 +481,7 @@ fn active_sequence(log: &[u8], guid: Guid) -> Result<Option<(u64, Vec<Entry>)>> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endian::{put_le32, put_le64};
 
     fn page(v: u8) -> Option<Arc<[u8]>> {
         Some(vec![v; SECTOR].into())
@@ -511,8 +513,8 @@ mod tests {
         for at in (0..n).step_by(SECTOR) {
             let h = &mut log[at..at + SECTOR];
             h[0..4].copy_from_slice(b"loge");
-            h[8..12].copy_from_slice(&(n as u32).to_le_bytes());
-            h[16..24].copy_from_slice(&1u64.to_le_bytes());
+            put_le32(h, 8, n as u32);
+            put_le64(h, 16, 1);
             h[32..48].copy_from_slice(&guid.0);
         }
         let started = std::time::Instant::now();

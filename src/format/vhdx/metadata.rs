@@ -9,8 +9,9 @@
 
 use std::collections::BTreeMap;
 
-use super::header::{le16, le32, le64, utf16le, Guid, Region, MIB};
+use super::header::{utf16le, Guid, Region, MIB};
 use super::log::Source;
+use crate::endian::{le16, le32, le64};
 use crate::error::{Error, Result};
 
 const TABLE_LEN: usize = 64 << 10;
@@ -282,9 +283,10 @@ fn locator_string(b: &[u8], offset: usize, len: usize) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endian::{le16_bytes, put_le16, put_le32};
 
     fn utf16(s: &str) -> Vec<u8> {
-        s.encode_utf16().flat_map(|u| u.to_le_bytes()).collect()
+        s.encode_utf16().flat_map(le16_bytes).collect()
     }
 
     #[test]
@@ -298,13 +300,13 @@ mod tests {
         b.extend(&k);
         let vo = b.len();
         b.extend(&v);
-        b[20..24].copy_from_slice(&(ko as u32).to_le_bytes());
-        b[24..28].copy_from_slice(&(vo as u32).to_le_bytes());
-        b[28..30].copy_from_slice(&(k.len() as u16).to_le_bytes());
-        b[30..32].copy_from_slice(&(v.len() as u16).to_le_bytes());
+        put_le32(&mut b, 20, ko as u32);
+        put_le32(&mut b, 24, vo as u32);
+        put_le16(&mut b, 28, k.len() as u16);
+        put_le16(&mut b, 30, v.len() as u16);
         let m = parse_locator(&b).unwrap();
         assert_eq!(m["relative_path"], ".\\base.vhdx");
-        b[30..32].copy_from_slice(&1000u16.to_le_bytes());
+        put_le16(&mut b, 30, 1000);
         assert!(parse_locator(&b).is_err());
         b[18] = 200;
         assert!(parse_locator(&b).is_err());

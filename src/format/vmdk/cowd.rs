@@ -9,8 +9,11 @@
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 
-use super::extent::{atomic_gd, GrainTables, GteCodec, GD_NONE, MAX_HOST_OFFSET};
-use super::sparse::{SparseInfo, MAX_GD_ENTRIES, MAX_GRAIN_SECTORS};
+use super::extent::{
+    atomic_gd, GrainTables, GteCodec, SparseInfo, GD_NONE, MAX_GD_ENTRIES, MAX_GRAIN_SECTORS,
+    MAX_HOST_OFFSET,
+};
+use crate::endian::{le32, le32s};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 
@@ -18,10 +21,6 @@ use crate::host::HostFile;
 pub const MAGIC: &[u8; 4] = b"COWD";
 /// Grain-table entries per table, fixed by the format.
 pub const GT_ENTRIES: u64 = 4096;
-
-fn le32(b: &[u8], at: usize) -> u64 {
-    u64::from(u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]))
-}
 
 /// Opens the COWD extent in `file`; `capacity` is the descriptor's size in
 /// bytes (`None` = the header's).
@@ -36,12 +35,12 @@ pub fn open(
     if &h[0..4] != MAGIC {
         return Err(Error::corrupt("not a COWD sparse extent (no COWD magic)"));
     }
-    let version = le32(&h, 4);
-    let flags = le32(&h, 8);
-    let sectors = le32(&h, 12);
-    let grain = le32(&h, 16);
-    let gd_sector = le32(&h, 20);
-    let gd_entries = le32(&h, 24);
+    let version = u64::from(le32(&h, 4));
+    let flags = u64::from(le32(&h, 8));
+    let sectors = u64::from(le32(&h, 12));
+    let grain = u64::from(le32(&h, 16));
+    let gd_sector = u64::from(le32(&h, 20));
+    let gd_entries = u64::from(le32(&h, 24));
     if grain == 0 || !grain.is_power_of_two() || grain > MAX_GRAIN_SECTORS {
         return Err(Error::corrupt(format!(
             "COWD grain size of {grain} sectors is invalid (a power of two up to {MAX_GRAIN_SECTORS})"
@@ -65,9 +64,8 @@ pub fn open(
     }
     let mut raw = vec![0u8; gd_bytes as usize];
     file.read_exact_at(&mut raw, gd_off)?;
-    let gd = raw
-        .chunks_exact(4)
-        .map(|c| match le32(c, 0) {
+    let gd = le32s(&raw)
+        .map(|e| match u64::from(e) {
             0 => GD_NONE,
             s => s * 512,
         })

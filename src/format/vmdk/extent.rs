@@ -6,13 +6,18 @@
 //! entry width and in how an entry is decoded; [`GrainTables`] holds the
 //! common part and [`GteCodec`] the differences. Grain tables are read on
 //! demand through the shared metadata cache as raw bytes.
+//!
+//! The limits and facts every flavour shares ([`SparseInfo`],
+//! [`MAX_GRAIN_SECTORS`], [`MAX_GD_ENTRIES`]) live here too, so the flavour
+//! parsers (`sparse`, `cowd`, `sesparse`) depend on this module and never
+//! the other way round.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::descriptor::ExtentLine;
-use super::sparse::SparseInfo;
 use crate::cache::Caches;
+use crate::endian::{get_le32, get_le64};
 use crate::engine::table_cache::TableCache;
 use crate::error::{Error, Result};
 use crate::host::HostFile;
@@ -29,6 +34,35 @@ pub const GD_NONE: u64 = 0;
 pub const GD_ZERO: u64 = u64::MAX - 1;
 /// Decoded grain-directory entry: the entry is invalid.
 pub const GD_BAD: u64 = u64::MAX;
+
+/// Largest grain accepted: 2 MiB (real files use 64 KiB).
+pub const MAX_GRAIN_SECTORS: u64 = 4096;
+/// Most grain-directory entries accepted (enough for 64 TiB in 512-byte grains).
+pub const MAX_GD_ENTRIES: u64 = 32 << 20;
+
+/// Facts about a sparse extent kept for `info` and decompression.
+#[derive(Debug, Clone)]
+pub struct SparseInfo {
+    /// `KDMV`, `COWD` or `seSparse`.
+    pub kind: &'static str,
+    /// Header version.
+    pub version: u64,
+    /// Header flags.
+    pub flags: u64,
+    /// Capacity in sectors as the header says.
+    pub capacity_sectors: u64,
+    /// Grains are zlib-compressed.
+    pub compressed: bool,
+    /// Grains carry markers.
+    pub markers: bool,
+    /// The GD was found through the footer.
+    pub footer: bool,
+    /// Byte offsets of the grain directories the tables hold (`gd`, then
+    /// `rgd`), for the writer; 0 where there is none.
+    pub gd_at: (u64, u64),
+    /// Byte offset and length of the embedded descriptor ((0, 0): none).
+    pub descriptor_at: (u64, u64),
+}
 
 /// What one grain-table entry says about its grain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,11 +296,12 @@ impl GrainTables {
     pub fn entry(&self, gt: &[u8], i: u64) -> Grain {
         let es = self.codec.entry_size();
         let at = i as usize * es;
-        let raw = match gt.get(at..at + es) {
-            Some(b) if es == 4 => u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            Some(b) => u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
-            None => 0,
+        let raw = if es == 4 {
+            get_le32(gt, at).map(u64::from)
+        } else {
+            get_le64(gt, at)
         };
+        let raw = raw.unwrap_or(0);
         self.codec.decode(raw, self.grain_size)
     }
 

@@ -10,11 +10,14 @@
 //! is a one-extent image. See `docs/vmdk.md` for the support matrix.
 //!
 //! - [`descriptor`]: descriptor text parsing.
-//! - [`extent`]: the extent list entries and the shared grain-table walker.
+//! - [`extent`]: the extent list entries, the shared grain-table walker and
+//!   what every sparse flavour shares (`SparseInfo`, limits); the flavour
+//!   modules below depend on it, never the reverse.
 //! - [`sparse`]: hosted sparse and stream-optimized extents.
 //! - [`cowd`]: ESXi `COWD` (vmfsSparse) extents.
 //! - [`sesparse`]: ESXi seSparse extents.
-//! - [`write`](mod@write): in-place writes (flat and hosted sparse extents).
+//! - [`write`](mod@write): in-place writes (flat extents; hosted sparse
+//!   grain allocation in `write/grains.rs`; the CID update in `write/cid.rs`).
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -162,7 +165,7 @@ impl Vmdk {
         line: Option<ExtentLine>,
         file: Option<Arc<HostFile>>,
         tables: extent::GrainTables,
-        info: sparse::SparseInfo,
+        info: extent::SparseInfo,
     ) {
         let len = info.capacity_sectors * 512;
         self.push(Extent {
@@ -297,7 +300,7 @@ impl Vmdk {
         })
     }
 
-    fn first_sparse(&self) -> Option<(&extent::GrainTables, &sparse::SparseInfo)> {
+    fn first_sparse(&self) -> Option<(&extent::GrainTables, &extent::SparseInfo)> {
         self.extents.iter().find_map(|e| match &e.data {
             ExtentData::Sparse { tables, info } => Some((tables, info)),
             _ => None,

@@ -14,8 +14,10 @@
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 
-use super::extent::{atomic_gd, GrainTables, GteCodec, GD_BAD, GD_NONE, MAX_HOST_OFFSET};
-use super::sparse::{SparseInfo, MAX_GD_ENTRIES};
+use super::extent::{
+    atomic_gd, GrainTables, GteCodec, SparseInfo, GD_BAD, GD_NONE, MAX_GD_ENTRIES, MAX_HOST_OFFSET,
+};
+use crate::endian::{le64, le64s};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 
@@ -25,12 +27,6 @@ pub const CONST_MAGIC: u64 = 0xcafe_babe;
 pub const VOLATILE_MAGIC: u64 = 0xcafe_cafe;
 /// The only version seen: 2.1.
 pub const VERSION: u64 = 0x0000_0002_0000_0001;
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
 
 /// True when `head` starts with a seSparse constant header.
 pub fn probe(head: &[u8]) -> bool {
@@ -111,10 +107,8 @@ pub fn open(
     }
     let mut raw = vec![0u8; (needed * 8) as usize];
     file.read_exact_at(&mut raw, gd_at)?;
-    let gd = raw
-        .chunks_exact(8)
-        .map(|c| {
-            let e = le64(c, 0);
+    let gd = le64s(&raw)
+        .map(|e| {
             if e == 0 {
                 GD_NONE
             } else if e >> 32 != 0x1000_0000 {

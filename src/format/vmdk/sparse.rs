@@ -12,8 +12,12 @@
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 
-use super::extent::{atomic_gd, GrainTables, GteCodec, GD_BAD, GD_NONE, GD_ZERO, MAX_HOST_OFFSET};
+use super::extent::{
+    atomic_gd, GrainTables, GteCodec, SparseInfo, GD_BAD, GD_NONE, GD_ZERO, MAX_GD_ENTRIES,
+    MAX_GRAIN_SECTORS, MAX_HOST_OFFSET,
+};
 use crate::compress::{self, Method};
+use crate::endian::{le16, le32, le32s, le64};
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::HostFile;
 
@@ -31,36 +35,8 @@ const COMPRESS_DEFLATE: u16 = 1;
 const MARKER_EOS: u32 = 0;
 const MARKER_FOOTER: u32 = 3;
 
-/// Largest grain accepted: 2 MiB (real files use 64 KiB).
-pub const MAX_GRAIN_SECTORS: u64 = 4096;
 /// Most grain-table entries accepted (512 is standard; COWD uses 4096).
 pub const MAX_GT_ENTRIES: u64 = 4096;
-/// Most grain-directory entries accepted (enough for 64 TiB in 512-byte grains).
-pub const MAX_GD_ENTRIES: u64 = 32 << 20;
-
-/// Facts about a sparse extent kept for `info` and decompression.
-#[derive(Debug, Clone)]
-pub struct SparseInfo {
-    /// `KDMV`, `COWD` or `seSparse`.
-    pub kind: &'static str,
-    /// Header version.
-    pub version: u64,
-    /// Header flags.
-    pub flags: u64,
-    /// Capacity in sectors as the header says.
-    pub capacity_sectors: u64,
-    /// Grains are zlib-compressed.
-    pub compressed: bool,
-    /// Grains carry markers.
-    pub markers: bool,
-    /// The GD was found through the footer.
-    pub footer: bool,
-    /// Byte offsets of the grain directories the tables hold (`gd`, then
-    /// `rgd`), for the writer; 0 where there is none.
-    pub gd_at: (u64, u64),
-    /// Byte offset and length of the embedded descriptor ((0, 0): none).
-    pub descriptor_at: (u64, u64),
-}
 
 /// A parsed `KDMV` header.
 #[derive(Debug, Clone, Copy)]
@@ -89,16 +65,6 @@ pub struct Header {
     pub compress: u16,
 }
 
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
 impl Header {
     /// Parses a 512-byte header sector; `None` without the magic.
     pub fn parse(b: &[u8; 512]) -> Option<Header> {
@@ -116,7 +82,7 @@ impl Header {
             rgd_offset: le64(b, 48),
             gd_offset: le64(b, 56),
             overhead: le64(b, 64),
-            compress: u16::from_le_bytes([b[77], b[78]]),
+            compress: le16(b, 77),
         })
     }
 
@@ -198,8 +164,8 @@ fn read_gd(file: &HostFile, sector: u64, entries: u64, zeroed: bool) -> Result<O
     let mut raw = vec![0u8; bytes as usize];
     file.read_exact_at(&mut raw, off)?;
     Ok(Some(
-        raw.chunks_exact(4)
-            .map(|c| match u32::from_le_bytes([c[0], c[1], c[2], c[3]]) {
+        le32s(&raw)
+            .map(|e| match e {
                 0 => GD_NONE,
                 1 if zeroed => GD_ZERO,
                 s => u64::from(s) * 512,

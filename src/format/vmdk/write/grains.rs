@@ -1,63 +1,44 @@
-//! In-place writes into VMDK images: flat extents and hosted sparse
-//! (`KDMV`, uncompressed) extents, as in monolithicFlat, twoGbMaxExtentFlat,
-//! vmfs/vmfsThin, monolithicSparse and twoGbMaxExtentSparse images.
+//! Writes into hosted sparse (`KDMV`, uncompressed) extents, as qemu's
+//! driver does them: VMDK has no refcounts, so new grains and grain tables
+//! are appended at the end of the extent file (grains aligned to the grain
+//! size) and space is never reused; a crash or a failed write leaves at most
+//! leaked space. Grain data and new (zeroed) grain tables are written at
+//! once; grain-table and grain-directory entries (redundant copy, then
+//! primary) are ordered writes ([`crate::engine::order`], stage Map),
+//! written after a barrier: on disk, even after a power cut, an entry never
+//! exists without the grain or table it points at.
 //!
-//! Flat extents are written directly at their offset. Sparse extents work
-//! like qemu's driver: VMDK has no refcounts, so new grains and new grain
-//! tables are appended at the end of the extent file (grains aligned to
-//! the grain size) and space is never reused; a crash or a failed write
-//! leaves at most leaked space. Grain data and new (zeroed) grain tables
-//! are written at once; grain-table and grain-directory entries (redundant
-//! copy, then primary) are ordered writes ([`crate::engine::order`], stage
-//! Map), written after a barrier: on disk, even after a power cut, an
-//! entry never exists without the grain or table it points at.
-//! [`WriteLayer::flush`] makes everything durable.
+//! Writes into allocated grains go straight to the host file, without a lock.
+//! Everything else takes the extent's allocation lock: it reserves host space
+//! for a run of grains and marks them *pending*, then, without the lock, fills
+//! them (zeros for a zeroed grain, the layers below where the write does not
+//! cover a grain) and writes them; then, under the lock again, writes the table
+//! entries and republishes the table in the metadata cache (see
+//! [`GrainTables::load_gt`] for why readers never re-cache a stale table). Any
+//! other allocation or zeroing touching a pending grain waits for it, so two
+//! first writes into one grain both land.
 //!
-//! Writes into allocated grains go straight to the host file, without a
-//! lock. Everything else takes the extent's allocation lock: it reserves
-//! host space for a run of grains and marks them *pending*, then, without
-//! the lock, fills them (zeros for a zeroed grain, the layers below where
-//! the write does not cover a grain) and writes them; then, under the lock
-//! again, writes the table entries and republishes the table in the
-//! metadata cache (see [`GrainTables::load_gt`] for why readers never
-//! re-cache a stale table). Any other allocation or zeroing touching a
-//! pending grain waits for it, so two first writes into one grain both
-//! land.
-//!
-//! Zeroing: with the zeroed-grain flag (`zeroed_grain=on`), whole grains
-//! get entry 1 (reads as zeros; the old grain's space is leaked, as
-//! qemu does); without it, allocated grains are punched in place and
-//! unallocated grains over a parent get new grains of zeros. Unallocated
-//! grains without a parent already read as zeros. Partial grains go
-//! through writes.
-//!
-//! Before the first write the descriptor gets a new random CID, as qemu
-//! does, so delta children made earlier from this image no longer match
-//! it; its hex digits are overwritten in place by as many digits (qemu
-//! writes the CID without zero padding), so the descriptor never changes
-//! size; a CID line without 1 to 8 hex digits is left alone.
-//!
-//! Refused at open (writable): streamOptimized or otherwise compressed
-//! extents, COWD (vmfsSparse) and seSparse extents, images whose primary
-//! grain directory is damaged. `RDONLY`, `NOACCESS` and `ZERO` extents
-//! open, but writes into them fail.
+//! Zeroing: with the zeroed-grain flag (`zeroed_grain=on`), whole grains get
+//! entry 1 (reads as zeros; the old grain's space is leaked, as qemu does);
+//! without it, allocated grains are punched in place and unallocated grains
+//! over a parent get new grains of zeros. Unallocated grains without a parent
+//! already read as zeros. Partial grains go through writes.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use parking_lot::Mutex;
-
-use super::descriptor::{Access, ExtentType};
-use super::extent::{Extent, ExtentData, Grain, GrainTables, GteCodec, GD_BAD, GD_NONE, GD_ZERO};
-use super::Vmdk;
+use super::{refuse, REFUSE_HINT};
+use crate::endian::{le32_bytes, put_le32};
 use crate::engine::append::{round_up, AppendState, Appender};
 use crate::engine::cow::{fill_from_below, write_new_run, NewRun};
 use crate::engine::order::Stage;
 use crate::engine::overlap::{MetadataMap, Structure};
 use crate::engine::units::{GuestOffset, HostOffset};
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::{Below, Layer, WriteLayer};
-use crate::host::HostFile;
+use crate::format::vmdk::extent::{
+    Extent, Grain, GrainTables, GteCodec, SparseInfo, GD_BAD, GD_NONE, GD_ZERO,
+};
+use crate::format::vmdk::Vmdk;
+use crate::format::Below;
 
 /// Largest run of grains allocated (and written) at once.
 const MAX_RUN_BYTES: u64 = 1 << 20;
@@ -65,31 +46,8 @@ const MAX_RUN_BYTES: u64 = 1 << 20;
 /// Largest host byte offset a 32-bit sector number can point at.
 const MAX_SECTOR_BYTES: u64 = (u32::MAX as u64) * 512;
 
-const REFUSE_HINT: &str = "use --overlay FILE or --snapshot";
-
-/// The write state of a writable image: one entry per extent, and the
-/// content id (CID) update done before the first write.
-pub struct Writer {
-    extents: Vec<ExtentWriter>,
-    /// Set once the CID was dealt with (changed, or found unchangeable).
-    cid_done: AtomicBool,
-    cid_lock: Mutex<()>,
-    /// The new CID, once written (`u64::MAX`: unchanged).
-    new_cid: AtomicU64,
-    /// The descriptor was changed and not yet synced.
-    desc_dirty: AtomicBool,
-}
-
-enum ExtentWriter {
-    Flat {
-        dirty: AtomicBool,
-    },
-    Sparse(SparseWriter),
-    /// Writes into this extent fail with this error.
-    Refused(ErrorKind, String),
-}
-
-struct SparseWriter {
+/// The write state of one sparse extent.
+pub(super) struct SparseWriter {
     /// The allocation frontier and the grains being allocated
     /// (extent-relative grain numbers).
     alloc: Appender,
@@ -97,10 +55,10 @@ struct SparseWriter {
     gd_at: u64,
     rgd_at: u64,
     zeroed_grain: bool,
-    dirty: AtomicBool,
+    pub(super) dirty: AtomicBool,
     /// Metadata ranges of the extent file no grain write may touch: the
     /// header, the embedded descriptor, both directories, every table.
-    map: MetadataMap,
+    pub(super) map: MetadataMap,
 }
 
 /// What one allocation run reserved.
@@ -115,134 +73,8 @@ struct Run {
     host: u64,
 }
 
-fn refuse(what: &str) -> Error {
-    Error::unsupported(format!("{what} cannot be written in place; {REFUSE_HINT}"))
-}
-
-impl Writer {
-    /// The write state for `v`; refuses what cannot be written in place.
-    pub fn new(v: &Vmdk) -> Result<Writer> {
-        let mut extents = Vec::new();
-        for e in &v.extents {
-            let access = e.line.as_ref().map_or(Access::ReadWrite, |l| l.access);
-            let w = match &e.data {
-                ExtentData::Zero => ExtentWriter::Refused(
-                    ErrorKind::ReadOnly,
-                    "a ZERO extent stores no data and cannot be written".into(),
-                ),
-                ExtentData::NoAccess => ExtentWriter::Refused(
-                    ErrorKind::ReadOnly,
-                    "the extent is NOACCESS and cannot be written".into(),
-                ),
-                ExtentData::Flat { file, .. } => {
-                    if access != Access::ReadWrite || !file.writable() {
-                        ExtentWriter::Refused(
-                            ErrorKind::ReadOnly,
-                            "the extent is RDONLY and cannot be written".into(),
-                        )
-                    } else {
-                        ExtentWriter::Flat {
-                            dirty: AtomicBool::new(false),
-                        }
-                    }
-                }
-                ExtentData::Sparse { tables, info } => {
-                    let kind = e.line.as_ref().map(|l| l.kind);
-                    if info.kind != "KDMV" || kind == Some(ExtentType::SeSparse) {
-                        return Err(refuse(&format!("VMDK {} extents", info.kind)));
-                    }
-                    if info.compressed || info.markers || info.footer {
-                        return Err(refuse("streamOptimized (compressed) VMDK extents"));
-                    }
-                    if tables.used_redundant.load(Ordering::Relaxed) {
-                        return Err(Error::unsupported(format!(
-                            "the primary grain directory of {} is damaged (repair it with \
-                             qemu-img check -r all); {REFUSE_HINT}",
-                            tables.file.path().display()
-                        )));
-                    }
-                    if access != Access::ReadWrite || !tables.file.writable() {
-                        ExtentWriter::Refused(
-                            ErrorKind::ReadOnly,
-                            "the extent is RDONLY and cannot be written".into(),
-                        )
-                    } else {
-                        ExtentWriter::Sparse(SparseWriter::new(tables, info)?)
-                    }
-                }
-            };
-            extents.push(w);
-        }
-        Ok(Writer {
-            extents,
-            cid_done: AtomicBool::new(false),
-            cid_lock: Mutex::new(()),
-            new_cid: AtomicU64::new(u64::MAX),
-            desc_dirty: AtomicBool::new(false),
-        })
-    }
-
-    /// The CID written by this writer, if it changed it.
-    pub fn new_cid(&self) -> Option<u32> {
-        match self.new_cid.load(Ordering::Acquire) {
-            u64::MAX => None,
-            c => Some(c as u32),
-        }
-    }
-}
-
-/// Where the hex digits of the `CID=` value lie in descriptor text.
-fn find_cid(text: &[u8]) -> Option<std::ops::Range<usize>> {
-    let mut start = 0;
-    for line in text.split(|&b| b == b'\n') {
-        let here = start;
-        start += line.len() + 1;
-        let lead = line.iter().take_while(|b| b.is_ascii_whitespace()).count();
-        let Some(rest) = line[lead..].strip_prefix(b"CID") else {
-            continue;
-        };
-        let mut i = here + lead + 3;
-        let mut r = rest;
-        while let [b' ' | b'\t', tail @ ..] = r {
-            r = tail;
-            i += 1;
-        }
-        let [b'=', tail @ ..] = r else { continue };
-        r = tail;
-        i += 1;
-        while let [b' ' | b'\t' | b'"', tail @ ..] = r {
-            r = tail;
-            i += 1;
-        }
-        let digits = r.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-        return Some(i..i + digits);
-    }
-    None
-}
-
-/// A fresh random CID of at most `digits` hex digits, different from
-/// `old` and from the reserved values.
-fn random_cid(old: Option<u32>, digits: usize) -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mask = if digits >= 8 {
-        u32::MAX
-    } else {
-        (1u32 << (4 * digits)) - 1
-    };
-    let mut n = 0u64;
-    loop {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(n);
-        let c = h.finish() as u32 & mask;
-        if Some(c) != old && c < 0xffff_fffe {
-            return c;
-        }
-        n += 1;
-    }
-}
-
 impl SparseWriter {
-    fn new(t: &GrainTables, info: &super::sparse::SparseInfo) -> Result<SparseWriter> {
+    pub(super) fn new(t: &GrainTables, info: &SparseInfo) -> Result<SparseWriter> {
         let file = &t.file;
         let meta = file
             .file()
@@ -364,7 +196,7 @@ impl SparseWriter {
         }
         // A zeroed directory entry: the table's grains all read as zeros.
         let fill: u32 = if cur == GD_ZERO { 1 } else { 0 };
-        let table: Vec<u8> = (0..t.gt_entries).flat_map(|_| fill.to_le_bytes()).collect();
+        let table: Vec<u8> = (0..t.gt_entries).flat_map(|_| le32_bytes(fill)).collect();
         let space = round_up(table.len() as u64, 512).expect("tables are small");
         let redundant = self.rgd_at != 0 && t.rgd_entry(gdi).is_some();
         self.dirty.store(true, Ordering::Release);
@@ -382,7 +214,7 @@ impl SparseWriter {
         let entry_at = gdi * 4;
         if let Some(rh) = rhost {
             t.file.write_ordered_at(
-                &((rh / 512) as u32).to_le_bytes(),
+                &le32_bytes((rh / 512) as u32),
                 self.rgd_at + entry_at,
                 Stage::Map,
             )?;
@@ -391,7 +223,7 @@ impl SparseWriter {
             }
         }
         t.file.write_ordered_at(
-            &((host / 512) as u32).to_le_bytes(),
+            &le32_bytes((host / 512) as u32),
             self.gd_at + entry_at,
             Stage::Map,
         )?;
@@ -415,7 +247,7 @@ impl SparseWriter {
         let mut new = table.to_vec();
         for (k, r) in raw.iter().enumerate() {
             let at = (idx as usize + k) * 4;
-            new[at..at + 4].copy_from_slice(&r.to_le_bytes());
+            put_le32(&mut new, at, *r);
         }
         if new[..] == table[..] {
             return Ok(());
@@ -491,94 +323,10 @@ fn bad_grain(g: Grain) -> Error {
 }
 
 impl Vmdk {
-    fn writer(&self) -> &Writer {
-        self.writer
-            .as_ref()
-            .expect("write called on a VMDK layer opened read-only")
-    }
-
-    fn extent_index(&self, offset: u64) -> Result<usize> {
-        let i = self.extents.partition_point(|e| e.start <= offset);
-        i.checked_sub(1)
-            .filter(|&i| offset - self.extents[i].start < self.extents[i].len)
-            .ok_or_else(|| {
-                Error::new(ErrorKind::OutOfRange, "offset beyond the last extent").at_guest(offset)
-            })
-    }
-
-    /// Before the first write, gives the image a new CID as qemu does, so
-    /// that delta children made from it earlier no longer match. The
-    /// descriptor is rewritten in place, 8 hex digits over 8 hex digits;
-    /// a descriptor whose CID has another width is left alone.
-    fn update_cid_once(&self) {
-        let w = self.writer();
-        if w.cid_done.load(Ordering::Acquire) {
-            return;
-        }
-        let _g = w.cid_lock.lock();
-        if w.cid_done.load(Ordering::Acquire) {
-            return;
-        }
-        if let Err(e) = self.update_cid(w) {
-            log::warn!(
-                "{}: the descriptor's CID was not updated: {e}",
-                self.file.path().display()
-            );
-        }
-        w.cid_done.store(true, Ordering::Release);
-    }
-
-    fn update_cid(&self, w: &Writer) -> Result<()> {
-        let Some(d) = &self.desc else { return Ok(()) };
-        let mut head = [0u8; 4];
-        self.file.read_exact_at(&mut head, 0)?;
-        let (at, len) = if &head == super::sparse::MAGIC {
-            let h = super::sparse::Header::read(&self.file)?;
-            if h.desc_offset == 0 || h.desc_size == 0 {
-                return Ok(());
-            }
-            (
-                h.desc_offset.saturating_mul(512),
-                h.desc_size.saturating_mul(512),
-            )
-        } else if &head == super::cowd::MAGIC || super::sesparse::probe(&head) {
-            return Ok(());
-        } else {
-            (0, self.file.len())
-        };
-        let len = len
-            .min(super::descriptor::MAX_DESCRIPTOR)
-            .min(self.file.len().saturating_sub(at));
-        let mut text = vec![0u8; len as usize];
-        self.file.read_exact_at(&mut text, at)?;
-        let Some(r) = find_cid(&text) else {
-            return Ok(());
-        };
-        let digits = r.len();
-        if !(1..=8).contains(&digits) {
-            log::info!(
-                "{}: CID of {digits} digits left unchanged",
-                self.file.path().display()
-            );
-            return Ok(());
-        }
-        // Same width, zero-padded: the text keeps its size.
-        let cid = random_cid(d.cid, digits);
-        w.desc_dirty.store(true, Ordering::Release);
-        self.file
-            .write_all_at(format!("{cid:0digits$x}").as_bytes(), at + r.start as u64)?;
-        w.new_cid.store(u64::from(cid), Ordering::Release);
-        Ok(())
-    }
-
-    fn has_parent(&self) -> bool {
-        self.backing().is_some()
-    }
-
     /// Writes the start of `buf` at extent-relative `rel` of sparse extent
     /// `e`; returns the bytes written (0: the state changed, try again).
     #[allow(clippy::too_many_arguments)]
-    fn sparse_write(
+    pub(super) fn sparse_write(
         &self,
         e: &Extent,
         t: &GrainTables,
@@ -778,7 +526,7 @@ impl Vmdk {
     }
 
     /// `write_zeroes` inside sparse extent `e`, extent-relative.
-    fn sparse_zeroes(
+    pub(super) fn sparse_zeroes(
         &self,
         e: &Extent,
         t: &GrainTables,
@@ -853,173 +601,5 @@ impl Vmdk {
             pos += self.sparse_write(e, t, w, &zeros[..n], pos, below, true)? as u64;
         }
         Ok(())
-    }
-}
-
-fn refused(kind: ErrorKind, msg: &str, e: &Extent) -> Error {
-    let err = Error::new(
-        kind,
-        match &e.line {
-            Some(l) => format!("{msg} ({l})"),
-            None => msg.to_string(),
-        },
-    );
-    match &e.file {
-        Some(f) => err.with_path(f.path()),
-        None => err,
-    }
-}
-
-fn flat_file(e: &Extent) -> (&Arc<HostFile>, u64) {
-    match &e.data {
-        ExtentData::Flat { file, offset } => (file, *offset),
-        _ => unreachable!("flat writer on a non-flat extent"),
-    }
-}
-
-fn sparse_tables(e: &Extent) -> &GrainTables {
-    match &e.data {
-        ExtentData::Sparse { tables, .. } => tables,
-        _ => unreachable!("sparse writer on a non-sparse extent"),
-    }
-}
-
-impl WriteLayer for Vmdk {
-    fn write_at(&self, buf: &[u8], offset: u64, below: &dyn Below) -> Result<()> {
-        let w = self.writer();
-        self.update_cid_once();
-        let mut done = 0;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let i = self.extent_index(pos)?;
-            let e = &self.extents[i];
-            let rel = pos - e.start;
-            let n = ((buf.len() - done) as u64).min(e.len - rel) as usize;
-            let piece = &buf[done..done + n];
-            let wrote = match &w.extents[i] {
-                ExtentWriter::Flat { dirty } => {
-                    let (file, base) = flat_file(e);
-                    dirty.store(true, Ordering::Release);
-                    file.write_all_at(piece, base + rel)
-                        .map_err(|err| err.at_guest(pos))?;
-                    n
-                }
-                ExtentWriter::Sparse(sw) => {
-                    let t = sparse_tables(e);
-                    let n = self
-                        .sparse_write(e, t, sw, piece, rel, below, false)
-                        .map_err(|err| err.at_guest(pos))?;
-                    t.file.flush_ordered_if_due()?;
-                    n
-                }
-                ExtentWriter::Refused(kind, msg) => {
-                    return Err(refused(*kind, msg, e).at_guest(pos));
-                }
-            };
-            done += wrote;
-        }
-        Ok(())
-    }
-
-    fn write_zeroes(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()> {
-        let w = self.writer();
-        self.update_cid_once();
-        let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let i = self.extent_index(pos)?;
-            let e = &self.extents[i];
-            let rel = pos - e.start;
-            let n = (end - pos).min(e.len - rel);
-            match &w.extents[i] {
-                ExtentWriter::Flat { dirty } => {
-                    let (file, base) = flat_file(e);
-                    dirty.store(true, Ordering::Release);
-                    file.punch_hole(base + rel, n)
-                        .map_err(|err| err.at_guest(pos))?;
-                }
-                ExtentWriter::Sparse(sw) => {
-                    let t = sparse_tables(e);
-                    self.sparse_zeroes(e, t, sw, rel, rel + n, below)
-                        .map_err(|err| err.at_guest(pos))?;
-                    t.file.flush_ordered_if_due()?;
-                }
-                // A ZERO extent already reads as zeros.
-                ExtentWriter::Refused(..) if matches!(e.data, ExtentData::Zero) => {}
-                ExtentWriter::Refused(kind, msg) => {
-                    return Err(refused(*kind, msg, e).at_guest(pos));
-                }
-            }
-            pos += n;
-        }
-        Ok(())
-    }
-
-    fn metadata_maps(&self) -> Vec<&MetadataMap> {
-        let w = self.writer();
-        w.extents
-            .iter()
-            .filter_map(|ew| match ew {
-                ExtentWriter::Sparse(s) => Some(&s.map),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn flush(&self) -> Result<()> {
-        let w = self.writer();
-        for (e, ew) in self.extents.iter().zip(&w.extents) {
-            let (dirty, file) = match ew {
-                ExtentWriter::Flat { dirty } => (dirty, flat_file(e).0),
-                ExtentWriter::Sparse(sw) => (&sw.dirty, &sparse_tables(e).file),
-                ExtentWriter::Refused(..) => continue,
-            };
-            // `dirty` is never cleared (it means "written since open"): a
-            // write marks its extent before it lands, so a flush clearing
-            // the flag could sync before that write while a concurrent
-            // flush, which must cover it, found the flag clear and skipped
-            // the extent (the power-cut test's concurrent writers found
-            // it). Concurrent flushes of one file are serialised by its
-            // queue, so a flush never returns before an earlier one ends.
-            if dirty.load(Ordering::Acquire) {
-                // Sparse extents: queued table updates after their grains.
-                file.flush_ordered()?;
-            }
-        }
-        if w.desc_dirty.swap(false, Ordering::AcqRel) {
-            if let Err(err) = self.file.sync_data() {
-                w.desc_dirty.store(true, Ordering::Release);
-                return Err(err);
-            }
-        }
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_the_cid_digits() {
-        let t = b"# Disk DescriptorFile\nversion=1\nparentCID=ffffffff\nCID=79f443a\n";
-        let r = find_cid(t).unwrap();
-        assert_eq!(&t[r], b"79f443a");
-        let t = b"version=1\n  CID = \"0a0b0c0d\"\nparentCID=ffffffff\n";
-        let r = find_cid(t).unwrap();
-        assert_eq!(&t[r], b"0a0b0c0d");
-        assert!(find_cid(b"parentCID=ffffffff\n").is_none());
-    }
-
-    #[test]
-    fn random_cids_keep_their_width() {
-        for digits in 1..=8 {
-            for _ in 0..20 {
-                let c = random_cid(Some(3), digits);
-                assert_ne!(c, 3);
-                assert!(format!("{c:x}").len() <= digits);
-                assert!(c < 0xffff_fffe);
-            }
-        }
     }
 }
