@@ -1,6 +1,8 @@
-//! Remote images: objects in S3-compatible storage (`s3://bucket/key`) and
-//! files on HTTP(S) servers (`http://host/path`, `https://host/path`),
-//! read through the `object_store` crate behind [`crate::host::HostFile`].
+//! Remote images: objects in S3-compatible storage (`s3://bucket/key`),
+//! Google Cloud Storage (`gs://bucket/key`), Azure Blob Storage
+//! (`az://container/blob`) and files on HTTP(S) servers (`http://host/path`,
+//! `https://host/path`), read through the `object_store` crate behind
+//! [`crate::host::HostFile`].
 //!
 //! A remote file is opened with one ranged GET of its first chunk (size and
 //! ETag from the headers, the chunk into the cache: the image's header and
@@ -116,14 +118,15 @@ fn runtime() -> Result<&'static tokio::runtime::Runtime> {
     })
 }
 
-/// True when `path` is a URL this module opens (`s3://`, `http://`, `https://`).
+/// True when `path` is a URL this module opens (`s3://`, `gs://`, `az://`,
+/// `http://`, `https://`).
 pub fn is_url(path: &Path) -> bool {
     path.to_str().is_some_and(is_url_str)
 }
 
 /// [`is_url`] on a string.
 pub fn is_url_str(s: &str) -> bool {
-    ["s3://", "http://", "https://"]
+    ["s3://", "gs://", "az://", "http://", "https://"]
         .iter()
         .any(|p| s.len() > p.len() && s[..p.len()].eq_ignore_ascii_case(p))
 }
