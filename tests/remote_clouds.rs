@@ -69,11 +69,10 @@ fn fake_gcs_bin() -> PathBuf {
 fn spawn(cmd: Command, port: u16, what: &'static str) {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let _child = spawn_here(cmd, port, what);
+        let mut child = spawn_here(cmd, port, what);
         tx.send(()).unwrap();
-        loop {
-            std::thread::park();
-        }
+        // Until this process ends (or the server dies).
+        let _ = child.wait();
     });
     rx.recv().unwrap_or_else(|_| panic!("{what} did not start"));
 }
