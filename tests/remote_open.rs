@@ -66,7 +66,7 @@ fn a_remote_chain_opens_in_overlapping_round_trips_and_reads_byte_exact() {
     assert_eq!(chain.layers().len(), 3);
     // One round for the top's first chunk, then one per link in which the
     // link's L1 table and the next link's first chunk arrive together
-    // (layer by layer it took 5: first chunk, then L1, for each qcow2).
+    // (layer by layer: first chunk, then tables, link after link).
     assert!(
         rounds <= 3,
         "opening the chain took {rounds} sequential rounds ({requests} requests)"
