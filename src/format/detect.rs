@@ -38,6 +38,11 @@ pub fn detect(file: &HostFile) -> Result<Format> {
     let mut head = vec![0u8; HEAD_LEN];
     let n = file.read_at_most(&mut head, 0)?;
     head.truncate(n);
+    // The tail only matters when the head names no format: not read
+    // otherwise (for a remote image, one round trip fewer).
+    if let Some(f) = detect_head(&head) {
+        return Ok(f);
+    }
     let mut tail = vec![0u8; TAIL_LEN];
     let len = file.len();
     let tail = if len >= TAIL_LEN as u64 {

@@ -383,6 +383,26 @@ pub struct OpenCtx<'a> {
     pub writable: bool,
 }
 
+impl OpenCtx<'_> {
+    /// Says that the image at `naming` names `name` (its backing file, an
+    /// extent) as a file the chain will open, as soon as a driver knows it
+    /// (before reading its tables): a remote one then starts opening while
+    /// this layer's tables arrive (see [`crate::remote::ahead`]). Local
+    /// files and names the policy refuses are left to the real open.
+    pub fn open_ahead(&self, naming: &Path, name: &str) {
+        if !crate::remote::ahead::enabled()
+            || !(crate::remote::is_url(naming) || crate::remote::is_url_str(name))
+        {
+            return;
+        }
+        if let Ok(path) = self.policy.resolve(naming, name) {
+            if let Some(url) = path.to_str().filter(|u| crate::remote::is_url_str(u)) {
+                crate::remote::ahead::open_ahead(url);
+            }
+        }
+    }
+}
+
 /// Opens `path` as a `format` layer.
 pub fn open_layer(path: &Path, format: Format, ctx: &OpenCtx<'_>) -> Result<Arc<dyn Layer>> {
     let file = ctx.policy.open_path(path, ctx.writable)?;

@@ -195,6 +195,42 @@ pub(crate) fn read(file: &RemoteFile, buf: &mut [u8], offset: u64) -> Result<usi
     Ok(done)
 }
 
+/// Starts fetching the chunks of `file` covering the `(offset, length)`
+/// ranges that are neither cached nor in flight, one ranged GET per run of
+/// adjacent chunks, all at once (within the request bound); nobody waits
+/// here: the reads that follow wait for their chunks like any reader. At
+/// most a quarter of the in-memory cache is claimed per call, so a hint
+/// can neither flush the cache nor grow memory.
+pub(crate) fn prefetch(file: &RemoteFile, ranges: &[(u64, u64)]) -> Result<()> {
+    let chunk = super::settings().chunk.max(4096);
+    let sh = shared();
+    let budget = (sh.lru.lock().cap as u64 / 4 / chunk) as usize;
+    let mut claimed = Vec::new();
+    'ranges: for &(off, len) in ranges {
+        let end = off.saturating_add(len).min(file.len);
+        if off >= end {
+            continue;
+        }
+        for idx in off / chunk..=(end - 1) / chunk {
+            if claimed.len() >= budget {
+                break 'ranges;
+            }
+            let key = (file.id, idx);
+            if sh.lru.lock().lru.contains(&key) {
+                continue;
+            }
+            if let std::collections::hash_map::Entry::Vacant(v) = sh.inflight.lock().entry(key) {
+                v.insert(Arc::default());
+                claimed.push(idx);
+            }
+        }
+    }
+    if claimed.is_empty() {
+        return Ok(());
+    }
+    spawn_runs(file, &claimed, chunk)
+}
+
 /// Fetches the claimed chunks, one task per run of adjacent chunks.
 fn spawn_runs(file: &RemoteFile, claimed: &[u64], chunk: u64) -> Result<()> {
     let rt = super::runtime()?;

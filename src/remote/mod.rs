@@ -1,6 +1,8 @@
-//! Remote images: objects in S3-compatible storage (`s3://bucket/key`) and
-//! files on HTTP(S) servers (`http://host/path`, `https://host/path`),
-//! read through the `object_store` crate behind [`crate::host::HostFile`].
+//! Remote images: objects in S3-compatible storage (`s3://bucket/key`),
+//! Google Cloud Storage (`gs://bucket/key`), Azure Blob Storage
+//! (`az://container/blob`) and files on HTTP(S) servers (`http://host/path`,
+//! `https://host/path`), read through the `object_store` crate behind
+//! [`crate::host::HostFile`].
 //!
 //! A remote file is opened with one ranged GET of its first chunk (size and
 //! ETag from the headers, the chunk into the cache: the image's header and
@@ -19,6 +21,7 @@
 //! credentials (`user:pass@`) or a query string are refused, so that no
 //! secret ever appears in a path, a log line, an error or `vdiskfs list`.
 
+pub mod ahead;
 mod aws;
 pub mod chunks;
 pub mod disk;
@@ -115,14 +118,15 @@ fn runtime() -> Result<&'static tokio::runtime::Runtime> {
     })
 }
 
-/// True when `path` is a URL this module opens (`s3://`, `http://`, `https://`).
+/// True when `path` is a URL this module opens (`s3://`, `gs://`, `az://`,
+/// `http://`, `https://`).
 pub fn is_url(path: &Path) -> bool {
     path.to_str().is_some_and(is_url_str)
 }
 
 /// [`is_url`] on a string.
 pub fn is_url_str(s: &str) -> bool {
-    ["s3://", "http://", "https://"]
+    ["s3://", "gs://", "az://", "http://", "https://"]
         .iter()
         .any(|p| s.len() > p.len() && s[..p.len()].eq_ignore_ascii_case(p))
 }
@@ -151,29 +155,40 @@ impl std::fmt::Debug for RemoteFile {
 impl RemoteFile {
     /// Opens the object at `url`: a ranged GET of its first chunk (size,
     /// ETag and the chunk), or a HEAD if that fails or when there is an
-    /// on-disk cache.
+    /// on-disk cache. An open already started by [`ahead::open_ahead`]
+    /// (a backing file named by a layer still loading its tables) is
+    /// taken over instead.
     pub fn open(url: &str) -> Result<Arc<RemoteFile>> {
-        let obj = store::Object::parse(url)?;
         let rt = runtime()?;
+        if let Some(file) = ahead::take(rt, url) {
+            return Ok(file);
+        }
+        let obj = store::Object::parse(url)?;
+        rt.block_on(Self::open_obj(url.to_string(), obj))
+    }
+
+    /// [`RemoteFile::open`] of the parsed `obj`, on the runtime.
+    async fn open_obj(url: String, obj: store::Object) -> Result<Arc<RemoteFile>> {
         let chunk = settings().chunk.max(4096);
         // With an on-disk cache, the first chunk is likely there: a HEAD
         // (no body) and the chunk from disk beat 4 MiB over the network.
         let first = match disk_cache() {
             Some(_) => None,
-            None => rt.block_on(obj.get_head(chunk)).ok(),
+            None => obj.get_head(chunk).await.ok(),
         };
         let (meta, head) = match first {
             Some((meta, data)) => (meta, Some(data)),
             None => {
-                let meta = rt
-                    .block_on(obj.head())
-                    .map_err(|e| store::describe(&e, "cannot open").with_path(url))?;
+                let meta = obj
+                    .head()
+                    .await
+                    .map_err(|e| store::describe(&e, "cannot open").with_path(&url))?;
                 (meta, None)
             }
         };
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let file = Arc::new(RemoteFile {
-            url: url.to_string(),
+            url,
             obj,
             len: meta.size,
             e_tag: meta.e_tag,
@@ -184,6 +199,15 @@ impl RemoteFile {
             chunks::seed(&file, chunk, data);
         }
         Ok(file)
+    }
+
+    /// Starts fetching the chunks of the `(offset, length)` ranges that
+    /// are neither cached nor in flight, without waiting (see
+    /// [`crate::host::HostFile::prefetch`]).
+    pub fn prefetch(&self, ranges: &[(u64, u64)]) {
+        if let Err(e) = chunks::prefetch(self, ranges) {
+            log::debug!("{}: no prefetch: {e}", self.url);
+        }
     }
 
     /// The URL the file was opened under.

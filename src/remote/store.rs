@@ -8,6 +8,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::http::HttpBuilder;
 use object_store::path::Path as StorePath;
 use object_store::{
@@ -46,15 +48,15 @@ impl Object {
         let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
         let scheme = scheme.to_ascii_lowercase();
         if rest.contains(['?', '#']) {
-            return bad("URLs with a query or fragment are not supported (they may carry credentials); give credentials through AWS_* variables");
+            return bad("URLs with a query or fragment are not supported (they may carry credentials); give credentials through the environment (AWS_*, GOOGLE_*, AZURE_*)");
         }
         let (authority, key) = rest.split_once('/').unwrap_or((rest, ""));
         if authority.contains('@') {
-            return bad("URLs with user:password@ are not supported (they would leak into logs and `vdiskfs list`); give credentials through AWS_* variables");
+            return bad("URLs with user:password@ are not supported (they would leak into logs and `vdiskfs list`); give credentials through the environment (AWS_*, GOOGLE_*, AZURE_*)");
         }
         if authority.is_empty() {
-            return bad(if scheme == "s3" {
-                "no bucket in the URL"
+            return bad(if matches!(scheme.as_str(), "s3" | "gs" | "az") {
+                "no bucket (or container) in the URL"
             } else {
                 "no host in the URL"
             });
@@ -164,6 +166,21 @@ fn client(scheme: &str, authority: &str, base: &str) -> Result<Arc<dyn ObjectSto
             let b = super::aws::apply(b)?;
             b.build().map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
         }
+        // Credentials and settings from the environment, each cloud's way
+        // (GOOGLE_*, AZURE_*: see docs/remote.md); only plain http is ours
+        // to allow, since the client options given here replace theirs.
+        "gs" => GoogleCloudStorageBuilder::from_env()
+            .with_bucket_name(authority)
+            .with_retry(retry)
+            .with_client_options(options.with_allow_http(env_true("GOOGLE_ALLOW_HTTP")))
+            .build()
+            .map(|s| Arc::new(s) as Arc<dyn ObjectStore>),
+        "az" => MicrosoftAzureBuilder::from_env()
+            .with_container_name(authority)
+            .with_retry(retry)
+            .with_client_options(options.with_allow_http(env_true("AZURE_ALLOW_HTTP")))
+            .build()
+            .map(|s| Arc::new(s) as Arc<dyn ObjectStore>),
         "http" | "https" => HttpBuilder::new()
             .with_url(base)
             .with_retry(retry)
@@ -172,13 +189,18 @@ fn client(scheme: &str, authority: &str, base: &str) -> Result<Arc<dyn ObjectSto
             .map(|s| Arc::new(s) as Arc<dyn ObjectStore>),
         other => {
             return Err(Error::unsupported(format!(
-                "URL scheme {other:?} is not supported (s3, http, https)"
+                "URL scheme {other:?} is not supported (s3, gs, az, http, https)"
             )))
         }
     };
     let c = built.map_err(|e| describe(&e, "cannot set up the client"))?;
     clients.lock().insert(base.to_string(), c.clone());
     Ok(c)
+}
+
+/// True when the environment variable `k` is `true` (any case).
+fn env_true(k: &str) -> bool {
+    std::env::var(k).is_ok_and(|v| v.eq_ignore_ascii_case("true"))
 }
 
 /// One line for a failed request: what we did, then the HTTP status or the
@@ -189,6 +211,15 @@ pub(crate) fn describe(e: &object_store::Error, what: &str) -> Error {
         object_store::Error::NotFound { .. } => ErrorKind::NotFound,
         _ => ErrorKind::Io,
     };
+    // object_store's text names the request's URL (with a SAS token's
+    // query, for Azure) and, after retries, its `retry_timeout` setting:
+    // neither may reach the message or be taken for a timeout.
+    let text = text
+        .split(' ')
+        .filter(|w| !w.contains("://"))
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace("retry_timeout", "retry limit");
     let why = if let Some(status) = status_of(&text) {
         format!("HTTP {status}")
     } else if matches!(e, object_store::Error::NotFound { .. }) {

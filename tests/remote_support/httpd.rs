@@ -24,6 +24,11 @@ pub struct Control {
     pub sent: AtomicU64,
     /// Requests answered.
     pub requests: AtomicU64,
+    /// Requests being served now.
+    pub busy: AtomicU64,
+    /// Requests that arrived while no other was being served: with a
+    /// delay well above the client's own work, the sequential round trips.
+    pub rounds: AtomicU64,
 }
 
 /// A server on 127.0.0.1, serving `root`.
@@ -81,6 +86,15 @@ pub fn etag(meta: &std::fs::Metadata) -> String {
     )
 }
 
+/// Counts a request as served when dropped.
+struct Busy<'a>(&'a Control);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn serve(conn: TcpStream, root: &Path, ctl: &Control) {
     let _ = conn.set_nonblocking(false);
     let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
@@ -108,6 +122,10 @@ fn serve(conn: TcpStream, root: &Path, ctl: &Control) {
         if ctl.down.load(Ordering::Relaxed) {
             return;
         }
+        if ctl.busy.fetch_add(1, Ordering::SeqCst) == 0 {
+            ctl.rounds.fetch_add(1, Ordering::SeqCst);
+        }
+        let _busy = Busy(ctl);
         while ctl.stall.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(20));
         }

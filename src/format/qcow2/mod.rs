@@ -128,14 +128,25 @@ impl Qcow2 {
         ctx: &OpenCtx<'_>,
         sel: Option<&snapshot::SnapshotSel>,
     ) -> Result<Qcow2> {
-        let head_len = file.len().min(1 << MAX_CLUSTER_BITS) as usize;
+        // The header and its extensions fill at most the first cluster:
+        // read that much, not the largest cluster size (a remote image
+        // would fetch up to 2 MiB before its header is parsed).
+        let mut bits = [0u8; 4];
+        file.read_zero_fill_at(&mut bits, 20)?;
+        let cluster_bits =
+            crate::endian::be32(&bits, 0).clamp(header::MIN_CLUSTER_BITS, MAX_CLUSTER_BITS);
+        let head_len = file.len().min(1 << cluster_bits) as usize;
         let mut head = vec![0u8; head_len];
         let n = file.read_at_most(&mut head, 0)?;
         head.truncate(n);
         let header = Header::parse(&head)?;
         drop(head);
         let geo = Geometry::new(&header);
+        file.prefetch(&table_ranges(&header, ctx.writable));
         let backing = read_backing(&file, &header)?;
+        if let Some(b) = &backing {
+            ctx.open_ahead(file.path(), &b.name);
+        }
         let (l1, size, loaded) = match sel {
             None => (tables::read_l1(&file, &header, &geo)?, header.size, None),
             Some(sel) => {
@@ -288,6 +299,25 @@ impl Qcow2 {
 }
 
 /// Reads the backing file name and format, if the image has one.
+/// The (offset, length) ranges an open reads beyond the header: the L1
+/// table, the snapshot table, and, for writing, the refcount table
+/// (unchecked: [`HostFile::prefetch`] only hints, the reads check).
+fn table_ranges(h: &Header, writable: bool) -> Vec<(u64, u64)> {
+    let cluster = 1u64 << h.cluster_bits.min(MAX_CLUSTER_BITS);
+    let mut r = vec![(h.l1_table_offset, u64::from(h.l1_size) * 8)];
+    if h.nb_snapshots > 0 {
+        // Entries are variable-length: a cluster covers the usual table.
+        r.push((h.snapshots_offset, cluster));
+    }
+    if writable {
+        r.push((
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters).saturating_mul(cluster),
+        ));
+    }
+    r
+}
+
 fn read_backing(file: &HostFile, h: &Header) -> Result<Option<BackingSpec>> {
     if h.backing_file_offset == 0 || h.backing_file_size == 0 {
         return Ok(None);

@@ -76,6 +76,11 @@ impl Vhdx {
         let header = Header::read_current(&file)?;
         let src = Source::open(file, &header)?;
         let regions = Regions::read(&src)?;
+        // Metadata and BAT in one round trip for a remote file.
+        src.file.prefetch(&[
+            (regions.metadata.offset, regions.metadata.length),
+            (regions.bat.offset, regions.bat.length),
+        ]);
         let md = Metadata::read(&src, &regions.metadata)?;
         let bat = Bat::read(&src, &regions.bat, &md)?;
         let in_place = ctx.writable && !md.has_parent;

@@ -114,6 +114,9 @@ impl Vmdk {
                 })?),
                 None => None,
             };
+            if let Some(name) = desc.as_ref().and_then(|d| d.parent_hint.as_deref()) {
+                ctx.open_ahead(file.path(), name);
+            }
             if h.capacity == 0 && h.gd_offset != sparse::GD_AT_END {
                 // A sparse header carrying only a descriptor (ESXi hosted).
                 if let Some(d) = desc {
@@ -152,6 +155,9 @@ impl Vmdk {
             let mut raw = vec![0u8; file.len() as usize];
             file.read_exact_at(&mut raw, 0)?;
             let d = descriptor::parse(&raw)?;
+            if let Some(name) = d.parent_hint.as_deref() {
+                ctx.open_ahead(file.path(), name);
+            }
             v.open_descriptor(d, ctx)?;
         }
         if v.size == 0 {
@@ -200,6 +206,12 @@ impl Vmdk {
         }
         self.create_type = ct;
         let desc_path = self.file.path().to_path_buf();
+        // Remote extents open side by side rather than one after another.
+        for line in &d.extents {
+            if let Some(name) = line.file.as_deref() {
+                ctx.open_ahead(&desc_path, name);
+            }
+        }
         let mut total: u64 = 0;
         for (idx, line) in d.extents.iter().enumerate() {
             total = line
