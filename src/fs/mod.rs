@@ -15,7 +15,7 @@
 use std::ffi::OsStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use fuser::{
     FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig, LockOwner,
@@ -36,17 +36,13 @@ pub mod uring;
 pub use disk::{Disk, Seek, Xattr};
 pub use errno::FsError;
 pub use mount::{mount, MountConfig, Session, Transport, Unmounter};
-pub use tree::{Access, Stat, Tree, ROOT};
+pub use tree::{Access, Stat, Tree, ROOT, TTL, WRITABLE_TTL};
 
 impl From<FsError> for fuser::Errno {
     fn from(e: FsError) -> fuser::Errno {
         fuser::Errno::from_i32(e.errno())
     }
 }
-
-/// How long the kernel may cache attributes and entries: the set of files
-/// and their sizes never change while mounted.
-pub(crate) const TTL: Duration = Duration::from_secs(3600);
 
 /// Background requests the kernel may have outstanding.
 const MAX_BACKGROUND: u16 = 64;
@@ -240,14 +236,14 @@ impl Filesystem for FuserFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.tree.lookup(parent.0, name) {
-            Ok(s) => reply.entry(&TTL, &file_attr(&s), fuser::Generation(0)),
+            Ok(s) => reply.entry(&self.tree.ttl(), &file_attr(&s), fuser::Generation(0)),
             Err(e) => reply.error(e.into()),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.tree.getattr(ino.0) {
-            Ok(s) => reply.attr(&TTL, &file_attr(&s)),
+            Ok(s) => reply.attr(&self.tree.ttl(), &file_attr(&s)),
             Err(e) => reply.error(e.into()),
         }
     }
@@ -392,7 +388,7 @@ impl Filesystem for FuserFs {
         reply: ReplyAttr,
     ) {
         match self.tree.setattr(ino.0, size) {
-            Ok(s) => reply.attr(&TTL, &file_attr(&s)),
+            Ok(s) => reply.attr(&self.tree.ttl(), &file_attr(&s)),
             Err(e) => reply.error(e.into()),
         }
     }

@@ -6,12 +6,20 @@
 //! over it, so a request means the same whichever way it arrived.
 
 use std::ffi::OsStr;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use log::{error, info};
 
 use super::disk::{Disk, Seek, Xattr};
 use super::errno::FsError;
+
+/// How long the kernel may cache entries and attributes of a read-only
+/// mount: nothing about its files ever changes.
+pub const TTL: Duration = Duration::from_secs(3600);
+
+/// The same for a writable mount: `st_blocks` changes as the disks are
+/// written and discarded, and the kernel asks again only once this ran out.
+pub const WRITABLE_TTL: Duration = Duration::from_secs(1);
 
 /// Inode of the mount root.
 pub const ROOT: u64 = 1;
@@ -59,6 +67,7 @@ pub struct Tree {
     single_file: bool,
     access: Access,
     mounted_at: SystemTime,
+    ttl: Duration,
 }
 
 impl Tree {
@@ -66,7 +75,13 @@ impl Tree {
     /// mount root itself.
     pub fn new(mut disks: Vec<Disk>, single_file: bool, access: Access) -> Tree {
         Disk::link_peers(&mut disks);
+        let ttl = if disks.iter().any(Disk::is_writable) {
+            WRITABLE_TTL
+        } else {
+            TTL
+        };
         Tree {
+            ttl,
             disks,
             single_file,
             access,
@@ -132,6 +147,11 @@ impl Tree {
             blksize: 4096,
             time: self.mounted_at,
         }
+    }
+
+    /// How long the kernel may cache what LOOKUP and GETATTR answered.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
     }
 
     /// Whether any disk accepts writes (the writeback cache is then asked for).

@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use fuser::Errno;
 
 use super::abi::{self, op, u32_at, u64_at, Attr, InHeader, Out};
-use crate::fs::{Stat, VdiskFs, Xattr, TTL};
+use crate::fs::{Stat, VdiskFs, Xattr};
 
 /// Whether a request may wait on image I/O (and so goes to the pool when
 /// there is one, keeping the ring thread free).
@@ -70,7 +70,7 @@ fn dispatch(
     in_len: usize,
 ) -> Result<usize, Errno> {
     let arg = &header[abi::IN_OUT_SZ..abi::ENT_IN_OUT_OFF];
-    let valid = TTL.as_secs();
+    let valid = fs.tree.ttl().as_secs();
     let ino = h.nodeid;
     match h.opcode {
         op::LOOKUP => {
