@@ -432,22 +432,16 @@ fn lookup_id(s: &str, group: bool) -> Result<u32, String> {
     if let Ok(n) = s.parse::<u32>() {
         return Ok(n);
     }
-    let c = std::ffi::CString::new(s).map_err(|_| "contains a NUL byte".to_string())?;
-    // SAFETY: c is a valid NUL-terminated string; the returned record is
-    // read at once, before any other call that could reuse its storage
-    // (this runs once, at startup, before any thread is started).
-    unsafe {
-        if group {
-            let g = libc::getgrnam(c.as_ptr());
-            if !g.is_null() {
-                return Ok((*g).gr_gid);
-            }
-        } else {
-            let p = libc::getpwnam(c.as_ptr());
-            if !p.is_null() {
-                return Ok((*p).pw_uid);
-            }
-        }
+    // The reentrant getpwnam_r/getgrnam_r, through nix.
+    let found = if group {
+        nix::unistd::Group::from_name(s).map(|g| g.map(|g| g.gid.as_raw()))
+    } else {
+        nix::unistd::User::from_name(s).map(|u| u.map(|u| u.uid.as_raw()))
+    };
+    match found {
+        Ok(Some(id)) => return Ok(id),
+        Ok(None) => {}
+        Err(e) => return Err(format!("cannot look it up: {e}")),
     }
     Err(format!("no such {}", if group { "group" } else { "user" }))
 }
