@@ -12,13 +12,18 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use log::info;
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::mount::MntFlags;
+use nix::sys::signal::{SigSet, Signal};
+use nix::syslog::Severity;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, Result};
@@ -46,8 +51,7 @@ pub struct MountState {
 
 /// The directory holding one state file per running daemon.
 pub fn state_dir() -> PathBuf {
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
+    let uid = nix::unistd::geteuid().as_raw();
     if uid == 0 {
         PathBuf::from("/run/vdiskfs")
     } else if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
@@ -231,20 +235,15 @@ pub fn take_notify_fd() -> Option<RawFd> {
 /// Starts the daemon (this program with `extra` arguments added) detached
 /// and waits until it reports the mount live or fails.
 pub fn spawn_detached(extra_args: &[OsString]) -> Result<()> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: fds is a valid array of two ints.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(Error::io("pipe", std::io::Error::last_os_error()));
-    }
-    let (rfd, wfd) = (fds[0], fds[1]);
-    // SAFETY: rfd is a fresh descriptor we own.
-    let mut reader = unsafe { File::from_raw_fd(rfd) };
+    let (reader, writer) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::io("pipe", e.into()))?;
+    let mut reader = File::from(reader);
     let exe = std::env::current_exe().map_err(|e| Error::io("cannot find own executable", e))?;
     let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
     args.extend_from_slice(extra_args);
     let mut cmd = Command::new(exe);
     cmd.args(&args)
-        .env(NOTIFY_ENV, wfd.to_string())
+        .env(NOTIFY_ENV, writer.as_raw_fd().to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         // Until it reports, the daemon's stderr comes to us: whatever it
@@ -252,19 +251,20 @@ pub fn spawn_detached(extra_args: &[OsString]) -> Result<()> {
         // use) is the reason we give. [`Notifier::ready`] then points it
         // at /dev/null.
         .stderr(Stdio::piped());
-    // SAFETY: the closure only calls async-signal-safe functions (setsid, fcntl).
+    // SAFETY: the closure only calls async-signal-safe functions (setsid,
+    // fcntl), as code between fork and exec must.
     unsafe {
         cmd.pre_exec(move || {
-            libc::setsid();
-            if libc::fcntl(wfd, libc::F_SETFD, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            let _ = nix::unistd::setsid();
+            // The write end is the one descriptor the daemon inherits.
+            fcntl(&writer, FcntlArg::F_SETFD(FdFlag::empty()))?;
             Ok(())
         });
     }
     let spawned = cmd.spawn();
-    // SAFETY: wfd is ours; the child has its own copy.
-    unsafe { libc::close(wfd) };
+    // Our copy of the write end goes with the command: the pipe then ends
+    // when the daemon's copy does.
+    drop(cmd);
     let mut child = spawned.map_err(|e| Error::io("cannot start the daemon", e))?;
     let mut msg = String::new();
     let _ = reader.read_to_string(&mut msg);
@@ -315,9 +315,7 @@ impl Notifier {
             // The parent stops reading our stderr now: give it /dev/null, so
             // that a late write neither fails nor blocks.
             if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-                use std::os::fd::AsRawFd;
-                // SAFETY: both descriptors are valid; dup2 replaces fd 2 atomically.
-                unsafe { libc::dup2(null.as_raw_fd(), 2) };
+                let _ = nix::unistd::dup2_stderr(&null);
             }
         }
     }
@@ -334,44 +332,40 @@ impl Notifier {
 /// by [`on_signal`] receives them. Call before starting any thread.
 /// SIGUSR1 and SIGUSR2 are in the set too: their default action would end
 /// the daemon without unmounting, leaving a dead mount.
-pub fn block_signals() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data; the calls only touch it and the mask.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in [
-            libc::SIGTERM,
-            libc::SIGINT,
-            libc::SIGHUP,
-            libc::SIGUSR1,
-            libc::SIGUSR2,
-        ] {
-            libc::sigaddset(&mut set, sig);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
+pub fn block_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for sig in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ] {
+        set.add(sig);
     }
+    if let Err(e) = set.thread_block() {
+        log::warn!("cannot block the signals the daemon handles: {e}");
+    }
+    set
 }
 
 /// On a thread of its own, waits for the signals [`block_signals`] blocked:
 /// SIGTERM and SIGINT run `unmount`; SIGHUP reopens the `--log-file` (so
 /// logrotate can move it away); SIGUSR1 and SIGUSR2 are logged and ignored.
-pub fn on_signal(set: libc::sigset_t, mut unmount: impl FnMut() + Send + 'static) {
+pub fn on_signal(set: SigSet, mut unmount: impl FnMut() + Send + 'static) {
     let _ = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
-            let mut sig = 0;
-            // SAFETY: set is a valid signal set; sig is a valid out pointer.
-            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            let Ok(sig) = set.wait() else {
                 continue;
-            }
+            };
             match sig {
-                libc::SIGHUP => match reopen_log() {
+                Signal::SIGHUP => match reopen_log() {
                     Some(Ok(path)) => info!("SIGHUP: reopened the log file {}", path.display()),
                     Some(Err(e)) => log::error!("SIGHUP: {e}; still logging to the old file"),
                     None => info!("SIGHUP: no log file to reopen (logging to syslog)"),
                 },
-                libc::SIGUSR1 | libc::SIGUSR2 => info!("signal {sig} received: ignored"),
+                Signal::SIGUSR1 | Signal::SIGUSR2 => info!("signal {sig} received: ignored"),
                 _ => {
                     info!("signal {sig} received: unmounting");
                     unmount();
@@ -446,8 +440,12 @@ pub struct Syslog {
 impl Syslog {
     /// Opens the connection to syslog under the name `vdiskfs`.
     pub fn new() -> Syslog {
-        // SAFETY: the ident is a static NUL-terminated string, as openlog requires.
-        unsafe { libc::openlog(c"vdiskfs".as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
+        // The ident is static, as openlog requires (it keeps the pointer).
+        let _ = nix::syslog::openlog(
+            Some(c"vdiskfs"),
+            nix::syslog::LogFlags::LOG_PID,
+            nix::syslog::Facility::LOG_DAEMON,
+        );
         Syslog {
             pending: Vec::new(),
         }
@@ -455,15 +453,12 @@ impl Syslog {
 
     /// Sends one line at informational priority.
     pub fn line(&self, text: &str) {
-        self.send(libc::LOG_INFO, text);
+        self.send(Severity::LOG_INFO, text);
     }
 
     /// Sends one line at syslog priority `level`.
-    fn send(&self, level: libc::c_int, text: &str) {
-        if let Ok(c) = std::ffi::CString::new(text.replace('\0', "")) {
-            // SAFETY: both strings are valid and NUL-terminated; "%s" consumes one.
-            unsafe { libc::syslog(level, c"%s".as_ptr(), c.as_ptr()) };
-        }
+    fn send(&self, level: Severity, text: &str) {
+        let _ = nix::syslog::syslog(level, text.replace('\0', "").as_str());
     }
 }
 
@@ -500,10 +495,10 @@ impl log::Log for SyslogLogger {
             return;
         }
         let priority = match record.level() {
-            log::Level::Error => libc::LOG_ERR,
-            log::Level::Warn => libc::LOG_WARNING,
-            log::Level::Info => libc::LOG_INFO,
-            log::Level::Debug | log::Level::Trace => libc::LOG_DEBUG,
+            log::Level::Error => Severity::LOG_ERR,
+            log::Level::Warn => Severity::LOG_WARNING,
+            log::Level::Info => Severity::LOG_INFO,
+            log::Level::Debug | log::Level::Trace => Severity::LOG_DEBUG,
         };
         self.syslog.send(
             priority,
@@ -556,24 +551,26 @@ pub fn unmount(mountpoint: &Path, lazy: bool, timeout: Duration) -> Result<()> {
         .into_iter()
         .find_map(|(m, st)| (m.mountpoint == mp).then_some(st).flatten())
         .map(|s| s.pid);
-    let c = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes())
-        .map_err(|_| Error::invalid("mount point contains a NUL byte"))?;
-    let flags = if lazy { libc::MNT_DETACH } else { 0 };
+    if mp.as_os_str().as_encoded_bytes().contains(&0) {
+        return Err(Error::invalid("mount point contains a NUL byte"));
+    }
+    let flags = if lazy {
+        MntFlags::MNT_DETACH
+    } else {
+        MntFlags::empty()
+    };
     // A loop device detached just before (`losetup -d`) lets go of its
     // backing file asynchronously: give a busy mount a few seconds.
     let busy_until = Instant::now() + Duration::from_secs(5);
-    let rc = loop {
-        // SAFETY: c is a valid NUL-terminated path.
-        let rc = unsafe { libc::umount2(c.as_ptr(), flags) };
-        let busy = rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EBUSY);
-        if !busy || Instant::now() >= busy_until {
-            break rc;
+    let done = loop {
+        let done = nix::mount::umount2(mp.as_path(), flags);
+        if done != Err(Errno::EBUSY) || Instant::now() >= busy_until {
+            break done;
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EPERM) {
+    if let Err(err) = done {
+        if err == Errno::EPERM {
             let status = Command::new("fusermount3")
                 .arg("-u")
                 .args(lazy.then_some("-z"))
@@ -583,14 +580,14 @@ pub fn unmount(mountpoint: &Path, lazy: bool, timeout: Duration) -> Result<()> {
             if !status.success() {
                 return Err(Error::new(ErrorKind::Io, "fusermount3 -u failed").with_path(&mp));
             }
-        } else if err.raw_os_error() == Some(libc::EBUSY) {
+        } else if err == Errno::EBUSY {
             return Err(Error::new(
                 ErrorKind::Locked,
                 "mount is busy (a file is open or a loop device uses it; --lazy detaches anyway)",
             )
             .with_path(&mp));
         } else {
-            return Err(Error::io("unmount failed", err).with_path(&mp));
+            return Err(Error::io("unmount failed", err.into()).with_path(&mp));
         }
     }
     match pid {

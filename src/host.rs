@@ -177,15 +177,10 @@ impl HostFile {
     /// An anonymous in-memory file (memfd) holding `bytes`, shown as
     /// `name`: for fuzzing and tests that open byte blobs as images.
     pub fn from_bytes(name: &str, bytes: &[u8]) -> Result<Arc<HostFile>> {
-        use std::os::fd::FromRawFd;
-        // SAFETY: the name is a valid NUL-terminated string; memfd_create
-        // returns a fresh descriptor that we own from here on.
-        let fd = unsafe { libc::memfd_create(c"vdiskfs-blob".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(Error::io("memfd_create", std::io::Error::last_os_error()));
-        }
-        // SAFETY: fd is valid and owned by nobody else.
-        let file = unsafe { File::from_raw_fd(fd) };
+        use nix::sys::memfd::{memfd_create, MFdFlags};
+        let fd = memfd_create(c"vdiskfs-blob", MFdFlags::MFD_CLOEXEC)
+            .map_err(|e| Error::io("memfd_create", e.into()))?;
+        let file = File::from(fd);
         file.write_all_at(bytes, 0)
             .map_err(|e| Error::io("cannot fill memfd", e))?;
         Self::from_file(file, PathBuf::from(name), false)
@@ -474,7 +469,7 @@ impl HostFile {
     /// without changing the file size; where the host filesystem cannot
     /// punch holes, writes zeros instead.
     pub fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
-        use std::os::fd::AsRawFd;
+        use nix::fcntl::FallocateFlags;
         self.check_writable()?;
         self.queue.patch(None, offset, len);
         let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
@@ -482,22 +477,16 @@ impl HostFile {
                 Error::new(ErrorKind::OutOfRange, "hole beyond any file size").at_host(offset),
             );
         };
-        // SAFETY: a plain fallocate on our own open descriptor.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                l,
-            )
+        let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        let e = match nix::fcntl::fallocate(&self.file, punch, off, l) {
+            Ok(()) => {
+                self.record(|| Event::Punch { offset, len });
+                return Ok(());
+            }
+            Err(e) => e,
         };
-        if rc == 0 {
-            self.record(|| Event::Punch { offset, len });
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-            return Err(Error::io("punching a hole failed", e)
+        if e != nix::errno::Errno::EOPNOTSUPP {
+            return Err(Error::io("punching a hole failed", e.into())
                 .at_host(offset)
                 .with_path(&self.path));
         }
@@ -535,27 +524,19 @@ impl HostFile {
     /// `None` when the host cannot tell (no lseek support, a device): the
     /// caller then treats the range as data.
     pub fn host_run(&self, offset: u64, len: u64) -> Option<(bool, u64)> {
-        use std::os::fd::AsRawFd;
-        let fd = self.file.as_raw_fd();
+        use nix::unistd::{lseek, Whence};
         let at = i64::try_from(offset).ok()?;
         // lseek moves the shared file position, which nothing here uses:
         // every read and write is positioned (pread/pwrite).
-        // SAFETY: fd is our open descriptor; lseek has no memory effects.
-        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = std::io::Error::last_os_error();
+        let data = match lseek(&self.file, at, Whence::SeekData) {
+            Ok(data) => data as u64,
             // ENXIO: no data at or after offset, a hole to the end.
-            return (e.raw_os_error() == Some(libc::ENXIO)).then_some((false, len));
-        }
-        let data = data as u64;
+            Err(e) => return (e == nix::errno::Errno::ENXIO).then_some((false, len)),
+        };
         if data > offset {
             return Some((false, (data - offset).min(len)));
         }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, at, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return None;
-        }
+        let hole = lseek(&self.file, at, Whence::SeekHole).ok()?;
         Some((
             true,
             (hole as u64).saturating_sub(offset).clamp(1, len.max(1)),
@@ -653,9 +634,7 @@ mod tests {
     fn fifos_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("fifo");
-        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: c is a valid NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         assert_eq!(HostFile::open(&p).unwrap_err().kind(), ErrorKind::Policy);
     }
 }

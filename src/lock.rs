@@ -17,8 +17,9 @@
 //! an image under a live mount, and a mount of an image a VM writes is
 //! refused instead of serving a view that goes stale.
 
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
+
+use nix::fcntl::{fcntl, FcntlArg};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::HostFile;
@@ -124,36 +125,30 @@ pub fn lock_for_read(file: &HostFile, how: ReadLock) -> Result<()> {
 }
 
 fn flock(kind: i32, byte: i64) -> libc::flock {
-    // SAFETY: flock is plain data; all-zero is a valid value.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = kind as i16;
-    fl.l_whence = libc::SEEK_SET as i16;
-    fl.l_start = byte;
-    fl.l_len = 1;
-    fl
+    libc::flock {
+        l_type: kind as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: byte,
+        l_len: 1,
+        // OFD locks require 0 here.
+        l_pid: 0,
+    }
 }
 
 /// True when another open file description holds a lock on `byte` that
 /// would conflict with an exclusive lock.
 fn held_by_other(file: &HostFile, byte: i64) -> Result<bool> {
     let mut fl = flock(libc::F_WRLCK, byte);
-    // SAFETY: fl is a valid flock; the descriptor is ours.
-    let rc = unsafe { libc::fcntl(file.file().as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-    if rc != 0 {
-        return Err(
-            Error::io("cannot test image lock", std::io::Error::last_os_error())
-                .with_path(file.path()),
-        );
+    if let Err(e) = fcntl(file.file(), FcntlArg::F_OFD_GETLK(&mut fl)) {
+        return Err(Error::io("cannot test image lock", e.into()).with_path(file.path()));
     }
     Ok(fl.l_type != libc::F_UNLCK as i16)
 }
 
 fn set_lock(file: &HostFile, byte: i64) -> Result<()> {
     let fl = flock(libc::F_RDLCK, byte);
-    // SAFETY: fl is a valid flock; the descriptor is ours.
-    let rc = unsafe { libc::fcntl(file.file().as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
+    if let Err(e) = fcntl(file.file(), FcntlArg::F_OFD_SETLK(&fl)) {
+        let e = std::io::Error::from(e);
         return Err(conflict(
             file,
             &format!("cannot lock byte {byte}: {e}"),

@@ -332,6 +332,41 @@ fn discard_from_fstrim_shrinks_the_host_image() {
     check_clean(&img, "qcow2");
 }
 
+/// `st_blocks` (what `du` shows) follows writes and discards while mounted,
+/// and a fresh mount of the result counts the same.
+#[test]
+fn st_blocks_follow_writes_and_discards() {
+    common::require_tool("fallocate", "util-linux");
+    let d = scratch();
+    let img = make(d.path(), "qcow2", "16M");
+    let m = Mounted::new(&[&img], &["--rw"]);
+    let file = m.file("disk.raw");
+    // Attributes of a writable mount are cached for a second.
+    let blocks = || {
+        std::thread::sleep(Duration::from_millis(1100));
+        std::fs::metadata(&file).unwrap().blocks()
+    };
+    assert_eq!(blocks(), 0);
+    let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    f.write_all_at(&[1u8; 3 << 16], 0).unwrap();
+    f.write_all_at(&[1u8], 8 << 20).unwrap();
+    f.sync_all().unwrap();
+    // Four 64 KiB clusters allocated, in 512-byte blocks.
+    assert_eq!(blocks(), 4 * 128, "after writes");
+    run(Command::new("fallocate")
+        .args(["-p", "-o", "65536", "-l", "65536"])
+        .arg(&file));
+    f.sync_all().unwrap();
+    assert_eq!(blocks(), 3 * 128, "after a punched cluster");
+    drop(f);
+    m.unmount();
+    let m = Mounted::new(&[&img], &[]);
+    let fresh = std::fs::metadata(m.file("disk.raw")).unwrap().blocks();
+    m.unmount();
+    assert_eq!(fresh, 3 * 128, "a fresh mount");
+    check_clean(&img, "qcow2");
+}
+
 #[test]
 fn writes_past_the_end_fail_and_truncate_is_refused() {
     let d = scratch();

@@ -148,8 +148,10 @@ fn serve(cfg: &MountConfig, plan: &MountPlan, notifier: &mut Notifier) -> Result
         // too), so stop pinning the caller's working directory's filesystem.
         let _ = std::env::set_current_dir("/");
     }
-    // SAFETY: getuid/getgid have no preconditions.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let (uid, gid) = (
+        nix::unistd::getuid().as_raw(),
+        nix::unistd::getgid().as_raw(),
+    );
     let access = Access {
         uid: cfg.uid.unwrap_or(uid),
         gid: cfg.gid.unwrap_or(gid),

@@ -96,13 +96,9 @@ pub fn parse_cache_size(s: &str) -> Result<u64> {
     if n < MIN_CACHE {
         return Err(bad("at least 1M (--unbuffered turns the cache off)"));
     }
-    // SAFETY: sysconf has no preconditions.
-    let (pages, page) = unsafe {
-        (
-            libc::sysconf(libc::_SC_PHYS_PAGES),
-            libc::sysconf(libc::_SC_PAGESIZE),
-        )
-    };
+    use nix::unistd::{sysconf, SysconfVar};
+    let var = |v| sysconf(v).ok().flatten().unwrap_or(0);
+    let (pages, page) = (var(SysconfVar::_PHYS_PAGES), var(SysconfVar::PAGE_SIZE));
     if pages > 0 && page > 0 {
         let mem = (pages as u64).saturating_mul(page as u64);
         if n > mem {
@@ -217,22 +213,16 @@ fn lookup_id(s: &str, group: bool) -> Result<u32> {
     if let Ok(n) = s.parse::<u32>() {
         return Ok(n);
     }
-    let c = std::ffi::CString::new(s).map_err(|_| bad("contains a NUL byte"))?;
-    // SAFETY: c is a valid NUL-terminated string; the returned record is
-    // read at once, before any other call that could reuse its storage
-    // (this runs once, at startup, before any thread is started).
-    unsafe {
-        if group {
-            let g = libc::getgrnam(c.as_ptr());
-            if !g.is_null() {
-                return Ok((*g).gr_gid);
-            }
-        } else {
-            let p = libc::getpwnam(c.as_ptr());
-            if !p.is_null() {
-                return Ok((*p).pw_uid);
-            }
-        }
+    // The reentrant getpwnam_r/getgrnam_r, through nix.
+    let found = if group {
+        nix::unistd::Group::from_name(s).map(|g| g.map(|g| g.gid.as_raw()))
+    } else {
+        nix::unistd::User::from_name(s).map(|u| u.map(|u| u.uid.as_raw()))
+    };
+    match found {
+        Ok(Some(id)) => return Ok(id),
+        Ok(None) => {}
+        Err(e) => return Err(bad(format!("cannot look it up: {e}"))),
     }
     Err(bad(format!(
         "no such {}",

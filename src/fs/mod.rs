@@ -1,17 +1,21 @@
-//! The FUSE layer, and only that: a directory of exposed raw files (or one
-//! file mounted over a regular file), their attributes, reads, writes,
-//! fsync, fallocate, lseek and xattrs; `mount` holds the mounting itself.
+//! The FUSE adapter, and only that: each fuser request is decoded, handed
+//! to the FUSE-free [`Tree`] (the mount directory and its [`Disk`]s, which
+//! hold every disk rule: windows, lseek, fallocate modes, `st_blocks`,
+//! xattrs, read-only refusals), and its answer or [`FsError`] encoded back:
+//! errors become errnos in one place, [`FsError::errno`]. What stays here
+//! is what only the kernel connection has: INIT negotiation, passthrough
+//! backing ids and the io_uring transport's start; `mount` holds the
+//! mounting itself.
 //!
-//! Each FUSE request is translated into calls on a [`Chain`] and the
-//! result or its errno is sent back. fuser runs several worker threads
-//! (`n_threads` with `clone_fd`), and the filesystem takes `&self`, so
-//! requests are served concurrently; no lock is held while replying.
-//! This module (with its `mount` child) is the only one that imports `fuser`.
+//! fuser runs several worker threads (`n_threads` with `clone_fd`), and the
+//! filesystem takes `&self`, so requests are served concurrently; no lock
+//! is held while replying. This module (with its `mount` and `uring`
+//! children) is the only one that imports `fuser`.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use fuser::{
     FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig, LockOwner,
@@ -20,18 +24,25 @@ use fuser::{
 };
 use log::{debug, info};
 
-use crate::chain::{Chain, Status};
-
+mod blocks;
+mod disk;
+mod errno;
 mod mount;
-mod ops;
 pub mod partitions;
+#[cfg(test)]
+mod tests;
+mod tree;
 pub mod uring;
+pub use disk::{Disk, Seek, Xattr};
+pub use errno::FsError;
 pub use mount::{mount, MountConfig, Session, Transport, Unmounter};
-use ops::Xattr;
+pub use tree::{Access, Stat, Tree, ROOT, TTL, WRITABLE_TTL};
 
-/// How long the kernel may cache attributes and entries: the set of files
-/// and their sizes never change while mounted.
-pub(crate) const TTL: Duration = Duration::from_secs(3600);
+impl From<FsError> for fuser::Errno {
+    fn from(e: FsError) -> fuser::Errno {
+        fuser::Errno::from_i32(e.errno())
+    }
+}
 
 /// Background requests the kernel may have outstanding.
 const MAX_BACKGROUND: u16 = 64;
@@ -45,110 +56,11 @@ thread_local! {
 /// Largest read or write request we ask the kernel for.
 pub const MAX_REQUEST: u32 = 1 << 20;
 
-const ROOT: u64 = 1;
-
-/// One exposed raw file.
-pub struct Disk {
-    /// File name inside the mount directory (`disk.raw`).
-    pub name: OsString,
-    /// The chain behind it.
-    pub chain: Arc<Chain>,
-    /// Extended attributes (`user.vdiskfs.*`) describing the disk.
-    pub xattrs: Vec<(String, Vec<u8>)>,
-    /// A window (offset, length) onto the chain: a partition of the disk.
-    window: Option<(u64, u64)>,
-    blocks: AtomicU64,
-    blocks_valid: AtomicBool,
-}
-
-impl Disk {
-    /// A disk exposed under `name`.
-    pub fn new(name: OsString, chain: Arc<Chain>, xattrs: Vec<(String, Vec<u8>)>) -> Disk {
-        Disk {
-            name,
-            chain,
-            xattrs,
-            window: None,
-            blocks: AtomicU64::new(0),
-            blocks_valid: AtomicBool::new(false),
-        }
-    }
-
-    /// Exposes only `length` bytes of the chain starting at `offset` (a
-    /// partition); the range must lie inside the chain.
-    pub fn with_window(mut self, offset: u64, length: u64) -> Disk {
-        debug_assert!(offset
-            .checked_add(length)
-            .is_some_and(|e| e <= self.chain.size()));
-        self.window = Some((offset, length));
-        self
-    }
-
-    /// Where the exposed file starts in the chain.
-    fn base(&self) -> u64 {
-        self.window.map_or(0, |w| w.0)
-    }
-
-    /// Size of the exposed file.
-    pub fn size(&self) -> u64 {
-        self.window.map_or_else(|| self.chain.size(), |w| w.1)
-    }
-
-    /// Forgets the cached allocation count after the disk changed.
-    fn invalidate_blocks(&self) {
-        self.blocks_valid.store(false, Ordering::Relaxed);
-    }
-
-    /// Allocated guest data in 512-byte blocks (for `st_blocks` and `du`).
-    fn blocks(&self) -> u64 {
-        if self.blocks_valid.load(Ordering::Relaxed) {
-            return self.blocks.load(Ordering::Relaxed);
-        }
-        let n = {
-            let size = self.base() + self.size();
-            let mut pos = self.base();
-            let mut data = 0;
-            while pos < size {
-                match self.chain.status(pos, size - pos) {
-                    Ok((status, n)) => {
-                        if status == Status::Data {
-                            data += n;
-                        }
-                        pos += n.max(1);
-                    }
-                    // Unknown allocation counts as data: du must not under-report.
-                    Err(_) => {
-                        data = self.size();
-                        break;
-                    }
-                }
-            }
-            data.div_ceil(512)
-        };
-        self.blocks.store(n, Ordering::Relaxed);
-        self.blocks_valid.store(true, Ordering::Relaxed);
-        n
-    }
-}
-
-/// Ownership and permissions of the exposed files.
-#[derive(Debug, Clone, Copy)]
-pub struct Access {
-    /// Owner of the files.
-    pub uid: u32,
-    /// Group of the files.
-    pub gid: u32,
-    /// Permission bits of the files (the directory gets x where r is set).
-    pub mode: u16,
-}
-
-/// The mounted filesystem.
+/// The mounted filesystem: the FUSE-free [`Tree`] and what belongs to the
+/// kernel connection.
 pub struct VdiskFs {
-    disks: Vec<Disk>,
-    /// One disk mounted over a regular file: the root inode is the disk.
-    single_file: bool,
-    access: Access,
-    mounted_at: SystemTime,
+    /// The files and every operation on them.
+    pub tree: Tree,
     /// Kernel passthrough was negotiated (and not disabled).
     passthrough: AtomicBool,
     /// Passthrough backing ids per inode, with their number of open handles:
@@ -175,15 +87,37 @@ impl std::ops::Deref for FuserFs {
     }
 }
 
+/// fuser's attributes for a [`Stat`].
+fn file_attr(s: &Stat) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(s.ino),
+        size: s.size,
+        blocks: s.blocks,
+        atime: s.time,
+        mtime: s.time,
+        ctime: s.time,
+        crtime: s.time,
+        kind: if s.dir {
+            FileType::Directory
+        } else {
+            FileType::RegularFile
+        },
+        perm: s.perm,
+        nlink: s.nlink,
+        uid: s.uid,
+        gid: s.gid,
+        rdev: 0,
+        blksize: s.blksize,
+        flags: 0,
+    }
+}
+
 impl VdiskFs {
     /// A filesystem exposing `disks`. With `single_file`, exactly one disk is
     /// the mount root itself.
     pub fn new(disks: Vec<Disk>, single_file: bool, access: Access) -> VdiskFs {
         VdiskFs {
-            disks,
-            single_file,
-            access,
-            mounted_at: SystemTime::now(),
+            tree: Tree::new(disks, single_file, access),
             passthrough: AtomicBool::new(true),
             backing_ids: parking_lot::Mutex::new(std::collections::HashMap::new()),
             passthrough_fhs: parking_lot::Mutex::new(std::collections::HashMap::new()),
@@ -203,11 +137,10 @@ impl VdiskFs {
     /// Opens `disk` with kernel passthrough to its host file, when the whole
     /// disk is one host file byte for byte; gives `reply` back otherwise.
     fn try_passthrough(&self, ino: INodeNo, disk: &Disk, reply: ReplyOpen) -> Option<ReplyOpen> {
-        // A partition window is not the host file byte for byte.
-        if !self.passthrough.load(Ordering::Relaxed) || disk.window.is_some() {
+        if !self.passthrough.load(Ordering::Relaxed) {
             return Some(reply);
         }
-        let Some(file) = disk.chain.passthrough_file() else {
+        let Some(file) = disk.passthrough_file() else {
             return Some(reply);
         };
         let mut ids = self.backing_ids.lock();
@@ -229,67 +162,14 @@ impl VdiskFs {
         reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
         None
     }
+}
 
-    fn disk(&self, ino: INodeNo) -> Option<&Disk> {
-        if self.single_file {
-            return (ino.0 == ROOT).then(|| &self.disks[0]);
-        }
-        let idx = ino.0.checked_sub(ROOT + 1)?;
-        self.disks.get(usize::try_from(idx).ok()?)
-    }
-
-    fn disk_ino(&self, idx: usize) -> INodeNo {
-        INodeNo(ROOT + 1 + idx as u64)
-    }
-
-    fn file_attr(&self, ino: INodeNo, disk: &Disk) -> FileAttr {
-        FileAttr {
-            ino,
-            size: disk.size(),
-            blocks: disk.blocks(),
-            atime: self.mounted_at,
-            mtime: self.mounted_at,
-            ctime: self.mounted_at,
-            crtime: self.mounted_at,
-            kind: FileType::RegularFile,
-            perm: self.access.mode,
-            nlink: 1,
-            uid: self.access.uid,
-            gid: self.access.gid,
-            rdev: 0,
-            blksize: 64 * 1024,
-            flags: 0,
-        }
-    }
-
-    fn dir_attr(&self) -> FileAttr {
-        let m = self.access.mode;
-        // Directory: readable where the files are, searchable by the same.
-        let perm = m | ((m & 0o444) >> 2);
-        FileAttr {
-            ino: INodeNo(ROOT),
-            size: 0,
-            blocks: 0,
-            atime: self.mounted_at,
-            mtime: self.mounted_at,
-            ctime: self.mounted_at,
-            crtime: self.mounted_at,
-            kind: FileType::Directory,
-            perm: perm & 0o555,
-            nlink: 2,
-            uid: self.access.uid,
-            gid: self.access.gid,
-            rdev: 0,
-            blksize: 4096,
-            flags: 0,
-        }
-    }
-
-    fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
-        if ino.0 == ROOT && !self.single_file {
-            return Some(self.dir_attr());
-        }
-        self.disk(ino).map(|d| self.file_attr(ino, d))
+/// Sends an xattr answer.
+fn reply_xattr(x: Result<Xattr<'_>, FsError>, reply: ReplyXattr) {
+    match x {
+        Ok(Xattr::Size(n)) => reply.size(n),
+        Ok(Xattr::Data(v)) => reply.data(&v),
+        Err(e) => reply.error(e.into()),
     }
 }
 
@@ -325,7 +205,7 @@ impl Filesystem for FuserFs {
         // Writable mounts: the kernel's writeback cache gathers buffered
         // writes in its page cache and sends them as large requests, while
         // fsync still sends everything and then FSYNC (docs/writes.md).
-        if self.disks.iter().any(|d| d.chain.is_writable())
+        if self.tree.any_writable()
             && config
                 .add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE)
                 .is_err()
@@ -355,23 +235,26 @@ impl Filesystem for FuserFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.op_lookup(parent.0, name) {
-            Ok(a) => reply.entry(&TTL, &a, fuser::Generation(0)),
-            Err(e) => reply.error(e),
+        match self.tree.lookup(parent.0, name) {
+            Ok(s) => reply.entry(&self.tree.ttl(), &file_attr(&s), fuser::Generation(0)),
+            Err(e) => reply.error(e.into()),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.op_getattr(ino.0) {
-            Ok(a) => reply.attr(&TTL, &a),
-            Err(e) => reply.error(e),
+        match self.tree.getattr(ino.0) {
+            Ok(s) => reply.attr(&self.tree.ttl(), &file_attr(&s)),
+            Err(e) => reply.error(e.into()),
         }
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let disk = match self.op_open(ino.0, flags.acc_mode() != OpenAccMode::O_RDONLY) {
+        let disk = match self
+            .tree
+            .open(ino.0, flags.acc_mode() != OpenAccMode::O_RDONLY)
+        {
             Ok(d) => d,
-            Err(e) => return reply.error(e),
+            Err(e) => return reply.error(e.into()),
         };
         let Some(reply) = self.try_passthrough(ino, disk, reply) else {
             return;
@@ -419,9 +302,9 @@ impl Filesystem for FuserFs {
             if buf.len() < size as usize {
                 buf.resize(size as usize, 0);
             }
-            match self.op_read(ino.0, offset, &mut buf[..size as usize]) {
+            match self.tree.read(ino.0, offset, &mut buf[..size as usize]) {
                 Ok(n) => reply.data(&buf[..n]),
-                Err(e) => reply.error(e),
+                Err(e) => reply.error(e.into()),
             }
         })
     }
@@ -439,9 +322,9 @@ impl Filesystem for FuserFs {
         reply: ReplyWrite,
     ) {
         let from_cache = write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
-        match self.op_write(ino.0, offset, data, from_cache) {
+        match self.tree.write(ino.0, offset, data, from_cache) {
             Ok(n) => reply.written(n),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(e.into()),
         }
     }
 
@@ -464,9 +347,9 @@ impl Filesystem for FuserFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.op_fsync(ino.0) {
+        match self.tree.fsync(ino.0) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(e.into()),
         }
     }
 
@@ -480,9 +363,9 @@ impl Filesystem for FuserFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.op_fallocate(ino.0, offset, length, mode) {
+        match self.tree.fallocate(ino.0, offset, length, mode) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(e.into()),
         }
     }
 
@@ -504,9 +387,9 @@ impl Filesystem for FuserFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.op_setattr(ino.0, size) {
-            Ok(a) => reply.attr(&TTL, &a),
-            Err(e) => reply.error(e),
+        match self.tree.setattr(ino.0, size) {
+            Ok(s) => reply.attr(&self.tree.ttl(), &file_attr(&s)),
+            Err(e) => reply.error(e.into()),
         }
     }
 
@@ -517,7 +400,7 @@ impl Filesystem for FuserFs {
         if let Some(ring) = ring {
             ring.join();
         }
-        self.op_destroy();
+        self.tree.destroy();
     }
 
     fn readdir(
@@ -528,9 +411,9 @@ impl Filesystem for FuserFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.op_readdir(ino.0) {
+        let entries = match self.tree.readdir(ino.0) {
             Ok(e) => e,
-            Err(e) => return reply.error(e),
+            Err(e) => return reply.error(e.into()),
         };
         for (i, (ino, dir, name)) in entries.iter().enumerate().skip(offset as usize) {
             let kind = if *dir {
@@ -546,24 +429,16 @@ impl Filesystem for FuserFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let (blocks, files) = self.op_statfs();
+        let (blocks, files) = self.tree.statfs();
         reply.statfs(blocks, 0, 0, files, 0, 4096, 255, 4096);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        match self.op_getxattr(ino.0, name, size) {
-            Ok(Xattr::Size(n)) => reply.size(n),
-            Ok(Xattr::Data(v)) => reply.data(&v),
-            Err(e) => reply.error(e),
-        }
+        reply_xattr(self.tree.getxattr(ino.0, name, size), reply);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        match self.op_listxattr(ino.0, size) {
-            Ok(Xattr::Size(n)) => reply.size(n),
-            Ok(Xattr::Data(v)) => reply.data(&v),
-            Err(e) => reply.error(e),
-        }
+        reply_xattr(self.tree.listxattr(ino.0, size), reply);
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
@@ -579,9 +454,9 @@ impl Filesystem for FuserFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        match self.op_lseek(ino.0, offset, whence) {
+        match self.tree.lseek(ino.0, offset, whence) {
             Ok(o) => reply.offset(o),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(e.into()),
         }
     }
 }

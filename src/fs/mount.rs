@@ -82,17 +82,11 @@ impl Unmounter {
 }
 
 fn umount_detach(path: &std::path::Path) -> std::io::Result<()> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    // SAFETY: c is a valid NUL-terminated path.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
-        Ok(())
-    } else {
-        let e = std::io::Error::last_os_error();
+    use nix::errno::Errno;
+    match nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH) {
         // Already unmounted (by umount(8) or `vdiskfs unmount`): nothing to do.
-        match e.raw_os_error() {
-            Some(libc::EINVAL) | Some(libc::ENOENT) => Ok(()),
-            _ => Err(e),
-        }
+        Ok(()) | Err(Errno::EINVAL | Errno::ENOENT) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -145,8 +139,7 @@ pub fn mount(
     };
     config.n_threads = Some(cfg.threads.max(1));
     config.clone_fd = true;
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = nix::unistd::geteuid().is_root();
     let prepared = prepare_uring(cfg.transport, root);
     if prepared.is_some() {
         fs.uring_wanted.store(true, Ordering::Relaxed);
@@ -291,8 +284,7 @@ fn mount_sys(
             )
         })?;
     let rootmode = std::fs::metadata(mountpoint)?.mode() & libc::S_IFMT;
-    // SAFETY: getuid/getgid have no preconditions.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
     let mut opts = format!(
         "fd={},rootmode={:o},user_id={uid},group_id={gid},default_permissions",
         dev.as_raw_fd(),
@@ -301,29 +293,17 @@ fn mount_sys(
     if cfg.allow_other {
         opts.push_str(",allow_other");
     }
-    let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
+    use nix::mount::MsFlags;
+    let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     if cfg.read_only {
-        flags |= libc::MS_RDONLY;
+        flags |= MsFlags::MS_RDONLY;
     }
-    let c = |s: &[u8]| {
-        std::ffi::CString::new(s)
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
-    };
-    let source = c(cfg.fsname.as_bytes())?;
-    let target = c(mountpoint.as_os_str().as_encoded_bytes())?;
-    let opts = c(opts.as_bytes())?;
-    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            c"fuse.vdiskfs".as_ptr(),
-            flags,
-            opts.as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    nix::mount::mount(
+        Some(cfg.fsname.as_str()),
+        mountpoint,
+        Some("fuse.vdiskfs"),
+        flags,
+        Some(opts.as_str()),
+    )?;
     Ok(OwnedFd::from(dev))
 }

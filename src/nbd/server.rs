@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -319,22 +319,20 @@ fn bind(l: &Listen) -> Result<Listener> {
 }
 
 /// Waits up to 200 ms for `fd` to become readable.
-fn poll_readable(fd: i32) {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: p is one valid pollfd.
-    unsafe { libc::poll(&mut p, 1, 200) };
+fn poll_readable(fd: BorrowedFd<'_>) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let _ = poll(
+        &mut [PollFd::new(fd, PollFlags::POLLIN)],
+        PollTimeout::from(200u16),
+    );
 }
 
 fn accept_loop(sh: &Arc<Shared>, l: Listener) {
     let mut conns: Vec<JoinHandle<()>> = Vec::new();
     while !sh.stopping.load(Ordering::SeqCst) {
         let fd = match &l {
-            Listener::Unix(s, _) => s.as_raw_fd(),
-            Listener::Tcp(s) => s.as_raw_fd(),
+            Listener::Unix(s, _) => s.as_fd(),
+            Listener::Tcp(s) => s.as_fd(),
         };
         poll_readable(fd);
         conns.retain(|t| !t.is_finished());

@@ -1,16 +1,15 @@
 //! One ring request served: the request decoded from an entry's header and
-//! payload buffers, the matching operation of [`VdiskFs`] called (the same
+//! payload buffers, the matching operation of the [`Tree`](crate::fs::Tree) called (the same
 //! ones the classic path calls), and the reply encoded in place: reads land
 //! straight in the payload buffer the kernel copies from.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 
-use fuser::{Errno, FileAttr, FileType};
+use fuser::Errno;
 
 use super::abi::{self, op, u32_at, u64_at, Attr, InHeader, Out};
-use crate::fs::ops::Xattr;
-use crate::fs::{VdiskFs, TTL};
+use crate::fs::{Stat, VdiskFs, Xattr};
 
 /// Whether a request may wait on image I/O (and so goes to the pool when
 /// there is one, keeping the ring thread free).
@@ -21,17 +20,14 @@ pub fn may_block(opcode: u32) -> bool {
     )
 }
 
-fn attr(a: &FileAttr) -> Attr {
-    let kind = match a.kind {
-        FileType::Directory => libc::S_IFDIR,
-        _ => libc::S_IFREG,
-    };
+fn attr(a: &Stat) -> Attr {
+    let kind = if a.dir { libc::S_IFDIR } else { libc::S_IFREG };
     let t = a
-        .mtime
+        .time
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     Attr {
-        ino: a.ino.0,
+        ino: a.ino,
         size: a.size,
         blocks: a.blocks,
         time: (t.as_secs(), t.subsec_nanos()),
@@ -74,31 +70,32 @@ fn dispatch(
     in_len: usize,
 ) -> Result<usize, Errno> {
     let arg = &header[abi::IN_OUT_SZ..abi::ENT_IN_OUT_OFF];
-    let valid = TTL.as_secs();
+    let valid = fs.tree.ttl().as_secs();
     let ino = h.nodeid;
     match h.opcode {
         op::LOOKUP => {
-            let a = fs.op_lookup(ino, name(&payload[..in_len]))?;
+            let a = fs.tree.lookup(ino, name(&payload[..in_len]))?;
             let mut o = Out::new(payload);
             abi::put_entry_out(&mut o, &attr(&a), valid);
             Ok(o.len())
         }
         op::GETATTR => {
-            let a = fs.op_getattr(ino)?;
+            let a = fs.tree.getattr(ino)?;
             let mut o = Out::new(payload);
             abi::put_attr_out(&mut o, &attr(&a), valid);
             Ok(o.len())
         }
         op::SETATTR => {
             let size = (u32_at(arg, 0) & abi::FATTR_SIZE != 0).then(|| u64_at(arg, 16));
-            let a = fs.op_setattr(ino, size)?;
+            let a = fs.tree.setattr(ino, size)?;
             let mut o = Out::new(payload);
             abi::put_attr_out(&mut o, &attr(&a), valid);
             Ok(o.len())
         }
         op::OPEN => {
             let flags = u32_at(arg, 0) as i32;
-            fs.op_open(ino, flags & libc::O_ACCMODE != libc::O_RDONLY)?;
+            fs.tree
+                .open(ino, flags & libc::O_ACCMODE != libc::O_RDONLY)?;
             // Every change goes through this mount, so the kernel may keep
             // what it read across opens (as on the classic path).
             let mut o = Out::new(payload);
@@ -113,7 +110,7 @@ fn dispatch(
         op::READ => {
             let offset = u64_at(arg, 8);
             let size = (u32_at(arg, 16) as usize).min(payload.len());
-            fs.op_read(ino, offset, &mut payload[..size])
+            Ok(fs.tree.read(ino, offset, &mut payload[..size])?)
         }
         op::WRITE => {
             let offset = u64_at(arg, 8);
@@ -123,20 +120,20 @@ fn dispatch(
             }
             // fuse_write_in.write_flags bit 0: FUSE_WRITE_CACHE.
             let from_cache = u32_at(arg, 20) & 1 != 0;
-            let n = fs.op_write(ino, offset, &payload[..size], from_cache)?;
+            let n = fs.tree.write(ino, offset, &payload[..size], from_cache)?;
             let mut o = Out::new(payload);
             o.u32(n).u32(0);
             Ok(o.len())
         }
-        op::FSYNC => fs.op_fsync(ino).map(|()| 0),
+        op::FSYNC => fs.tree.fsync(ino).map(|()| 0).map_err(Errno::from),
         op::FALLOCATE => {
             let (offset, length, mode) = (u64_at(arg, 8), u64_at(arg, 16), u32_at(arg, 24));
-            fs.op_fallocate(ino, offset, length, mode as i32)
-                .map(|()| 0)
+            fs.tree.fallocate(ino, offset, length, mode as i32)?;
+            Ok(0)
         }
         op::LSEEK => {
             let (offset, whence) = (u64_at(arg, 8) as i64, u32_at(arg, 16) as i32);
-            let pos = fs.op_lseek(ino, offset, whence)?;
+            let pos = fs.tree.lseek(ino, offset, whence)?;
             let mut o = Out::new(payload);
             o.u64(pos as u64);
             Ok(o.len())
@@ -144,9 +141,9 @@ fn dispatch(
         op::GETXATTR | op::LISTXATTR => {
             let size = u32_at(arg, 0);
             let x = if h.opcode == op::GETXATTR {
-                fs.op_getxattr(ino, name(&payload[..in_len]), size)?
+                fs.tree.getxattr(ino, name(&payload[..in_len]), size)?
             } else {
-                fs.op_listxattr(ino, size)?
+                fs.tree.listxattr(ino, size)?
             };
             let mut o = Out::new(payload);
             match x {
@@ -159,7 +156,7 @@ fn dispatch(
         op::READDIR => {
             let offset = u64_at(arg, 8);
             let room = (u32_at(arg, 16) as usize).min(payload.len());
-            let entries = fs.op_readdir(ino)?;
+            let entries = fs.tree.readdir(ino)?;
             let mut o = Out::new(payload);
             for (i, (e_ino, dir, n)) in entries.iter().enumerate().skip(offset as usize) {
                 let left = room - o.len();
@@ -170,7 +167,7 @@ fn dispatch(
             Ok(o.len())
         }
         op::STATFS => {
-            let (blocks, files) = fs.op_statfs();
+            let (blocks, files) = fs.tree.statfs();
             let mut o = Out::new(payload);
             abi::put_statfs(&mut o, blocks, files);
             Ok(o.len())
