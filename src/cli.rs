@@ -789,9 +789,12 @@ fn plan(args: &MountArgs) -> Result<MountPlan> {
 }
 
 /// The error for a mount point that cannot be resolved: a dead FUSE mount
-/// (its daemon killed) answers ENOTCONN, which says nothing to a user.
+/// (its daemon killed) answers ENOTCONN, which says nothing to a user; or
+/// ECONNABORTED while the kernel is still tearing the connection down (a
+/// FUSE-over-io_uring mount: its rings are cancelled after the daemon is
+/// gone, and a request queued meanwhile ends aborted).
 fn dead_mount(e: std::io::Error, mountpoint: &Path) -> Error {
-    if e.raw_os_error() == Some(libc::ENOTCONN) {
+    if matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)) {
         let what = if daemon::mounts()
             .iter()
             .any(|m| mountpoint.is_absolute() && m.mountpoint == mountpoint)
