@@ -236,6 +236,15 @@ impl HostFile {
         &self.file
     }
 
+    /// The descriptor to read with asynchronously (io_uring), when a plain
+    /// pread of it gives the file's bytes: a local file, without O_DIRECT's
+    /// alignment rules, opened read-only (so no queued metadata write can
+    /// lie over what the file holds).
+    pub fn plain_read_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        (self.remote.is_none() && !self.direct && !self.writable).then(|| self.file.as_raw_fd())
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset`; reading past the end of
     /// the file is a [`ErrorKind::Corrupt`] error naming the range.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {

@@ -82,6 +82,17 @@ impl VdiskFs {
         }
     }
 
+    /// What a READ of `ino` goes to: the disk's chain, the offset of the
+    /// exposed file in it, and the file's size (for transports that read
+    /// the host files themselves, `fs/uring/hostread.rs`).
+    pub(super) fn op_read_target(
+        &self,
+        ino: u64,
+    ) -> Result<(&crate::chain::Chain, u64, u64), Errno> {
+        let disk = self.disk(INodeNo(ino)).ok_or(Errno::EISDIR)?;
+        Ok((&disk.chain, disk.base(), disk.size()))
+    }
+
     /// WRITE of `data` at `offset`; the number of bytes written.
     pub(super) fn op_write(
         &self,

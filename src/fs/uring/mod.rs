@@ -10,6 +10,7 @@
 //! for measurement). The protocol as used here: docs/fuse-uring.md.
 
 pub mod abi;
+mod hostread;
 mod queue;
 mod serve;
 
