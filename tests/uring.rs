@@ -204,8 +204,8 @@ fn uring_host_reads_of_vmdk_grains_under_qcow2_are_byte_exact_at_depth() {
                 let mut buf = AlignedBuf::new(1 << 20);
                 let mut rng = common::rng::Rng::new(100 + t);
                 for _ in 0..200 {
-                    let len =
-                        4096 * (1 + rng.below(if rng.below(4) == 0 { 256 } else { 4 }) as usize);
+                    let pages = if rng.below(4) == 0 { 256 } else { 4 };
+                    let len = 4096 * (1 + rng.below(pages) as usize);
                     let off = 4096 * rng.below((expected.len() as u64 - len as u64) / 4096);
                     let n = file.read_at(&mut buf.as_mut()[..len], off).unwrap();
                     assert_eq!(n, len);
