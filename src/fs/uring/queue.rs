@@ -51,6 +51,11 @@ struct Reading {
     segs: Vec<Seg>,
     /// The errno to reply with, once a read failed.
     failed: Option<i32>,
+    /// Submitted with RWF_NOWAIT: page-cache hits only.
+    nowait: bool,
+    /// A read found its pages outside the page cache: the request goes to
+    /// the pool once every read is in.
+    punt: bool,
 }
 
 /// Buffers of an entry lent to a pool thread until it hands them back.
@@ -211,12 +216,36 @@ impl Queue {
                 .collect();
             // Host reads that landed, and READs that become host reads,
             // first: what is left is served below.
+            // A lone request (queue depth 1) may wait for the disk on the
+            // ring; with others about, only page-cache hits are read here
+            // and misses go to the pool, whose blocking preads keep the
+            // kernel's readahead (io_uring's non-blocking buffered reads
+            // skip most of it, docs/fuse-uring.md).
+            let requests = all
+                .iter()
+                .filter(|&&(ud, res)| ud != WAKE && ud & READ_TAG == 0 && res >= 0)
+                .count();
+            let alone = requests == 1
+                && lent == 0
+                && pool.is_some()
+                && self.entries.iter().all(|e| e.reading.is_none());
+            let nowait = pool.is_some() && !alone;
             let mut cqes = Vec::with_capacity(all.len());
+            let mut punted = Vec::new();
             for (ud, res) in all {
                 if ud != WAKE && ud & READ_TAG != 0 {
-                    self.read_landed(dev, ud, res);
-                } else if !(host_reads && ud != WAKE && res >= 0 && self.start_read(dev, &fs, ud)) {
+                    punted.extend(self.read_landed(dev, ud, res));
+                } else if !(host_reads
+                    && ud != WAKE
+                    && res >= 0
+                    && self.start_read(dev, &fs, ud, nowait))
+                {
                     cqes.push((ud, res));
+                }
+            }
+            for idx in punted {
+                if self.hand_off(dev, &fs, idx, &pool, &done) {
+                    lent += 1;
                 }
             }
             // Requests of this batch that may wait on image I/O: all but the
@@ -259,27 +288,13 @@ impl Queue {
                 if blocking {
                     blocking_left -= 1;
                 }
-                match (&pool, &done) {
-                    (Some(p), Some(d)) if blocking && blocking_left > 0 => {
-                        let loan = Lent {
-                            header: e.header.as_mut_ptr(),
-                            header_len: e.header.len(),
-                            payload: e.payload.as_mut_ptr(),
-                            payload_len: e.payload.len(),
-                            idx,
-                            done: d.clone(),
-                        };
+                if blocking && blocking_left > 0 {
+                    if self.hand_off(dev, &fs, idx, &pool, &done) {
                         lent += 1;
-                        if let Err(mpsc::SendError(loan)) = p.send(loan) {
-                            lent -= 1;
-                            loan.run_inline(&fs);
-                            self.commit(dev, idx);
-                        }
                     }
-                    _ => {
-                        serve(&fs, &mut e.header, &mut e.payload);
-                        self.commit(dev, idx);
-                    }
+                } else {
+                    serve(&fs, &mut e.header, &mut e.payload);
+                    self.commit(dev, idx);
                 }
             }
         }
@@ -291,6 +306,37 @@ impl Queue {
             lent -= 1;
         }
         debug!("io_uring queue {} stopped", self.qid);
+    }
+
+    /// Lends entry `idx` to the pool (true), or serves it here and commits
+    /// it when there is no pool or the pool is gone (false).
+    fn hand_off(
+        &mut self,
+        dev: RawFd,
+        fs: &VdiskFs,
+        idx: usize,
+        pool: &Option<mpsc::Sender<Lent>>,
+        done: &Option<Arc<Done>>,
+    ) -> bool {
+        let e = &mut self.entries[idx];
+        if let (Some(p), Some(d)) = (pool, done) {
+            let loan = Lent {
+                header: e.header.as_mut_ptr(),
+                header_len: e.header.len(),
+                payload: e.payload.as_mut_ptr(),
+                payload_len: e.payload.len(),
+                idx,
+                done: d.clone(),
+            };
+            match p.send(loan) {
+                Ok(()) => return true,
+                Err(mpsc::SendError(loan)) => loan.run_inline(fs),
+            }
+        } else {
+            serve(fs, &mut e.header, &mut e.payload);
+        }
+        self.commit(dev, idx);
+        false
     }
 
     /// Commits the reply in entry `idx` and fetches its next request.
@@ -323,8 +369,10 @@ impl Queue {
 
     /// Serves the request in entry `ud` with host reads on this ring when
     /// it is a READ of plain stored runs ([`hostread::plan`]); false when
-    /// it must be served the usual way.
-    fn start_read(&mut self, dev: RawFd, fs: &VdiskFs, ud: u64) -> bool {
+    /// it must be served the usual way. With `nowait` the reads take
+    /// page-cache hits only (RWF_NOWAIT); a miss sends the request to the
+    /// pool ([`Queue::read_landed`]).
+    fn start_read(&mut self, dev: RawFd, fs: &VdiskFs, ud: u64, nowait: bool) -> bool {
         let idx = ud as usize;
         let e = &mut self.entries[idx];
         let h = abi::InHeader::decode(&e.header);
@@ -352,6 +400,7 @@ impl Queue {
                 let to = unsafe { base.add(seg.at) };
                 opcode::Read::new(types::Fd(seg.fd), to, seg.len as u32)
                     .offset(seg.host)
+                    .rw_flags(if nowait { libc::RWF_NOWAIT } else { 0 })
                     .build()
                     .user_data(READ_TAG | (idx as u64) << 16 | s as u64)
                     .into()
@@ -363,6 +412,8 @@ impl Queue {
             pending: sqes.len(),
             segs: plan.segs,
             failed: None,
+            nowait,
+            punt: false,
         });
         for sqe in &sqes {
             // SAFETY: the payload is not touched until the last read lands;
@@ -375,20 +426,19 @@ impl Queue {
     /// A host read landed: a short or failed one is finished with a plain
     /// pread (zeros past the end of the file, or the error named in the
     /// log); the reply is committed when the request's last read is in.
-    fn read_landed(&mut self, dev: RawFd, ud: u64, res: i32) {
+    /// A non-blocking read that missed the page cache (or got part of it)
+    /// marks the request for the pool: its index is returned once every
+    /// read of it is in.
+    fn read_landed(&mut self, dev: RawFd, ud: u64, res: i32) -> Option<usize> {
         let idx = ((ud & !READ_TAG) >> 16) as usize;
         let s = (ud & 0xffff) as usize;
-        let Some(e) = self.entries.get_mut(idx) else {
-            return;
-        };
-        let Some(r) = e.reading.as_mut() else {
-            return;
-        };
-        let Some(seg) = r.segs.get(s) else {
-            return;
-        };
+        let e = self.entries.get_mut(idx)?;
+        let r = e.reading.as_mut()?;
+        let seg = r.segs.get(s)?;
         let got = usize::try_from(res).unwrap_or(0).min(seg.len);
-        if got < seg.len {
+        if r.nowait && got < seg.len {
+            r.punt = true;
+        } else if got < seg.len {
             let rest = &mut e.payload[seg.at + got..seg.at + seg.len];
             if let Some(f) = &seg.file {
                 if let Err(err) = f.read_zero_fill_at(rest, seg.host + got as u64) {
@@ -404,13 +454,18 @@ impl Queue {
         r.pending -= 1;
         if r.pending == 0 {
             let (unique, len, failed) = (r.unique, r.len, r.failed);
+            let punt = r.punt;
             e.reading = None;
+            if punt {
+                return Some(idx);
+            }
             match failed {
                 Some(errno) => abi::encode_reply(&mut e.header, unique, errno, 0),
                 None => abi::encode_reply(&mut e.header, unique, 0, len as u32),
             }
             self.commit(dev, idx);
         }
+        None
     }
 }
 
