@@ -9,8 +9,10 @@
 //! the usual path: [`plan`] answers `None`.
 //!
 //! A page-cache hit completes inside the submission (io_uring tries a
-//! non-blocking read first), so a cached read costs one copy and no wakeup.
-//! Mapping a run may read a layer's metadata table (an L2 table miss):
+//! non-blocking read first), so a cached read costs one copy and no wakeup;
+//! when other requests are about, the queue asks for hits only and sends a
+//! miss to its pool (`queue.rs`: blocking preads keep the kernel's
+//! readahead, which io_uring's buffered reads mostly skip). Mapping a run may read a layer's metadata table (an L2 table miss):
 //! that read stays synchronous, once per table.
 
 use std::os::fd::RawFd;
