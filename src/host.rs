@@ -251,14 +251,27 @@ impl HostFile {
         if self.direct {
             return;
         }
-        use std::os::fd::AsRawFd;
         for (off, len) in ranges {
             let (Ok(o), Ok(l)) = (i64::try_from(off), i64::try_from(len)) else {
                 continue;
             };
-            // SAFETY: an advisory call on our own open descriptor.
-            unsafe { libc::posix_fadvise(self.file.as_raw_fd(), o, l, libc::POSIX_FADV_WILLNEED) };
+            // Advice only: a failure changes nothing.
+            let _ = nix::fcntl::posix_fadvise(
+                &self.file,
+                o,
+                l,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+            );
         }
+    }
+
+    /// The descriptor to read with asynchronously (io_uring), when a plain
+    /// pread of it gives the file's bytes: a local file, without O_DIRECT's
+    /// alignment rules, opened read-only (so no queued metadata write can
+    /// lie over what the file holds).
+    pub fn plain_read_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        (self.remote.is_none() && !self.direct && !self.writable).then(|| self.file.as_raw_fd())
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`; reading past the end of

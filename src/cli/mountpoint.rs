@@ -98,9 +98,16 @@ pub fn plan(cfg: &MountConfig) -> Result<MountPlan> {
 }
 
 /// The error for a mount point that cannot be resolved: a dead FUSE mount
-/// (its daemon killed) answers ENOTCONN, which says nothing to a user.
+/// (its daemon killed) answers ENOTCONN, which says nothing to a user; or,
+/// while the kernel is still tearing the connection down, ECONNABORTED or
+/// ECANCELED (a FUSE-over-io_uring mount: its rings are cancelled after the
+/// daemon is gone; a request queued meanwhile ends aborted, or cancelled
+/// when it was handed to a ring entry of the dead task).
 fn dead_mount(e: std::io::Error, mountpoint: &Path) -> Error {
-    if e.raw_os_error() == Some(libc::ENOTCONN) {
+    if matches!(
+        e.raw_os_error(),
+        Some(libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED)
+    ) {
         let what = if daemon::mounts()
             .iter()
             .any(|m| mountpoint.is_absolute() && m.mountpoint == mountpoint)

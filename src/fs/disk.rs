@@ -116,7 +116,7 @@ impl Disk {
     }
 
     /// Where the exposed file starts in the chain.
-    fn base(&self) -> u64 {
+    pub fn base(&self) -> u64 {
         self.window.map_or(0, |w| w.0)
     }
 

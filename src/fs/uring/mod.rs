@@ -4,12 +4,16 @@
 //! its registered buffers (pinned to its CPU with `VDISKFS_URING_PIN=1`).
 //! fuser still mounts, negotiates INIT (with `FUSE_OVER_IO_URING`) and keeps
 //! reading /dev/fuse for what the kernel never sends on the ring
-//! (interrupts, forgets). Requests that may wait on image I/O go to a small
-//! pool when several are pending, so a ring thread does not block on the
-//! disk (`VDISKFS_URING_INLINE=1` serves everything on the ring threads,
-//! for measurement). The protocol as used here: docs/fuse-uring.md.
+//! (interrupts, forgets). READs of plain stored runs are read from the
+//! image files on the ring itself (`hostread.rs`: page-cache hits, or the
+//! disk for a lone request); other requests that may wait on image I/O go
+//! to a small pool when several are pending, so a ring thread does not
+//! block on the disk (`VDISKFS_URING_INLINE=1` serves everything on the
+//! ring threads, `VDISKFS_URING_HOSTREAD=0` turns host reads off, both for
+//! measurement). The protocol as used here: docs/fuse-uring.md.
 
 pub mod abi;
+mod hostread;
 mod queue;
 mod serve;
 

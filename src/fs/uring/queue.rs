@@ -4,6 +4,9 @@
 //! the next request in the same command. Requests that may wait on image
 //! I/O go to the shared [`Pool`] when there is one; the pool hands the
 //! entry back through a channel and an eventfd the ring also waits on.
+//! READs of plain stored runs are read from the image files on this same
+//! ring ([`super::hostread`]): the reply is committed when the last host
+//! read of the request lands, so one thread keeps many reads in flight.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::mpsc;
@@ -12,12 +15,17 @@ use std::sync::Arc;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use log::{debug, error};
 
-use super::abi;
+use super::abi::{self, op};
+use super::hostread::{self, Seg};
 use super::serve::{may_block, serve};
 use crate::fs::VdiskFs;
 
 /// user_data of the eventfd read (entries use their index).
 const WAKE: u64 = u64::MAX;
+
+/// Tag of a host read's user_data: the tag, the entry's index (bits 16 and
+/// up) and the read's index in the request (the low 16 bits).
+const READ_TAG: u64 = 1 << 62;
 
 /// One registered entry: the kernel writes a request into its buffers and
 /// reads the reply from them.
@@ -29,6 +37,25 @@ struct Entry {
     iov: Box<[u64; 4]>,
     /// `commit_id` of the request this entry holds.
     commit_id: u64,
+    /// The READ this entry waits for, while its host reads are in flight.
+    reading: Option<Reading>,
+}
+
+/// A READ served by host reads on the ring.
+struct Reading {
+    unique: u64,
+    /// Bytes of the reply.
+    len: usize,
+    /// Host reads not yet landed.
+    pending: usize,
+    segs: Vec<Seg>,
+    /// The errno to reply with, once a read failed.
+    failed: Option<i32>,
+    /// Submitted with RWF_NOWAIT: page-cache hits only.
+    nowait: bool,
+    /// A read found its pages outside the page cache: the request goes to
+    /// the pool once every read is in.
+    punt: bool,
 }
 
 /// Buffers of an entry lent to a pool thread until it hands them back.
@@ -83,8 +110,10 @@ impl Queue {
     pub fn new(qid: u16, depth: usize, payload: usize) -> std::io::Result<Queue> {
         // Not COOP_TASKRUN: the kernel completes a fetch through task work
         // on this thread, which must wake it while it waits for completions.
+        // Room for the entries' commands and a batch of host reads (more
+        // wait in the submission loop, see `push`).
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
-            .build((depth as u32 + 2).next_power_of_two())?;
+            .build((depth as u32 * 4).next_power_of_two())?;
         let entries = (0..depth)
             .map(|_| {
                 let mut header = vec![0u8; abi::HEADER_SZ].into_boxed_slice();
@@ -100,6 +129,7 @@ impl Queue {
                     payload,
                     iov,
                     commit_id: 0,
+                    reading: None,
                 }
             })
             .collect();
@@ -154,6 +184,7 @@ impl Queue {
         let mut armed = false;
         let mut live = self.entries.len();
         let mut lent = 0usize;
+        let host_reads = std::env::var_os("VDISKFS_URING_HOSTREAD").is_none_or(|v| v != "0");
         while live > 0 {
             if let (Some(d), false) = (&done, armed) {
                 let sqe =
@@ -178,11 +209,45 @@ impl Queue {
                     break;
                 }
             }
-            let cqes: Vec<(u64, i32)> = self
+            let all: Vec<(u64, i32)> = self
                 .ring
                 .completion()
                 .map(|c| (c.user_data(), c.result()))
                 .collect();
+            // Host reads that landed, and READs that become host reads,
+            // first: what is left is served below.
+            // A lone request (queue depth 1) may wait for the disk on the
+            // ring; with others about, only page-cache hits are read here
+            // and misses go to the pool, whose blocking preads keep the
+            // kernel's readahead (io_uring's non-blocking buffered reads
+            // skip most of it, docs/fuse-uring.md).
+            let requests = all
+                .iter()
+                .filter(|&&(ud, res)| ud != WAKE && ud & READ_TAG == 0 && res >= 0)
+                .count();
+            let alone = requests == 1
+                && lent == 0
+                && pool.is_some()
+                && self.entries.iter().all(|e| e.reading.is_none());
+            let nowait = pool.is_some() && !alone;
+            let mut cqes = Vec::with_capacity(all.len());
+            let mut punted = Vec::new();
+            for (ud, res) in all {
+                if ud != WAKE && ud & READ_TAG != 0 {
+                    punted.extend(self.read_landed(dev, ud, res));
+                } else if !(host_reads
+                    && ud != WAKE
+                    && res >= 0
+                    && self.start_read(dev, &fs, ud, nowait))
+                {
+                    cqes.push((ud, res));
+                }
+            }
+            for idx in punted {
+                if self.hand_off(dev, &fs, idx, &pool, &done) {
+                    lent += 1;
+                }
+            }
             // Requests of this batch that may wait on image I/O: all but the
             // last go to the pool (several in flight reach the disk at
             // once), the last is served here (a lone request, as at queue
@@ -223,27 +288,13 @@ impl Queue {
                 if blocking {
                     blocking_left -= 1;
                 }
-                match (&pool, &done) {
-                    (Some(p), Some(d)) if blocking && blocking_left > 0 => {
-                        let loan = Lent {
-                            header: e.header.as_mut_ptr(),
-                            header_len: e.header.len(),
-                            payload: e.payload.as_mut_ptr(),
-                            payload_len: e.payload.len(),
-                            idx,
-                            done: d.clone(),
-                        };
+                if blocking && blocking_left > 0 {
+                    if self.hand_off(dev, &fs, idx, &pool, &done) {
                         lent += 1;
-                        if let Err(mpsc::SendError(loan)) = p.send(loan) {
-                            lent -= 1;
-                            loan.run_inline(&fs);
-                            self.commit(dev, idx);
-                        }
                     }
-                    _ => {
-                        serve(&fs, &mut e.header, &mut e.payload);
-                        self.commit(dev, idx);
-                    }
+                } else {
+                    serve(&fs, &mut e.header, &mut e.payload);
+                    self.commit(dev, idx);
                 }
             }
         }
@@ -257,23 +308,164 @@ impl Queue {
         debug!("io_uring queue {} stopped", self.qid);
     }
 
+    /// Lends entry `idx` to the pool (true), or serves it here and commits
+    /// it when there is no pool or the pool is gone (false).
+    fn hand_off(
+        &mut self,
+        dev: RawFd,
+        fs: &VdiskFs,
+        idx: usize,
+        pool: &Option<mpsc::Sender<Lent>>,
+        done: &Option<Arc<Done>>,
+    ) -> bool {
+        let e = &mut self.entries[idx];
+        if let (Some(p), Some(d)) = (pool, done) {
+            let loan = Lent {
+                header: e.header.as_mut_ptr(),
+                header_len: e.header.len(),
+                payload: e.payload.as_mut_ptr(),
+                payload_len: e.payload.len(),
+                idx,
+                done: d.clone(),
+            };
+            match p.send(loan) {
+                Ok(()) => return true,
+                Err(mpsc::SendError(loan)) => loan.run_inline(fs),
+            }
+        } else {
+            serve(fs, &mut e.header, &mut e.payload);
+        }
+        self.commit(dev, idx);
+        false
+    }
+
     /// Commits the reply in entry `idx` and fetches its next request.
     fn commit(&mut self, dev: RawFd, idx: usize) {
         let sqe = opcode::UringCmd80::new(types::Fd(dev), abi::CMD_COMMIT_AND_FETCH)
             .cmd(abi::cmd_req(self.entries[idx].commit_id, self.qid))
             .build()
             .user_data(idx as u64);
+        // SAFETY: the entry's buffers (registered before) outlive the command.
+        unsafe { self.push(&sqe) };
+    }
+
+    /// Queues `sqe`, handing what is queued to the kernel first when the
+    /// submission queue is full.
+    ///
+    /// # Safety
+    /// Whatever `sqe` points to must stay valid until its completion.
+    unsafe fn push(&mut self, sqe: &squeue::Entry128) {
         loop {
-            // SAFETY: the entry's buffers (registered before) outlive the command.
-            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+            // SAFETY: the caller's promise.
+            if unsafe { self.ring.submission().push(sqe) }.is_ok() {
                 return;
             }
-            // Full: hand what is queued to the kernel and retry.
             if let Err(e) = self.ring.submit() {
                 error!("io_uring queue {}: {e}", self.qid);
                 return;
             }
         }
+    }
+
+    /// Serves the request in entry `ud` with host reads on this ring when
+    /// it is a READ of plain stored runs ([`hostread::plan`]); false when
+    /// it must be served the usual way. With `nowait` the reads take
+    /// page-cache hits only (RWF_NOWAIT); a miss sends the request to the
+    /// pool ([`Queue::read_landed`]).
+    fn start_read(&mut self, dev: RawFd, fs: &VdiskFs, ud: u64, nowait: bool) -> bool {
+        let idx = ud as usize;
+        let e = &mut self.entries[idx];
+        let h = abi::InHeader::decode(&e.header);
+        if h.opcode != op::READ {
+            return false;
+        }
+        let arg = &e.header[abi::IN_OUT_SZ..abi::ENT_IN_OUT_OFF];
+        let (offset, size) = (abi::u64_at(arg, 8), abi::u32_at(arg, 16) as usize);
+        let Some(plan) = hostread::plan(fs, h.nodeid, offset, size, &mut e.payload) else {
+            return false;
+        };
+        e.commit_id = abi::ent_in_out(&e.header).0;
+        if plan.segs.is_empty() {
+            abi::encode_reply(&mut e.header, h.unique, 0, plan.len as u32);
+            self.commit(dev, idx);
+            return true;
+        }
+        let base = e.payload.as_mut_ptr();
+        let sqes: Vec<squeue::Entry128> = plan
+            .segs
+            .iter()
+            .enumerate()
+            .map(|(s, seg)| {
+                // SAFETY: the plan keeps every read inside the payload.
+                let to = unsafe { base.add(seg.at) };
+                opcode::Read::new(types::Fd(seg.fd), to, seg.len as u32)
+                    .offset(seg.host)
+                    .rw_flags(if nowait { libc::RWF_NOWAIT } else { 0 })
+                    .build()
+                    .user_data(READ_TAG | (idx as u64) << 16 | s as u64)
+                    .into()
+            })
+            .collect();
+        e.reading = Some(Reading {
+            unique: h.unique,
+            len: plan.len,
+            pending: sqes.len(),
+            segs: plan.segs,
+            failed: None,
+            nowait,
+            punt: false,
+        });
+        for sqe in &sqes {
+            // SAFETY: the payload is not touched until the last read lands;
+            // the file is held by the entry's `Reading` until then.
+            unsafe { self.push(sqe) };
+        }
+        true
+    }
+
+    /// A host read landed: a short or failed one is finished with a plain
+    /// pread (zeros past the end of the file, or the error named in the
+    /// log); the reply is committed when the request's last read is in.
+    /// A non-blocking read that missed the page cache (or got part of it)
+    /// marks the request for the pool: its index is returned once every
+    /// read of it is in.
+    fn read_landed(&mut self, dev: RawFd, ud: u64, res: i32) -> Option<usize> {
+        let idx = ((ud & !READ_TAG) >> 16) as usize;
+        let s = (ud & 0xffff) as usize;
+        let e = self.entries.get_mut(idx)?;
+        let r = e.reading.as_mut()?;
+        let seg = r.segs.get(s)?;
+        let got = usize::try_from(res).unwrap_or(0).min(seg.len);
+        if r.nowait && got < seg.len {
+            r.punt = true;
+        } else if got < seg.len {
+            let rest = &mut e.payload[seg.at + got..seg.at + seg.len];
+            if let Some(f) = &seg.file {
+                if let Err(err) = f.read_zero_fill_at(rest, seg.host + got as u64) {
+                    error!(
+                        "read of {} bytes at host {:#x}: {err}",
+                        rest.len(),
+                        seg.host
+                    );
+                    r.failed = Some(err.errno());
+                }
+            }
+        }
+        r.pending -= 1;
+        if r.pending == 0 {
+            let (unique, len, failed) = (r.unique, r.len, r.failed);
+            let punt = r.punt;
+            e.reading = None;
+            if punt {
+                return Some(idx);
+            }
+            match failed {
+                Some(errno) => abi::encode_reply(&mut e.header, unique, errno, 0),
+                None => abi::encode_reply(&mut e.header, unique, 0, len as u32),
+            }
+            self.commit(dev, idx);
+        }
+        None
     }
 }
 
