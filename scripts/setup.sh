@@ -33,7 +33,7 @@ if [ ! -c /dev/fuse ]; then
   modprobe fuse 2>/dev/null || true
 fi
 [ -c /dev/fuse ] || { echo "setup: /dev/fuse is missing: load the fuse module (modprobe fuse)" >&2; exit 1; }
-# FUSE over io_uring (Linux 6.14+): tests/uring.rs and `--transport uring` need the module
+# FUSE over io_uring (Linux 6.14+): tests/suite/uring.rs and `--transport uring` need the module
 # parameter on; it exists only on kernels built with CONFIG_FUSE_IO_URING, and only root sets it.
 if [ -w /sys/module/fuse/parameters/enable_uring ]; then
   echo Y > /sys/module/fuse/parameters/enable_uring || true

@@ -3,7 +3,7 @@
 //! VMDK over VMDK, qcow over qcow2 and VMDK, qcow2 over qcow, and overlays
 //! and snapshots over every base format.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -10,7 +10,7 @@
 //! restored afterwards). None of them skips: a missing tool fails the test
 //! saying what to install.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};

@@ -4,7 +4,7 @@
 //! one detect as another format is refused (EPERM), through the library and
 //! through a FUSE mount; with `--format raw` it is allowed.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

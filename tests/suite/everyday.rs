@@ -2,7 +2,7 @@
 //! stacked and non-empty mount points, qemu-compatible locks on read-only
 //! layers and overlay bases, dead mounts, and how errors reach the caller.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

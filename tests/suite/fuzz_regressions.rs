@@ -1,7 +1,7 @@
 //! Inputs the fuzzers found (or that their seeds pin down), replayed through
 //! the same entry points: none may panic, hang or allocate without bound.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

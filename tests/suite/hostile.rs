@@ -3,7 +3,7 @@
 //! the damaged range — within seconds and a bounded amount of memory
 //! (`vdiskfs info` runs under `prlimit --as` and `timeout`).
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

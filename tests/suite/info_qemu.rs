@@ -13,7 +13,7 @@
 //!   `raw` (reporting the footer as guest data); we detect it as `vpc`, so
 //!   qemu is given `-f vpc` for it.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

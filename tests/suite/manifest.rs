@@ -16,7 +16,7 @@
 //!   nothing, spot reads are zeros), which is what such rows hold; set
 //!   `VDISKFS_FULL_MANIFEST=1` for the full hash (the documented long run).
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;

@@ -4,7 +4,7 @@
 //! form is compared byte for byte, the human form too where qemu-img
 //! prints one (it refuses images with compressed clusters).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -1,6 +1,6 @@
 //! End-to-end: real FUSE mounts through the `vdiskfs` binary.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;

@@ -4,7 +4,7 @@
 //! compared with qemu-nbd serving the same chain and with `qemu-img map`.
 //! (nbd-client cannot be tested: this kernel has no nbd module.)
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -5,7 +5,7 @@
 //! thousand random and mutated client byte streams through the same code
 //! the fuzz target drives (`vdiskfs::fuzzing::nbd_client`).
 
-mod common;
+use crate::common;
 
 use common::nbd::{Raw, Served, Wire};
 use common::rng::Rng;

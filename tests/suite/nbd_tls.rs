@@ -4,7 +4,7 @@
 //! test. A server with TLS refuses plaintext clients (`NBD_REP_ERR_TLS_REQD`)
 //! and, with `--tls-verify-peer`, clients without a certificate of its CA.
 
-mod common;
+use crate::common;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

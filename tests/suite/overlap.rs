@@ -4,7 +4,7 @@
 //! image must be flagged corrupt the way qemu flags it (`qemu-img info`
 //! and `qemu-img check` say so); it then opens for reading only.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

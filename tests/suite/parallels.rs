@@ -4,7 +4,7 @@
 //! Parallels image, `info`, the `--rw` refusal, a FUSE mount, the
 //! DiskDescriptor.xml refusal, and damaged images.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

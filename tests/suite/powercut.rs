@@ -12,7 +12,7 @@
 //! 20000 for a long run). A recorder that ignores barriers shows that the
 //! checker finds the corruption a write path without barriers leaves.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! qcow version 1: byte-exact reads against `qemu-img convert`, backing
 //! chains, the shared test images, and hostile images.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

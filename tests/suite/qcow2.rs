@@ -2,7 +2,7 @@
 //! compared byte for byte with `qemu-img convert -O raw`, hostile images
 //! made by patching bytes, and the qcow2 rows of the shared testdata manifest.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! zeroings applied both to an image and to an in-memory model, then
 //! `qemu-img check`, `qemu-img convert` and a fresh vdiskfs open must agree.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -661,7 +661,7 @@ fn crash_consistency() {
             let mut child = Command::new(&exe)
                 .args([
                     "--exact",
-                    "crash_child",
+                    "qcow2_write::crash_child",
                     "--ignored",
                     "--nocapture",
                     "--test-threads=1",

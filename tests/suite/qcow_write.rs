@@ -3,7 +3,7 @@
 //! `qemu-img convert` and with `qemu-img compare`; concurrent writers into
 //! shared clusters; writes through a real `--rw` FUSE mount.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};

@@ -8,7 +8,7 @@
 //!
 //! Bounded in time: `VDISKFS_RACE_SECS` (default 20) seconds.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};

@@ -1,12 +1,11 @@
 //! Remote images (issue 18): images read from a real S3-compatible server
 //! (moto, started here) and from a Range-capable HTTP server (a small one in
-//! tests/remote_support/httpd.rs), through the library and through FUSE.
+//! tests/suite/common/httpd.rs), through the library and through FUSE.
 //! Byte-exact against the manifest's sha256 and qemu-img; chains across
 //! objects; untrusted prefixes; ETag changes; dead servers; bad credentials.
 
-mod common;
-#[path = "remote_support/httpd.rs"]
-mod httpd;
+use crate::common;
+use crate::common::httpd;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

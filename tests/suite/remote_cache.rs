@@ -1,12 +1,11 @@
 //! Remote images (issue 18), through FUSE mounts of URLs served by the
-//! small Range-capable server of tests/remote_support/httpd.rs: the on-disk
+//! small Range-capable server of tests/suite/common/httpd.rs: the on-disk
 //! chunk cache (`--remote-cache`: reuse by a second mount, no stale chunks
 //! after an ETag change, its size bound, damaged files refetched) and
 //! writes into a local overlay over a remote base, checked by qemu-img.
 
-mod common;
-#[path = "remote_support/httpd.rs"]
-mod httpd;
+use crate::common;
+use crate::common::httpd;
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;

@@ -8,7 +8,7 @@
 //! FUSE over io_uring (6.14+); the tests turn the module parameter on and
 //! fail, never skip, where that is impossible.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};

@@ -4,7 +4,7 @@
 //! VDI, `info` fields, the `--rw` refusal, a FUSE mount, and damaged
 //! images (refused or EIO on the damaged block, bounded memory).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

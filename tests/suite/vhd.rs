@@ -3,7 +3,7 @@
 //! MANIFEST-next rows, hostile images, a mutation fuzzer, a FUSE mount and
 //! the `--rw` refusal. Differencing disks are in `vhd_diff.rs`.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

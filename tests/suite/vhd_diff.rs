@@ -3,7 +3,7 @@
 //! parent UUID check, a missing parent, and the real Windows diskpart
 //! differencing disk of MANIFEST-next over a stand-in parent.
 
-mod common;
+use crate::common;
 
 use common::fuse::vdiskfs;
 use common::vhd::*;

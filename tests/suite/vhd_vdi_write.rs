@@ -8,7 +8,7 @@
 //! (`qemu-img check` says the format does not support checks), so VHD
 //! images are checked by reading them back through qemu and a fresh open.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

@@ -8,7 +8,7 @@
 //! Offsets of VHDX structures are found by parsing the image here (not
 //! assumed), so the crafted cases follow whatever layout qemu chose.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

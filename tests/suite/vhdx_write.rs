@@ -7,7 +7,7 @@
 //! differencing disks is tested in tests/vhdx/crafted.rs (qemu cannot
 //! make them).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -1,7 +1,7 @@
 //! VMDK read driver: qemu-img-built matrix, real images from the shared
 //! testdata manifest, hand-written descriptors and hostile images.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -5,7 +5,7 @@
 //! flat subformats; each checked with `qemu-img check`, `qemu-img convert`
 //! and a fresh open; concurrent writers into shared grains; refusals.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

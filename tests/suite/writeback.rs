@@ -5,7 +5,7 @@
 //! partial-page writes (which make the kernel read the page first) must
 //! merge with what the image held. Checked against `qemu-img compare`.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;

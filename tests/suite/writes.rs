@@ -2,7 +2,7 @@
 //! into a throw-away snapshot; fio verification, filesystems made through
 //! the mount, discard, crash safety under SIGKILL, locks.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::os::unix::fs::{FileExt, MetadataExt};

@@ -5,6 +5,7 @@
 pub mod fuse;
 pub mod nbd;
 pub mod rng;
+pub mod httpd;
 pub mod vhd;
 
 use std::path::{Path, PathBuf};
