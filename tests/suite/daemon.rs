@@ -11,6 +11,7 @@
 //! saying what to install.
 
 use crate::common;
+use common::s;
 
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -44,10 +45,6 @@ fn require_root() {
         0,
         "these tests mount, use loop devices and install the mount helper: run them as root"
     );
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 fn out_text(o: &Output) -> String {

@@ -3,16 +3,13 @@
 //! layers and overlay bases, dead mounts, and how errors reach the caller.
 
 use crate::common;
+use common::s;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::fuse::{require_fuse, vdiskfs, wait_gone};
 use common::{qemu_img, require_tool, scratch};
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn text(o: &Output) -> String {
     format!(

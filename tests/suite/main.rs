@@ -13,8 +13,8 @@
 //! test run with `--ignored --exact MODULE::NAME`, so it never counts as a
 //! pass.
 
-mod common;
 mod chains;
+mod common;
 mod daemon;
 mod detect;
 mod everyday;
@@ -23,6 +23,7 @@ mod hostile;
 mod info_qemu;
 mod manifest;
 mod map;
+mod model_writes;
 mod mount;
 mod nbd;
 mod nbd_protocol;

@@ -23,6 +23,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::fuse::{vdiskfs, Mounted};
+use common::manifest as shared;
 use vdiskfs::chain::{Chain, Status};
 use vdiskfs::ErrorKind;
 
@@ -98,33 +99,23 @@ enum Want {
     RefuseByName(String),
 }
 
+/// The shared rows, with formats that have not landed turned into
+/// "refused by name".
 fn rows_of(manifest: &str) -> Vec<Row> {
-    let text = std::fs::read_to_string(common::testdata().join(manifest)).unwrap();
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().unwrap().split('\t').collect();
-    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
-    let (f, fm, vs, sha) = (
-        col("file"),
-        col("format"),
-        col("virtual_size"),
-        col("raw_sha256"),
-    );
-    lines
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let c: Vec<&str> = l.split('\t').collect();
-            let format = c[fm].to_string();
-            let landed = format == "-" || LANDED.contains(&format.as_str());
-            let want = match c[sha] {
-                _ if !landed => Want::RefuseByName(format.clone()),
-                "-" => Want::Refuse,
-                s if s.starts_with('~') => Want::Either(s[1..].to_string()),
-                s => Want::Sha(s.to_string()),
+    common::manifest::rows(manifest)
+        .into_iter()
+        .map(|r| {
+            let landed = r.format == "-" || LANDED.contains(&r.format.as_str());
+            let want = match r.want {
+                _ if !landed => Want::RefuseByName(r.format.clone()),
+                shared::Want::Refuse => Want::Refuse,
+                shared::Want::Either(s) => Want::Either(s),
+                shared::Want::Sha(s) => Want::Sha(s),
             };
             Row {
-                file: c[f].to_string(),
-                format,
-                virtual_size: c[vs].parse().ok(),
+                file: r.file,
+                format: r.format,
+                virtual_size: r.virtual_size,
                 want,
             }
         })
@@ -132,8 +123,8 @@ fn rows_of(manifest: &str) -> Vec<Row> {
 }
 
 fn rows() -> Vec<Row> {
-    let mut v = rows_of("MANIFEST.tsv");
-    v.extend(rows_of("MANIFEST-next.tsv"));
+    let mut v = rows_of(shared::MANIFEST);
+    v.extend(rows_of(shared::MANIFEST_NEXT));
     v
 }
 

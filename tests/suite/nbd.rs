@@ -9,6 +9,7 @@ use crate::common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use common::manifest::Want;
 use common::nbd::Served;
 use common::{qemu_img, qemu_io, qemu_raw, require_tool, run};
 
@@ -146,37 +147,32 @@ fn maps_equal_qemu_nbd_and_qemu_img_map() {
 #[test]
 fn nbdcopy_every_manifest_image_byte_exact() {
     need_libnbd();
-    let text = std::fs::read_to_string(common::testdata().join("MANIFEST.tsv")).unwrap();
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().unwrap().split('\t').collect();
-    let col = |n: &str| header.iter().position(|h| *h == n).unwrap();
-    let (fc, fmt, sha) = (col("file"), col("format"), col("raw_sha256"));
     let mut checked = 0;
     let mut failures = Vec::new();
-    for l in lines.filter(|l| !l.trim().is_empty()) {
-        let c: Vec<&str> = l.split('\t').collect();
-        if !["qcow2", "vmdk", "raw", "qcow"].contains(&c[fmt]) {
+    for row in common::manifest::rows(common::manifest::MANIFEST) {
+        if !["qcow2", "vmdk", "raw", "qcow"].contains(&row.format.as_str()) {
             continue;
         }
-        let path = common::testdata().join("images").join(c[fc]);
+        let file = &row.file;
+        let path = row.path();
         let served = Served::try_new(&[&path], &[]);
-        let want = c[sha];
-        let s = match (served, want) {
-            (Err(_), "-") => continue,
-            (Err(e), w) if w.starts_with('~') => {
-                eprintln!("{}: refused ({e})", c[fc]);
+        let s = match (served, &row.want) {
+            (Err(_), Want::Refuse) => continue,
+            (Err(e), Want::Either(_)) => {
+                eprintln!("{file}: refused ({e})");
                 continue;
             }
-            (Err(e), _) => {
-                failures.push(format!("{}: not served: {e}", c[fc]));
+            (Err(e), Want::Sha(_)) => {
+                failures.push(format!("{file}: not served: {e}"));
                 continue;
             }
-            (Ok(_), "-") => {
-                failures.push(format!("{}: served, but the manifest says refuse", c[fc]));
+            (Ok(_), Want::Refuse) => {
+                failures.push(format!("{file}: served, but the manifest says refuse"));
                 continue;
             }
             (Ok(s), _) => s,
         };
+        let want = row.want.sha().unwrap_or_default();
         let name = vdiskfs::nbd::export_name(&path).unwrap();
         let out = tempfile::NamedTempFile::new().unwrap();
         let conns = if checked % 2 == 0 { "1" } else { "4" };
@@ -186,21 +182,18 @@ fn nbdcopy_every_manifest_image_byte_exact() {
             .output()
             .unwrap();
         if !o.status.success() {
-            failures.push(format!(
-                "{}: nbdcopy: {}",
-                c[fc],
-                String::from_utf8_lossy(&o.stderr)
-            ));
+            let err = String::from_utf8_lossy(&o.stderr);
+            failures.push(format!("{file}: nbdcopy: {err}"));
             continue;
         }
         let got = common::sha256_file(out.path());
-        if got != want.trim_start_matches('~') {
-            failures.push(format!("{}: sha256 {got}, manifest {want}", c[fc]));
+        if got != want {
+            failures.push(format!("{file}: sha256 {got}, manifest {want}"));
         }
         checked += 1;
         let (status, err) = s.stop();
         if !status.success() {
-            failures.push(format!("{}: server exit {status}: {err}", c[fc]));
+            failures.push(format!("{file}: server exit {status}: {err}"));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

@@ -5,23 +5,15 @@
 //! and `qemu-img check` say so); it then opens for reading only.
 
 use crate::common;
+use common::try_open_rw;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::fuse::Mounted;
-use common::{caches, qemu_img, qemu_io, scratch};
-use vdiskfs::chain::{Chain, ChainOptions};
+use common::{qemu_img, qemu_io, scratch};
 use vdiskfs::ErrorKind;
-
-fn open_rw(image: &Path) -> vdiskfs::Result<Chain> {
-    let opts = ChainOptions {
-        writable: true,
-        ..Default::default()
-    };
-    Chain::open(image, &opts, &caches())
-}
 
 fn be64(f: &std::fs::File, at: u64) -> u64 {
     let mut b = [0u8; 8];
@@ -120,7 +112,7 @@ fn assert_flagged_corrupt(img: &Path) {
         !out.status.success(),
         "qemu-img check passed a corrupt image"
     );
-    let msg = match open_rw(img) {
+    let msg = match try_open_rw(img) {
         Ok(_) => panic!("a writable open of an image marked corrupt succeeded"),
         Err(e) => e.to_string(),
     };
@@ -143,7 +135,7 @@ fn qcow2_l2_entry_pointing_at_metadata_fails_with_eio_and_flags_corrupt() {
         let host = qcow2_target(&f, target);
         point_l2_entry(&f, host);
         let before = std::fs::read(&img).unwrap();
-        let chain = open_rw(&img).unwrap();
+        let chain = try_open_rw(&img).unwrap();
         let e = chain.write_at(&[0xee; 4096], 0).unwrap_err();
         assert_eq!(e.errno(), libc::EIO, "{target}: {e}");
         assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
@@ -168,7 +160,7 @@ fn qcow2_header_handed_out_as_free_space_is_refused() {
     let block = be64(&f, rt);
     f.write_all_at(&[0, 0], block).unwrap(); // 16-bit refcount of cluster 0
     let before = std::fs::read(&img).unwrap();
-    let chain = open_rw(&img).unwrap();
+    let chain = try_open_rw(&img).unwrap();
     let e = chain.write_at(&[0xee; 4096], 2 << 20).unwrap_err();
     assert_eq!(e.errno(), libc::EIO, "{e}");
     assert!(e.to_string().contains("header"), "{e}");
@@ -212,7 +204,7 @@ fn qcow_v1_l2_entry_pointing_at_its_own_l2_table_fails_with_eio() {
     // The entry points at its own table (L1 sits unaligned at 0x30).
     f.write_all_at(&l2.to_be_bytes(), l2).unwrap();
     let before = std::fs::read(&img).unwrap();
-    let chain = open_rw(&img).unwrap();
+    let chain = try_open_rw(&img).unwrap();
     let e = chain.write_at(&[0xee; 4096], 0).unwrap_err();
     assert_eq!(e.errno(), libc::EIO, "{e}");
     assert!(e.to_string().contains("L2 table"), "{e}");
@@ -247,7 +239,7 @@ fn vmdk_grain_table_entry_pointing_at_the_grain_directory_fails_with_eio() {
     )
     .unwrap();
     let before = std::fs::read(&img).unwrap();
-    let chain = open_rw(&img).unwrap();
+    let chain = try_open_rw(&img).unwrap();
     let e = chain.write_at(&[0xee; 4096], 0).unwrap_err();
     assert_eq!(e.errno(), libc::EIO, "{e}");
     assert!(e.to_string().contains("grain directory"), "{e}");
@@ -316,7 +308,7 @@ fn qcow2_entries_pointing_at_snapshot_and_bitmap_metadata_fail_with_eio() {
         claim_l1_entry(&f);
         point_l2_entry(&f, host);
         let before = std::fs::read(&img).unwrap();
-        let chain = open_rw(&img).unwrap();
+        let chain = try_open_rw(&img).unwrap();
         let e = chain.write_at(&[0xee; 4096], 0).unwrap_err();
         assert_eq!(e.errno(), libc::EIO, "{target}: {e}");
         assert!(e.to_string().contains(target), "{target}: {e}");

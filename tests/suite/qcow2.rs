@@ -3,6 +3,7 @@
 //! made by patching bytes, and the qcow2 rows of the shared testdata manifest.
 
 use crate::common;
+use common::manifest::Want;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -587,32 +588,28 @@ fn disk_sha256(chain: &vdiskfs::chain::Chain) -> vdiskfs::Result<String> {
 
 #[test]
 fn shared_testdata_manifest_qcow2_rows() {
-    let root = common::testdata();
-    let manifest = std::fs::read_to_string(root.join("MANIFEST.tsv")).unwrap();
     let mut seen = std::collections::HashSet::new();
     let mut checked = 0;
-    for line in manifest.lines().skip(1) {
-        let f: Vec<&str> = line.split('\t').collect();
-        if f.len() < 10 || f[4] != "qcow2" || !seen.insert(f[0].to_string()) {
+    for row in common::manifest::rows(common::manifest::MANIFEST) {
+        if row.format != "qcow2" || !seen.insert(row.file.clone()) {
             continue;
         }
-        let (file, size, want) = (f[0], f[6], f[9]);
-        let path = root.join("images").join(file);
-        let opened = open_chain(&path);
+        let file = &row.file;
+        let opened = open_chain(&row.path());
         checked += 1;
-        if want == "-" {
-            match opened {
-                Ok(_) => panic!("{file} must be refused but opened"),
-                Err(e) => {
-                    eprintln!("{file}: refused: {e}");
-                    assert!(!e.to_string().contains('\n'), "{file}: {e}");
+        let (either, want) = match &row.want {
+            Want::Refuse => {
+                match opened {
+                    Ok(_) => panic!("{file} must be refused but opened"),
+                    Err(e) => {
+                        eprintln!("{file}: refused: {e}");
+                        assert!(!e.to_string().contains('\n'), "{file}: {e}");
+                    }
                 }
+                continue;
             }
-            continue;
-        }
-        let (either, want) = match want.strip_prefix('~') {
-            Some(w) => (true, w),
-            None => (false, want),
+            Want::Either(w) => (true, w),
+            Want::Sha(w) => (false, w),
         };
         let chain = match opened {
             Ok(c) => c,
@@ -622,7 +619,7 @@ fn shared_testdata_manifest_qcow2_rows() {
             }
             Err(e) => panic!("{file}: {e}"),
         };
-        assert_eq!(chain.size().to_string(), size, "{file}: virtual size");
+        assert_eq!(Some(chain.size()), row.virtual_size, "{file}: virtual size");
         let info = chain.layers()[0].info();
         eprintln!(
             "{file}: {} {:?}, {} snapshots",
@@ -631,7 +628,7 @@ fn shared_testdata_manifest_qcow2_rows() {
             info.snapshots.len()
         );
         let got = disk_sha256(&chain).unwrap_or_else(|e| panic!("{file}: {e}"));
-        assert_eq!(got, want, "{file}: sha256 of the disk");
+        assert_eq!(&got, want, "{file}: sha256 of the disk");
     }
     assert!(checked >= 12, "only {checked} qcow2 rows found");
 }

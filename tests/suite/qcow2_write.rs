@@ -3,40 +3,20 @@
 //! `qemu-img check`, `qemu-img convert` and a fresh vdiskfs open must agree.
 
 use crate::common;
+use common::model::{self, Target, Via};
+use common::rng::Rng;
+use common::try_open_rw;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use common::{caches, qemu_img, qemu_io, qemu_raw, read_all, scratch};
-use vdiskfs::chain::{Chain, ChainOptions};
+use common::{qemu_img, qemu_io, qemu_raw, read_all, s, scratch};
+use vdiskfs::chain::Chain;
 use vdiskfs::ErrorKind;
 
 const K: u64 = 1024;
 const M: u64 = 1024 * 1024;
-
-/// A small xorshift generator: reproducible sequences without a crate.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
-fn open_rw(image: &Path) -> vdiskfs::Result<Chain> {
-    let opts = ChainOptions {
-        writable: true,
-        ..Default::default()
-    };
-    Chain::open(image, &opts, &caches())
-}
 
 fn create(dir: &Path, name: &str, opts: &str, size: &str, cmds: &[&str]) -> PathBuf {
     let p = dir.join(name);
@@ -72,7 +52,7 @@ fn check(image: &Path) {
 /// Applies a reproducible mix of writes and zeroings to the image and model.
 fn scribble(chain: &Chain, model: &mut [u8], seed: u64, ops: usize, cs: u64) {
     let size = model.len() as u64;
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     for i in 0..ops {
         let kind = rng.below(10);
         let len = match rng.below(4) {
@@ -110,39 +90,27 @@ fn scribble(chain: &Chain, model: &mut [u8], seed: u64, ops: usize, cs: u64) {
     }
 }
 
-/// Writes, flushes, closes, then checks with qemu-img and a fresh open.
-fn run_case(image: &Path, seed: u64, ops: usize) -> Vec<u8> {
-    let mut model = qemu_raw(image, None);
-    let chain = open_rw(image).unwrap_or_else(|e| panic!("open {}: {e}", image.display()));
-    let cs = chain.layers()[0].info().cluster_size.unwrap();
-    scribble(&chain, &mut model, seed, ops, cs);
-    chain.flush().unwrap();
-    drop(chain);
-    verify(image, &model);
-    model
+/// The model harness (random writes, zeroings, flushes, reads and
+/// reopenings against an in-memory model, shrunk on failure) on images
+/// `build` makes, with clusters of `cs` bytes; a third of the usual cases,
+/// as the callers run it on many images.
+fn random_ops(build: &dyn Fn(&Path) -> PathBuf, cs: u64, after: Option<&dyn Fn(&Path)>) {
+    let target = Target {
+        fmt: Some("qcow2"),
+        unit: cs,
+        // One L2 table maps cs / 8 clusters (16 with extended L2: coarse).
+        table: cs * cs / 8,
+        build,
+        after,
+    };
+    model::run_cases(&target, Via::Library, model::cases().div_ceil(3));
 }
 
+/// `qemu-img check` (no leaks either), qemu-img convert and a fresh open
+/// against the model.
 fn verify(image: &Path, model: &[u8]) {
     check(image);
-    let got = qemu_raw(image, None);
-    assert!(
-        got == model,
-        "{}: qemu-img convert differs from the model at {:?}",
-        image.display(),
-        first_diff(&got, model)
-    );
-    let chain = common::open_chain(image).unwrap();
-    let got = read_all(&chain, 1 << 20).unwrap();
-    assert!(
-        got == model,
-        "{}: vdiskfs reread differs at {:?}",
-        image.display(),
-        first_diff(&got, model)
-    );
-}
-
-fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
-    a.iter().zip(b).position(|(x, y)| x != y)
+    model::check_closed(image, Some("qcow2"), model).unwrap();
 }
 
 /// Prepares data, compressed and zero clusters at spots the writes revisit.
@@ -157,62 +125,66 @@ fn setup_cmds(cs: u64) -> Vec<String> {
     ]
 }
 
-fn run_matrix_row(dir: &Path, n: usize, opts: &str, cs: u64, backing: bool, snapshot: bool) {
+fn run_matrix_row(n: usize, opts: &str, cs: u64, backing: bool, snapshot: bool) {
     let size = if cs == 2 * M { 48 * M } else { 8 * M };
-    let cmds = setup_cmds(cs);
-    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
-    let img = if backing {
-        let base = dir.join(format!("base{n}.qcow2"));
-        let bs = base.to_str().unwrap();
-        qemu_img(&["create", "-q", "-f", "qcow2", bs, &size.to_string()]);
-        qemu_io(
-            "qcow2",
-            &base,
-            &["write -P 0x33 0 5M", "write -P 0x44 6M 2M"],
-        );
-        let p = dir.join(format!("top{n}.qcow2"));
-        let o = format!("{opts},backing_file={bs},backing_fmt=qcow2");
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &o,
-            p.to_str().unwrap(),
-            &size.to_string(),
-        ]);
-        qemu_io("qcow2", &p, &cmds[..3]);
-        p
-    } else {
-        create(
-            dir,
-            &format!("img{n}.qcow2"),
-            opts,
-            &size.to_string(),
-            &cmds,
-        )
+    let build = |dir: &Path| {
+        let cmds = setup_cmds(cs);
+        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        let img = if backing {
+            let base = dir.join(format!("base{n}.qcow2"));
+            let bs = base.to_str().unwrap();
+            qemu_img(&["create", "-q", "-f", "qcow2", bs, &size.to_string()]);
+            qemu_io(
+                "qcow2",
+                &base,
+                &["write -P 0x33 0 5M", "write -P 0x44 6M 2M"],
+            );
+            let p = dir.join(format!("top{n}.qcow2"));
+            let o = format!("{opts},backing_file={bs},backing_fmt=qcow2");
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &o,
+                p.to_str().unwrap(),
+                &size.to_string(),
+            ]);
+            qemu_io("qcow2", &p, &cmds[..3]);
+            p
+        } else {
+            create(
+                dir,
+                &format!("img{n}.qcow2"),
+                opts,
+                &size.to_string(),
+                &cmds,
+            )
+        };
+        if snapshot {
+            qemu_img(&["snapshot", "-c", "snap1", img.to_str().unwrap()]);
+            std::fs::write(dir.join("snap1.raw"), qemu_raw(&img, None)).unwrap();
+        }
+        img
     };
-    let before = snapshot.then(|| {
-        qemu_img(&["snapshot", "-c", "snap1", img.to_str().unwrap()]);
-        qemu_raw(&img, None)
-    });
-    run_case(&img, 0x9e37_79b9 + n as u64, 70);
-    if let Some(before) = before {
-        // The snapshot still reads as it did: writes copied shared clusters.
-        let out = dir.join(format!("snap{n}.raw"));
+    // The snapshot still reads as it did: writes copied shared clusters.
+    let snapshot_kept = |img: &Path| {
+        let out = img.with_file_name("snap1-now.raw");
         let (i, o) = (img.to_str().unwrap(), out.to_str().unwrap());
         qemu_img(&["convert", "-l", "snapshot.name=snap1", "-O", "raw", i, o]);
+        let before = std::fs::read(img.with_file_name("snap1.raw")).unwrap();
         assert!(
             std::fs::read(&out).unwrap() == before,
             "{opts}: snapshot changed"
         );
-    }
+    };
+    let after: Option<&dyn Fn(&Path)> = if snapshot { Some(&snapshot_kept) } else { None };
+    random_ops(&build, cs, after);
 }
 
 #[test]
 fn matrix_of_formats_and_features() {
-    let dir = scratch();
     let rows: &[(&str, u64, bool, bool)] = &[
         ("compat=0.10,cluster_size=512", 512, false, false),
         ("compat=0.10,cluster_size=64k", 64 * K, true, false),
@@ -279,7 +251,7 @@ fn matrix_of_formats_and_features() {
         ),
     ];
     for (n, &(opts, cs, backing, snap)) in rows.iter().enumerate() {
-        run_matrix_row(dir.path(), n, opts, cs, backing, snap);
+        run_matrix_row(n, opts, cs, backing, snap);
     }
 }
 
@@ -300,8 +272,8 @@ fn refcount_table_grows() {
     };
     let old_table = hdr(&img);
     let mut model = qemu_raw(&img, None);
-    let chain = open_rw(&img).unwrap();
-    let mut rng = Rng(7);
+    let chain = try_open_rw(&img).unwrap();
+    let mut rng = Rng::new(7);
     let mut pos = 0u64;
     while pos < 6 * M {
         let n = (64 * K + rng.below(64 * K)).min(6 * M - pos);
@@ -347,7 +319,7 @@ fn concurrent_writers() {
             "8M",
         ]);
         let mut model = qemu_raw(&img, None);
-        let chain = Arc::new(open_rw(&img).unwrap());
+        let chain = Arc::new(try_open_rw(&img).unwrap());
         // Thread t owns stripes t, t+8, ... of 1000 bytes: every cluster
         // is hit by several threads at once, and the result is defined.
         // All threads also write one identical range, overlapping fully.
@@ -435,7 +407,7 @@ fn zeroing_whole_clusters_returns_host_space() {
             std::fs::metadata(p).unwrap().blocks() * 512
         };
         let before = used(&img);
-        let chain = open_rw(&img).unwrap();
+        let chain = try_open_rw(&img).unwrap();
         chain.write_zeroes(K, 15 * M).unwrap();
         chain.flush().unwrap();
         drop(chain);
@@ -471,7 +443,7 @@ fn zeroing_hides_backing_data() {
             img.to_str().unwrap(),
             "4M",
         ]);
-        let chain = open_rw(&img).unwrap();
+        let chain = try_open_rw(&img).unwrap();
         chain.write_zeroes(100, 3 * M).unwrap();
         chain.flush().unwrap();
         drop(chain);
@@ -483,32 +455,33 @@ fn zeroing_hides_backing_data() {
 
 #[test]
 fn external_data_files() {
-    let dir = scratch();
-    for (n, raw) in ["off", "on"].iter().enumerate() {
-        let img = dir.path().join(format!("df{n}.qcow2"));
-        let data = dir.path().join(format!("df{n}.data"));
-        let o = format!("data_file={},data_file_raw={raw}", data.display());
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &o,
-            img.to_str().unwrap(),
-            "8M",
-        ]);
-        qemu_io(
-            "qcow2",
-            &img,
-            &["write -P 0x21 1M 1M", "write -z 1536k 64k"],
-        );
-        let model = run_case(&img, 1234 + n as u64, 50);
-        if *raw == "on" {
-            let mut f = std::fs::read(&data).unwrap();
-            f.resize(model.len(), 0);
-            assert!(f == model, "data_file_raw: the data file is not the disk");
-        }
+    for raw in ["off", "on"] {
+        let build = |d: &Path| {
+            let img = d.join("df.qcow2");
+            let data = d.join("df.data");
+            let o = format!("data_file={},data_file_raw={raw}", data.display());
+            qemu_img(&["create", "-q", "-f", "qcow2", "-o", &o, s(&img), "8M"]);
+            qemu_io(
+                "qcow2",
+                &img,
+                &["write -P 0x21 1M 1M", "write -z 1536k 64k"],
+            );
+            img
+        };
+        // With data_file_raw the data file is the disk (check_closed has
+        // compared qemu's reading with the model).
+        let data_is_the_disk = |img: &Path| {
+            let disk = qemu_raw(img, None);
+            let mut f = std::fs::read(img.with_file_name("df.data")).unwrap();
+            f.resize(disk.len(), 0);
+            assert!(f == disk, "data_file_raw: the data file is not the disk");
+        };
+        let after: Option<&dyn Fn(&Path)> = if raw == "on" {
+            Some(&data_is_the_disk)
+        } else {
+            None
+        };
+        random_ops(&build, 64 * K, after);
     }
 }
 
@@ -555,7 +528,13 @@ fn created_images_are_valid() {
             assert_eq!(info["backing-filename"].as_str(), Some("cbase.qcow2"));
             assert_eq!(info["backing-filename-format"].as_str(), Some("qcow2"));
         }
-        run_case(&p, 99 + n as u64, 30);
+        // Random operations on copies of it (and of its backing file).
+        let copy = |d: &Path| {
+            std::fs::copy(&base, d.join("cbase.qcow2")).unwrap();
+            std::fs::copy(&p, d.join("new.qcow2")).unwrap();
+            d.join("new.qcow2")
+        };
+        random_ops(&copy, 1 << bits, None);
     }
 }
 
@@ -574,7 +553,7 @@ fn dirty_or_corrupt_images_are_not_written() {
         let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
         f.write_all_at(&[bit], 79).unwrap();
         drop(f);
-        let e = match open_rw(&img) {
+        let e = match try_open_rw(&img) {
             Ok(_) => panic!("a writable open of a flagged image succeeded"),
             Err(e) => e,
         };
@@ -598,7 +577,7 @@ fn unknown_autoclear_bits_are_cleared() {
         .open(&img)
         .unwrap();
     f.write_all_at(&(1u64 << 40).to_be_bytes(), 88).unwrap();
-    let chain = open_rw(&img).unwrap();
+    let chain = try_open_rw(&img).unwrap();
     chain.write_at(b"hello", 4096).unwrap();
     chain.flush().unwrap();
     drop(chain);
@@ -621,7 +600,7 @@ fn crash_child() {
         .unwrap()
         .parse()
         .unwrap();
-    let chain = open_rw(Path::new(&image)).unwrap();
+    let chain = try_open_rw(Path::new(&image)).unwrap();
     let mut model = vec![0u8; chain.size() as usize];
     let cs = chain.layers()[0].info().cluster_size.unwrap();
     // Signal readiness, then write until killed.

@@ -4,19 +4,16 @@
 //! shared clusters; writes through a real `--rw` FUSE mount.
 
 use crate::common;
+use common::model::{self, Target, Via};
+use common::{assert_model, open_rw, s};
 
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use common::rng::Rng;
 use common::{caches, open_chain, qemu_img, qemu_io, qemu_raw, read_all, scratch};
 use vdiskfs::chain::{Chain, ChainOptions};
 use vdiskfs::format::Mapping;
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
 
 fn create_qcow(dir: &Path, name: &str, size: &str, backing: Option<(&str, &str)>) -> PathBuf {
     let p = dir.join(name);
@@ -53,14 +50,6 @@ fn add_compressed(img: &Path, dir: &Path, offsets: &[u64], seed: u64) {
     qemu_io("qcow", img, &cmds);
 }
 
-fn open_rw(img: &Path) -> Chain {
-    let opts = ChainOptions {
-        writable: true,
-        ..ChainOptions::default()
-    };
-    Chain::open(img, &opts, &caches()).unwrap_or_else(|e| panic!("open {}: {e}", img.display()))
-}
-
 fn count_compressed(img: &Path) -> usize {
     let chain = open_chain(img).unwrap();
     let layer = &chain.layers()[0];
@@ -71,17 +60,6 @@ fn count_compressed(img: &Path) -> usize {
         .count()
 }
 
-fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
-    a.iter().zip(b).position(|(x, y)| x != y)
-}
-
-fn assert_model(got: &[u8], model: &[u8], what: &str) {
-    assert_eq!(got.len(), model.len(), "{what}: size");
-    if let Some(i) = first_difference(got, model) {
-        panic!("{what}: differs from the model at offset {i:#x}");
-    }
-}
-
 /// Writes the model to a raw file and runs `qemu-img compare` against it.
 fn qemu_compare(img: &Path, model: &[u8], dir: &Path) {
     let raw = dir.join("model.raw");
@@ -89,158 +67,104 @@ fn qemu_compare(img: &Path, model: &[u8], dir: &Path) {
     qemu_img(&["compare", "-f", "qcow", "-F", "raw", s(img), s(&raw)]);
 }
 
-/// Final checks: the library, qemu-img convert, a fresh open, qemu-img compare.
+/// Final checks: qemu-img convert, a fresh open, qemu-img compare.
 fn check_all(img: &Path, model: &[u8], dir: &Path) {
-    assert_model(&qemu_raw(img, Some("qcow")), model, "qemu-img convert");
-    let chain = open_chain(img).unwrap();
-    assert_model(&read_all(&chain, 1 << 20).unwrap(), model, "reopened");
-    assert_model(
-        &read_all(&chain, 4096 + 512 + 3).unwrap(),
-        model,
-        "reopened, odd pieces",
-    );
-    drop(chain);
+    model::check_closed(img, Some("qcow"), model).unwrap();
     qemu_compare(img, model, dir);
 }
 
-/// A random range: mostly small and unaligned, sometimes large, often
-/// near an L2 table boundary (2 MiB for the images qemu creates).
-fn random_range(rng: &mut Rng, size: u64, cs: u64) -> (u64, u64) {
-    let len = match rng.below(10) {
-        0..=4 => 1 + rng.below(2 * cs),
-        5..=7 => 1 + rng.below(40_000),
-        _ => 1 + rng.below(600_000),
-    }
-    .min(size);
-    let off = match rng.below(5) {
-        // Near the end of the disk (a last cluster cut short by it).
-        4 => size - 1 - rng.below(3 * cs),
-        0 => {
-            // Around an L2 boundary.
-            let b = (1 + rng.below(size >> 21)) << 21;
-            b.saturating_sub(rng.below(3 * cs))
-        }
-        1 => rng.below(size / cs) * cs,
-        _ => rng.below(size),
-    };
-    let off = off.min(size - len);
-    (off, len)
+/// The model harness (random writes, zeroings, flushes and reads against
+/// an in-memory model, shrunk on failure) on images `build` makes.
+fn random_ops(build: &dyn Fn(&Path) -> PathBuf) {
+    random_ops_via(build, Via::Library);
 }
 
-/// Random writes and zeroings through the library, mirrored into a model.
-fn random_ops(img: &Path, dir: &Path, seed: u64, ops: usize) {
-    let mut model = qemu_raw(img, Some("qcow"));
-    let cs = cluster_size(img);
-    let mut rng = Rng::new(seed);
-    {
-        let chain = open_rw(img);
-        assert!(chain.is_writable());
-        let size = chain.size();
-        assert_eq!(size as usize, model.len());
-        for i in 0..ops {
-            let (off, len) = random_range(&mut rng, size, cs);
-            let (o, l) = (off as usize, len as usize);
-            if rng.below(4) == 0 {
-                chain.write_zeroes(off, len).unwrap();
-                model[o..o + l].fill(0);
-            } else {
-                let data = rng.bytes(l);
-                chain.write_at(&data, off).unwrap();
-                model[o..o + l].copy_from_slice(&data);
-            }
-            // Read back around the range, and now and then everything.
-            let lo = off.saturating_sub(cs);
-            let hi = (off + len + cs).min(size);
-            let mut back = vec![0u8; (hi - lo) as usize];
-            chain.read_at(&mut back, lo).unwrap();
-            assert_model(
-                &back,
-                &model[lo as usize..hi as usize],
-                &format!("op {i} read-back"),
-            );
-            if i % 50 == 49 {
-                chain.flush().unwrap();
-                assert_model(&read_all(&chain, 65536 + 7).unwrap(), &model, "whole disk");
-            }
-        }
-        chain.flush().unwrap();
-        assert_model(&read_all(&chain, 1 << 20).unwrap(), &model, "before close");
-    }
-    check_all(img, &model, dir);
+/// [`random_ops`] through `via`.
+fn random_ops_via(build: &dyn Fn(&Path) -> PathBuf, via: Via) {
+    let target = Target {
+        fmt: Some("qcow"),
+        unit: 4096,
+        table: 2 << 20,
+        build,
+        after: None,
+    };
+    model::run(&target, via);
 }
 
 #[test]
 fn random_writes_without_backing() {
-    let dir = scratch();
-    let d = dir.path();
-    let img = create_qcow(d, "plain.qcow", "6M", None);
-    qemu_io(
-        "qcow",
-        &img,
-        &["write -P 0x11 0 100k", "write -P 0x22 2040k 20k"],
-    );
-    add_compressed(
-        &img,
-        d,
-        &[1 << 20, (1 << 20) + 4096, 3 << 20, (4 << 20) + 8192],
-        1,
-    );
-    assert_eq!(count_compressed(&img), 4);
-    random_ops(&img, d, 1, 400);
+    random_ops(&|d: &Path| {
+        let img = create_qcow(d, "plain.qcow", "6M", None);
+        qemu_io(
+            "qcow",
+            &img,
+            &["write -P 0x11 0 100k", "write -P 0x22 2040k 20k"],
+        );
+        add_compressed(
+            &img,
+            d,
+            &[1 << 20, (1 << 20) + 4096, 3 << 20, (4 << 20) + 8192],
+            1,
+        );
+        assert_eq!(count_compressed(&img), 4);
+        img
+    });
 }
 
 #[test]
 fn random_writes_with_a_partial_last_cluster() {
-    let dir = scratch();
-    let d = dir.path();
-    let img = create_qcow(d, "odd.qcow", "8389120", None); // 8 MiB + 3 sectors
-    qemu_io(
-        "qcow",
-        &img,
-        &["write -P 0x12 8m 512", "write -P 0x13 2m 8k"],
-    );
-    random_ops(&img, d, 4, 300);
-    let base = d.join("odd-base.raw");
-    std::fs::write(&base, Rng::new(8).bytes(8389120)).unwrap();
-    let top = create_qcow(d, "odd-top.qcow", "8389120", Some(("odd-base.raw", "raw")));
-    random_ops(&top, d, 5, 300);
+    // 8 MiB + 3 sectors: the last cluster is cut short by the disk's end.
+    random_ops(&|d: &Path| {
+        let img = create_qcow(d, "odd.qcow", "8389120", None);
+        qemu_io(
+            "qcow",
+            &img,
+            &["write -P 0x12 8m 512", "write -P 0x13 2m 8k"],
+        );
+        img
+    });
+    random_ops(&|d: &Path| {
+        let base = d.join("odd-base.raw");
+        std::fs::write(&base, Rng::new(8).bytes(8389120)).unwrap();
+        create_qcow(d, "odd-top.qcow", "8389120", Some(("odd-base.raw", "raw")))
+    });
 }
 
 #[test]
 fn random_writes_over_shorter_raw_backing() {
-    let dir = scratch();
-    let d = dir.path();
-    let base = d.join("base.raw");
-    std::fs::write(&base, Rng::new(99).bytes((2 << 20) + 1536)).unwrap();
-    let img = create_qcow(d, "top.qcow", "5M", Some(("base.raw", "raw")));
-    qemu_io(
-        "qcow",
-        &img,
-        &["write -P 0x33 1m 64k", "write -P 0x44 4m 3k"],
-    );
-    let cs = cluster_size(&img);
-    add_compressed(&img, d, &[0, 7 * cs, (2 << 20) - cs, 3 << 20], 2);
-    assert_eq!(count_compressed(&img), 4);
-    random_ops(&img, d, 2, 400);
+    random_ops(&|d: &Path| {
+        let base = d.join("base.raw");
+        std::fs::write(&base, Rng::new(99).bytes((2 << 20) + 1536)).unwrap();
+        let img = create_qcow(d, "top.qcow", "5M", Some(("base.raw", "raw")));
+        qemu_io(
+            "qcow",
+            &img,
+            &["write -P 0x33 1m 64k", "write -P 0x44 4m 3k"],
+        );
+        let cs = cluster_size(&img);
+        add_compressed(&img, d, &[0, 7 * cs, (2 << 20) - cs, 3 << 20], 2);
+        assert_eq!(count_compressed(&img), 4);
+        img
+    });
 }
 
 #[test]
 fn random_writes_over_shorter_qcow_backing() {
-    let dir = scratch();
-    let d = dir.path();
-    let base = create_qcow(d, "base.qcow", "3M", None);
-    qemu_io(
-        "qcow",
-        &base,
-        &["write -P 0x55 0 1m", "write -P 0x66 2m 700k"],
-    );
-    add_compressed(&base, d, &[1 << 20, (1 << 20) + 4096], 3);
-    let img = create_qcow(d, "top.qcow", "7M", Some(("base.qcow", "qcow")));
-    qemu_io("qcow", &img, &["write -P 0x77 512k 5k"]);
-    let cs = cluster_size(&img);
-    add_compressed(&img, d, &[(1 << 20) + 8 * cs, 5 << 20], 4);
-    assert_eq!(count_compressed(&img), 2);
-    random_ops(&img, d, 3, 400);
+    random_ops(&|d: &Path| {
+        let base = create_qcow(d, "base.qcow", "3M", None);
+        qemu_io(
+            "qcow",
+            &base,
+            &["write -P 0x55 0 1m", "write -P 0x66 2m 700k"],
+        );
+        add_compressed(&base, d, &[1 << 20, (1 << 20) + 4096], 3);
+        let img = create_qcow(d, "top.qcow", "7M", Some(("base.qcow", "qcow")));
+        qemu_io("qcow", &img, &["write -P 0x77 512k 5k"]);
+        let cs = cluster_size(&img);
+        add_compressed(&img, d, &[(1 << 20) + 8 * cs, 5 << 20], 4);
+        assert_eq!(count_compressed(&img), 2);
+        img
+    });
 }
 
 #[test]
@@ -295,62 +219,11 @@ fn zeroing_hides_backing_and_frees_own_clusters() {
     check_all(&top, &model, d);
 }
 
-/// Splits the disk into disjoint segments of random lengths and gives
-/// them to 8 threads round-robin: threads share clusters (and L2 tables)
-/// but never bytes, so the result is deterministic.
+/// Concurrent disjoint writers (`model::concurrent_disjoint_writes`),
+/// then the final checks.
 fn concurrent_writers(img: &Path, dir: &Path, seed: u64) {
     let mut model = qemu_raw(img, Some("qcow"));
-    let size = model.len() as u64;
-    let mut rng = Rng::new(seed);
-    let threads = 8;
-    let mut work: Vec<Vec<(u64, Vec<u8>)>> = vec![Vec::new(); threads];
-    let mut pos = rng.below(4096);
-    let mut seg = 0usize;
-    while pos < size {
-        let len = (1 + rng.below(6000)).min(size - pos);
-        // Leave some gaps so copy-on-write has something to copy.
-        if rng.below(5) != 0 {
-            let data = rng.bytes(len as usize);
-            model[pos as usize..(pos + len) as usize].copy_from_slice(&data);
-            work[seg % threads].push((pos, data));
-        }
-        seg += 1;
-        pos += len;
-    }
-    for (t, w) in work.iter_mut().enumerate() {
-        // Each thread goes its own way through the disk.
-        let mut r = Rng::new(seed + t as u64);
-        for i in (1..w.len()).rev() {
-            w.swap(i, r.below(i as u64 + 1) as usize);
-        }
-    }
-    let chain = Arc::new(open_rw(img));
-    std::thread::scope(|sc| {
-        for w in &work {
-            let chain = chain.clone();
-            sc.spawn(move || {
-                for (off, data) in w {
-                    chain.write_at(data, *off).unwrap();
-                }
-            });
-        }
-        // A reader alongside, which must never fail.
-        let chain = chain.clone();
-        sc.spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            for i in 0..200u64 {
-                let off = (i * 7919 * 4096) % (size - buf.len() as u64);
-                chain.read_at(&mut buf, off).unwrap();
-            }
-        });
-    });
-    chain.flush().unwrap();
-    assert_model(
-        &read_all(&chain, 1 << 20).unwrap(),
-        &model,
-        "after concurrent writes",
-    );
-    drop(chain);
+    model::concurrent_disjoint_writes(img, &mut model, seed);
     check_all(img, &model, dir);
 }
 
@@ -375,52 +248,17 @@ fn concurrent_writers_over_backing() {
 
 #[test]
 fn writes_through_a_rw_mount() {
-    let dir = scratch();
-    let d = dir.path();
-    let base = d.join("base.raw");
-    std::fs::write(&base, Rng::new(5).bytes((3 << 20) + 512)).unwrap();
-    let img = create_qcow(d, "disk.qcow", "6M", Some(("base.raw", "raw")));
-    let cs = cluster_size(&img);
-    add_compressed(&img, d, &[10 * cs, (4 << 20) + 3 * cs], 6);
-    let mut model = qemu_raw(&img, Some("qcow"));
-    let size = model.len() as u64;
-    let m = common::fuse::Mounted::new(&[&img], &["--rw"]);
-    {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(m.file("disk.raw"))
-            .unwrap();
-        let mut rng = Rng::new(6);
-        for _ in 0..200 {
-            let (off, len) = random_range(&mut rng, size, cs);
-            let (o, l) = (off as usize, len as usize);
-            if rng.below(5) == 0 {
-                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-                // SAFETY: fallocate on a file we opened.
-                let rc = unsafe {
-                    libc::fallocate(
-                        std::os::fd::AsRawFd::as_raw_fd(&f),
-                        mode,
-                        off as i64,
-                        len as i64,
-                    )
-                };
-                assert_eq!(rc, 0, "fallocate: {}", std::io::Error::last_os_error());
-                model[o..o + l].fill(0);
-            } else {
-                let data = rng.bytes(l);
-                f.write_all_at(&data, off).unwrap();
-                model[o..o + l].copy_from_slice(&data);
-            }
-        }
-        f.sync_all().unwrap();
-        let mut back = vec![0u8; size as usize];
-        f.read_exact_at(&mut back, 0).unwrap();
-        assert_model(&back, &model, "read back through the mount");
-    }
-    m.unmount();
-    check_all(&img, &model, d);
+    random_ops_via(
+        &|d: &Path| {
+            let base = d.join("base.raw");
+            std::fs::write(&base, Rng::new(5).bytes((3 << 20) + 512)).unwrap();
+            let img = create_qcow(d, "disk.qcow", "6M", Some(("base.raw", "raw")));
+            let cs = cluster_size(&img);
+            add_compressed(&img, d, &[10 * cs, (4 << 20) + 3 * cs], 6);
+            img
+        },
+        Via::Fuse,
+    );
 }
 
 #[test]

@@ -190,28 +190,11 @@ fn open(url: &str, untrusted: bool) -> vdiskfs::Result<Chain> {
     Chain::open(Path::new(url), &opts, &common::caches())
 }
 
-struct Row {
-    file: String,
-    sha: Option<String>,
-}
-
-fn manifest_rows() -> Vec<Row> {
-    let text = std::fs::read_to_string(common::testdata().join("MANIFEST.tsv")).unwrap();
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().unwrap().split('\t').collect();
-    let col = |n: &str| header.iter().position(|h| *h == n).unwrap();
-    let (f, fmt, sha) = (col("file"), col("format"), col("raw_sha256"));
-    lines
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| l.split('\t').collect::<Vec<_>>())
-        .filter(|c| ["qcow2", "qcow", "vmdk", "raw", "-"].contains(&c[fmt]))
-        .map(|c| Row {
-            file: c[f].to_string(),
-            sha: match c[sha] {
-                "-" => None,
-                s => Some(s.trim_start_matches('~').to_string()),
-            },
-        })
+/// The MANIFEST.tsv rows of the formats the S3 tests serve.
+fn manifest_rows() -> Vec<common::manifest::Row> {
+    common::manifest::rows(common::manifest::MANIFEST)
+        .into_iter()
+        .filter(|r| ["qcow2", "qcow", "vmdk", "raw", "-"].contains(&r.format.as_str()))
         .collect()
 }
 
@@ -221,9 +204,9 @@ fn every_manifest_image_reads_byte_exact_from_s3() {
     let mut failures = Vec::new();
     for row in manifest_rows() {
         let url = format!("s3://{BUCKET}/manifest/{}", row.file);
-        match (open(&url, false), &row.sha) {
+        match (open(&url, false), row.want.sha()) {
             (Ok(chain), Some(sha)) => match common::sha256_chain(&chain) {
-                Ok(got) if got == *sha => {}
+                Ok(got) if got == sha => {}
                 Ok(got) => failures.push(format!("{url}: sha256 {got} != {sha}")),
                 Err(e) => failures.push(format!("{url}: read failed: {e}")),
             },

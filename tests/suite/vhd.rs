@@ -4,13 +4,14 @@
 //! the `--rw` refusal. Differencing disks are in `vhd_diff.rs`.
 
 use crate::common;
+use common::manifest;
 
 use std::path::Path;
 
 use common::fuse::{vdiskfs, Mounted};
 use common::rng::Rng;
 use common::vhd::*;
-use common::{qemu_img, qemu_io, qemu_raw, read_all, scratch, sha256_chain, testdata};
+use common::{qemu_img, qemu_io, qemu_raw, read_all, scratch, sha256_chain};
 use vdiskfs::chain::{ChainOptions, Status};
 use vdiskfs::format::Format;
 #[test]
@@ -113,20 +114,17 @@ fn qcow2_overlay_over_vhd() {
 /// and spot reads are zero; their full hash is the long run in docs/vhd.md.
 #[test]
 fn manifest_next_vpc_rows() {
-    let root = testdata();
-    let text = std::fs::read_to_string(root.join("MANIFEST-next.tsv")).unwrap();
     let mut rows = 0;
-    for line in text.lines().skip(1) {
-        let cols: Vec<&str> = line.split('\t').collect();
-        if cols.len() < 10 || cols[4] != "vpc" {
+    for row in manifest::rows(manifest::MANIFEST_NEXT) {
+        if row.format != "vpc" {
             continue;
         }
         rows += 1;
-        let path = root.join("images").join(cols[0]);
-        let vsize: u64 = cols[6].parse().unwrap();
-        let hash = cols[9];
+        let file = row.file.as_str();
+        let path = row.path();
+        let vsize = row.virtual_size.unwrap();
         let detected = vdiskfs::format::detect(&vdiskfs::host::HostFile::open(&path).unwrap());
-        assert_eq!(detected.unwrap(), Format::Vhd, "{}", cols[0]);
+        assert_eq!(detected.unwrap(), Format::Vhd, "{file}");
         let opened = open_with(
             &path,
             ChainOptions {
@@ -134,43 +132,41 @@ fn manifest_next_vpc_rows() {
                 ..Default::default()
             },
         );
-        if hash == "-" {
-            let e = opened.err().unwrap_or_else(|| panic!("{} opened", cols[0]));
+        let Some(want) = row.want.sha() else {
+            let e = opened.err().unwrap_or_else(|| panic!("{file} opened"));
             assert!(
-                e.to_string().contains(cols[0].rsplit('/').next().unwrap()),
+                e.to_string().contains(file.rsplit('/').next().unwrap()),
                 "{e}"
             );
             continue;
-        }
-        let chain = match (opened, hash.strip_prefix('~')) {
+        };
+        let chain = match (opened, &row.want) {
             (Ok(c), _) => c,
-            (Err(e), Some(_)) => {
-                assert!(e.to_string().contains("checksum"), "{}: {e}", cols[0]);
+            (Err(e), manifest::Want::Either(_)) => {
+                assert!(e.to_string().contains("checksum"), "{file}: {e}");
                 continue;
             }
-            (Err(e), None) => panic!("{}: {e}", cols[0]),
+            (Err(e), _) => panic!("{file}: {e}"),
         };
-        assert_eq!(chain.size(), vsize, "{}", cols[0]);
+        assert_eq!(chain.size(), vsize, "{file}");
         if vsize > 1 << 30 {
             assert_eq!(
                 chain.status(0, vsize).unwrap(),
                 (Status::Hole, vsize),
-                "{}",
-                cols[0]
+                "{file}"
             );
             let mut rng = Rng::new(vsize);
             let mut buf = vec![0u8; 1 << 20];
             for _ in 0..64 {
                 let off = rng.below(vsize - buf.len() as u64);
                 chain.read_at(&mut buf, off).unwrap();
-                assert!(buf.iter().all(|&b| b == 0), "{} at {off:#x}", cols[0]);
+                assert!(buf.iter().all(|&b| b == 0), "{file} at {off:#x}");
             }
             let last = vsize - buf.len() as u64;
             chain.read_at(&mut buf, last).unwrap();
             assert!(buf.iter().all(|&b| b == 0));
         } else {
-            let want = hash.trim_start_matches('~');
-            assert_eq!(sha256_chain(&chain).unwrap(), want, "{}", cols[0]);
+            assert_eq!(sha256_chain(&chain).unwrap(), want, "{file}");
         }
     }
     assert!(rows >= 6, "only {rows} vpc rows in MANIFEST-next.tsv");

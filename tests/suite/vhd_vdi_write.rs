@@ -9,20 +9,16 @@
 //! images are checked by reading them back through qemu and a fresh open.
 
 use crate::common;
+use common::model::{self, Target, Via};
+use common::{assert_model, open_rw, s};
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use common::fuse::Mounted;
 use common::rng::Rng;
 use common::vhd::{build_diff, footer_of, parent, uuid_of, w2ru, Diff};
-use common::{caches, open_chain, qemu_img, qemu_io, qemu_raw, read_all, scratch};
-use vdiskfs::chain::{Chain, ChainOptions};
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
+use common::{open_chain, qemu_img, qemu_io, qemu_raw, read_all, scratch};
 
 /// Creates a `fmt` image (qemu's name) of `size` with some data in it.
 fn create(dir: &Path, name: &str, fmt: &str, opts: &str, size: &str) -> PathBuf {
@@ -34,21 +30,6 @@ fn create(dir: &Path, name: &str, fmt: &str, opts: &str, size: &str) -> PathBuf 
         &["write -P 0x11 0 100k", "write -P 0x22 2040k 20k"],
     );
     p
-}
-
-fn open_rw(img: &Path) -> Chain {
-    let opts = ChainOptions {
-        writable: true,
-        ..ChainOptions::default()
-    };
-    Chain::open(img, &opts, &caches()).unwrap_or_else(|e| panic!("open {}: {e}", img.display()))
-}
-
-fn assert_model(got: &[u8], model: &[u8], what: &str) {
-    assert_eq!(got.len(), model.len(), "{what}: size");
-    if let Some(i) = got.iter().zip(model).position(|(x, y)| x != y) {
-        panic!("{what}: differs from the model at offset {i:#x}");
-    }
 }
 
 /// Final checks: a fresh open, and (`fmt` set: qemu reads the image)
@@ -72,84 +53,83 @@ fn check_all(img: &Path, fmt: Option<&str>, model: &[u8], dir: &Path) {
     }
 }
 
-/// A random range: mostly small and unaligned, sometimes large, often
-/// near a block boundary or the end of the disk.
-fn random_range(rng: &mut Rng, size: u64, unit: u64) -> (u64, u64) {
-    let len = match rng.below(10) {
-        0..=4 => 1 + rng.below(2 * unit),
-        5..=7 => 1 + rng.below(40_000),
-        _ => 1 + rng.below(600_000),
-    }
-    .min(size);
-    let off = match rng.below(5) {
-        4 => size - 1 - rng.below(3 * unit.min(size / 4)),
-        0 => rng.below(size / unit + 1) * unit,
-        _ => rng.below(size),
+/// The model harness (random writes, zeroings, flushes and reads against
+/// an in-memory model, shrunk on failure) on images `build` makes; `fmt`
+/// `None` where qemu cannot read them; `after` checks each closed image.
+fn random_ops(
+    build: &dyn Fn(&Path) -> PathBuf,
+    fmt: Option<&str>,
+    unit: u64,
+    after: Option<&dyn Fn(&Path)>,
+    via: Via,
+) {
+    let target = Target {
+        fmt,
+        unit,
+        table: unit,
+        build,
+        after,
     };
-    (off.min(size - len), len)
+    model::run(&target, via);
 }
 
-/// Random writes, zeroings and flushes through the library; returns the
-/// model.
-fn random_ops(img: &Path, mut model: Vec<u8>, seed: u64, ops: usize, unit: u64) -> Vec<u8> {
-    let mut rng = Rng::new(seed);
-    let chain = open_rw(img);
-    assert!(chain.is_writable());
-    let size = chain.size();
-    assert_eq!(size as usize, model.len());
-    for i in 0..ops {
-        let (off, len) = random_range(&mut rng, size, unit);
-        let (o, l) = (off as usize, len as usize);
-        if rng.below(4) == 0 {
-            chain.write_zeroes(off, len).unwrap();
-            model[o..o + l].fill(0);
-        } else {
-            let data = rng.bytes(l);
-            chain.write_at(&data, off).unwrap();
-            model[o..o + l].copy_from_slice(&data);
-        }
-        let lo = off.saturating_sub(4096);
-        let hi = (off + len + 4096).min(size);
-        let mut back = vec![0u8; (hi - lo) as usize];
-        chain.read_at(&mut back, lo).unwrap();
-        assert_model(&back, &model[lo as usize..hi as usize], &format!("op {i}"));
-        if i % 40 == 39 {
-            chain.flush().unwrap();
-            assert_model(&read_all(&chain, 65536 + 7).unwrap(), &model, "whole disk");
-        }
-    }
-    chain.flush().unwrap();
-    model
+/// Keeps a copy of `file` beside it (`NAME.orig`), for [`unchanged`].
+fn keep_copy(file: &Path) {
+    std::fs::copy(file, file.with_extension("orig")).unwrap();
+}
+
+/// Asserts that `file` still equals the copy [`keep_copy`] kept.
+fn unchanged(file: &Path) {
+    let now = std::fs::read(file).unwrap();
+    let kept = std::fs::read(file.with_extension("orig")).unwrap();
+    assert!(now == kept, "{} changed", file.display());
 }
 
 #[test]
 fn vhd_fixed_random_writes() {
-    let d = scratch();
-    let img = create(d.path(), "f.vhd", "vpc", "subformat=fixed", "6M");
-    let model = random_ops(&img, qemu_raw(&img, Some("vpc")), 1, 200, 4096);
-    check_all(&img, Some("vpc"), &model, d.path());
-    // The footer at the end is intact.
-    let footer = footer_of(&img);
-    assert_eq!(&footer[..8], b"conectix");
+    let build = |d: &Path| create(d, "f.vhd", "vpc", "subformat=fixed", "6M");
+    // The footer at the end stays intact.
+    let footer = |img: &Path| assert_eq!(&footer_of(img)[..8], b"conectix");
+    random_ops(&build, Some("vpc"), 4096, Some(&footer), Via::Library);
 }
 
 #[test]
 fn vhd_dynamic_random_writes() {
+    let build = |d: &Path| create(d, "d.vhd", "vpc", "subformat=dynamic", "9M");
+    let footer_copies = |img: &Path| {
+        let b = std::fs::read(img).unwrap();
+        assert_eq!(
+            &b[b.len() - 512..],
+            &b[..512],
+            "footer at the end = copy at 0"
+        );
+    };
+    random_ops(
+        &build,
+        Some("vpc"),
+        2 << 20,
+        Some(&footer_copies),
+        Via::Library,
+    );
+}
+
+#[test]
+fn vhd_dynamic_footer_lost_at_the_end_is_restored_by_a_writable_open() {
     let d = scratch();
     let img = create(d.path(), "d.vhd", "vpc", "subformat=dynamic", "9M");
     let len_before = std::fs::metadata(&img).unwrap().len();
-    let model = random_ops(&img, qemu_raw(&img, Some("vpc")), 2, 300, 2 << 20);
+    let mut model = qemu_raw(&img, Some("vpc"));
+    let data = Rng::new(2).bytes(3 << 20);
+    let chain = open_rw(&img);
+    chain.write_at(&data, 5 << 20).unwrap();
+    chain.flush().unwrap();
+    drop(chain);
+    model[5 << 20..8 << 20].copy_from_slice(&data);
     check_all(&img, Some("vpc"), &model, d.path());
     let b = std::fs::read(&img).unwrap();
     assert!(b.len() as u64 > len_before, "no block was allocated");
-    assert_eq!(
-        &b[b.len() - 512..],
-        &b[..512],
-        "footer at the end = copy at 0"
-    );
     // qemu writes more into what we wrote.
     qemu_io("vpc", &img, &["write -P 0x5a 3M 70k"]);
-    let mut model = model;
     model[3 << 20..(3 << 20) + 70 * 1024].fill(0x5a);
     check_all(&img, Some("vpc"), &model, d.path());
     // A file whose end lost its footer (as a power cut can leave it)
@@ -170,98 +150,59 @@ fn vhd_dynamic_random_writes() {
 
 #[test]
 fn vhd_differencing_random_writes_leave_the_parent_alone() {
-    let d = scratch();
-    let (base, mut oracle) = parent(d.path(), "base.vhd", "5M");
-    let base_before = std::fs::read(&base).unwrap();
-    let child = d.path().join("child.vhd");
-    let diff = Diff {
-        uuid: [0x33; 16],
-        parent_uuid: uuid_of(&footer_of(&base)),
-        size: oracle.len() as u64,
-        locators: vec![w2ru(".\\base.vhd")],
-        parent_name: "base.vhd".into(),
+    let build = |d: &Path| {
+        let (base, mut oracle) = parent(d, "base.vhd", "5M");
+        keep_copy(&base);
+        let child = d.join("child.vhd");
+        let diff = Diff {
+            uuid: [0x33; 16],
+            parent_uuid: uuid_of(&footer_of(&base)),
+            size: oracle.len() as u64,
+            locators: vec![w2ru(".\\base.vhd")],
+            parent_name: "base.vhd".into(),
+        };
+        build_diff(&child, &diff, &mut oracle, 8);
+        child
     };
-    build_diff(&child, &diff, &mut oracle, 8);
-    let model = random_ops(&child, oracle, 3, 250, 2 << 20);
-    check_all(&child, None, &model, d.path());
-    assert!(
-        std::fs::read(&base).unwrap() == base_before,
-        "the parent changed"
-    );
+    let parent_alone = |child: &Path| unchanged(&child.with_file_name("base.vhd"));
+    random_ops(&build, None, 2 << 20, Some(&parent_alone), Via::Library);
 }
 
 #[test]
 fn vdi_static_random_writes() {
-    let d = scratch();
-    let img = create(d.path(), "s.vdi", "vdi", "static=on", "6M");
-    let model = random_ops(&img, qemu_raw(&img, Some("vdi")), 4, 200, 1 << 20);
-    check_all(&img, Some("vdi"), &model, d.path());
+    let build = |d: &Path| create(d, "s.vdi", "vdi", "static=on", "6M");
+    random_ops(&build, Some("vdi"), 1 << 20, None, Via::Library);
 }
 
 #[test]
 fn vdi_dynamic_random_writes() {
+    let build = |d: &Path| create(d, "d.vdi", "vdi", "preallocation=off", "9M");
+    random_ops(&build, Some("vdi"), 1 << 20, None, Via::Library);
+}
+
+#[test]
+fn vdi_dynamic_qemu_writes_after_ours() {
     let d = scratch();
     let img = create(d.path(), "d.vdi", "vdi", "preallocation=off", "9M");
-    let model = random_ops(&img, qemu_raw(&img, Some("vdi")), 5, 300, 1 << 20);
+    let mut model = qemu_raw(&img, Some("vdi"));
+    let data = Rng::new(5).bytes(2 << 20);
+    let chain = open_rw(&img);
+    chain.write_at(&data, (6 << 20) + 12345).unwrap();
+    chain.flush().unwrap();
+    drop(chain);
+    model[(6 << 20) + 12345..(8 << 20) + 12345].copy_from_slice(&data);
     check_all(&img, Some("vdi"), &model, d.path());
     qemu_io("vdi", &img, &["write -P 0x5a 7M 70k"]);
-    let mut model = model;
     model[7 << 20..(7 << 20) + 70 * 1024].fill(0x5a);
     check_all(&img, Some("vdi"), &model, d.path());
 }
 
-/// Disjoint segments of random lengths written by 8 threads: they share
-/// blocks (first writes race) but never bytes.
+/// Disjoint segments of random lengths written by 8 threads
+/// (`model::concurrent_disjoint_writes`): they share blocks (first writes
+/// race) but never bytes.
 fn concurrent_writers(img: &Path, fmt: Option<&str>, model: Vec<u8>, dir: &Path, seed: u64) {
     let mut model = model;
-    let size = model.len() as u64;
-    let mut rng = Rng::new(seed);
-    let threads = 8;
-    let mut work: Vec<Vec<(u64, Vec<u8>)>> = vec![Vec::new(); threads];
-    let mut pos = rng.below(4096);
-    let mut seg = 0usize;
-    while pos < size {
-        let len = (1 + rng.below(6000)).min(size - pos);
-        if rng.below(5) != 0 {
-            let data = rng.bytes(len as usize);
-            model[pos as usize..(pos + len) as usize].copy_from_slice(&data);
-            work[seg % threads].push((pos, data));
-        }
-        seg += 1;
-        pos += len;
-    }
-    for (t, w) in work.iter_mut().enumerate() {
-        let mut r = Rng::new(seed + t as u64);
-        for i in (1..w.len()).rev() {
-            w.swap(i, r.below(i as u64 + 1) as usize);
-        }
-    }
-    let chain = Arc::new(open_rw(img));
-    std::thread::scope(|sc| {
-        for w in &work {
-            let chain = chain.clone();
-            sc.spawn(move || {
-                for (off, data) in w {
-                    chain.write_at(data, *off).unwrap();
-                }
-            });
-        }
-        let chain = chain.clone();
-        sc.spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            for i in 0..200u64 {
-                let off = (i * 7919 * 4096) % (size - buf.len() as u64);
-                chain.read_at(&mut buf, off).unwrap();
-            }
-        });
-    });
-    chain.flush().unwrap();
-    assert_model(
-        &read_all(&chain, 1 << 20).unwrap(),
-        &model,
-        "after concurrent writes",
-    );
-    drop(chain);
+    model::concurrent_disjoint_writes(img, &mut model, seed);
     check_all(img, fmt, &model, dir);
 }
 
@@ -285,59 +226,14 @@ fn concurrent_first_writes_into_shared_blocks() {
     concurrent_writers(&child, None, oracle, d.path(), 13);
 }
 
-/// Random writes and hole punches through a `--rw` mount.
-fn through_mount(img: &Path, fmt: &str, dir: &Path, seed: u64) {
-    let mut model = qemu_raw(img, Some(fmt));
-    let size = model.len() as u64;
-    let m = Mounted::new(&[img], &["--rw"]);
-    let name = vdiskfs::cli::exposed_name(img).unwrap();
-    {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(m.file(name.to_str().unwrap()))
-            .unwrap();
-        let mut rng = Rng::new(seed);
-        for _ in 0..150 {
-            let (off, len) = random_range(&mut rng, size, 1 << 20);
-            let (o, l) = (off as usize, len as usize);
-            if rng.below(5) == 0 {
-                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-                // SAFETY: fallocate on a file we opened.
-                let rc = unsafe {
-                    libc::fallocate(
-                        std::os::fd::AsRawFd::as_raw_fd(&f),
-                        mode,
-                        off as i64,
-                        len as i64,
-                    )
-                };
-                assert_eq!(rc, 0, "fallocate: {}", std::io::Error::last_os_error());
-                model[o..o + l].fill(0);
-            } else {
-                let data = rng.bytes(l);
-                f.write_all_at(&data, off).unwrap();
-                model[o..o + l].copy_from_slice(&data);
-            }
-        }
-        f.sync_all().unwrap();
-        let mut back = vec![0u8; size as usize];
-        f.read_exact_at(&mut back, 0).unwrap();
-        assert_model(&back, &model, "read back through the mount");
-    }
-    m.unmount();
-    check_all(img, Some(fmt), &model, dir);
-}
-
 #[test]
 fn writes_through_a_rw_mount() {
-    let d = scratch();
-    let vhd = create(d.path(), "m.vhd", "vpc", "subformat=dynamic", "6M");
-    through_mount(&vhd, "vpc", d.path(), 20);
-    let fixed = create(d.path(), "mf.vhd", "vpc", "subformat=fixed", "5M");
-    through_mount(&fixed, "vpc", d.path(), 21);
-    let vdi = create(d.path(), "m.vdi", "vdi", "preallocation=off", "6M");
-    through_mount(&vdi, "vdi", d.path(), 22);
+    let vhd = |d: &Path| create(d, "m.vhd", "vpc", "subformat=dynamic", "6M");
+    random_ops(&vhd, Some("vpc"), 2 << 20, None, Via::Fuse);
+    let fixed = |d: &Path| create(d, "mf.vhd", "vpc", "subformat=fixed", "5M");
+    random_ops(&fixed, Some("vpc"), 4096, None, Via::Fuse);
+    let vdi = |d: &Path| create(d, "m.vdi", "vdi", "preallocation=off", "6M");
+    random_ops(&vdi, Some("vdi"), 1 << 20, None, Via::Fuse);
 }
 
 #[test]
@@ -397,25 +293,25 @@ fn overlay_and_snapshot_over_vhd_vdi_and_parallels() {
 
 #[test]
 fn vdi_differencing_random_writes_leave_the_parent_alone() {
-    let d = scratch();
-    let parent = create(d.path(), "parent.vdi", "vdi", "preallocation=off", "7M");
-    qemu_io("vdi", &parent, &["write -P 0x31 0 7M"]);
-    let child = create(d.path(), "child.vdi", "vdi", "preallocation=off", "7M");
-    // Make the child a differencing image of the parent (type 4, the
-    // parent's UUIDs), as tests/vdi.rs does.
-    let pb = std::fs::read(&parent).unwrap();
-    let mut cb = std::fs::read(&child).unwrap();
-    cb[0x4c..0x50].copy_from_slice(&4u32.to_le_bytes());
-    cb[0x1a8..0x1b8].copy_from_slice(&pb[0x188..0x198]);
-    cb[0x1b8..0x1c8].copy_from_slice(&pb[0x198..0x1a8]);
-    std::fs::write(&child, cb).unwrap();
-    let chain = open_chain(&child).unwrap();
-    assert_eq!(chain.layers().len(), 2);
-    let before = read_all(&chain, 1 << 20).unwrap();
-    drop(chain);
-    // The parent shows through where the child has no block.
-    assert_eq!(before[3 << 20], 0x31);
-    let model = random_ops(&child, before, 6, 250, 1 << 20);
-    check_all(&child, None, &model, d.path());
-    assert!(std::fs::read(&parent).unwrap() == pb, "the parent changed");
+    let build = |d: &Path| {
+        let parent = create(d, "parent.vdi", "vdi", "preallocation=off", "7M");
+        qemu_io("vdi", &parent, &["write -P 0x31 0 7M"]);
+        let child = create(d, "child.vdi", "vdi", "preallocation=off", "7M");
+        // Make the child a differencing image of the parent (type 4, the
+        // parent's UUIDs), as tests/suite/vdi.rs does.
+        let pb = std::fs::read(&parent).unwrap();
+        let mut cb = std::fs::read(&child).unwrap();
+        cb[0x4c..0x50].copy_from_slice(&4u32.to_le_bytes());
+        cb[0x1a8..0x1b8].copy_from_slice(&pb[0x188..0x198]);
+        cb[0x1b8..0x1c8].copy_from_slice(&pb[0x198..0x1a8]);
+        std::fs::write(&child, cb).unwrap();
+        keep_copy(&parent);
+        let chain = open_chain(&child).unwrap();
+        assert_eq!(chain.layers().len(), 2);
+        // The parent shows through where the child has no block.
+        assert_eq!(read_all(&chain, 1 << 20).unwrap()[3 << 20], 0x31);
+        child
+    };
+    let parent_alone = |child: &Path| unchanged(&child.with_file_name("parent.vdi"));
+    random_ops(&build, None, 1 << 20, Some(&parent_alone), Via::Library);
 }

@@ -9,23 +9,20 @@
 //! assumed), so the crafted cases follow whatever layout qemu chose.
 
 use crate::common;
+use common::s;
 
 use std::path::{Path, PathBuf};
 
 use common::fuse::{vdiskfs, Mounted};
 use common::{
     assert_matches_qemu, assert_same, open_chain, qemu_img, qemu_io, qemu_raw, read_all, scratch,
-    sha256_hex, testdata,
+    sha256_hex,
 };
 use vdiskfs::cache::Caches;
 use vdiskfs::chain::{Chain, ChainOptions};
 use vdiskfs::ErrorKind;
 
 const MIB: u64 = 1 << 20;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn le32(b: &[u8], at: u64) -> u32 {
     u32::from_le_bytes(b[at as usize..at as usize + 4].try_into().unwrap())
@@ -302,33 +299,29 @@ fn qcow2_overlay_over_vhdx_matches_qemu() {
 /// and through FUSE.
 #[test]
 fn manifest_next_vhdx_rows_read_exactly() {
-    let root = testdata();
-    let text = std::fs::read_to_string(root.join("MANIFEST-next.tsv")).unwrap();
     let mut seen = 0;
-    for line in text.lines().skip(1) {
-        let f: Vec<&str> = line.split('\t').collect();
-        if f.get(4) != Some(&"vhdx") {
+    for row in common::manifest::rows(common::manifest::MANIFEST_NEXT) {
+        if row.format != "vhdx" {
             continue;
         }
-        let path = root.join("images").join(f[0]);
-        let size: u64 = f[6].parse().unwrap();
-        let want = f[9].trim_start_matches('~');
-        let c = open_chain(&path).unwrap_or_else(|e| panic!("{}: {e}", f[0]));
-        assert_eq!(c.size(), size, "{}", f[0]);
+        let file = row.file.as_str();
+        let path = row.path();
+        let want = row.want.sha().unwrap_or_else(|| panic!("{file}: no hash"));
+        let c = open_chain(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(Some(c.size()), row.virtual_size, "{file}");
         let got = sha256_hex(&read_all(&c, 1 << 20).unwrap());
-        assert_eq!(got, want, "{}", f[0]);
+        assert_eq!(got, want, "{file}");
         let info = vdiskfs::info::gather(&c).unwrap();
         assert_eq!(
             info.chain[0].layer.subformat.as_deref(),
-            Some(f[5]),
-            "{}",
-            f[0]
+            Some(row.subformat.as_str()),
+            "{file}"
         );
         // And through FUSE.
         let m = Mounted::new(&[&path], &[]);
         let stem = path.file_stem().unwrap().to_str().unwrap();
         let exposed = m.file(&format!("{stem}.raw"));
-        assert_eq!(common::sha256_file(&exposed), want, "{} through FUSE", f[0]);
+        assert_eq!(common::sha256_file(&exposed), want, "{file} through FUSE");
         m.unmount();
         seen += 1;
     }

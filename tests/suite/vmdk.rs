@@ -2,6 +2,8 @@
 //! testdata manifest, hand-written descriptors and hostile images.
 
 use crate::common;
+use common::manifest;
+use common::s;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -14,10 +16,6 @@ use vdiskfs::cache::Caches;
 use vdiskfs::chain::{Chain, ChainOptions};
 use vdiskfs::format::Format;
 use vdiskfs::ErrorKind;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// Opens with the format forced to VMDK.
 fn open_vmdk(p: &Path) -> vdiskfs::Result<Chain> {
@@ -75,10 +73,10 @@ fn info_details(chain: &Chain) -> serde_json::Map<String, serde_json::Value> {
 
 // ---------------------------------------------------------------- manifest
 
-fn check_manifest_row(td: &Path, cols: &[&str]) {
-    let (file, vsize, sha) = (cols[0], cols[6], cols[9]);
-    let path = td.join("images").join(file);
-    if sha == "-" {
+fn check_manifest_row(row: &manifest::Row) {
+    let file = row.file.as_str();
+    let path = row.path();
+    let Some(sha) = row.want.sha() else {
         let err = open_vmdk(&path)
             .err()
             .unwrap_or_else(|| panic!("{file}: opened"));
@@ -86,29 +84,23 @@ fn check_manifest_row(td: &Path, cols: &[&str]) {
         assert!(!msg.contains('\n'), "{file}: multi-line error {msg}");
         eprintln!("{file}: refused as expected: {msg}");
         return;
-    }
+    };
     let chain = open_chain(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
     assert_eq!(chain.layers()[0].format(), Format::Vmdk, "{file}");
-    assert_eq!(chain.size().to_string(), vsize, "{file}: virtual size");
+    assert_eq!(Some(chain.size()), row.virtual_size, "{file}: virtual size");
     assert_eq!(stream_sha256(&chain), sha, "{file}: sha256");
 }
 
 #[test]
 fn manifest_images() {
-    let td = testdata();
-    let manifest = fs::read_to_string(td.join("MANIFEST.tsv")).unwrap();
-    let rows: Vec<Vec<&str>> = manifest
-        .lines()
-        .skip(1)
-        .map(|l| l.split('\t').collect::<Vec<_>>())
-        .filter(|c| c.len() >= 10)
-        .filter(|c| c[4] == "vmdk" || (c[4] == "-" && c[0].starts_with("vmdk-")))
+    let rows: Vec<manifest::Row> = manifest::rows(manifest::MANIFEST)
+        .into_iter()
+        .filter(|r| r.format == "vmdk" || (r.format == "-" && r.file.starts_with("vmdk-")))
         .collect();
     // Two 8 GiB disks dominate: check rows on parallel threads.
     std::thread::scope(|sc| {
-        for cols in &rows {
-            let td = &td;
-            sc.spawn(move || check_manifest_row(td, cols));
+        for row in &rows {
+            sc.spawn(move || check_manifest_row(row));
         }
     });
     let rows = rows.len();

@@ -6,23 +6,21 @@
 //! and a fresh open; concurrent writers into shared grains; refusals.
 
 use crate::common;
+use common::model::{self, Target, Via};
+use common::{assert_model, open_rw, s};
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::rng::Rng;
-use common::{caches, open_chain, qemu_img, qemu_io, qemu_raw, read_all, scratch, testdata};
+use common::{caches, open_chain, qemu_img, qemu_io, read_all, scratch, testdata};
 use vdiskfs::chain::{Chain, ChainOptions};
 use vdiskfs::ErrorKind;
 
 const GRAIN: u64 = 65536;
 /// Guest bytes one grain table covers (512 entries of 64 KiB grains).
 const GT_COVER: u64 = 512 * GRAIN;
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
 
 fn create(dir: &Path, name: &str, size: &str, opts: &str, backing: Option<&Path>) -> PathBuf {
     let p = dir.join(name);
@@ -35,70 +33,9 @@ fn create(dir: &Path, name: &str, size: &str, opts: &str, backing: Option<&Path>
     p
 }
 
-fn open_rw(img: &Path) -> Chain {
-    let opts = ChainOptions {
-        writable: true,
-        ..ChainOptions::default()
-    };
-    Chain::open(img, &opts, &caches()).unwrap_or_else(|e| panic!("open {}: {e}", img.display()))
-}
-
-fn assert_model(got: &[u8], model: &[u8], what: &str) {
-    assert_eq!(got.len(), model.len(), "{what}: size");
-    if let Some(i) = got.iter().zip(model).position(|(x, y)| x != y) {
-        panic!("{what}: differs from the model at offset {i:#x}");
-    }
-}
-
-/// A random offset, often near a grain or grain-table boundary.
-fn pick_offset(rng: &mut Rng, size: u64, len: u64) -> u64 {
-    let off = match rng.below(4) {
-        0 => {
-            let tables = size.div_ceil(GT_COVER);
-            let b = rng.below(tables) * GT_COVER;
-            b.saturating_sub(rng.below(3 * GRAIN)) + rng.below(2 * GRAIN)
-        }
-        1 => rng.below(size / GRAIN) * GRAIN + rng.below(3) * 512,
-        _ => rng.below(size),
-    };
-    off.min(size - len)
-}
-
-/// Runs `ops` pseudo-random writes and zeroings on `chain`, mirrored in `model`.
-fn random_ops(chain: &Chain, model: &mut [u8], seed: u64, ops: usize) {
-    let mut rng = Rng::new(seed);
-    let size = model.len() as u64;
-    for _ in 0..ops {
-        if rng.below(10) < 7 {
-            let len = 1 + rng.below(3 * GRAIN);
-            let off = pick_offset(&mut rng, size, len);
-            let data = rng.bytes(len as usize);
-            chain.write_at(&data, off).unwrap();
-            model[off as usize..(off + len) as usize].copy_from_slice(&data);
-        } else {
-            let len = if rng.below(2) == 0 {
-                1 + rng.below(2 * GRAIN)
-            } else {
-                (1 + rng.below(6)) * GRAIN
-            };
-            let off = pick_offset(&mut rng, size, len);
-            chain.write_zeroes(off, len).unwrap();
-            model[off as usize..(off + len) as usize].fill(0);
-        }
-    }
-}
-
 /// Final checks: qemu-img check, qemu-img convert, a fresh open.
 fn check_all(img: &Path, model: &[u8]) {
-    qemu_img(&["check", "-f", "vmdk", s(img)]);
-    assert_model(&qemu_raw(img, Some("vmdk")), model, "qemu-img convert");
-    let chain = open_chain(img).unwrap();
-    assert_model(&read_all(&chain, 1 << 20).unwrap(), model, "reopened");
-    assert_model(
-        &read_all(&chain, 4096 + 512 + 3).unwrap(),
-        model,
-        "reopened, odd pieces",
-    );
+    model::check_closed(img, Some("vmdk"), model).unwrap();
 }
 
 /// Prior data through qemu-io: a few patterns, some across tables.
@@ -143,127 +80,127 @@ fn check_redundant(extent: &Path) -> usize {
     zeroed
 }
 
-fn random_test(img: &Path, seed: u64, ops: usize) -> usize {
-    let mut model = qemu_raw(img, Some("vmdk"));
+/// The model harness (random writes, zeroings, flushes and reads against
+/// an in-memory model, shrunk on failure) on images `build` makes; after
+/// each case the redundant grain tables must agree with the primary ones.
+fn random_test(build: &dyn Fn(&Path) -> PathBuf) {
+    let redundant = |img: &Path| {
+        check_redundant(img);
+    };
+    let target = Target {
+        fmt: Some("vmdk"),
+        unit: GRAIN,
+        table: GT_COVER,
+        build,
+        after: Some(&redundant),
+    };
+    model::run(&target, Via::Library);
+}
+
+/// Zeroes two whole grains that hold data and returns how many grains the
+/// tables mark zeroed (with `zeroed_grain=on`, a zeroing is a marker, not
+/// a deallocation).
+fn zeroed_grains_after_zeroing(img: &Path) -> usize {
     let chain = open_rw(img);
-    assert_eq!(chain.size() as usize, model.len());
-    random_ops(&chain, &mut model, seed, ops);
-    assert_model(&read_all(&chain, 1 << 20).unwrap(), &model, "before flush");
+    chain.write_zeroes(1 << 20, 2 * GRAIN).unwrap();
     chain.flush().unwrap();
     drop(chain);
-    check_all(img, &model);
     check_redundant(img)
+}
+
+fn sparse(d: &Path, name: &str, size: &str, opts: &str) -> PathBuf {
+    let img = create(d, name, size, opts, None);
+    seed_data(&img);
+    img
 }
 
 #[test]
 fn random_writes_monolithic_sparse() {
-    let dir = scratch();
-    let img = create(
-        dir.path(),
-        "a.vmdk",
-        "80M",
-        "subformat=monolithicSparse",
-        None,
-    );
-    seed_data(&img);
-    random_test(&img, 1, 300);
+    random_test(&|d: &Path| sparse(d, "a.vmdk", "80M", "subformat=monolithicSparse"));
 }
 
 #[test]
 fn random_writes_monolithic_sparse_zeroed_grain() {
+    let opts = "subformat=monolithicSparse,zeroed_grain=on";
+    random_test(&|d: &Path| sparse(d, "z.vmdk", "80M", opts));
     let dir = scratch();
-    let img = create(
-        dir.path(),
-        "z.vmdk",
-        "80M",
-        "subformat=monolithicSparse,zeroed_grain=on",
-        None,
+    let img = sparse(dir.path(), "z.vmdk", "80M", opts);
+    assert!(
+        zeroed_grains_after_zeroing(&img) > 0,
+        "no grain was marked zeroed"
     );
-    seed_data(&img);
-    let zeroed = random_test(&img, 2, 300);
-    assert!(zeroed > 0, "no grain was marked zeroed");
 }
 
 #[test]
 fn random_writes_two_gb_max_extent_sparse() {
-    let dir = scratch();
-    let img = create(
-        dir.path(),
-        "t.vmdk",
-        "70M",
-        "subformat=twoGbMaxExtentSparse",
-        None,
-    );
-    seed_data(&img);
-    random_test(&img, 3, 300);
-    for n in 1..=1 {
-        check_redundant(&dir.path().join(format!("t-s{n:03}.vmdk")));
-    }
+    let opts = "subformat=twoGbMaxExtentSparse";
+    let build = |d: &Path| sparse(d, "t.vmdk", "70M", opts);
+    let extents = |img: &Path| {
+        check_redundant(&img.with_file_name("t-s001.vmdk"));
+    };
+    let target = Target {
+        fmt: Some("vmdk"),
+        unit: GRAIN,
+        table: GT_COVER,
+        build: &build,
+        after: Some(&extents),
+    };
+    model::run(&target, Via::Library);
 }
 
 #[test]
 fn random_writes_monolithic_flat() {
-    let dir = scratch();
-    let img = create(
-        dir.path(),
-        "f.vmdk",
-        "40M",
-        "subformat=monolithicFlat",
-        None,
-    );
-    seed_data(&img);
-    random_test(&img, 4, 200);
+    random_test(&|d: &Path| sparse(d, "f.vmdk", "40M", "subformat=monolithicFlat"));
 }
 
 #[test]
 fn random_writes_two_gb_max_extent_flat() {
-    let dir = scratch();
-    let img = create(
-        dir.path(),
-        "tf.vmdk",
-        "40M",
-        "subformat=twoGbMaxExtentFlat",
-        None,
-    );
-    seed_data(&img);
-    random_test(&img, 5, 200);
+    random_test(&|d: &Path| sparse(d, "tf.vmdk", "40M", "subformat=twoGbMaxExtentFlat"));
 }
 
 /// A delta child over a parent with data: partial writes copy the parent's
-/// grain, zeroing hides the parent.
-fn delta_test(opts: &str, seed: u64) {
+/// grain, zeroing hides the parent (marking the grain zeroed exactly when
+/// the child has `zeroed_grain=on`); the parent never changes.
+fn delta_test(opts: &str) {
+    let build = |d: &Path| {
+        let parent = create(d, "p.vmdk", "70M", "subformat=monolithicSparse", None);
+        qemu_io("vmdk", &parent, &["write -P 0x5a 0 70m"]);
+        qemu_io("vmdk", &parent, &["write -P 0x66 33m 1m"]);
+        std::fs::copy(&parent, d.join("p.orig")).unwrap();
+        let child = create(d, "c.vmdk", "70M", opts, Some(&parent));
+        qemu_io("vmdk", &child, &["write -P 0x77 100k 200k"]);
+        child
+    };
+    let parent_alone = |child: &Path| {
+        check_redundant(child);
+        let now = std::fs::read(child.with_file_name("p.vmdk")).unwrap();
+        let kept = std::fs::read(child.with_file_name("p.orig")).unwrap();
+        assert!(now == kept, "the parent was changed");
+    };
+    let target = Target {
+        fmt: Some("vmdk"),
+        unit: GRAIN,
+        table: GT_COVER,
+        build: &build,
+        after: Some(&parent_alone),
+    };
+    model::run(&target, Via::Library);
     let dir = scratch();
-    let parent = create(
-        dir.path(),
-        "p.vmdk",
-        "70M",
-        "subformat=monolithicSparse",
-        None,
-    );
-    qemu_io("vmdk", &parent, &["write -P 0x5a 0 70m"]);
-    qemu_io("vmdk", &parent, &["write -P 0x66 33m 1m"]);
-    let child = create(dir.path(), "c.vmdk", "70M", opts, Some(&parent));
-    qemu_io("vmdk", &child, &["write -P 0x77 100k 200k"]);
-    let parent_before = std::fs::read(&parent).unwrap();
-    let zeroed = random_test(&child, seed, 300);
-    assert_eq!(zeroed > 0, opts.contains("zeroed_grain=on"));
-    assert!(
-        std::fs::read(&parent).unwrap() == parent_before,
-        "the parent was changed"
-    );
+    let child = build(dir.path());
+    let zeroed = zeroed_grains_after_zeroing(&child);
+    assert_eq!(zeroed > 0, opts.contains("zeroed_grain=on"), "{zeroed}");
 }
 
 #[test]
 fn random_writes_delta_child() {
-    delta_test("subformat=monolithicSparse", 6);
+    delta_test("subformat=monolithicSparse");
 }
 
 #[test]
 fn random_writes_delta_child_zeroed_grain() {
-    delta_test("subformat=monolithicSparse,zeroed_grain=on", 7);
+    delta_test("subformat=monolithicSparse,zeroed_grain=on");
 }
 
-/// Whole-disk zeroing of a child hides everything the parent holds.
 #[test]
 fn zeroing_hides_the_parent() {
     for opts in [
@@ -433,32 +370,27 @@ fn stream_optimized_is_refused_writable() {
 /// new tables are allocated on first write.
 #[test]
 fn missing_grain_tables_are_allocated() {
-    let dir = scratch();
-    let img = create(
-        dir.path(),
-        "g.vmdk",
-        "80M",
-        "subformat=monolithicSparse",
-        None,
-    );
-    // Clear every directory entry (primary and redundant): no tables.
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&img)
-        .unwrap();
-    let mut h = [0u8; 512];
-    f.read_exact_at(&mut h, 0).unwrap();
-    let le64 = |at: usize| u64::from_le_bytes(h[at..at + 8].try_into().unwrap());
-    let (rgd, gd) = (le64(48), le64(56));
-    let entries = (80u64 << 20).div_ceil(GT_COVER) as usize;
-    for sector in [rgd, gd] {
-        f.write_all_at(&vec![0u8; entries * 4], sector * 512)
+    random_test(&|d: &Path| {
+        let img = create(d, "g.vmdk", "80M", "subformat=monolithicSparse", None);
+        // Clear every directory entry (primary and redundant): no tables.
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img)
             .unwrap();
-    }
-    drop(f);
-    qemu_img(&["check", "-f", "vmdk", s(&img)]);
-    random_test(&img, 9, 200);
+        let mut h = [0u8; 512];
+        f.read_exact_at(&mut h, 0).unwrap();
+        let le64 = |at: usize| u64::from_le_bytes(h[at..at + 8].try_into().unwrap());
+        let (rgd, gd) = (le64(48), le64(56));
+        let entries = (80u64 << 20).div_ceil(GT_COVER) as usize;
+        for sector in [rgd, gd] {
+            f.write_all_at(&vec![0u8; entries * 4], sector * 512)
+                .unwrap();
+        }
+        drop(f);
+        qemu_img(&["check", "-f", "vmdk", s(&img)]);
+        img
+    });
 }
 
 /// A hand-written descriptor with RW, RDONLY and ZERO extents: it opens
@@ -619,40 +551,44 @@ fn first_write_changes_the_cid() {
 /// which does not open vmfsThin).
 #[test]
 fn random_writes_vmfs_flat() {
-    let dir = scratch();
-    let d = dir.path();
-    let src = testdata().join("images/vmdk-vmdkrs-vmfs");
-    for name in ["vmfs_thick.vmdk", "vmfs_thick-flat.vmdk"] {
-        std::fs::copy(src.join(name), d.join(name)).unwrap();
-        let mut perm = std::fs::metadata(d.join(name)).unwrap().permissions();
-        #[allow(clippy::permissions_set_readonly_false)]
-        perm.set_readonly(false);
-        std::fs::set_permissions(d.join(name), perm).unwrap();
-    }
-    random_test(&d.join("vmfs_thick.vmdk"), 10, 100);
-    std::fs::write(d.join("thin-flat.vmdk"), vec![0u8; 3 << 20]).unwrap();
-    std::fs::write(
-        d.join("thin.vmdk"),
-        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
-         createType=\"vmfsThin\"\n\nRW 6144 VMFS \"thin-flat.vmdk\"\n",
-    )
-    .unwrap();
-    // qemu does not open vmfsThin: the flat file itself is the oracle.
-    let thin = d.join("thin.vmdk");
-    let mut model = vec![0u8; 3 << 20];
-    let chain = open_rw(&thin);
-    random_ops(&chain, &mut model, 11, 100);
-    chain.flush().unwrap();
-    drop(chain);
-    assert_model(
-        &std::fs::read(d.join("thin-flat.vmdk")).unwrap(),
-        &model,
-        "vmfsThin flat file",
-    );
-    let chain = open_chain(&thin).unwrap();
-    assert_model(
-        &read_all(&chain, 70_000).unwrap(),
-        &model,
-        "vmfsThin reopened",
-    );
+    random_test(&|d: &Path| {
+        let src = testdata().join("images/vmdk-vmdkrs-vmfs");
+        for name in ["vmfs_thick.vmdk", "vmfs_thick-flat.vmdk"] {
+            std::fs::copy(src.join(name), d.join(name)).unwrap();
+            let mut perm = std::fs::metadata(d.join(name)).unwrap().permissions();
+            #[allow(clippy::permissions_set_readonly_false)]
+            perm.set_readonly(false);
+            std::fs::set_permissions(d.join(name), perm).unwrap();
+        }
+        d.join("vmfs_thick.vmdk")
+    });
+    // qemu does not open vmfsThin: the library's reading is the model's
+    // start, and the flat file itself must end as the disk.
+    let thin = |d: &Path| {
+        std::fs::write(d.join("thin-flat.vmdk"), vec![0u8; 3 << 20]).unwrap();
+        std::fs::write(
+            d.join("thin.vmdk"),
+            "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
+             createType=\"vmfsThin\"\n\nRW 6144 VMFS \"thin-flat.vmdk\"\n",
+        )
+        .unwrap();
+        d.join("thin.vmdk")
+    };
+    let flat_is_the_disk = |img: &Path| {
+        let flat = std::fs::read(img.with_file_name("thin-flat.vmdk")).unwrap();
+        let chain = open_chain(img).unwrap();
+        assert_model(
+            &flat,
+            &read_all(&chain, 70_000).unwrap(),
+            "vmfsThin flat file",
+        );
+    };
+    let target = Target {
+        fmt: None,
+        unit: GRAIN,
+        table: GT_COVER,
+        build: &thin,
+        after: Some(&flat_is_the_disk),
+    };
+    model::run(&target, Via::Library);
 }

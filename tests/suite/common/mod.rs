@@ -3,9 +3,11 @@
 #![allow(dead_code)]
 
 pub mod fuse;
+pub mod httpd;
+pub mod manifest;
+pub mod model;
 pub mod nbd;
 pub mod rng;
-pub mod httpd;
 pub mod vhd;
 
 use std::path::{Path, PathBuf};
@@ -77,6 +79,39 @@ pub fn qemu_raw(image: &Path, fmt: Option<&str>) -> Vec<u8> {
     std::fs::read(&out).unwrap()
 }
 
+/// A temporary path as `&str` (tempfile paths are UTF-8).
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 temp path")
+}
+
+/// Opens `image` writable, with otherwise default options.
+pub fn try_open_rw(image: &Path) -> vdiskfs::Result<Chain> {
+    let opts = ChainOptions {
+        writable: true,
+        ..ChainOptions::default()
+    };
+    Chain::open(image, &opts, &caches())
+}
+
+/// [`try_open_rw`], panicking with the error.
+pub fn open_rw(image: &Path) -> Chain {
+    try_open_rw(image).unwrap_or_else(|e| panic!("open {}: {e}", image.display()))
+}
+
+/// The first offset where `a` and `b` differ (within the shorter one).
+pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    a.iter().zip(b).position(|(x, y)| x != y)
+}
+
+/// Asserts that `got` equals the in-memory `model`, naming the first
+/// differing offset.
+pub fn assert_model(got: &[u8], model: &[u8], what: &str) {
+    assert_eq!(got.len(), model.len(), "{what}: size");
+    if let Some(i) = first_difference(got, model) {
+        panic!("{what}: differs from the model at offset {i:#x}");
+    }
+}
+
 /// Opens `image` with default options.
 pub fn open_chain(image: &Path) -> vdiskfs::Result<Chain> {
     Chain::open(image, &ChainOptions::default(), &Caches::new(64 << 20))
@@ -131,8 +166,7 @@ pub fn assert_matches_qemu(image: &Path) {
 /// Compares two disks, reporting the first differing offset.
 pub fn assert_same(got: &[u8], expected: &[u8], image: &Path, piece: usize) {
     assert_eq!(got.len(), expected.len(), "size of {}", image.display());
-    if got != expected {
-        let first = got.iter().zip(expected).position(|(a, b)| a != b).unwrap();
+    if let Some(first) = first_difference(got, expected) {
         panic!(
             "{}: differs from qemu-img convert at offset {first:#x} (read size {piece})",
             image.display()
