@@ -11,6 +11,7 @@
 //! saying what to install.
 
 use crate::common;
+use common::qemu_img_line;
 use common::s;
 
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -745,66 +746,16 @@ fn partitions_of_mbr_and_gpt_disks_loop_mount() {
     check_partitions(d.path(), &raw, &parts, &fs, "gpt");
 }
 
-/// Data extents of an open file, from SEEK_DATA / SEEK_HOLE.
-fn seek_extents(path: &Path) -> Vec<(u64, u64)> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(path).unwrap();
-    let fd = f.as_raw_fd();
-    let mut out = Vec::new();
-    let mut pos = 0i64;
-    loop {
-        // SAFETY: fd is open for the duration of the calls.
-        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            assert_eq!(
-                std::io::Error::last_os_error().raw_os_error(),
-                Some(libc::ENXIO)
-            );
-            break;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        assert!(hole > data, "SEEK_HOLE {hole} after data at {data}");
-        out.push((data as u64, hole as u64));
-        pos = hole;
-    }
-    out
-}
-
-/// Data extents reported by `qemu-img map --output=json`, merged.
-fn qemu_extents(img: &Path) -> Vec<(u64, u64)> {
-    let v: serde_json::Value =
-        serde_json::from_str(&qemu_img(&["map", "--output=json", s(img)])).unwrap();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for e in v.as_array().unwrap() {
-        if e["data"] != true {
-            continue;
-        }
-        let start = e["start"].as_u64().unwrap();
-        let end = start + e["length"].as_u64().unwrap();
-        match out.last_mut() {
-            Some(last) if last.1 == start => last.1 = end,
-            _ => out.push((start, end)),
-        }
-    }
-    out
-}
-
 #[test]
 fn sparseness_matches_qemu_img_map() {
     require_tool("du", "coreutils");
     let d = scratch();
     let base = d.path().join("sb.qcow2");
     let top = d.path().join("st.qcow2");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=65536",
-        s(&base),
-        "64M",
-    ]);
+    qemu_img_line(&format!(
+        "create -f qcow2 -o cluster_size=65536 {} 64M",
+        s(&base)
+    ));
     qemu_io(
         "qcow2",
         &base,
@@ -814,19 +765,10 @@ fn sparseness_matches_qemu_img_map() {
             "write -c 40M 128k",
         ],
     );
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=65536",
-        "-b",
-        "sb.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-        "64M",
-    ]);
+    qemu_img_line(&format!(
+        "create -f qcow2 -o cluster_size=65536 -b sb.qcow2 -F qcow2 {} 64M",
+        s(&top)
+    ));
     qemu_io(
         "qcow2",
         &top,
@@ -837,12 +779,12 @@ fn sparseness_matches_qemu_img_map() {
             "write -P 0x23 30M 100k",
         ],
     );
-    let want = qemu_extents(&top);
+    let want = common::qemu_data_extents(&top, None);
     assert!(want.len() >= 4, "{want:?}");
     let m = Mounted::new(&[&top], &[]);
     let f = m.file("st.raw");
     assert_eq!(
-        seek_extents(&f),
+        common::seek_data_extents(&f),
         want,
         "SEEK_DATA/SEEK_HOLE vs qemu-img map"
     );
@@ -882,17 +824,10 @@ fn xattrs_describe_the_disk() {
     let base = d.path().join("xb.qcow2");
     let top = d.path().join("xt.qcow2");
     qemu_img(&["create", "-f", "qcow2", s(&base), "16M"]);
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        "xb.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-        "16M",
-    ]);
+    qemu_img_line(&format!(
+        "create -f qcow2 -b xb.qcow2 -F qcow2 {} 16M",
+        s(&top)
+    ));
     let m = Mounted::new(&[&top], &[]);
     let x = run(Command::new("getfattr")
         .args(["-d", "-m", "-", "--absolute-names"])
@@ -919,15 +854,10 @@ fn xattrs_describe_the_disk() {
     m.unmount();
     // VMDK: adapter type, geometry, CID and every ddb.* key of the descriptor.
     let vmdk = d.path().join("xv.vmdk");
-    qemu_img(&[
-        "create",
-        "-f",
-        "vmdk",
-        "-o",
-        "adapter_type=lsilogic,subformat=monolithicSparse",
-        s(&vmdk),
-        "64M",
-    ]);
+    qemu_img_line(&format!(
+        "create -f vmdk -o adapter_type=lsilogic,subformat=monolithicSparse {} 64M",
+        s(&vmdk)
+    ));
     let desc = std::fs::read(&vmdk).unwrap();
     let desc = String::from_utf8_lossy(&desc[512..1536]).to_string();
     let cid = desc
@@ -1013,17 +943,7 @@ fn single_link_and_unbuffered() {
     let base = d.path().join("ub.raw");
     let top = d.path().join("ut.qcow2");
     std::fs::write(&base, vec![0x11u8; 4 << 20]).unwrap();
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        "ub.raw",
-        "-F",
-        "raw",
-        s(&top),
-        "4M",
-    ]);
+    qemu_img_line(&format!("create -f qcow2 -b ub.raw -F raw {} 4M", s(&top)));
     qemu_io(
         "qcow2",
         &top,

@@ -5,6 +5,7 @@
 //! through a FUSE mount; with `--format raw` it is allowed.
 
 use crate::common;
+use common::qemu_img_line;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -176,18 +177,10 @@ fn raw_disk(d: &Path, name: &str) -> PathBuf {
 /// The first 512 bytes of a qcow2 image naming /etc/passwd as its backing file.
 fn hostile_header(d: &Path) -> Vec<u8> {
     let p = d.join("evil.qcow2");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        "/etc/passwd",
-        "-F",
-        "raw",
-        p.to_str().unwrap(),
-        "4M",
-    ]);
+    qemu_img_line(&format!(
+        "create -f qcow2 -u -b /etc/passwd -F raw {} 4M",
+        p.to_str().unwrap()
+    ));
     std::fs::read(&p).unwrap()[..512].to_vec()
 }
 

@@ -3,6 +3,7 @@
 //! layers and overlay bases, dead mounts, and how errors reach the caller.
 
 use crate::common;
+use common::qemu_img_line;
 use common::s;
 
 use std::path::{Path, PathBuf};
@@ -196,17 +197,11 @@ fn bases_of_overlays_snapshots_and_backing_files_are_locked_against_writers() {
     let d = scratch();
     let base = qcow2(d.path(), "base.qcow2");
     let top = d.path().join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
+    qemu_img_line(&format!(
+        "create -q -f qcow2 -b {} -F qcow2 {}",
         s(&base),
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+        s(&top)
+    ));
     let ov = d.path().join("ov.qcow2");
     let m = mountpoint(d.path(), "m");
     let _u = Unmount(vec![m.clone()]);
@@ -484,65 +479,13 @@ fn info_takes_max_depth() {
     let mid = d.path().join("mid.qcow2");
     let top = d.path().join("top.qcow2");
     for (b, t) in [(&base, &mid), (&mid, &top)] {
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            s(b),
-            "-F",
-            "qcow2",
-            s(t),
-        ]);
+        qemu_img_line(&format!("create -q -f qcow2 -b {} -F qcow2 {}", s(b), s(t)));
     }
     let o = vdiskfs(&["info", "--max-depth", "1", s(&top)]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("deeper than 1"), "{}", text(&o));
     let o = vdiskfs(&["info", "--max-depth", "3", "--allow-devices", s(&top)]);
     assert!(o.status.success(), "{}", text(&o));
-}
-
-/// Data extents of `path` by SEEK_DATA/SEEK_HOLE, as `(start, end)`.
-fn seek_extents(path: &Path) -> Vec<(u64, u64)> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(path).unwrap();
-    let fd = f.as_raw_fd();
-    let size = f.metadata().unwrap().len() as i64;
-    let mut out = Vec::new();
-    let mut pos = 0i64;
-    while pos < size {
-        // SAFETY: fd is open; lseek has no memory effects.
-        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            break;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        assert!(hole > data, "SEEK_HOLE {hole} after data at {data}");
-        out.push((data as u64, hole as u64));
-        pos = hole;
-    }
-    out
-}
-
-/// Data extents by `qemu-img map --output=json`, adjacent ones merged.
-fn qemu_data_extents(img: &Path, fmt: &str) -> Vec<(u64, u64)> {
-    let j = qemu_img(&["map", "--output=json", "-f", fmt, s(img)]);
-    let v: serde_json::Value = serde_json::from_str(&j).unwrap();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for e in v.as_array().unwrap() {
-        if e["data"] != true {
-            continue;
-        }
-        let a = e["start"].as_u64().unwrap();
-        let b = a + e["length"].as_u64().unwrap();
-        match out.last_mut() {
-            Some(last) if last.1 == a => last.1 = b,
-            _ => out.push((a, b)),
-        }
-    }
-    out
 }
 
 #[test]
@@ -557,16 +500,10 @@ fn raw_and_flat_vmdk_report_the_host_files_holes() {
     f.sync_all().unwrap();
     drop(f);
     let flat = d.path().join("flat.vmdk");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vmdk",
-        "-o",
-        "subformat=monolithicFlat",
-        s(&flat),
-        "8M",
-    ]);
+    qemu_img_line(&format!(
+        "create -q -f vmdk -o subformat=monolithicFlat {} 8M",
+        s(&flat)
+    ));
     require_tool("qemu-io", "qemu-utils");
     let o = Command::new("qemu-io")
         .args(["-f", "vmdk", "-c", "write -P 9 2M 512k", s(&flat)])
@@ -579,9 +516,9 @@ fn raw_and_flat_vmdk_report_the_host_files_holes() {
     let extent = d.path().join("flat-flat.vmdk");
     for (img, fmt, name) in [(&raw, "raw", "sparse.raw"), (&flat, "vmdk", "flat.raw")] {
         let want = if fmt == "raw" {
-            qemu_data_extents(img, fmt)
+            common::qemu_data_extents(img, Some(fmt))
         } else {
-            seek_extents(&extent)
+            common::seek_data_extents(&extent)
         };
         assert!(!want.is_empty(), "{fmt}: no data per qemu-img map");
         let data: u64 = want.iter().map(|(a, b)| b - a).sum();
@@ -594,7 +531,11 @@ fn raw_and_flat_vmdk_report_the_host_files_holes() {
             a.extend([s(img), s(&mp)]);
             mount_ok(&a);
             let file = mp.join(name);
-            assert_eq!(seek_extents(&file), want, "{fmt} {extra:?}: SEEK_DATA/HOLE");
+            assert_eq!(
+                common::seek_data_extents(&file),
+                want,
+                "{fmt} {extra:?}: SEEK_DATA/HOLE"
+            );
             let meta = std::fs::metadata(&file).unwrap();
             assert_eq!(meta.blocks() * 512, data, "{fmt} {extra:?}: st_blocks");
             let o = vdiskfs(&["unmount", s(&mp)]);

@@ -21,33 +21,39 @@ fn inputs() -> Vec<(String, Vec<u8>)> {
     v
 }
 
+/// The formats a saved input is opened and read as.
+const READ_FORMATS: [Format; 7] = [
+    Format::Qcow2,
+    Format::Qcow,
+    Format::Vmdk,
+    Format::Vhd,
+    Format::Vdi,
+    Format::Parallels,
+    Format::Raw,
+];
+
+/// The formats the write_paths target picks from (first byte).
+const WRITE_FORMATS: [Format; 6] = [
+    Format::Qcow2,
+    Format::Qcow,
+    Format::Vmdk,
+    Format::Vhd,
+    Format::Vdi,
+    Format::Vhdx,
+];
+
 #[test]
 fn every_saved_input_is_handled() {
     let inputs = inputs();
     for (name, data) in &inputs {
         eprintln!("replaying {name}");
-        for f in [
-            Format::Qcow2,
-            Format::Qcow,
-            Format::Vmdk,
-            Format::Vhd,
-            Format::Vdi,
-            Format::Parallels,
-            Format::Raw,
-        ] {
+        for f in READ_FORMATS {
             open_layer(data, f);
             open_and_read(data, Some(f), &[]);
         }
         open_and_read(data, None, data.get(..64).unwrap_or(&[]));
         // As the write_paths target splits them (first byte: the format).
-        for f in [
-            Format::Qcow2,
-            Format::Qcow,
-            Format::Vmdk,
-            Format::Vhd,
-            Format::Vdi,
-            Format::Vhdx,
-        ] {
+        for f in WRITE_FORMATS {
             let (image, script) = data.split_at(data.len().saturating_sub(512));
             open_and_write(image, f, script);
         }

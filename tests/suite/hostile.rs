@@ -4,11 +4,11 @@
 //! (`vdiskfs info` runs under `prlimit --as` and `timeout`).
 
 use crate::common;
+use common::qemu_img_line;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{qemu_img, qemu_io, scratch};
 use vdiskfs::cache::Caches;
@@ -130,17 +130,11 @@ fn vmdk_cases(d: &Path) -> Vec<Case> {
     )
     .unwrap();
     let p = d.join("stream-cut.vmdk");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "vmdk",
-        "-o",
-        "subformat=streamOptimized",
+    qemu_img_line(&format!(
+        "convert -f raw -O vmdk -o subformat=streamOptimized {} {}",
         raw.to_str().unwrap(),
-        p.to_str().unwrap(),
-    ]);
+        p.to_str().unwrap()
+    ));
     let len = std::fs::metadata(&p).unwrap().len();
     // Cut in the middle: later grains, the footer and the end-of-stream
     // marker are gone. qemu-img keeps the grain directory in the header
@@ -232,15 +226,10 @@ fn be64(path: &Path, offset: u64) -> u64 {
 /// A 4 MiB qcow2 with 64 KiB clusters full of data (and one compressed cluster).
 fn base_qcow2(dir: &Path, name: &str) -> PathBuf {
     let p = dir.join(name);
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=65536",
-        p.to_str().unwrap(),
-        "4M",
-    ]);
+    qemu_img_line(&format!(
+        "create -f qcow2 -o cluster_size=65536 {} 4M",
+        p.to_str().unwrap()
+    ));
     qemu_io(
         "qcow2",
         &p,
@@ -251,18 +240,12 @@ fn base_qcow2(dir: &Path, name: &str) -> PathBuf {
 
 fn with_backing(dir: &Path, name: &str, backing: &str, fmt: &str) -> PathBuf {
     let p = dir.join(name);
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
+    qemu_img_line(&format!(
+        "create -f qcow2 -u -b {} -F {} {} 1M",
         backing,
-        "-F",
         fmt,
-        p.to_str().unwrap(),
-        "1M",
-    ]);
+        p.to_str().unwrap()
+    ));
     p
 }
 
@@ -520,29 +503,16 @@ fn open(case: &Case) -> vdiskfs::Result<Chain> {
     Chain::open(&case.path, &opts, &Caches::new(32 << 20))
 }
 
-/// `vdiskfs info` in a child limited to 512 MiB of address space and 20 s.
-fn info_bounded(case: &Case) -> (Option<i32>, String, Duration) {
-    let started = Instant::now();
-    let mut cmd = Command::new("timeout");
-    cmd.args(["20", "prlimit", "--as=536870912", "--"])
-        .arg(common::fuse::bin())
-        .arg("info");
-    if case.untrusted {
-        cmd.arg("--untrusted");
-    }
-    let out = cmd.arg(&case.path).output().unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        started.elapsed(),
-    )
-}
-
 fn run_cases(cases: Vec<Case>) {
     let mut failures = Vec::new();
     let n = cases.len();
     for case in &cases {
-        let (code, stderr, took) = info_bounded(case);
+        let untrusted: &[&str] = if case.untrusted {
+            &["--untrusted"]
+        } else {
+            &[]
+        };
+        let (code, stderr, took) = common::fuse::info_bounded(&case.path, untrusted);
         if took > Duration::from_secs(10) || code == Some(124) {
             failures.push(format!("{}: info took {took:?}", case.name));
         }
@@ -683,18 +653,10 @@ fn a_raw_image_is_never_reinterpreted_when_its_format_is_given() {
     // file as backing) into its raw disk.
     let d = scratch();
     let evil = d.path().join("evil.qcow2");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        "/etc/hostname",
-        "-F",
-        "raw",
-        evil.to_str().unwrap(),
-        "1M",
-    ]);
+    qemu_img_line(&format!(
+        "create -f qcow2 -u -b /etc/hostname -F raw {} 1M",
+        evil.to_str().unwrap()
+    ));
     let mut disk = std::fs::read(&evil).unwrap();
     disk.resize(1 << 20, 0);
     let raw = d.path().join("guest.img");

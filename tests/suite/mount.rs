@@ -1,6 +1,7 @@
 //! End-to-end: real FUSE mounts through the `vdiskfs` binary.
 
 use crate::common;
+use common::qemu_img_line;
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -16,31 +17,15 @@ fn make_chain(dir: &Path) -> std::path::PathBuf {
     let top = dir.join("top.qcow2");
     qemu_img(&["create", "-f", "raw", base.to_str().unwrap(), "3M"]);
     qemu_io("raw", &base, &["write -P 0x11 0 3M"]);
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        mid.to_str().unwrap(),
-        "6M",
-    ]);
+    qemu_img_line(&format!(
+        "create -f qcow2 -o cluster_size=4096 -b base.raw -F raw {} 6M",
+        mid.to_str().unwrap()
+    ));
     qemu_io("qcow2", &mid, &["write -P 0x22 1M 2M", "write -z 2M 4k"]);
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-        "8M",
-    ]);
+    qemu_img_line(&format!(
+        "create -f qcow2 -b mid.qcow2 -F qcow2 {} 8M",
+        top.to_str().unwrap()
+    ));
     qemu_io(
         "qcow2",
         &top,
@@ -108,15 +93,10 @@ fn regular_file_mountpoint_becomes_the_raw_view() {
 fn concurrent_random_reads_match_the_oracle() {
     let d = scratch();
     let img = d.path().join("rand.qcow2");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=65536",
-        img.to_str().unwrap(),
-        "32M",
-    ]);
+    qemu_img_line(&format!(
+        "create -f qcow2 -o cluster_size=65536 {} 32M",
+        img.to_str().unwrap()
+    ));
     // Compressed writes only go to unallocated clusters: do them first.
     let mut cmds = vec!["write -c 16M 1M".to_string()];
     for i in 0..40u64 {
@@ -182,16 +162,11 @@ fn loop_device_mounts_the_guest_filesystem() {
             .arg(&content)
             .arg(&raw),
     );
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-c",
+    qemu_img_line(&format!(
+        "convert -f raw -O qcow2 -c {} {}",
         raw.to_str().unwrap(),
-        img.to_str().unwrap(),
-    ]);
+        img.to_str().unwrap()
+    ));
     let m = Mounted::new(&[&img], &[]);
     let dev = common::run(
         Command::new("losetup")
@@ -220,15 +195,10 @@ fn loop_device_mounts_the_guest_filesystem() {
 fn damaged_cluster_entry_fails_only_its_range_with_eio() {
     let d = scratch();
     let img = d.path().join("dmg.qcow2");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=65536",
-        img.to_str().unwrap(),
-        "4M",
-    ]);
+    qemu_img_line(&format!(
+        "create -f qcow2 -o cluster_size=65536 {} 4M",
+        img.to_str().unwrap()
+    ));
     qemu_io("qcow2", &img, &["write -P 0xaa 0 4M"]);
     // Point the L2 entry of guest cluster 5 far past the end of the file.
     let out = qemu_img(&["map", "--output=json", img.to_str().unwrap()]);

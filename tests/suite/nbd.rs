@@ -5,6 +5,7 @@
 //! (nbd-client cannot be tested: this kernel has no nbd module.)
 
 use crate::common;
+use common::qemu_img_line;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -34,17 +35,10 @@ fn chain(dir: &Path) -> PathBuf {
             "write -P 0x42 63M 1M",
         ],
     );
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-    ]);
+    qemu_img_line(&format!(
+        "create -q -f qcow2 -b base.qcow2 -F qcow2 {}",
+        top.to_str().unwrap()
+    ));
     qemu_io(
         "qcow2",
         &top,

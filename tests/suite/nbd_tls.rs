@@ -5,6 +5,7 @@
 //! and, with `--tls-verify-peer`, clients without a certificate of its CA.
 
 use crate::common;
+use common::qemu_img_line;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -199,17 +200,10 @@ fn chain(dir: &Path) -> PathBuf {
         &base,
         &["write -P 0xab 0 5M", "write -c -P 0x77 16M 1M"],
     );
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-    ]);
+    qemu_img_line(&format!(
+        "create -q -f qcow2 -b base.qcow2 -F qcow2 {}",
+        top.to_str().unwrap()
+    ));
     qemu_io(
         "qcow2",
         &top,

@@ -5,6 +5,7 @@
 //! and `qemu-img check` say so); it then opens for reading only.
 
 use crate::common;
+use common::qemu_img_line;
 use common::try_open_rw;
 
 use std::os::unix::fs::FileExt;
@@ -38,16 +39,10 @@ fn rw(p: &Path) -> std::fs::File {
 /// A v3 qcow2 (64 KiB clusters) with guest cluster 0 allocated.
 fn qcow2(dir: &Path, name: &str) -> PathBuf {
     let p = dir.join(name);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "compat=1.1",
-        p.to_str().unwrap(),
-        "4M",
-    ]);
+    qemu_img_line(&format!(
+        "create -q -f qcow2 -o compat=1.1 {} 4M",
+        p.to_str().unwrap()
+    ));
     qemu_io("qcow2", &p, &["write -P 0x11 0 64k"]);
     p
 }
@@ -217,16 +212,10 @@ fn qcow_v1_l2_entry_pointing_at_its_own_l2_table_fails_with_eio() {
 fn vmdk_grain_table_entry_pointing_at_the_grain_directory_fails_with_eio() {
     let d = scratch();
     let img = d.path().join("s.vmdk");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vmdk",
-        "-o",
-        "subformat=monolithicSparse",
-        img.to_str().unwrap(),
-        "8M",
-    ]);
+    qemu_img_line(&format!(
+        "create -q -f vmdk -o subformat=monolithicSparse {} 8M",
+        img.to_str().unwrap()
+    ));
     qemu_io("vmdk", &img, &["write -P 0x11 0 64k"]);
     let f = rw(&img);
     let mut b = [0u8; 8];

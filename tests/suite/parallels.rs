@@ -5,12 +5,12 @@
 //! DiskDescriptor.xml refusal, and damaged images.
 
 use crate::common;
+use common::qemu_img_line;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::fuse::{vdiskfs, Mounted};
-use common::{assert_matches_qemu, qemu_img, qemu_io, qemu_raw, read_all, rng::Rng, scratch};
+use common::{assert_matches_qemu, qemu_io, qemu_raw, read_all, rng::Rng, scratch};
 use vdiskfs::ErrorKind;
 
 const MIB: u64 = 1 << 20;
@@ -31,15 +31,12 @@ fn hds(dir: &Path, name: &str, size: u64, cluster: &str, writes: usize, seed: u6
     let p = dir.join(name);
     let o = format!("cluster_size={cluster}");
     let s = size.to_string();
-    qemu_img(&[
-        "create",
-        "-f",
-        "parallels",
-        "-o",
+    qemu_img_line(&format!(
+        "create -f parallels -o {} {} {}",
         &o,
         p.to_str().unwrap(),
-        &s,
-    ]);
+        &s
+    ));
     let mut rng = Rng::new(seed);
     let cmds: Vec<String> = (0..writes)
         .map(|_| {
@@ -114,16 +111,10 @@ fn qcow2_overlay_over_parallels() {
     let d = scratch();
     let base = hds(d.path(), "base.hds", 6 * MIB, "64k", 60, 3);
     let ov = d.path().join("ov.qcow2");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.hds",
-        "-F",
-        "parallels",
-        ov.to_str().unwrap(),
-    ]);
+    qemu_img_line(&format!(
+        "create -f qcow2 -b base.hds -F parallels {}",
+        ov.to_str().unwrap()
+    ));
     qemu_io("qcow2", &ov, &["write -P 0x66 100k 700k", "write -z 2M 1M"]);
     assert_matches_qemu(&ov);
     let chain = common::open_chain(&ov).unwrap();
@@ -267,21 +258,6 @@ fn split_bundle_reads_every_storage() {
     assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
 }
 
-fn info_bounded(path: &Path) -> (Option<i32>, String) {
-    common::require_tool("prlimit", "util-linux");
-    let out = Command::new("timeout")
-        .args(["20", "prlimit", "--as=536870912", "--"])
-        .arg(common::fuse::bin())
-        .arg("info")
-        .arg(path)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn damaged_parallels_is_refused_or_fails_only_the_damaged_cluster() {
     let d = scratch();
@@ -334,7 +310,7 @@ fn damaged_parallels_is_refused_or_fails_only_the_damaged_cluster() {
         assert_eq!(e.path(), Some(p.as_path()));
     }
     for (p, _, _) in refused.iter().filter(|(p, _, _)| !p.ends_with("v3.hds")) {
-        let (code, stderr) = info_bounded(p);
+        let (code, stderr, _) = common::fuse::info_bounded(p, &[]);
         assert!(
             code.is_some() && code != Some(0) && code != Some(124),
             "{}: {code:?} {stderr}",

@@ -4,6 +4,7 @@
 
 use crate::common;
 use common::manifest::Want;
+use common::qemu_img_line;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -133,19 +134,12 @@ fn compressed_zlib_and_zstd() {
             n += 1;
             let img = dir.path().join(format!("c{n}.qcow2"));
             let opts = format!("compression_type={ct},cluster_size={cs}");
-            qemu_img(&[
-                "convert",
-                "-q",
-                "-c",
-                "-f",
-                "raw",
-                "-O",
-                "qcow2",
-                "-o",
+            qemu_img_line(&format!(
+                "convert -q -c -f raw -O qcow2 -o {} {} {}",
                 &opts,
                 raw.to_str().unwrap(),
-                img.to_str().unwrap(),
-            ]);
+                img.to_str().unwrap()
+            ));
             // Mix compressed clusters with later plain writes.
             qemu_io("qcow2", &img, &["write -P 0x77 100k 3k", "write -z 3M 64k"]);
             assert_matches_qemu(&img);
@@ -288,20 +282,10 @@ fn three_deep_chain_with_short_raw_base() {
     let base = d.join("base.raw");
     raw_pattern(&base, (3 << 20) + 1000);
     let mid = d.join("mid.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        "-o",
-        "cluster_size=4k",
-        mid.to_str().unwrap(),
-        "6M",
-    ]);
+    qemu_img_line(&format!(
+        "create -q -f qcow2 -b base.raw -F raw -o cluster_size=4k {} 6M",
+        mid.to_str().unwrap()
+    ));
     qemu_io(
         "qcow2",
         &mid,
@@ -313,20 +297,10 @@ fn three_deep_chain_with_short_raw_base() {
     );
     for recorded in [true, false] {
         let top = d.join(format!("top{recorded}.qcow2"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            "-o",
-            "cluster_size=64k,compat=0.10",
-            top.to_str().unwrap(),
-            "8M",
-        ]);
+        qemu_img_line(&format!(
+            "create -q -f qcow2 -b mid.qcow2 -F qcow2 -o cluster_size=64k,compat=0.10 {} 8M",
+            top.to_str().unwrap()
+        ));
         qemu_io(
             "qcow2",
             &top,
@@ -359,18 +333,11 @@ fn unknown_backing_format_is_unsupported() {
     let dir = scratch();
     let base = build(dir.path(), "b.qcow2", "", "1M", &[]);
     let top = dir.path().join("t.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
+    qemu_img_line(&format!(
+        "create -q -f qcow2 -b {} -F qcow2 {} 1M",
         base.to_str().unwrap(),
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-        "1M",
-    ]);
+        top.to_str().unwrap()
+    ));
     let off = find(&top, &0xe279_2acau32.to_be_bytes());
     patch(&top, off + 8, b"xyz\0\0");
     patch(&top, off + 4, &3u32.to_be_bytes());

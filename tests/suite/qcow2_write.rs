@@ -4,6 +4,7 @@
 
 use crate::common;
 use common::model::{self, Target, Via};
+use common::qemu_img_line;
 use common::rng::Rng;
 use common::try_open_rw;
 
@@ -141,16 +142,12 @@ fn run_matrix_row(n: usize, opts: &str, cs: u64, backing: bool, snapshot: bool) 
             );
             let p = dir.join(format!("top{n}.qcow2"));
             let o = format!("{opts},backing_file={bs},backing_fmt=qcow2");
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
+            qemu_img_line(&format!(
+                "create -q -f qcow2 -o {} {} {}",
                 &o,
                 p.to_str().unwrap(),
-                &size.to_string(),
-            ]);
+                &size.to_string()
+            ));
             qemu_io("qcow2", &p, &cmds[..3]);
             p
         } else {
@@ -293,6 +290,87 @@ fn refcount_table_grows() {
     verify(&img, &model);
 }
 
+/// Regression: a variable holding the file's end shadowed the write's
+/// in-cluster end, so a partial in-place write into an extended-L2 cluster
+/// completed the wrong range of subclusters from the backing file (fixed
+/// in 8935ca1). Writes into unallocated and allocated subclusters of one
+/// allocated cluster over a patterned backing file.
+#[test]
+fn extended_l2_partial_write_in_place_fills_only_its_own_subclusters() {
+    let dir = scratch();
+    let d = dir.path();
+    let base = create(
+        d,
+        "xb.qcow2",
+        "cluster_size=64k",
+        "4M",
+        &["write -P 0x33 0 4M"],
+    );
+    let o = format!(
+        "compat=1.1,cluster_size=64k,extended_l2=on,backing_file={},backing_fmt=qcow2",
+        s(&base)
+    );
+    let img = create(d, "xl2.qcow2", &o, "4M", &["write -P 0x5a 1M 4k"]);
+    let mut model = qemu_raw(&img, None);
+    let chain = try_open_rw(&img).unwrap();
+    for (off, len) in [
+        (M + 5000, 3),
+        (M + 65536 - 700, 700),
+        (M + 10, 1),
+        (M + 9000, 9000),
+    ] {
+        let data = vec![0xc3u8; len];
+        chain.write_at(&data, off).unwrap();
+        model[off as usize..off as usize + len].copy_from_slice(&data);
+    }
+    chain.flush().unwrap();
+    drop(chain);
+    verify(&img, &model);
+}
+
+/// Known bug, found by the model harness (the extended-L2 row of
+/// `matrix_of_formats_and_features`, shrunk): on an extended-L2 overlay
+/// with a snapshot, zeroing the disk's last 2049 bytes, reopening and
+/// writing its last byte leaves an L2 entry whose cluster runs past the
+/// end of the file; the read then fails ("data cluster at 0xc0000 lies
+/// past the end of the file"). Ignored until the write engine fixes it.
+#[test]
+#[ignore = "known bug: extended-L2 tail zeroing, reopen, last-byte write leaves a cluster past EOF"]
+fn extended_l2_tail_zeroed_then_last_byte_written_after_reopen_reads_back() {
+    let dir = scratch();
+    let d = dir.path();
+    let base = create(
+        d,
+        "b9.qcow2",
+        "cluster_size=64k",
+        "8M",
+        &["write -P 0x33 0 5M", "write -P 0x44 6M 2M"],
+    );
+    let o = format!(
+        "compat=1.1,cluster_size=64k,extended_l2=on,backing_file={},backing_fmt=qcow2",
+        s(&base)
+    );
+    let cmds = setup_cmds(64 * K);
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    let img = create(d, "top9.qcow2", &o, "8M", &cmds[..3]);
+    qemu_img(&["snapshot", "-c", "snap1", s(&img)]);
+    let mut model = qemu_raw(&img, None);
+    let size = model.len() as u64;
+    let chain = try_open_rw(&img).unwrap();
+    chain.write_zeroes(size - 2049, 2049).unwrap();
+    chain.flush().unwrap();
+    drop(chain);
+    model[(size - 2049) as usize..].fill(0);
+    let chain = try_open_rw(&img).unwrap();
+    chain.write_at(&[0x5c], size - 1).unwrap();
+    chain.flush().unwrap();
+    model[(size - 1) as usize] = 0x5c;
+    let got = read_all(&chain, 1 << 20).unwrap_or_else(|e| panic!("read back: {e}"));
+    common::assert_model(&got, &model, "after the last-byte write");
+    drop(chain);
+    verify(&img, &model);
+}
+
 #[test]
 fn concurrent_writers() {
     let dir = scratch();
@@ -308,16 +386,11 @@ fn concurrent_writers() {
         .unwrap();
         let img = dir.path().join(format!("conc{n}.qcow2"));
         let o = format!("{opts},backing_file={},backing_fmt=raw", base.display());
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
+        qemu_img_line(&format!(
+            "create -q -f qcow2 -o {} {} 8M",
             &o,
-            img.to_str().unwrap(),
-            "8M",
-        ]);
+            img.to_str().unwrap()
+        ));
         let mut model = qemu_raw(&img, None);
         let chain = Arc::new(try_open_rw(&img).unwrap());
         // Thread t owns stripes t, t+8, ... of 1000 bytes: every cluster
@@ -433,16 +506,11 @@ fn zeroing_hides_backing_data() {
         std::fs::write(&base, vec![0x99u8; 4 * M as usize]).unwrap();
         let img = dir.path().join(format!("zt{n}.qcow2"));
         let o = format!("{opts},backing_file={},backing_fmt=raw", base.display());
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
+        qemu_img_line(&format!(
+            "create -q -f qcow2 -o {} {} 4M",
             &o,
-            img.to_str().unwrap(),
-            "4M",
-        ]);
+            img.to_str().unwrap()
+        ));
         let chain = try_open_rw(&img).unwrap();
         chain.write_zeroes(100, 3 * M).unwrap();
         chain.flush().unwrap();

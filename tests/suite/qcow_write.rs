@@ -5,6 +5,7 @@
 
 use crate::common;
 use common::model::{self, Target, Via};
+use common::qemu_img_line;
 use common::{assert_model, open_rw, s};
 
 use std::os::unix::fs::MetadataExt;
@@ -322,17 +323,7 @@ fn partial_writes_into_compressed_clusters_keep_the_rest() {
 fn encrypted_images_are_not_opened_writable() {
     let dir = scratch();
     let img = dir.path().join("aes.qcow");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow",
-        "--object",
-        "secret,id=sec0,data=password",
-        "-o",
-        "encrypt.format=aes,encrypt.key-secret=sec0",
-        s(&img),
-        "1M",
-    ]);
+    qemu_img_line(&format!("create -f qcow --object secret,id=sec0,data=password -o encrypt.format=aes,encrypt.key-secret=sec0 {} 1M", s(&img)));
     let opts = ChainOptions {
         writable: true,
         ..ChainOptions::default()

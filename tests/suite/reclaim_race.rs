@@ -9,11 +9,12 @@
 //! Bounded in time: `VDISKFS_RACE_SECS` (default 20) seconds.
 
 use crate::common;
+use common::qemu_img_line;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{caches, qemu_img, scratch};
+use common::{caches, scratch};
 use vdiskfs::chain::{Chain, ChainOptions};
 
 const BLOCK: u64 = 4096;
@@ -53,16 +54,11 @@ fn reads_never_see_another_offsets_data_under_discards_and_reuse() {
     let d = scratch();
     let img = d.path().join("race.qcow2");
     let size = (BLOCK * BLOCKS).to_string();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "compat=1.1,cluster_size=4096",
+    qemu_img_line(&format!(
+        "create -q -f qcow2 -o compat=1.1,cluster_size=4096 {} {}",
         img.to_str().unwrap(),
-        &size,
-    ]);
+        &size
+    ));
     let opts = ChainOptions {
         writable: true,
         ..Default::default()

@@ -159,17 +159,10 @@ fn chain_dir() -> tempfile::TempDir {
     let data: Vec<u8> = (0..3u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(&base, &data).unwrap();
     let top = dir.path().join("top.qcow2");
-    common::qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        top.to_str().unwrap(),
-    ]);
+    common::qemu_img_line(&format!(
+        "create -q -f qcow2 -b base.raw -F raw {}",
+        top.to_str().unwrap()
+    ));
     common::qemu_io(
         "qcow2",
         &top,
@@ -250,19 +243,10 @@ fn untrusted_mode_refuses_a_backing_file_in_another_prefix() {
     moto();
     let dir = common::scratch();
     let top = dir.path().join("escape.qcow2");
-    common::qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        "../other/base.raw",
-        "-F",
-        "raw",
-        top.to_str().unwrap(),
-        "3M",
-    ]);
+    common::qemu_img_line(&format!(
+        "create -q -f qcow2 -u -b ../other/base.raw -F raw {} 3M",
+        top.to_str().unwrap()
+    ));
     upload(moto(), &[(dir.path(), "nest")]);
     let url = format!("s3://{BUCKET}/nest/escape.qcow2");
     let err = open(&url, true).err().expect("untrusted mode must refuse");

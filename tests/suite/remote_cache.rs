@@ -194,29 +194,18 @@ fn overlay_writes_over_a_remote_base_pass_qemu_img_check_and_compare() {
     let copy = work.path().join("copy.qcow2");
     std::fs::copy(&ov, &copy).unwrap();
     let lb = local_base.to_str().unwrap();
-    common::qemu_img(&[
-        "rebase",
-        "-u",
-        "-f",
-        "qcow2",
-        "-b",
+    common::qemu_img_line(&format!(
+        "rebase -u -f qcow2 -b {} -F raw {}",
         lb,
-        "-F",
-        "raw",
-        copy.to_str().unwrap(),
-    ]);
+        copy.to_str().unwrap()
+    ));
     let expected = work.path().join("want.raw");
     std::fs::write(&expected, &want).unwrap();
-    common::qemu_img(&[
-        "compare",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
+    common::qemu_img_line(&format!(
+        "compare -q -f qcow2 -F raw {} {}",
         copy.to_str().unwrap(),
-        expected.to_str().unwrap(),
-    ]);
+        expected.to_str().unwrap()
+    ));
 
     // vdiskfs reuses the overlay: remount it over the same URL.
     let m = Mounted::new(&[Path::new(&url)], &["--overlay", ovs]);

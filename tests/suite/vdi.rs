@@ -5,9 +5,9 @@
 //! images (refused or EIO on the damaged block, bounded memory).
 
 use crate::common;
+use common::qemu_img_line;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::fuse::{vdiskfs, Mounted};
 use common::{assert_matches_qemu, qemu_img, qemu_io, qemu_raw, read_all, rng::Rng, scratch};
@@ -85,13 +85,11 @@ fn static_and_dynamic_vdi_match_qemu() {
     }
     std::fs::write(&raw, &data).unwrap();
     let conv = d.path().join("conv.vdi");
-    qemu_img(&[
-        "convert",
-        "-O",
-        "vdi",
+    qemu_img_line(&format!(
+        "convert -O vdi {} {}",
         raw.to_str().unwrap(),
-        conv.to_str().unwrap(),
-    ]);
+        conv.to_str().unwrap()
+    ));
     assert_matches_qemu(&conv);
     let chain = common::open_chain(&conv).unwrap();
     assert_eq!(read_all(&chain, 1 << 20).unwrap(), data);
@@ -178,16 +176,10 @@ fn qcow2_overlay_over_a_vdi() {
     let d = scratch();
     let base = vdi(d.path(), "base.vdi", 6 * MIB, false, 50, 7);
     let ov = d.path().join("ov.qcow2");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.vdi",
-        "-F",
-        "vdi",
-        ov.to_str().unwrap(),
-    ]);
+    qemu_img_line(&format!(
+        "create -f qcow2 -b base.vdi -F vdi {}",
+        ov.to_str().unwrap()
+    ));
     qemu_io(
         "qcow2",
         &ov,
@@ -245,22 +237,6 @@ fn vdi_info_and_fuse_mount() {
     assert_eq!(common::sha256_file(&p), before);
 }
 
-/// `vdiskfs info` under a 512 MiB address-space limit and a timeout.
-fn info_bounded(path: &Path) -> (Option<i32>, String) {
-    common::require_tool("prlimit", "util-linux");
-    let out = Command::new("timeout")
-        .args(["20", "prlimit", "--as=536870912", "--"])
-        .arg(common::fuse::bin())
-        .arg("info")
-        .arg(path)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn damaged_vdi_is_refused_or_fails_only_the_damaged_block() {
     let d = scratch();
@@ -316,7 +292,7 @@ fn damaged_vdi_is_refused_or_fails_only_the_damaged_block() {
         let msg = e.to_string();
         assert!(msg.contains(words) && !msg.contains('\n'), "{msg}");
         assert_eq!(e.path(), Some(p.as_path()));
-        let (code, stderr) = info_bounded(p);
+        let (code, stderr, _) = common::fuse::info_bounded(p, &[]);
         assert!(
             code != Some(0) && code != Some(124) && code.is_some(),
             "{}: {code:?} {stderr}",

@@ -5,6 +5,7 @@
 
 use crate::common;
 use common::manifest;
+use common::qemu_img_line;
 
 use std::path::Path;
 
@@ -47,17 +48,12 @@ fn converted_from_raw_match_qemu() {
     for sub in ["dynamic", "fixed"] {
         let p = d.path().join(format!("conv-{sub}.vhd"));
         let o = format!("subformat={sub}");
-        qemu_img(&[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "vpc",
-            "-o",
+        qemu_img_line(&format!(
+            "convert -f raw -O vpc -o {} {} {}",
             &o,
             s(&raw),
-            s(&p),
-        ]);
+            s(&p)
+        ));
         assert_matches_qemu_vpc(&p);
     }
 }
@@ -73,17 +69,11 @@ fn qcow2_overlay_over_vhd() {
         &["write -P 0x31 0 5M", "write -P 0x32 12M 3M"],
     );
     let fixed = d.path().join("fixed.vhd");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "vpc",
-        "-O",
-        "vpc",
-        "-o",
-        "subformat=fixed",
+    qemu_img_line(&format!(
+        "convert -f vpc -O vpc -o subformat=fixed {} {}",
         s(&base),
-        s(&fixed),
-    ]);
+        s(&fixed)
+    ));
     for (b, fmt) in [(&base, Some("vpc")), (&fixed, Some("vpc"))] {
         let top = d.path().join("top.qcow2");
         let _ = std::fs::remove_file(&top);
@@ -177,15 +167,8 @@ fn manifest_next_vpc_rows() {
 /// Asserts `vdiskfs info` fails on one line naming the file, quickly and
 /// within 512 MiB of address space.
 fn assert_cli_refuses(p: &Path, needle: &str) {
-    let out = std::process::Command::new("timeout")
-        .args(["20", "prlimit", "--as=536870912", "--"])
-        .arg(common::fuse::bin())
-        .arg("info")
-        .arg(p)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{}: {err}", p.display());
+    let (code, err, _) = common::fuse::info_bounded(p, &[]);
+    assert_eq!(code, Some(1), "{}: {err}", p.display());
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     let name = p.file_name().unwrap().to_str().unwrap();
     assert!(err.contains(name) && err.contains(needle), "{err}");
@@ -198,16 +181,10 @@ fn hostile_images() {
     qemu_img(&["create", "-q", "-f", "vpc", s(&dynamic), "10M"]);
     qemu_io("vpc", &dynamic, &["write -P 0x61 0 6M"]);
     let fixed = d.path().join("fixed.vhd");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vpc",
-        "-o",
-        "subformat=fixed",
-        s(&fixed),
-        "4M",
-    ]);
+    qemu_img_line(&format!(
+        "create -q -f vpc -o subformat=fixed {} 4M",
+        s(&fixed)
+    ));
     let bytes = std::fs::read(&dynamic).unwrap();
     let bat_at = u64::from_be_bytes(bytes[512 + 16..512 + 24].try_into().unwrap()) as usize;
 
@@ -367,16 +344,10 @@ fn mutated_images_never_panic() {
         &["write -P 0x61 0 40k", "write -P 0x62 2M 4k"],
     );
     let fixed = d.path().join("fixed.vhd");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vpc",
-        "-o",
-        "subformat=fixed",
-        s(&fixed),
-        "256k",
-    ]);
+    qemu_img_line(&format!(
+        "create -q -f vpc -o subformat=fixed {} 256k",
+        s(&fixed)
+    ));
     let mut oracle = vec![0u8; 1 << 20];
     let child = d.path().join("child.vhd");
     let diff = Diff {

@@ -4,10 +4,11 @@
 //! differencing disk of MANIFEST-next over a stand-in parent.
 
 use crate::common;
+use common::qemu_img_line;
 
 use common::fuse::vdiskfs;
 use common::vhd::*;
-use common::{qemu_img, qemu_raw, read_all, scratch, testdata};
+use common::{qemu_raw, read_all, scratch, testdata};
 use vdiskfs::chain::ChainOptions;
 use vdiskfs::ErrorKind;
 
@@ -70,17 +71,11 @@ fn differencing_chains_read_child_over_parent() {
     );
     // Over a fixed parent, found by its absolute W2ku name's file name.
     let fixed = d.path().join("fixed.vhd");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "vpc",
-        "-O",
-        "vpc",
-        "-o",
-        "subformat=fixed",
+    qemu_img_line(&format!(
+        "convert -f vpc -O vpc -o subformat=fixed {} {}",
         s(&base),
-        s(&fixed),
-    ]);
+        s(&fixed)
+    ));
     let mut oracle = qemu_raw(&fixed, Some("vpc"));
     let child = d.path().join("child-of-fixed.vhd");
     let diff = Diff {
@@ -167,7 +162,7 @@ fn parent_uuid_mismatch_and_missing_parent_are_refused() {
 /// rest of its bitmap byte. Those sectors hold zeros in the child and
 /// their bits are clear, so we read the parent there, as the bitmap says.)
 #[test]
-fn real_windows_differencing_disk_over_a_stand_in_parent() {
+fn sector_bitmaps_are_read_msb_first_as_windows_writes_them() {
     let d = scratch();
     let src = testdata()
         .join("images/next/vhd-dfvfs-diskpart-differencing-parent-missing/fat-differential.vhd");

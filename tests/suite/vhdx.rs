@@ -9,6 +9,7 @@
 //! assumed), so the crafted cases follow whatever layout qemu chose.
 
 use crate::common;
+use common::qemu_img_line;
 use common::s;
 
 use std::path::{Path, PathBuf};
@@ -266,32 +267,18 @@ fn qcow2_overlay_over_vhdx_matches_qemu() {
         &["write -P 0x11 0 6M", "write -P 0x22 10M 2M"],
     );
     let top = dir.path().join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.vhdx",
-        "-F",
-        "vhdx",
-        s(&top),
-    ]);
+    qemu_img_line(&format!("create -f qcow2 -b base.vhdx -F vhdx {}", s(&top)));
     qemu_io("qcow2", &top, &["write -P 0x33 1M 64k", "write -z 10M 4k"]);
     assert_matches_qemu(&top);
     let c = open_chain(&top).unwrap();
     assert_eq!(c.layers().len(), 2);
     // Probed too, without -F.
     let top2 = dir.path().join("top2.qcow2");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
+    qemu_img_line(&format!(
+        "create -f qcow2 -b {} -F vhdx {}",
         s(&base),
-        "-F",
-        "vhdx",
-        s(&top2),
-    ]);
+        s(&top2)
+    ));
     assert_matches_qemu(&top2);
 }
 

@@ -3,6 +3,7 @@
 
 use crate::common;
 use common::manifest;
+use common::qemu_img_line;
 use common::s;
 
 use std::fs;
@@ -216,15 +217,11 @@ fn qemu_stream_optimized() {
         &["write -P 0x5a 64k 64k", "write -P 0x12 5M 1000k"],
     );
     let img = dir.path().join("stream.vmdk");
-    qemu_img(&[
-        "convert",
-        "-O",
-        "vmdk",
-        "-o",
-        "subformat=streamOptimized",
+    qemu_img_line(&format!(
+        "convert -O vmdk -o subformat=streamOptimized {} {}",
         s(&raw),
-        s(&img),
-    ]);
+        s(&img)
+    ));
     assert_matches_qemu(&img);
     let c = open_chain(&img).unwrap();
     let i = c.layers()[0].info();
@@ -234,15 +231,11 @@ fn qemu_stream_optimized() {
     let q = dir.path().join("src.qcow2");
     qemu_img(&["convert", "-O", "qcow2", s(&raw), s(&q)]);
     let img2 = dir.path().join("stream2.vmdk");
-    qemu_img(&[
-        "convert",
-        "-O",
-        "vmdk",
-        "-o",
-        "subformat=streamOptimized",
+    qemu_img_line(&format!(
+        "convert -O vmdk -o subformat=streamOptimized {} {}",
         s(&q),
-        s(&img2),
-    ]);
+        s(&img2)
+    ));
     let got = read_all(&open_chain(&img2).unwrap(), 1 << 20).unwrap();
     assert_eq!(small_sha256(&got), small_sha256(&fs::read(&raw).unwrap()));
 }
@@ -307,34 +300,20 @@ fn qemu_delta_chains() {
     qemu_img(&["create", "-q", "-f", "vmdk", s(&base), "12M"]);
     scatter_writes(&base, 12);
     let mid = dir.path().join("mid.vmdk");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vmdk",
-        "-b",
-        "base.vmdk",
-        "-F",
-        "vmdk",
-        s(&mid),
-    ]);
+    qemu_img_line(&format!(
+        "create -q -f vmdk -b base.vmdk -F vmdk {}",
+        s(&mid)
+    ));
     qemu_io(
         "vmdk",
         &mid,
         &["write -P 0xa1 1100k 8k", "write -P 0xa2 8M 1M"],
     );
     let top = dir.path().join("top.vmdk");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vmdk",
-        "-b",
-        "mid.vmdk",
-        "-F",
-        "vmdk",
-        s(&top),
-    ]);
+    qemu_img_line(&format!(
+        "create -q -f vmdk -b mid.vmdk -F vmdk {}",
+        s(&top)
+    ));
     qemu_io(
         "vmdk",
         &top,
@@ -349,16 +328,10 @@ fn qemu_delta_chains() {
     assert!(c.layers()[2].backing().is_none());
     // A split-sparse child of a flat parent.
     let fp = dir.path().join("flat parent.vmdk");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vmdk",
-        "-o",
-        "subformat=monolithicFlat",
-        s(&fp),
-        "6M",
-    ]);
+    qemu_img_line(&format!(
+        "create -q -f vmdk -o subformat=monolithicFlat {} 6M",
+        s(&fp)
+    ));
     qemu_io("vmdk", &fp, &["write -P 0x3c 0 6M"]);
     let ch = dir.path().join("child.vmdk");
     qemu_img(&[
@@ -468,17 +441,10 @@ fn cid_mismatch_is_refused_unless_ignored() {
     qemu_img(&["create", "-q", "-f", "vmdk", s(&base), "4M"]);
     qemu_io("vmdk", &base, &["write -P 0x21 0 1M"]);
     let child = dir.path().join("child.vmdk");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vmdk",
-        "-b",
-        "base.vmdk",
-        "-F",
-        "vmdk",
-        s(&child),
-    ]);
+    qemu_img_line(&format!(
+        "create -q -f vmdk -b base.vmdk -F vmdk {}",
+        s(&child)
+    ));
     let mut bytes = fs::read(&child).unwrap();
     // qemu writes CIDs without padding (7 digits sometimes): overwrite the
     // whole value, keeping its width, with digits that differ from it.
@@ -610,15 +576,11 @@ fn hostile_stream_files() {
         &["write -P 0x41 0 64k", "write -P 0x42 1M 64k"],
     );
     let st = d.join("stream.vmdk");
-    qemu_img(&[
-        "convert",
-        "-O",
-        "vmdk",
-        "-o",
-        "subformat=streamOptimized",
+    qemu_img_line(&format!(
+        "convert -O vmdk -o subformat=streamOptimized {} {}",
         s(&raw),
-        s(&st),
-    ]);
+        s(&st)
+    ));
     let b = fs::read(&st).unwrap();
     let first = u64::from_le_bytes(b[64..72].try_into().unwrap()) as usize * 512;
     assert_eq!(
@@ -766,16 +728,10 @@ fn handwritten_cowd_delta() {
 fn zeroed_grains_read_as_holes() {
     let dir = scratch();
     let img = dir.path().join("z.vmdk");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vmdk",
-        "-o",
-        "zeroed_grain=on",
-        s(&img),
-        "4M",
-    ]);
+    qemu_img_line(&format!(
+        "create -q -f vmdk -o zeroed_grain=on {} 4M",
+        s(&img)
+    ));
     qemu_io("vmdk", &img, &["write -P 0x5a 0 4M", "write -z 1M 128k"]);
     let c = open_chain(&img).unwrap();
     assert_eq!(

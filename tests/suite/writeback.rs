@@ -6,30 +6,18 @@
 //! merge with what the image held. Checked against `qemu-img compare`.
 
 use crate::common;
+use common::qemu_img_line;
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::fuse::{vdiskfs, wait_gone, Mounted};
+use common::fuse::{wait_gone, Mounted};
 use common::rng::Rng;
 use common::{qemu_img, qemu_io, qemu_raw, scratch};
 
 const SIZE: usize = 32 << 20;
-
-/// The daemon serving `m`, from `vdiskfs list --json`.
-fn daemon_pid(m: &Mounted) -> i32 {
-    let list = vdiskfs(&["list", "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["mountpoint"].as_str() == m.mountpoint.to_str())
-        .expect("the mount is listed")["pid"]
-        .as_i64()
-        .unwrap() as i32
-}
 
 /// A qcow2 image of [`SIZE`] bytes whose first half holds a pattern, so
 /// that partial-page writes have old bytes to merge with.
@@ -89,13 +77,10 @@ fn assert_image_is(img: &Path, model: &[u8], dir: &Path) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let check = qemu_img(&[
-        "check",
-        "--output=json",
-        "-f",
-        "qcow2",
-        img.to_str().unwrap(),
-    ]);
+    let check = qemu_img_line(&format!(
+        "check --output=json -f qcow2 {}",
+        img.to_str().unwrap()
+    ));
     let v: serde_json::Value = serde_json::from_str(&check).unwrap();
     assert_eq!(v["corruptions"].as_u64().unwrap_or(0), 0, "{check}");
 }
@@ -103,7 +88,7 @@ fn assert_image_is(img: &Path, model: &[u8], dir: &Path) {
 /// Writes, fsyncs, kills the daemon with SIGKILL, and compares.
 fn write_fsync_kill(img: &Path, opts: &[&str], model: &mut [u8], seed: u64) {
     let m = Mounted::new(&[img], opts);
-    let pid = daemon_pid(&m);
+    let pid = common::fuse::daemon_pid(&m);
     write_everything(&m.file("disk.raw"), model, seed);
     // SAFETY: killing the daemon this test started.
     unsafe { libc::kill(pid, libc::SIGKILL) };

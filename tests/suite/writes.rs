@@ -3,6 +3,7 @@
 //! the mount, discard, crash safety under SIGKILL, locks.
 
 use crate::common;
+use common::qemu_img_line;
 
 use std::collections::HashMap;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -12,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::fuse::{vdiskfs, wait_gone, Mounted};
+use common::fuse::{wait_gone, Mounted};
 
 /// Tests that attach loop devices and mount guest filesystems run one at a
 /// time: parallel `losetup -f` and asynchronous loop detach race otherwise.
@@ -172,13 +173,11 @@ fn filesystem_through_mount(base_fmt: &str, mode: &str) {
     check_clean(&top, top_fmt);
     // qemu's own view of the written disk, read with debugfs.
     let raw = d.path().join("qemu-view.raw");
-    qemu_img(&[
-        "convert",
-        "-O",
-        "raw",
+    qemu_img_line(&format!(
+        "convert -O raw {} {}",
         top.to_str().unwrap(),
-        raw.to_str().unwrap(),
-    ]);
+        raw.to_str().unwrap()
+    ));
     let hello = run(Command::new("debugfs")
         .args(["-R", "cat /hello.txt"])
         .arg(&raw));
@@ -423,17 +422,7 @@ fn crash_test(fmt: &str, rounds: usize) {
     for round in 0..rounds {
         let m = Mounted::new(&[&img], &["--rw"]);
         let path = m.file("disk.raw");
-        let pid = {
-            let list = vdiskfs(&["list", "--json"]);
-            let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
-            v.as_array()
-                .unwrap()
-                .iter()
-                .find(|e| e["mountpoint"].as_str() == m.mountpoint.to_str())
-                .unwrap()["pid"]
-                .as_i64()
-                .unwrap() as i32
-        };
+        let pid = common::fuse::daemon_pid(&m);
         let stop = Arc::new(AtomicBool::new(false));
         let done: Arc<Mutex<Vec<(u64, u8)>>> = Arc::new(Mutex::new(Vec::new()));
         // Why the writer ended, once it has: set before the kill, that is

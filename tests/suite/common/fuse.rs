@@ -123,3 +123,36 @@ impl Drop for Mounted {
         }
     }
 }
+
+/// `vdiskfs info ARGS PATH` in a child limited to 512 MiB of address
+/// space and 20 s (hostile images): (exit code, stderr, duration).
+pub fn info_bounded(path: &Path, args: &[&str]) -> (Option<i32>, String, std::time::Duration) {
+    super::require_tool("prlimit", "util-linux");
+    let started = std::time::Instant::now();
+    let out = Command::new("timeout")
+        .args(["20", "prlimit", "--as=536870912", "--"])
+        .arg(bin())
+        .arg("info")
+        .args(args)
+        .arg(path)
+        .output()
+        .expect("cannot run timeout");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        started.elapsed(),
+    )
+}
+
+/// The pid of the daemon serving `m`, from `vdiskfs list --json`.
+pub fn daemon_pid(m: &Mounted) -> i32 {
+    let list = vdiskfs(&["list", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    let entry = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["mountpoint"].as_str() == m.mountpoint.to_str())
+        .unwrap_or_else(|| panic!("{} is not listed", m.mountpoint.display()));
+    entry["pid"].as_i64().expect("pid") as i32
+}

@@ -51,6 +51,64 @@ pub fn qemu_img(args: &[&str]) -> String {
     run(Command::new("qemu-img").args(args))
 }
 
+/// `qemu-img` with `line` split at white space: one line for the many
+/// create/convert calls (our scratch paths have no spaces).
+pub fn qemu_img_line(line: &str) -> String {
+    let args: Vec<&str> = line.split_whitespace().collect();
+    qemu_img(&args)
+}
+
+/// The data extents `qemu-img map` reports for `img` (read as `fmt`, or
+/// probed), adjacent ones merged.
+pub fn qemu_data_extents(img: &Path, fmt: Option<&str>) -> Vec<(u64, u64)> {
+    let mut args = vec!["map", "--output=json"];
+    if let Some(f) = fmt {
+        args.extend(["-f", f]);
+    }
+    args.push(img.to_str().unwrap());
+    let v: serde_json::Value = serde_json::from_str(&qemu_img(&args)).unwrap();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for e in v.as_array().unwrap() {
+        if e["data"] != true {
+            continue;
+        }
+        let start = e["start"].as_u64().unwrap();
+        let end = start + e["length"].as_u64().unwrap();
+        match out.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => out.push((start, end)),
+        }
+    }
+    out
+}
+
+/// The data extents of the file at `path` by SEEK_DATA / SEEK_HOLE, as
+/// `(start, end)`; ENXIO ends the walk (no data past `pos`).
+pub fn seek_data_extents(path: &Path) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    let fd = f.as_raw_fd();
+    let size = f.metadata().unwrap().len() as i64;
+    let mut out = Vec::new();
+    let mut pos = 0i64;
+    while pos < size {
+        // SAFETY: fd is open for the duration of the calls; lseek has no
+        // memory effects.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = std::io::Error::last_os_error();
+            assert_eq!(err.raw_os_error(), Some(libc::ENXIO), "SEEK_DATA: {err}");
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        assert!(hole > data, "SEEK_HOLE {hole} after data at {data}");
+        out.push((data as u64, hole as u64));
+        pos = hole;
+    }
+    out
+}
+
 /// `qemu-io -f FMT IMAGE -c CMD...`.
 pub fn qemu_io(fmt: &str, image: &Path, cmds: &[&str]) {
     require_tool("qemu-io", "qemu-utils");

@@ -41,14 +41,7 @@ impl Served {
         let deadline = Instant::now() + Duration::from_secs(20);
         while UnixStream::connect(&socket).is_err() {
             if let Some(status) = child.try_wait().unwrap() {
-                let mut err = String::new();
-                child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
-                return Err(format!("exited with {status}: {err}"));
+                return Err(format!("exited with {status}: {}", stderr_text(&mut child)));
             }
             assert!(
                 Instant::now() < deadline,
@@ -75,14 +68,7 @@ impl Served {
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let status = child.wait().unwrap();
         wait_gone(child.id());
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        (status, err)
+        (status, stderr_text(&mut child))
     }
 
     /// True while the server process runs.
@@ -211,4 +197,13 @@ impl Raw {
             }
         }
     }
+}
+
+/// Everything `child` wrote to its piped stderr.
+fn stderr_text(child: &mut std::process::Child) -> String {
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut err).unwrap();
+    }
+    err
 }

@@ -428,18 +428,10 @@ fn differencing_disk_reads_through_its_parent() {
 
     // A qcow2 overlay over the differencing disk.
     let top = dir.path().join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-u",
-        "-f",
-        "qcow2",
-        "-b",
-        "child.avhdx",
-        "-F",
-        "vhdx",
-        s(&top),
-        "8M",
-    ]);
+    qemu_img_line(&format!(
+        "create -u -f qcow2 -b child.avhdx -F vhdx {} 8M",
+        s(&top)
+    ));
     let c = open_chain(&top).unwrap();
     assert_eq!(c.layers().len(), 3);
     assert_same(&read_all(&c, 1 << 20).unwrap(), &expected, &top, 0);

@@ -2,7 +2,6 @@
 //! one-line message naming the file, or EIO confined to the damaged block;
 //! `vdiskfs info` on each stays within 512 MiB of address space and 20 s.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::*;
@@ -14,23 +13,6 @@ enum Expect {
     EioAt { bad: u64, good: u64 },
     /// Opens and reads exactly what qemu reads from the undamaged image.
     Reads,
-}
-
-/// `vdiskfs info` bounded in memory and time: (exit code, stderr, duration).
-fn info_bounded(p: &Path) -> (Option<i32>, String, Duration) {
-    let started = Instant::now();
-    let out = Command::new("timeout")
-        .args(["20", "prlimit", "--as=536870912", "--"])
-        .arg(common::fuse::bin())
-        .arg("info")
-        .arg(p)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        started.elapsed(),
-    )
 }
 
 /// Adds a region table entry to both copies (CRCs recomputed).
@@ -279,7 +261,7 @@ fn hostile_images_are_refused_or_fail_only_their_range() {
     let mut failures = Vec::new();
     for (name, patch, expect) in &cases {
         let p = patched(&base, dir.path(), &format!("{name}.vhdx"), |b| patch(b));
-        let (code, stderr, took) = info_bounded(&p);
+        let (code, stderr, took) = common::fuse::info_bounded(&p, &[]);
         if took > Duration::from_secs(10) || code == Some(124) || code.is_none() {
             failures.push(format!("{name}: info took {took:?} (exit {code:?})"));
         }
