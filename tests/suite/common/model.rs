@@ -89,7 +89,7 @@ pub fn seed() -> RngSeed {
             v.parse()
                 .unwrap_or_else(|_| panic!("VDISKFS_MODEL_SEED={v}")),
         ),
-        Err(_) => RngSeed::Fixed(0x5eed_0f_d15c),
+        Err(_) => RngSeed::Fixed(0x5eed_d15c),
     }
 }
 
