@@ -333,15 +333,7 @@ fn sigterm_and_unmount_end_the_daemon_and_list_shows_it() {
     let raw = d.path().join("sig.img");
     std::fs::write(&raw, vec![7u8; 8192]).unwrap();
     let m = Mounted::new(&[&raw], &[]);
-    let list = vdiskfs(&["list", "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
-    let entry = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["mountpoint"].as_str() == m.mountpoint.to_str())
-        .expect("list shows the mount")
-        .clone();
+    let entry = common::fuse::listed(&m);
     assert_eq!(entry["mode"], "ro");
     let pid = entry["pid"].as_u64().unwrap() as i32;
     // SAFETY: sending a signal to a pid we started.

@@ -2,6 +2,7 @@
 //! chains, the shared test images, and hostile images.
 
 use crate::common;
+use common::{open_err, patched};
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -58,22 +59,6 @@ fn be64(b: &[u8], at: usize) -> u64 {
 fn first_l2_offset(image: &[u8]) -> u64 {
     let l1 = be64(image, 40) as usize;
     be64(image, l1)
-}
-
-/// A copy of `src` in `dir` with `f` applied to its bytes.
-fn patched(src: &Path, dir: &Path, name: &str, f: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
-    let mut bytes = std::fs::read(src).unwrap();
-    f(&mut bytes);
-    let p = dir.join(name);
-    std::fs::write(&p, bytes).unwrap();
-    p
-}
-
-fn open_err(p: &Path) -> vdiskfs::Error {
-    match open_chain(p) {
-        Ok(_) => panic!("{} opened, expected an error", p.display()),
-        Err(e) => e,
-    }
 }
 
 /// An image with data, holes and L2-boundary-crossing writes (4 KiB

@@ -4,6 +4,7 @@
 
 use crate::common;
 use common::manifest::Want;
+use common::open_err;
 use common::qemu_img_line;
 
 use std::io::Write;
@@ -41,13 +42,6 @@ fn read_be64(path: &Path, at: u64) -> u64 {
     let mut b = [0u8; 8];
     f.read_exact_at(&mut b, at).unwrap();
     u64::from_be_bytes(b)
-}
-
-fn open_err(path: &Path) -> vdiskfs::Error {
-    match open_chain(path) {
-        Ok(_) => panic!("{} opened but should not", path.display()),
-        Err(e) => e,
-    }
 }
 
 /// Writes that exercise unaligned ranges, L2 table boundaries, zeroes and discards.

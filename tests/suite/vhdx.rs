@@ -11,6 +11,7 @@
 use crate::common;
 use common::qemu_img_line;
 use common::s;
+use common::{open_err, patched};
 
 use std::path::{Path, PathBuf};
 
@@ -86,22 +87,6 @@ fn metadata_item(b: &[u8], first: u32) -> u64 {
         .find(|&e| le32(b, e) == first)
         .map(|e| m + u64::from(le32(b, e + 16)))
         .expect("metadata item present")
-}
-
-/// A copy of `src` in `dir` with `f` applied to its bytes.
-fn patched(src: &Path, dir: &Path, name: &str, f: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
-    let mut bytes = std::fs::read(src).unwrap();
-    f(&mut bytes);
-    let p = dir.join(name);
-    std::fs::write(&p, bytes).unwrap();
-    p
-}
-
-fn open_err(p: &Path) -> vdiskfs::Error {
-    match open_chain(p) {
-        Ok(_) => panic!("{} opened, expected an error", p.display()),
-        Err(e) => e,
-    }
 }
 
 /// An error that names the file and fits on one line.

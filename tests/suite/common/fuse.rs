@@ -144,15 +144,19 @@ pub fn info_bounded(path: &Path, args: &[&str]) -> (Option<i32>, String, std::ti
     )
 }
 
-/// The pid of the daemon serving `m`, from `vdiskfs list --json`.
-pub fn daemon_pid(m: &Mounted) -> i32 {
+/// The entry of `vdiskfs list --json` for the mount `m`.
+pub fn listed(m: &Mounted) -> serde_json::Value {
     let list = vdiskfs(&["list", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
-    let entry = v
-        .as_array()
+    v.as_array()
         .unwrap()
         .iter()
         .find(|e| e["mountpoint"].as_str() == m.mountpoint.to_str())
-        .unwrap_or_else(|| panic!("{} is not listed", m.mountpoint.display()));
-    entry["pid"].as_i64().expect("pid") as i32
+        .unwrap_or_else(|| panic!("{} is not listed", m.mountpoint.display()))
+        .clone()
+}
+
+/// The pid of the daemon serving `m`, from `vdiskfs list --json`.
+pub fn daemon_pid(m: &Mounted) -> i32 {
+    listed(m)["pid"].as_i64().expect("pid") as i32
 }

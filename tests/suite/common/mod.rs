@@ -175,6 +175,23 @@ pub fn open_chain(image: &Path) -> vdiskfs::Result<Chain> {
     Chain::open(image, &ChainOptions::default(), &Caches::new(64 << 20))
 }
 
+/// Opening `p` must fail: the error.
+pub fn open_err(p: &Path) -> vdiskfs::Error {
+    match open_chain(p) {
+        Ok(_) => panic!("{} opened, expected an error", p.display()),
+        Err(e) => e,
+    }
+}
+
+/// A copy of `src` in `dir` with `f` applied to its bytes.
+pub fn patched(src: &Path, dir: &Path, name: &str, f: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
+    let mut bytes = std::fs::read(src).unwrap();
+    f(&mut bytes);
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
 /// Reads the whole disk through the library, in `piece`-sized reads.
 pub fn read_all(chain: &Chain, piece: usize) -> vdiskfs::Result<Vec<u8>> {
     let size = chain.size() as usize;
