@@ -328,10 +328,16 @@ fn qemu_delta_chains() {
     assert!(c.layers()[2].backing().is_none());
     // A split-sparse child of a flat parent.
     let fp = dir.path().join("flat parent.vmdk");
-    qemu_img_line(&format!(
-        "create -q -f vmdk -o subformat=monolithicFlat {} 6M",
-        s(&fp)
-    ));
+    // A name with a space: not through qemu_img_line.
+    let flat = [
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=monolithicFlat",
+    ];
+    qemu_img(&[&flat[..], &[s(&fp), "6M"]].concat());
     qemu_io("vmdk", &fp, &["write -P 0x3c 0 6M"]);
     let ch = dir.path().join("child.vmdk");
     qemu_img(&[

@@ -52,7 +52,8 @@ pub fn qemu_img(args: &[&str]) -> String {
 }
 
 /// `qemu-img` with `line` split at white space: one line for the many
-/// create/convert calls (our scratch paths have no spaces).
+/// create/convert calls. Only for arguments without spaces (scratch paths
+/// have none; a test that names a file with a space uses [`qemu_img`]).
 pub fn qemu_img_line(line: &str) -> String {
     let args: Vec<&str> = line.split_whitespace().collect();
     qemu_img(&args)
