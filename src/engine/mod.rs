@@ -16,7 +16,7 @@
 //! - [`table_cache`]: generation-checked caching of tables a writer
 //!   changes (no reader ever re-caches a stale copy).
 //! - [`record`]: an optional recorder of every host write and barrier, for
-//!   the power-cut simulation (tests/powercut.rs).
+//!   the power-cut simulation (tests/suite/powercut.rs).
 //! - [`units`]: offset newtypes (guest and host offsets and clusters).
 
 pub mod append;

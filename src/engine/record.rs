@@ -3,7 +3,7 @@
 //!
 //! Attached at run time with [`HostFile::set_recorder`]; recording does not
 //! change what is written or when. The power-cut simulation
-//! (tests/powercut.rs) replays a recorded log cut at random points. A
+//! (tests/suite/powercut.rs) replays a recorded log cut at random points. A
 //! recorder made with [`Recorder::ignoring_barriers`] leaves barriers out
 //! of the log, as if the fdatasyncs had not happened: replays then show
 //! what power loss does to an image written without barriers.

@@ -8,7 +8,7 @@
 //! host files under the layer, `file` and VMDK `extents.N`). Without
 //! `--backing-chain` the top layer's object alone, as qemu-img prints it;
 //! with it a list, top first. What qemu prints and we do not, and why, is
-//! listed in `tests/info_qemu.rs`.
+//! listed in `tests/suite/info_qemu.rs`.
 
 use serde_json::{json, Map, Value};
 
