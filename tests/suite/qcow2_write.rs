@@ -328,14 +328,14 @@ fn extended_l2_partial_write_in_place_fills_only_its_own_subclusters() {
     verify(&img, &model);
 }
 
-/// Known bug, found by the model harness (the extended-L2 row of
+/// Found by the model harness (the extended-L2 row of
 /// `matrix_of_formats_and_features`, shrunk): on an extended-L2 overlay
-/// with a snapshot, zeroing the disk's last 2049 bytes, reopening and
-/// writing its last byte leaves an L2 entry whose cluster runs past the
-/// end of the file; the read then fails ("data cluster at 0xc0000 lies
-/// past the end of the file"). Ignored until the write engine fixes it.
+/// with a snapshot, zeroing the disk's last 2049 bytes leaves the file
+/// ending inside its last cluster (the zeroed subcluster is never written);
+/// after a reopen, writing the disk's last byte grew the file in place but
+/// not the driver's bound on data offsets, so reading it back failed with
+/// "data cluster at 0xc0000 lies past the end of the file".
 #[test]
-#[ignore = "known bug: extended-L2 tail zeroing, reopen, last-byte write leaves a cluster past EOF"]
 fn extended_l2_tail_zeroed_then_last_byte_written_after_reopen_reads_back() {
     let dir = scratch();
     let d = dir.path();

@@ -135,6 +135,14 @@ impl Qcow2 {
                     "data cluster at {target:#x} lies past the end of the file ({file_end} bytes)"
                 )));
             }
+            if !df {
+                // The file may end inside this cluster (its last subclusters
+                // were never written: qemu and we leave the file short), and
+                // this write may grow it: the reads' bound must follow, or
+                // the subcluster written here reads as "past the end".
+                self.file_end
+                    .fetch_max(target + cs, std::sync::atomic::Ordering::AcqRel);
+            }
             (target, false, touched)
         } else {
             let write_units = match (ext, compressed) {
