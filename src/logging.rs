@@ -298,16 +298,20 @@ fn open_syslog(ident: &str) {
     // openlog keeps the pointer: the identifier must live as long as the
     // process, hence leaked (once: one syslog identifier per process).
     let ident: &'static std::ffi::CStr = Box::leak(c.into_boxed_c_str());
-    // SAFETY: ident is NUL-terminated and never freed.
-    unsafe { libc::openlog(ident.as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
+    let _ = nix::syslog::openlog(
+        Some(ident),
+        nix::syslog::LogFlags::LOG_PID,
+        nix::syslog::Facility::LOG_DAEMON,
+    );
 }
 
-fn priority(level: Level) -> libc::c_int {
+fn priority(level: Level) -> nix::syslog::Severity {
+    use nix::syslog::Severity;
     match level {
-        Level::Error => libc::LOG_ERR,
-        Level::Warn => libc::LOG_WARNING,
-        Level::Info => libc::LOG_INFO,
-        Level::Debug | Level::Trace => libc::LOG_DEBUG,
+        Level::Error => Severity::LOG_ERR,
+        Level::Warn => Severity::LOG_WARNING,
+        Level::Info => Severity::LOG_INFO,
+        Level::Debug | Level::Trace => Severity::LOG_DEBUG,
     }
 }
 
@@ -330,12 +334,11 @@ impl log::Log for Dispatch {
                     let _ = writeln!(std::io::stderr(), "[{}] {body}", timestamp());
                 }
                 Open::Syslog => {
-                    if let Ok(c) = std::ffi::CString::new(body.replace('\0', "")) {
-                        // SAFETY: both strings are NUL-terminated; "%s" consumes one.
-                        unsafe {
-                            libc::syslog(priority(record.level()), c"%s".as_ptr(), c.as_ptr())
-                        };
-                    }
+                    // nix passes the text as the argument of "%s".
+                    let _ = nix::syslog::syslog(
+                        priority(record.level()),
+                        body.replace('\0', "").as_str(),
+                    );
                 }
                 Open::File(f) => {
                     let mut f = f.lock().unwrap_or_else(|p| p.into_inner());

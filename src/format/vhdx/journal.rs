@@ -244,20 +244,13 @@ pub fn replay_in_place(src: &Source, headers: &Headers) -> Result<Header> {
 /// A random GUID (version 4) from the kernel's generator.
 pub fn new_guid() -> Guid {
     let mut g = [0u8; 16];
-    let mut got = 0;
-    while got < g.len() {
-        // SAFETY: getrandom writes at most the given length into our buffer.
-        let n = unsafe { libc::getrandom(g[got..].as_mut_ptr().cast(), g.len() - got, 0) };
-        if n <= 0 {
-            // Unreachable on Linux ≥ 3.17; a clock-derived GUID still
-            // differs from the previous one, which is all the format needs.
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos());
-            g = t.to_le_bytes();
-            break;
-        }
-        got += n as usize;
+    if getrandom::fill(&mut g).is_err() {
+        // Unreachable on Linux ≥ 3.17; a clock-derived GUID still
+        // differs from the previous one, which is all the format needs.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        g = t.to_le_bytes();
     }
     g[7] = (g[7] & 0x0f) | 0x40;
     g[8] = (g[8] & 0x3f) | 0x80;

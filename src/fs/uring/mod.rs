@@ -151,16 +151,10 @@ fn spawn_pool(n: usize, fs: Arc<VdiskFs>) -> mpsc::Sender<Lent> {
 /// queue of the CPU its submitter runs on, so the queue's thread is best
 /// woken there. Best effort (the CPU may be offline or outside our set).
 fn pin_to_cpu(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET bounds-checks nothing,
-    // so cpu is checked against the set's size first.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
-            return;
-        }
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            debug!("cannot pin io_uring queue {cpu} to its CPU");
-        }
+    use nix::sched::{sched_setaffinity, CpuSet};
+    let mut set = CpuSet::new();
+    // set() refuses a CPU number beyond the set's size.
+    if set.set(cpu).is_err() || sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).is_err() {
+        debug!("cannot pin io_uring queue {cpu} to its CPU");
     }
 }
