@@ -397,7 +397,7 @@ pub fn open_log_file(path: &Path) -> std::io::Result<LogWriter> {
     let file = open_append(path)?;
     let log = LOG_FILE.get_or_init(|| {
         std::sync::Arc::new(LogFile {
-            path: path.to_path_buf(),
+            path: path.clone(),
             file: std::sync::Mutex::new(file),
         })
     });

@@ -325,7 +325,7 @@ impl HostFile {
             match self.file.read_at(&mut buf[done..], pos) {
                 Ok(0) => break,
                 Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     return Err(Error::io("read failed", e)
                         .at_host(pos)
@@ -359,7 +359,7 @@ impl HostFile {
             let got = loop {
                 match self.file.read_at(&mut bounce[..span], start) {
                     Ok(n) => break n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) => {
                         return Err(Error::io("read failed (O_DIRECT)", e)
                             .at_host(start)

@@ -51,9 +51,8 @@ pub fn map_blocks(
     let mut run_end = (first_idx + 1).saturating_mul(block_size);
     let mut k = 1u64;
     while run_end < end && k < MAX_RUN_BLOCKS {
-        let next = match entry(first_idx + k) {
-            Ok(b) => b,
-            Err(_) => break,
+        let Ok(next) = entry(first_idx + k) else {
+            break;
         };
         let continues = match (first, next) {
             (Block::Unallocated, Block::Unallocated) | (Block::Zero, Block::Zero) => true,

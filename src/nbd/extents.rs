@@ -37,7 +37,7 @@ pub fn extents(
         };
         let n = n.clamp(1, end - pos);
         match out.last_mut() {
-            Some((l, f)) if *f == flags && (*l as u64) + n <= u32::MAX as u64 => *l += n as u32,
+            Some((l, f)) if *f == flags && u32::try_from((*l as u64) + n).is_ok() => *l += n as u32,
             _ => {
                 if out.len() == max {
                     break;

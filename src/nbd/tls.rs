@@ -133,7 +133,7 @@ impl<S: Socket> Read for Io<'_, S> {
 
 impl<S: Socket> Write for Io<'_, S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.send(buf).map(|_| buf.len())
+        self.0.send(buf).map(|()| buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())

@@ -103,7 +103,7 @@ pub fn serve<R: Read, W: Write + Send>(
                 drop(job.payload);
                 if !broken.load(Ordering::Relaxed) {
                     let mut o = out.lock();
-                    if o.write_all(&reply).and_then(|_| o.flush()).is_err() {
+                    if o.write_all(&reply).and_then(|()| o.flush()).is_err() {
                         broken.store(true, Ordering::Relaxed);
                     }
                 }
@@ -185,7 +185,7 @@ fn read_requests<R: Read, W: Write>(
 fn send_error<W: Write>(out: &Mutex<W>, neg: &Negotiated, cookie: u64, err: u32, msg: &str) {
     let bytes = error_reply(neg, cookie, err, msg);
     let mut o = out.lock();
-    let _ = o.write_all(&bytes).and_then(|_| o.flush());
+    let _ = o.write_all(&bytes).and_then(|()| o.flush());
 }
 
 /// An error reply, structured when structured replies were negotiated.
@@ -238,7 +238,7 @@ pub fn execute(export: &Export, neg: &Negotiated, req: &Request, payload: &[u8])
         }
     }
     let fua = |r: crate::Result<()>| {
-        r.and_then(|_| {
+        r.and_then(|()| {
             if req.flags & CMD_FLAG_FUA != 0 {
                 chain.flush()
             } else {

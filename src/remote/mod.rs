@@ -148,7 +148,8 @@ impl std::fmt::Debug for RemoteFile {
             .field("url", &self.url)
             .field("len", &self.len)
             .field("e_tag", &self.e_tag)
-            .finish()
+            // The store client (credentials) and the stream state stay out.
+            .finish_non_exhaustive()
     }
 }
 

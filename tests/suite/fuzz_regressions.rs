@@ -13,7 +13,10 @@ fn inputs() -> Vec<(String, Vec<u8>)> {
     let mut v = Vec::new();
     for e in std::fs::read_dir(&dir).unwrap().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".md") {
+        if Path::new(&name)
+            .extension()
+            .is_some_and(|x| x.eq_ignore_ascii_case("md"))
+        {
             continue;
         }
         v.push((name, std::fs::read(e.path()).unwrap()));

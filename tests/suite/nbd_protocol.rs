@@ -241,7 +241,7 @@ fn random_and_mutated_client_streams_never_panic_or_hang() {
         match n % 4 {
             0 => {}
             1 => {
-                for _ in 0..1 + rng.below(8) {
+                for _ in 0..=rng.below(8) {
                     let i = rng.below(s.len() as u64) as usize;
                     s[i] = rng.below(256) as u8;
                 }

@@ -353,7 +353,7 @@ fn random_header_and_bat_mutations_never_panic() {
     let started = std::time::Instant::now();
     for i in 0..1500 {
         let mut blob = seed.clone();
-        for _ in 0..1 + rng.below(6) {
+        for _ in 0..=rng.below(6) {
             let at = rng.below(bat_end as u64) as usize;
             blob[at] = rng.below(256) as u8;
         }

@@ -436,9 +436,8 @@ fn hostile_headers_fail_with_the_right_kind() {
             policy: &policy,
             writable: false,
         };
-        let e = match vdiskfs::format::qcow2::open(f, &ctx) {
-            Ok(_) => panic!("truncated to {len} bytes opened"),
-            Err(e) => e,
+        let Err(e) = vdiskfs::format::qcow2::open(f, &ctx) else {
+            panic!("truncated to {len} bytes opened");
         };
         assert_eq!(e.kind(), ErrorKind::Corrupt, "truncated to {len}: {e}");
     }

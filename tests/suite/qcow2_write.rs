@@ -621,9 +621,8 @@ fn dirty_or_corrupt_images_are_not_written() {
         let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
         f.write_all_at(&[bit], 79).unwrap();
         drop(f);
-        let e = match try_open_rw(&img) {
-            Ok(_) => panic!("a writable open of a flagged image succeeded"),
-            Err(e) => e,
+        let Err(e) = try_open_rw(&img) else {
+            panic!("a writable open of a flagged image succeeded");
         };
         assert_eq!(e.kind(), ErrorKind::Unsupported);
         assert!(e.to_string().contains("qemu-img check -r all"), "{e}");

@@ -365,7 +365,7 @@ fn mutated_images_never_panic() {
         let n = orig.len();
         for _ in 0..400 {
             let mut b = orig.clone();
-            for _ in 0..1 + rng.below(4) {
+            for _ in 0..=rng.below(4) {
                 // Mostly the metadata: the first 4 KiB and the footer.
                 let at = match rng.below(3) {
                     0 => rng.below(1536) as usize,

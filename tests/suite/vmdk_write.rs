@@ -356,9 +356,8 @@ fn stream_optimized_is_refused_writable() {
         writable: true,
         ..ChainOptions::default()
     };
-    let err = match Chain::open(&img, &opts, &caches()) {
-        Ok(_) => panic!("streamOptimized opened writable"),
-        Err(e) => e,
+    let Err(err) = Chain::open(&img, &opts, &caches()) else {
+        panic!("streamOptimized opened writable");
     };
     assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
     assert!(err.to_string().contains("--overlay"), "{err}");
@@ -441,9 +440,8 @@ fn assert_refused_writable(img: &Path) {
         writable: true,
         ..ChainOptions::default()
     };
-    let err = match Chain::open(img, &opts, &caches()) {
-        Ok(_) => panic!("{} opened writable", img.display()),
-        Err(e) => e,
+    let Err(err) = Chain::open(img, &opts, &caches()) else {
+        panic!("{} opened writable", img.display());
     };
     assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
     assert!(err.to_string().contains("--overlay"), "{err}");

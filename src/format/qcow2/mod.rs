@@ -539,7 +539,7 @@ impl Layer for Qcow2 {
         info.subformat = Some(format!("v{}", h.version));
         info.cluster_size = Some(h.cluster_size());
         info.features = h.feature_list();
-        info.snapshots = self.snapshots.clone();
+        info.snapshots.clone_from(&self.snapshots);
         let d = &mut info.details;
         d.insert("refcount_bits".into(), json!(h.refcount_bits()));
         d.insert("header_length".into(), json!(h.header_length));

@@ -378,11 +378,11 @@ impl Layer for Vhdx {
         Err(Error::new(
             ErrorKind::CidMismatch,
             format!(
-                "parent_linkage {} does not match the DataWriteGuid {} of parent {:?} \
+                "parent_linkage {} does not match the DataWriteGuid {} of parent {} \
                  (the parent changed after the child was made; --ignore-cid overrides)",
                 expected[0],
                 actual.map_or("(none: not a VHDX)".to_string(), |g| g.to_string()),
-                parent.path()
+                parent.path().display()
             ),
         ))
     }

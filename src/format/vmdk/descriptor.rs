@@ -302,13 +302,11 @@ fn parse_extent(line: &str, line_no: usize) -> Result<ExtentLine> {
         Some(t) if t == "NOACCESS" => Access::NoAccess,
         _ => return bad("unknown access mode"),
     };
-    let sectors = match next_token(&mut rest).and_then(|t| t.parse::<u64>().ok()) {
-        Some(n) => n,
-        None => return bad("size is not a number of sectors"),
+    let Some(sectors) = next_token(&mut rest).and_then(|t| t.parse::<u64>().ok()) else {
+        return bad("size is not a number of sectors");
     };
-    let kind = match next_token(&mut rest).and_then(|t| ExtentType::parse(&t)) {
-        Some(k) => k,
-        None => return bad("unknown extent type"),
+    let Some(kind) = next_token(&mut rest).and_then(|t| ExtentType::parse(&t)) else {
+        return bad("unknown extent type");
     };
     let mut file = None;
     let trimmed = rest.trim_start();

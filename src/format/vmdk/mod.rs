@@ -218,7 +218,7 @@ impl Vmdk {
                 .sectors
                 .checked_mul(512)
                 .and_then(|b| total.checked_add(b))
-                .filter(|&t| t <= i64::MAX as u64)
+                .filter(|&t| i64::try_from(t).is_ok())
                 .ok_or_else(|| Error::corrupt(format!("disk size overflows at {line}")))?;
             let e = self
                 .open_extent(&desc_path, idx, line, ctx)

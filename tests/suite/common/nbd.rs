@@ -191,7 +191,7 @@ impl Raw {
         loop {
             match self.0.read(&mut b) {
                 Ok(0) => return true,
-                Ok(_) => continue,
+                Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
                 Err(_) => return false,
             }

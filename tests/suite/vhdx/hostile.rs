@@ -346,7 +346,7 @@ fn random_structure_damage_never_panics() {
             // The crafted entry (header sector + one data sector), re-checksummed.
             _ => (log, 8192, Some((log, 8192))),
         };
-        for _ in 0..1 + rng.below(6) {
+        for _ in 0..=rng.below(6) {
             let p = (at + rng.below(len)) as usize;
             b[p] = match rng.below(3) {
                 0 => b[p] ^ (1 << rng.below(8)),

@@ -195,7 +195,7 @@ impl SparseWriter {
             ));
         }
         // A zeroed directory entry: the table's grains all read as zeros.
-        let fill: u32 = if cur == GD_ZERO { 1 } else { 0 };
+        let fill: u32 = u32::from(cur == GD_ZERO);
         let table: Vec<u8> = (0..t.gt_entries).flat_map(|_| le32_bytes(fill)).collect();
         let space = round_up(table.len() as u64, 512).expect("tables are small");
         let redundant = self.rgd_at != 0 && t.rgd_entry(gdi).is_some();
