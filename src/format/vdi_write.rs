@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering;
 use super::{Vdi, BLOCK_FREE, BLOCK_ZERO};
 use crate::endian::le32_bytes;
 use crate::engine::append::{AppendState, Appender};
-use crate::engine::cow::{write_new_run_over, NewRun};
+use crate::engine::cow::NewRun;
 use crate::engine::order::Stage;
 use crate::engine::overlap::{MetadataMap, Structure};
 use crate::engine::units::{GuestOffset, HostOffset};
@@ -161,10 +161,9 @@ impl Vdi {
             count: 1,
             unit: bs,
         };
-        let n = write_new_run_over(
+        let n = run.write_over(
             &self.file,
             &w.map,
-            run,
             vsize,
             buf,
             GuestOffset(pos),

@@ -38,7 +38,7 @@ use super::footer::{DiskType, FOOTER_COOKIE, FOOTER_LEN};
 use super::{Dynamic, Vhd, UNALLOCATED};
 use crate::endian::be32_bytes;
 use crate::engine::append::{round_up, AppendState, Appender};
-use crate::engine::cow::{fill_from_below, write_new_run_over, NewRun};
+use crate::engine::cow::{fill_from_below, NewRun};
 use crate::engine::order::Stage;
 use crate::engine::overlap::{MetadataMap, Structure};
 use crate::engine::units::{GuestOffset, HostOffset};
@@ -250,10 +250,9 @@ impl Vhd {
             count: 1,
             unit: d.block_size,
         };
-        let n = write_new_run_over(
+        let n = run.write_over(
             &self.file,
             &w.map,
-            run,
             vsize,
             buf,
             GuestOffset(pos),
