@@ -143,15 +143,9 @@ impl Error {
         } else {
             ErrorKind::Io
         };
-        Error {
-            kind,
-            path: None,
-            guest: None,
-            host: None,
-            message: message.into(),
-            source: Some(source),
-            cause: None,
-        }
+        let mut e = Error::new(kind, message);
+        e.source = Some(source);
+        e
     }
 
     /// Attaches the file the error concerns (kept if one is already set:

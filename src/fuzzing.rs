@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::cache::Caches;
 use crate::chain::{Chain, ChainOptions};
 use crate::endian::{le16, le32};
-use crate::format::{self, Format, OpenCtx};
+use crate::format::{self, Format, Layer, OpenCtx};
 use crate::host::HostFile;
 use crate::policy::OpenPolicy;
 
@@ -20,15 +20,9 @@ pub fn open_and_read(data: &[u8], format: Option<Format>, script: &[u8]) {
         return;
     };
     let caches = Caches::new(8 << 20);
-    // Backing files named by a blob resolve against a directory that does
-    // not exist and are confined: nothing on the host is ever opened.
     let opts = ChainOptions {
         format,
-        policy: OpenPolicy {
-            untrusted: true,
-            root: Some("/nonexistent-vdiskfs-fuzz".into()),
-            ..Default::default()
-        },
+        policy: confined(),
         max_depth: 4,
         ..Default::default()
     };
@@ -38,23 +32,40 @@ pub fn open_and_read(data: &[u8], format: Option<Format>, script: &[u8]) {
     exercise(&chain, script);
 }
 
+/// The policy of every fuzz open: files named by a blob resolve against a
+/// directory that does not exist and are confined, so nothing on the host
+/// is ever opened.
+fn confined() -> OpenPolicy {
+    OpenPolicy {
+        untrusted: true,
+        root: Some("/nonexistent-vdiskfs-fuzz".into()),
+        ..Default::default()
+    }
+}
+
+/// Opens `file` with the `format` driver alone (no chain), confined.
+fn open_one(
+    file: Arc<HostFile>,
+    format: Format,
+    caches: &Arc<Caches>,
+    writable: bool,
+) -> Option<Arc<dyn Layer>> {
+    let policy = confined();
+    let ctx = OpenCtx {
+        caches,
+        policy: &policy,
+        writable,
+    };
+    format::open_layer_on(file, format, &ctx).ok()
+}
+
 /// Opens `data` with one driver directly (no chain) and maps every run.
 pub fn open_layer(data: &[u8], format: Format) {
     let Ok(file) = HostFile::from_bytes("fuzz.img", data) else {
         return;
     };
     let caches: Arc<Caches> = Caches::new(8 << 20);
-    let policy = OpenPolicy {
-        untrusted: true,
-        root: Some("/nonexistent-vdiskfs-fuzz".into()),
-        ..Default::default()
-    };
-    let ctx = OpenCtx {
-        caches: &caches,
-        policy: &policy,
-        writable: false,
-    };
-    let Ok(layer) = format::open_layer_on(file, format, &ctx) else {
+    let Some(layer) = open_one(file, format, &caches, false) else {
         return;
     };
     let _ = layer.info();
@@ -118,17 +129,7 @@ pub fn open_and_write(data: &[u8], format: Format, script: &[u8]) {
         return;
     };
     let caches = Caches::new(8 << 20);
-    let policy = OpenPolicy {
-        untrusted: true,
-        root: Some("/nonexistent-vdiskfs-fuzz".into()),
-        ..Default::default()
-    };
-    let ctx = OpenCtx {
-        caches: &caches,
-        policy: &policy,
-        writable: true,
-    };
-    let Ok(layer) = format::open_layer_on(file.clone(), format, &ctx) else {
+    let Some(layer) = open_one(file.clone(), format, &caches, true) else {
         return;
     };
     let Some(w) = layer.as_write() else {
@@ -181,7 +182,7 @@ pub fn open_and_write(data: &[u8], format: Format, script: &[u8]) {
     }
     let _ = w.flush();
     drop(layer);
-    check_written(&file, format, &caches, &policy, &written);
+    check_written(&file, format, &caches, &written);
 }
 
 /// Reopens the written image and checks that no range a successful write
@@ -190,7 +191,6 @@ fn check_written(
     file: &Arc<HostFile>,
     format: Format,
     caches: &Arc<Caches>,
-    policy: &OpenPolicy,
     written: &[(u64, u64)],
 ) {
     let Ok(dup) = file.file().try_clone() else {
@@ -199,12 +199,7 @@ fn check_written(
     let Ok(again) = HostFile::from_file(dup, "fuzz.img".into(), true) else {
         return;
     };
-    let ctx = OpenCtx {
-        caches,
-        policy,
-        writable: true,
-    };
-    let Ok(layer) = format::open_layer_on(again, format, &ctx) else {
+    let Some(layer) = open_one(again, format, caches, true) else {
         return;
     };
     let Some(w) = layer.as_write() else {

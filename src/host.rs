@@ -214,6 +214,16 @@ impl HostFile {
         self.len == 0
     }
 
+    /// Whether the file is a regular file now (not a device): drivers that
+    /// append new space at the end refuse devices, whose end is fixed.
+    pub fn is_regular_file(&self) -> Result<bool> {
+        let meta = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io("cannot stat", e).with_path(&self.path))?;
+        Ok(meta.file_type().is_file())
+    }
+
     /// Whether the file was opened for writing.
     pub fn writable(&self) -> bool {
         self.writable

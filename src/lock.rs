@@ -40,27 +40,22 @@ pub fn lock_for_write(file: &HostFile, force: bool) -> Result<()> {
     let used = [CONSISTENT_READ, WRITE, WRITE_UNCHANGED];
     let not_shared = [WRITE, RESIZE];
     if !force {
-        for &p in &used {
-            if held_by_other(file, SHARED_BASE + p as i64)? {
+        // What we use must be shared by everyone; what we do not share
+        // must be held by no one.
+        let checks = used
+            .iter()
+            .map(|&p| (SHARED_BASE, p, "does not share"))
+            .chain(not_shared.iter().map(|&p| (PERM_BASE, p, "holds")));
+        for (base, p, what) in checks {
+            let byte = base + p as i64;
+            if held_by_other(file, byte)? {
                 return Err(conflict(
                     file,
                     &format!(
-                        "another process does not share the {} permission",
+                        "another process {what} the {} permission",
                         PERM_NAMES[p as usize]
                     ),
-                    SHARED_BASE + p as i64,
-                ));
-            }
-        }
-        for &p in &not_shared {
-            if held_by_other(file, PERM_BASE + p as i64)? {
-                return Err(conflict(
-                    file,
-                    &format!(
-                        "another process holds the {} permission",
-                        PERM_NAMES[p as usize]
-                    ),
-                    PERM_BASE + p as i64,
+                    byte,
                 ));
             }
         }

@@ -108,3 +108,35 @@ pub fn fill_from_below(
     let visible = (vsize.saturating_sub(guest.get())).min(out.len() as u64) as usize;
     below.read_below(&mut out[..visible], guest.get())
 }
+
+impl NewRun {
+    /// [`write_new_run`] of this run for a driver whose fresh units either
+    /// read as zeros (`below` is `None`: a dynamic disk) or as the layers
+    /// below see them (`below` is `Some`: a differencing disk, which never
+    /// takes the `zeros` shortcut since its unwritten units are not zeros).
+    #[allow(clippy::too_many_arguments)]
+    pub fn write_over(
+        self,
+        file: &HostFile,
+        map: &MetadataMap,
+        vsize: u64,
+        buf: &[u8],
+        pos: GuestOffset,
+        zeros: bool,
+        below: Option<&dyn Below>,
+    ) -> Result<usize> {
+        write_new_run(
+            file,
+            map,
+            self,
+            vsize,
+            buf,
+            pos,
+            zeros && below.is_none(),
+            &mut |_, c, out| match below {
+                Some(b) => fill_from_below(b, c, out, vsize),
+                None => Ok(()),
+            },
+        )
+    }
+}

@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering;
 use super::{Vdi, BLOCK_FREE, BLOCK_ZERO};
 use crate::endian::le32_bytes;
 use crate::engine::append::{AppendState, Appender};
-use crate::engine::cow::{fill_from_below, write_new_run, NewRun};
+use crate::engine::cow::NewRun;
 use crate::engine::order::Stage;
 use crate::engine::overlap::{MetadataMap, Structure};
 use crate::engine::units::{GuestOffset, HostOffset};
@@ -161,21 +161,14 @@ impl Vdi {
             count: 1,
             unit: bs,
         };
-        let n = write_new_run(
+        let n = run.write_over(
             &self.file,
             &w.map,
-            run,
             vsize,
             buf,
             GuestOffset(pos),
-            zeros && !from_below,
-            &mut |_, c, out| {
-                if from_below {
-                    fill_from_below(below, c, out, vsize)
-                } else {
-                    Ok(())
-                }
-            },
+            zeros,
+            from_below.then_some(below),
         )?;
         let _st = w.alloc.lock();
         let number = ((host - self.header.data_offset) / self.stride()) as u32;

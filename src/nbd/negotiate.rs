@@ -85,6 +85,24 @@ pub struct Negotiator {
     tls: Tls,
 }
 
+/// The step of selecting export `idx` (by `NBD_OPT_EXPORT_NAME` or
+/// `NBD_OPT_GO`): contexts chosen for another export do not carry over.
+fn selected(
+    idx: usize,
+    structured: bool,
+    contexts: &mut Vec<u32>,
+    contexts_for: Option<usize>,
+) -> Step {
+    if contexts_for != Some(idx) {
+        contexts.clear();
+    }
+    Step::Selected(Negotiated {
+        export: idx,
+        structured,
+        contexts: std::mem::take(contexts),
+    })
+}
+
 /// Runs the handshake without TLS. `Ok(None)`: the client aborted; `Err`:
 /// it broke the protocol or went away.
 pub fn negotiate<S: Read + Write>(s: &mut S, exports: &[Export]) -> io::Result<Option<Negotiated>> {
@@ -204,14 +222,7 @@ impl Negotiator {
                 }
                 s.write_all(&r)?;
                 s.flush()?;
-                if *contexts_for != Some(idx) {
-                    contexts.clear();
-                }
-                return Ok(Some(Step::Selected(Negotiated {
-                    export: idx,
-                    structured: *structured,
-                    contexts: std::mem::take(contexts),
-                })));
+                return Ok(Some(selected(idx, *structured, contexts, *contexts_for)));
             }
             OPT_ABORT => {
                 let _ = reply(s, REP_ACK, &[]);
@@ -260,14 +271,7 @@ impl Negotiator {
                 reply(s, REP_ACK, &[])?;
                 s.flush()?;
                 if option == OPT_GO {
-                    if *contexts_for != Some(idx) {
-                        contexts.clear();
-                    }
-                    return Ok(Some(Step::Selected(Negotiated {
-                        export: idx,
-                        structured: *structured,
-                        contexts: std::mem::take(contexts),
-                    })));
+                    return Ok(Some(selected(idx, *structured, contexts, *contexts_for)));
                 }
             }
             OPT_STRUCTURED_REPLY if !data.is_empty() => {

@@ -71,11 +71,7 @@ struct Run {
 impl Writer {
     /// The write state for `file`; refuses what cannot be written in place.
     pub fn new(file: &HostFile, header: &Header, tables: &Tables) -> Result<Writer> {
-        let meta = file
-            .file()
-            .metadata()
-            .map_err(|e| Error::io("cannot stat", e).with_path(file.path()))?;
-        if !meta.file_type().is_file() {
+        if !file.is_regular_file()? {
             return Err(Error::unsupported(
                 "qcow images on devices cannot be written in place (new clusters are appended \
                  at the end of the file); use --overlay FILE or --snapshot",

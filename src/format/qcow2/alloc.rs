@@ -193,25 +193,11 @@ impl Alloc {
         std::mem::take(&mut self.deferred)
     }
 
-    /// Drops one reference to `cluster` now (no durable reference to it
-    /// may be left: the cluster was never linked, or its removal is
-    /// durable); at zero the host space is punched out and the cluster
-    /// becomes free for reuse. Returns the new count.
-    pub fn decref(
-        &mut self,
-        file: &HostFile,
-        caches: &Caches,
-        cid: u64,
-        cluster: HostCluster,
-    ) -> Result<u64> {
-        self.decref_inner(file, caches, cid, cluster.get(), true)
-    }
-
     /// Of `frees` (clusters, one entry per reference to drop), those whose
     /// last reference goes: they are free once the drops are applied. Each
     /// is checked against the metadata map first. Refcounts of clusters
     /// with references can only go down while the caller has them, so the
-    /// answer holds until [`Alloc::decref_punched`] is applied; meanwhile
+    /// answer holds until the [`Alloc::decref`] calls are made; meanwhile
     /// the caller punches their host space without the allocation mutex.
     pub fn last_references(
         &mut self,
@@ -233,26 +219,20 @@ impl Alloc {
         Ok(last)
     }
 
-    /// [`Alloc::decref`] of a cluster whose host space the caller already
-    /// punched (see [`Alloc::last_references`]).
-    pub fn decref_punched(
+    /// Drops one reference to `cluster` now (no durable reference to it
+    /// may be left: the cluster was never linked, or its removal is
+    /// durable); at zero the host space is punched out (unless `punched`:
+    /// the caller already did, see [`Alloc::last_references`]) and the
+    /// cluster becomes free for reuse. Returns the new count.
+    pub fn decref(
         &mut self,
         file: &HostFile,
         caches: &Caches,
         cid: u64,
         cluster: HostCluster,
+        punched: bool,
     ) -> Result<u64> {
-        self.decref_inner(file, caches, cid, cluster.get(), false)
-    }
-
-    fn decref_inner(
-        &mut self,
-        file: &HostFile,
-        caches: &Caches,
-        cid: u64,
-        cluster: u64,
-        punch: bool,
-    ) -> Result<u64> {
+        let cluster = cluster.get();
         let v = self.get(file, HostCluster(cluster))?;
         if v == 0 {
             return Err(Error::corrupt(format!(
@@ -271,7 +251,7 @@ impl Alloc {
         }
         self.set(file, caches, cid, cluster, v - 1)?;
         if v == 1 {
-            if punch {
+            if !punched {
                 file.punch_hole(cluster << self.cluster_bits, self.cs())?;
             }
             self.hint = self.hint.min(cluster);

@@ -105,6 +105,7 @@ impl Qcow2 {
                         &self.caches,
                         self.cache_id,
                         h.cluster(cb).add(c),
+                        false,
                     );
                 }
             }

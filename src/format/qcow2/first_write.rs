@@ -78,7 +78,7 @@ impl Qcow2 {
                 if plan.fresh {
                     // Nothing points at the new cluster: give it back.
                     let c = HostOffset(plan.target).cluster(self.geo.cluster_bits);
-                    let _ = st.decref(&self.file, &self.caches, self.cache_id, c);
+                    let _ = st.decref(&self.file, &self.caches, self.cache_id, c, false);
                 }
                 Err(e)
             }

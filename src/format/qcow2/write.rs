@@ -366,11 +366,8 @@ impl WriteLayer for Qcow2 {
         }
         let mut st = self.w().state.lock();
         for c in frees {
-            if last.binary_search(&c).is_ok() {
-                st.decref_punched(&self.file, &self.caches, self.cache_id, c)?;
-            } else {
-                st.decref(&self.file, &self.caches, self.cache_id, c)?;
-            }
+            let punched = last.binary_search(&c).is_ok();
+            st.decref(&self.file, &self.caches, self.cache_id, c, punched)?;
         }
         Ok(())
     }

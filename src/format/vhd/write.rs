@@ -38,7 +38,7 @@ use super::footer::{DiskType, FOOTER_COOKIE, FOOTER_LEN};
 use super::{Dynamic, Vhd, UNALLOCATED};
 use crate::endian::be32_bytes;
 use crate::engine::append::{round_up, AppendState, Appender};
-use crate::engine::cow::{fill_from_below, write_new_run, NewRun};
+use crate::engine::cow::{fill_from_below, NewRun};
 use crate::engine::order::Stage;
 use crate::engine::overlap::{MetadataMap, Structure};
 use crate::engine::units::{GuestOffset, HostOffset};
@@ -250,22 +250,14 @@ impl Vhd {
             count: 1,
             unit: d.block_size,
         };
-        let differencing = self.differencing();
-        let n = write_new_run(
+        let n = run.write_over(
             &self.file,
             &w.map,
-            run,
             vsize,
             buf,
             GuestOffset(pos),
-            zeros && !differencing,
-            &mut |_, c, out| {
-                if differencing {
-                    fill_from_below(below, c, out, vsize)
-                } else {
-                    Ok(())
-                }
-            },
+            zeros,
+            self.differencing().then_some(below),
         )?;
         let ones: Arc<[u8]> = vec![0xffu8; d.bitmap_len as usize].into();
         self.file.write_all_at(&ones, nb.host)?;

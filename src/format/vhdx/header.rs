@@ -47,6 +47,14 @@ impl Guid {
         ])
     }
 
+    /// Builds a GUID from its textual form read as one hex number
+    /// (`0xaaaaaaaa_bbbb_cccc_dddd_dddddddddddd`), so constants read as the
+    /// spec writes them.
+    pub const fn from_u128(v: u128) -> Guid {
+        let d = (v as u64).to_be_bytes();
+        Guid::new((v >> 96) as u32, (v >> 80) as u16, (v >> 64) as u16, d)
+    }
+
     /// Reads a GUID from 16 bytes at `at` of `b` (the caller checked the length).
     pub fn read(b: &[u8], at: usize) -> Guid {
         let mut g = [0u8; 16];
@@ -106,19 +114,9 @@ impl fmt::Debug for Guid {
 }
 
 /// The BAT region.
-pub const BAT_REGION: Guid = Guid::new(
-    0x2dc2_7766,
-    0xf623,
-    0x4200,
-    [0x9d, 0x64, 0x11, 0x5e, 0x9b, 0xfd, 0x4a, 0x08],
-);
+pub const BAT_REGION: Guid = Guid::from_u128(0x2dc27766_f623_4200_9d64_115e9bfd4a08);
 /// The metadata region.
-pub const METADATA_REGION: Guid = Guid::new(
-    0x8b7c_a206,
-    0x4790,
-    0x4b9a,
-    [0xb8, 0xfe, 0x57, 0x5f, 0x05, 0x0f, 0x88, 0x6e],
-);
+pub const METADATA_REGION: Guid = Guid::from_u128(0x8b7ca206_4790_4b9a_b8fe_575f050f886e);
 
 /// CRC-32C of `block` with its 4-byte checksum field at `at` taken as zero.
 pub fn crc_with_zeroed(block: &[u8], at: usize) -> u32 {

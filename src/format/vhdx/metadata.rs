@@ -21,49 +21,14 @@ const MAX_ITEM: u32 = 1 << 20;
 /// Largest virtual disk the spec allows: 64 TiB.
 pub const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
 
-const FILE_PARAMETERS: Guid = Guid::new(
-    0xcaa1_6737,
-    0xfa36,
-    0x4d43,
-    [0xb3, 0xb6, 0x33, 0xf0, 0xaa, 0x44, 0xe7, 0x6b],
-);
-const VIRTUAL_DISK_SIZE: Guid = Guid::new(
-    0x2fa5_4224,
-    0xcd1b,
-    0x4876,
-    [0xb2, 0x11, 0x5d, 0xbe, 0xd8, 0x3b, 0xf4, 0xb8],
-);
-const VIRTUAL_DISK_ID: Guid = Guid::new(
-    0xbeca_12ab,
-    0xb2e6,
-    0x4523,
-    [0x93, 0xef, 0xc3, 0x09, 0xe0, 0x00, 0xc7, 0x46],
-);
-const LOGICAL_SECTOR_SIZE: Guid = Guid::new(
-    0x8141_bf1d,
-    0xa96f,
-    0x4709,
-    [0xba, 0x47, 0xf2, 0x33, 0xa8, 0xfa, 0xab, 0x5f],
-);
-const PHYSICAL_SECTOR_SIZE: Guid = Guid::new(
-    0xcda3_48c7,
-    0x445d,
-    0x4471,
-    [0x9c, 0xc9, 0xe9, 0x88, 0x52, 0x51, 0xc5, 0x56],
-);
-const PARENT_LOCATOR: Guid = Guid::new(
-    0xa8d3_5f2d,
-    0xb30b,
-    0x454d,
-    [0xab, 0xf7, 0xd3, 0xd8, 0x48, 0x34, 0xab, 0x0c],
-);
+const FILE_PARAMETERS: Guid = Guid::from_u128(0xcaa16737_fa36_4d43_b3b6_33f0aa44e76b);
+const VIRTUAL_DISK_SIZE: Guid = Guid::from_u128(0x2fa54224_cd1b_4876_b211_5dbed83bf4b8);
+const VIRTUAL_DISK_ID: Guid = Guid::from_u128(0xbeca12ab_b2e6_4523_93ef_c309e000c746);
+const LOGICAL_SECTOR_SIZE: Guid = Guid::from_u128(0x8141bf1d_a96f_4709_ba47_f233a8faab5f);
+const PHYSICAL_SECTOR_SIZE: Guid = Guid::from_u128(0xcda348c7_445d_4471_9cc9_e9885251c556);
+const PARENT_LOCATOR: Guid = Guid::from_u128(0xa8d35f2d_b30b_454d_abf7_d3d84834ab0c);
 /// The locator type of a VHDX parent (the only one defined).
-pub const VHDX_PARENT_LOCATOR_TYPE: Guid = Guid::new(
-    0xb04a_efb7,
-    0xd19e,
-    0x4a81,
-    [0xb7, 0x89, 0x25, 0xb8, 0xe9, 0x44, 0x59, 0x13],
-);
+pub const VHDX_PARENT_LOCATOR_TYPE: Guid = Guid::from_u128(0xb04aefb7_d19e_4a81_b789_25b8e9445913);
 
 /// What the metadata region says about the disk.
 #[derive(Debug, Clone)]

@@ -77,11 +77,7 @@ impl Writer {
     /// The write state of an image whose log is empty.
     pub fn new(v: &Vhdx, headers: Headers, header: &Header, regions: &Regions) -> Result<Writer> {
         let file = &v.src.file;
-        let meta = file
-            .file()
-            .metadata()
-            .map_err(|e| Error::io("cannot stat", e).with_path(file.path()))?;
-        if !meta.file_type().is_file() {
+        if !file.is_regular_file()? {
             return Err(Error::unsupported(
                 "VHDX images on devices cannot be written in place (new blocks are appended \
                  at the end of the file); use --overlay FILE or --snapshot",

@@ -6,12 +6,10 @@
 //! sector and its number of entries (all 32-bit). Grain tables have 4096
 //! 32-bit entries holding grain sector numbers (0 = not allocated).
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 
 use super::extent::{
-    atomic_gd, GrainTables, GteCodec, SparseInfo, GD_NONE, MAX_GD_ENTRIES, MAX_GRAIN_SECTORS,
-    MAX_HOST_OFFSET,
+    GrainTables, GteCodec, SparseInfo, GD_NONE, MAX_GD_ENTRIES, MAX_GRAIN_SECTORS, MAX_HOST_OFFSET,
 };
 use crate::endian::{le32, le32s};
 use crate::error::{Error, Result};
@@ -70,31 +68,18 @@ pub fn open(
             s => s * 512,
         })
         .collect();
-    let info = SparseInfo {
-        kind: "COWD",
-        version,
-        flags,
-        capacity_sectors: sectors,
-        compressed: false,
-        markers: false,
-        footer: false,
-        gd_at: (0, 0),
-        descriptor_at: (0, 0),
-    };
-    let end = AtomicU64::new(file.len());
-    let tables = GrainTables {
+    let info = SparseInfo::plain("COWD", version, flags, sectors);
+    let tables = GrainTables::new(
         file,
-        gd: atomic_gd(gd),
-        rgd: None,
-        gt_entries: GT_ENTRIES,
+        gd,
+        None,
+        GT_ENTRIES,
         grain_size,
-        capacity: capacity.unwrap_or(header_bytes).min(header_bytes),
-        codec: GteCodec::Cowd,
+        capacity.unwrap_or(header_bytes).min(header_bytes),
+        GteCodec::Cowd,
         cache_id,
         key_base,
-        used_redundant: AtomicBool::new(false),
-        end,
-        published: Default::default(),
-    };
+        false,
+    );
     Ok((tables, info))
 }

@@ -64,6 +64,25 @@ pub struct SparseInfo {
     pub descriptor_at: (u64, u64),
 }
 
+impl SparseInfo {
+    /// The facts of an uncompressed extent without markers, footer or
+    /// embedded descriptor whose writer finds no directory offsets here
+    /// (COWD, seSparse).
+    pub fn plain(kind: &'static str, version: u64, flags: u64, capacity_sectors: u64) -> Self {
+        SparseInfo {
+            kind,
+            version,
+            flags,
+            capacity_sectors,
+            compressed: false,
+            markers: false,
+            footer: false,
+            gd_at: (0, 0),
+            descriptor_at: (0, 0),
+        }
+    }
+}
+
 /// What one grain-table entry says about its grain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Grain {
@@ -200,6 +219,38 @@ pub fn atomic_gd(gd: Vec<u64>) -> Vec<AtomicU64> {
 }
 
 impl GrainTables {
+    /// The tables of `file` with directories `gd` (and `rgd`) decoded to
+    /// table byte offsets; the file's end starts at its length.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        file: Arc<HostFile>,
+        gd: Vec<u64>,
+        rgd: Option<Vec<u64>>,
+        gt_entries: u64,
+        grain_size: u64,
+        capacity: u64,
+        codec: GteCodec,
+        cache_id: u64,
+        key_base: u64,
+        used_redundant: bool,
+    ) -> Self {
+        let end = AtomicU64::new(file.len());
+        GrainTables {
+            file,
+            gd: atomic_gd(gd),
+            rgd: rgd.map(atomic_gd),
+            gt_entries,
+            grain_size,
+            capacity,
+            codec,
+            cache_id,
+            key_base,
+            used_redundant: AtomicBool::new(used_redundant),
+            end,
+            published: TableCache::default(),
+        }
+    }
+
     /// Bytes of guest data one grain table covers.
     pub fn gt_cover(&self) -> u64 {
         self.gt_entries * self.grain_size

@@ -11,11 +11,10 @@
 //! top nibble: 0 unallocated, 1 unmapped and 2 zero (both read as zeros),
 //! 3 allocated (a grain number split across the remaining bits).
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 
 use super::extent::{
-    atomic_gd, GrainTables, GteCodec, SparseInfo, GD_BAD, GD_NONE, MAX_GD_ENTRIES, MAX_HOST_OFFSET,
+    GrainTables, GteCodec, SparseInfo, GD_BAD, GD_NONE, MAX_GD_ENTRIES, MAX_HOST_OFFSET,
 };
 use crate::endian::{le64, le64s};
 use crate::error::{Error, Result};
@@ -118,33 +117,20 @@ pub fn open(
             }
         })
         .collect();
-    let info = SparseInfo {
-        kind: "seSparse",
-        version,
-        flags,
-        capacity_sectors: sectors,
-        compressed: false,
-        markers: false,
-        footer: false,
-        gd_at: (0, 0),
-        descriptor_at: (0, 0),
-    };
-    let end = AtomicU64::new(file.len());
-    let tables = GrainTables {
+    let info = SparseInfo::plain("seSparse", version, flags, sectors);
+    let tables = GrainTables::new(
         file,
-        gd: atomic_gd(gd),
-        rgd: None,
+        gd,
+        None,
         gt_entries,
         grain_size,
-        capacity: capacity.unwrap_or(header_bytes).min(header_bytes),
-        codec: GteCodec::SeSparse {
+        capacity.unwrap_or(header_bytes).min(header_bytes),
+        GteCodec::SeSparse {
             grains_offset: grains_at,
         },
         cache_id,
         key_base,
-        used_redundant: AtomicBool::new(false),
-        end,
-        published: Default::default(),
-    };
+        false,
+    );
     Ok((tables, info))
 }

@@ -9,12 +9,11 @@
 //! is then the footer in the second-to-last sector, after a footer marker
 //! and before the end-of-stream marker.
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 
 use super::extent::{
-    atomic_gd, GrainTables, GteCodec, SparseInfo, GD_BAD, GD_NONE, GD_ZERO, MAX_GD_ENTRIES,
-    MAX_GRAIN_SECTORS, MAX_HOST_OFFSET,
+    GrainTables, GteCodec, SparseInfo, GD_BAD, GD_NONE, GD_ZERO, MAX_GD_ENTRIES, MAX_GRAIN_SECTORS,
+    MAX_HOST_OFFSET,
 };
 use crate::compress::{self, Method};
 use crate::endian::{le16, le32, le32s, le64};
@@ -330,24 +329,21 @@ pub fn open(
             h.desc_size.saturating_mul(512),
         ),
     };
-    let end = AtomicU64::new(file.len());
-    let tables = GrainTables {
+    let tables = GrainTables::new(
         file,
-        gd: atomic_gd(gd),
-        rgd: rgd.map(atomic_gd),
+        gd,
+        rgd,
         gt_entries,
         grain_size,
-        capacity: cap.min(header_bytes),
-        codec: GteCodec::Kdmv {
+        cap.min(header_bytes),
+        GteCodec::Kdmv {
             zeroed_grain: zeroed,
             compressed: h.compressed(),
         },
         cache_id,
         key_base,
-        used_redundant: AtomicBool::new(used_redundant),
-        end,
-        published: Default::default(),
-    };
+        used_redundant,
+    );
     Ok((tables, info, h))
 }
 

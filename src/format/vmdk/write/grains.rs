@@ -76,11 +76,7 @@ struct Run {
 impl SparseWriter {
     pub(super) fn new(t: &GrainTables, info: &SparseInfo) -> Result<SparseWriter> {
         let file = &t.file;
-        let meta = file
-            .file()
-            .metadata()
-            .map_err(|e| Error::io("cannot stat", e).with_path(file.path()))?;
-        if !meta.file_type().is_file() {
+        if !file.is_regular_file()? {
             return Err(refuse(
                 "sparse VMDK extents on devices (new grains are appended at the end of the file)",
             ));
