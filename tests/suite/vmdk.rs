@@ -553,11 +553,7 @@ fn hostile_headers() {
         &[(rgd, &[0, 0, 0xff, 0][..]), (gd, &[0, 0, 0xff, 0][..])],
     );
     let c = open_chain(&img).unwrap();
-    let mut buf = vec![0u8; 4096];
-    let err = c.read_at(&mut buf, 0).unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
-    c.read_at(&mut buf, 33 << 20).unwrap();
-    assert!(buf.iter().all(|&x| x == 0x32));
+    common::damage::assert_fails_only_at(&c, 0, &[33 << 20], 0x32);
 }
 
 #[test]
@@ -599,11 +595,7 @@ fn hostile_stream_files() {
         &[(first + 8, &[0xff, 0xff, 0xff, 0x7f][..])],
     );
     let c = open_chain(&img).unwrap();
-    let mut buf = vec![0u8; 4096];
-    let err = c.read_at(&mut buf, 0).unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
-    c.read_at(&mut buf, 1 << 20).unwrap();
-    assert!(buf.iter().all(|&x| x == 0x42));
+    common::damage::assert_fails_only_at(&c, 0, &[1 << 20], 0x42);
 }
 
 #[test]
@@ -690,20 +682,7 @@ fn handwritten_cowd_delta() {
          createType=\"vmfs\"\n\nRW 2048 VMFS \"p-flat.vmdk\"\n",
     )
     .unwrap();
-    let mut cowd = vec![0u8; 56 * 512];
-    let put = |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-    cowd[0..4].copy_from_slice(b"COWD");
-    put(&mut cowd, 4, 1); // version
-    put(&mut cowd, 8, 3); // flags
-    put(&mut cowd, 12, 2048); // capacity, sectors
-    put(&mut cowd, 16, 8); // grain, sectors
-    put(&mut cowd, 20, 4); // GD sector
-    put(&mut cowd, 24, 1); // GD entries
-    put(&mut cowd, 4 * 512, 5); // GD[0] -> GT at sector 5
-    put(&mut cowd, 5 * 512, 40); // GT[0] -> grain at sector 40
-    put(&mut cowd, 5 * 512 + 12, 48); // GT[3] -> grain at sector 48
-    cowd[40 * 512..48 * 512].fill(0xaa);
-    cowd[48 * 512..56 * 512].fill(0xbb);
+    let cowd = common::cowd_extent(&[(0, 0xaa), (3, 0xbb)]);
     fs::write(d.join("d-delta.vmdk"), &cowd).unwrap();
     let top = d.join("d.vmdk");
     fs::write(
