@@ -327,6 +327,17 @@ fn unknown_backing_format_is_unsupported() {
     assert!(e.to_string().contains("unsupported format 'xyz'"), "{e}");
 }
 
+/// Runs `open` with a read-only open context (default policy, fresh caches).
+fn read_only<R>(open: impl FnOnce(&vdiskfs::format::OpenCtx) -> R) -> R {
+    let caches = common::caches();
+    let policy = vdiskfs::policy::OpenPolicy::default();
+    open(&vdiskfs::format::OpenCtx {
+        caches: &caches,
+        policy: &policy,
+        writable: false,
+    })
+}
+
 fn small_image(dir: &Path, name: &str) -> PathBuf {
     build(
         dir,
@@ -373,14 +384,7 @@ fn hostile_headers_fail_with_the_right_kind() {
         let p = d.join(format!("trunc{len}.qcow2"));
         std::fs::write(&p, &data[..len]).unwrap();
         let f = vdiskfs::host::HostFile::open(&p).unwrap();
-        let caches = common::caches();
-        let policy = vdiskfs::policy::OpenPolicy::default();
-        let ctx = vdiskfs::format::OpenCtx {
-            caches: &caches,
-            policy: &policy,
-            writable: false,
-        };
-        let Err(e) = vdiskfs::format::qcow2::open(f, &ctx) else {
+        let Err(e) = read_only(|ctx| vdiskfs::format::qcow2::open(f, ctx)) else {
             panic!("truncated to {len} bytes opened");
         };
         assert_eq!(e.kind(), ErrorKind::Corrupt, "truncated to {len}: {e}");
@@ -553,14 +557,7 @@ fn refcounts_of_every_width() {
             qemu_img(&["snapshot", "-q", "-c", "s", img.to_str().unwrap()]);
         }
         let f = vdiskfs::host::HostFile::open(&img).unwrap();
-        let caches = common::caches();
-        let policy = vdiskfs::policy::OpenPolicy::default();
-        let ctx = vdiskfs::format::OpenCtx {
-            caches: &caches,
-            policy: &policy,
-            writable: false,
-        };
-        let q = vdiskfs::format::qcow2::Qcow2::open(f, &ctx).unwrap();
+        let q = read_only(|ctx| vdiskfs::format::qcow2::Qcow2::open(f, ctx)).unwrap();
         use vdiskfs::format::Layer;
         assert_eq!(q.refcount(0).unwrap(), 1, "header cluster, {bits} bits");
         let shared = if bits > 1 { 2 } else { 1 };
