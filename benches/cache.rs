@@ -5,6 +5,8 @@
 //! so thread start-up is not measured; the reported time is per operation
 //! of one thread (lower is better; it rises with contention).
 
+mod common;
+
 use std::hint::black_box;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -106,10 +108,7 @@ fn cache_benches(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(500))
-        .sample_size(20);
+    config = common::profile(Duration::from_secs(2), 20);
     targets = cache_benches
 }
 criterion_main!(benches);

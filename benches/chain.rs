@@ -13,6 +13,8 @@
 //! sequentially (the largest FUSE request). The host page cache is warm in
 //! every case: this measures vdiskfs's own CPU cost, not the disk.
 
+mod common;
+
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -56,61 +58,15 @@ fn build(dir: &Path) -> Vec<(&'static str, PathBuf)> {
     }
     std::fs::write(dir.join("data.raw"), &data).unwrap();
     let c = "cluster_size=65536";
-    qemu_img(
-        dir,
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "-o",
-            c,
-            "data.raw",
-            "disk.qcow2",
-        ],
-    );
-    qemu_img(
-        dir,
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow",
-            "data.raw",
-            "disk.qcow",
-        ],
-    );
-    qemu_img(
-        dir,
-        &[
-            "convert",
-            "-c",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "-o",
-            c,
-            "data.raw",
-            "comp.qcow2",
-        ],
-    );
-    qemu_img(
-        dir,
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "-o",
-            c,
-            "data.raw",
-            "base.qcow2",
-        ],
-    );
+    for line in [
+        "convert -f raw -O qcow2 -o cluster_size=65536 data.raw disk.qcow2",
+        "convert -f raw -O qcow data.raw disk.qcow",
+        "convert -c -f raw -O qcow2 -o cluster_size=65536 data.raw comp.qcow2",
+        "convert -f raw -O qcow2 -o cluster_size=65536 data.raw base.qcow2",
+    ] {
+        let args: Vec<&str> = line.split_whitespace().collect();
+        qemu_img(dir, &args);
+    }
     for (img, backing, first) in [
         ("mid.qcow2", "base.qcow2", 2),
         ("top.qcow2", "mid.qcow2", 4),
@@ -221,10 +177,7 @@ fn chain_benches(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(500))
-        .sample_size(20);
+    config = common::profile(Duration::from_secs(2), 20);
     targets = chain_benches
 }
 criterion_main!(benches);

@@ -4,6 +4,8 @@
 //! benches/run.sh's images: per 4 KiB, 2 KiB of pseudo-random bytes and 2 KiB
 //! of a repeating pattern (it compresses to a bit over half its size).
 
+mod common;
+
 use std::hint::black_box;
 use std::io::Write;
 use std::time::Duration;
@@ -93,10 +95,7 @@ fn decompress_benches(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(500))
-        .sample_size(30);
+    config = common::profile(Duration::from_secs(2), 30);
     targets = decompress_benches
 }
 criterion_main!(benches);

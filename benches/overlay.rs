@@ -14,6 +14,8 @@
 //! The host page cache is warm; this measures vdiskfs's own work per
 //! write, not the disk. Throughput is in guest bytes written.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -109,10 +111,7 @@ fn overlay_benches(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .measurement_time(Duration::from_secs(3))
-        .warm_up_time(Duration::from_millis(500))
-        .sample_size(10);
+    config = common::profile(Duration::from_secs(3), 10);
     targets = overlay_benches
 }
 criterion_main!(benches);

@@ -14,20 +14,8 @@
 # Results: docs/performance.md, "Remote images".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DELAY=${DELAY:-20}
-PORT=${PORT:-18618}
-BIN=${BIN:-$PWD/target/release/vdiskfs}
-W=$(mktemp -d /tmp/vdiskfs-remote-bench.XXXXXX)
-SRV=
-cleanup() {
-  for m in "$W"/mnt*; do mountpoint -q "$m" 2>/dev/null && "$BIN" unmount "$m" || true; done
-  [ -n "$SRV" ] && kill "$SRV" 2>/dev/null || true
-  rm -rf "$W"
-}
-trap cleanup EXIT
-for t in curl debugfs fdisk mkfs.ext4 qemu-img python3; do
-  command -v $t >/dev/null || { echo "remote.sh: $t is missing" >&2; exit 1; }
-done
+. benches/lib.sh
+bench_init remote 18618 curl debugfs fdisk mkfs.ext4 qemu-img python3
 [ -x "$BIN" ] || cargo build --release --quiet
 sent() { curl -s "$URL/__stats" | cut -d' ' -f1; }
 reqs() { curl -s "$URL/__stats" | cut -d' ' -f2; }

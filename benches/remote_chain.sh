@@ -12,20 +12,8 @@
 # curl, qemu-img, python3. Results: docs/performance.md, "Remote images".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DELAY=${DELAY:-20}
-PORT=${PORT:-18619}
-BIN=${BIN:-$PWD/target/release/vdiskfs}
-W=$(mktemp -d /tmp/vdiskfs-chain-bench.XXXXXX)
-SRV=
-cleanup() {
-  mountpoint -q "$W/mnt" 2>/dev/null && "$BIN" unmount "$W/mnt" || true
-  [ -n "$SRV" ] && kill "$SRV" 2>/dev/null || true
-  rm -rf "$W"
-}
-trap cleanup EXIT
-for t in curl qemu-img qemu-io python3 bc; do
-  command -v $t >/dev/null || { echo "remote_chain.sh: $t is missing" >&2; exit 1; }
-done
+. benches/lib.sh
+bench_init remote_chain 18619 curl qemu-img qemu-io python3 bc
 mkdir -p "$W/srv" "$W/mnt"
 cd "$W/srv"
 qemu-img create -q -f vmdk base.vmdk 16G

@@ -380,25 +380,14 @@ fn command_line_errors_keep_their_reason_and_both_spellings_agree() {
         "{e}"
     );
     // One parser per option: the flag and its -o spelling say the same.
+    #[rustfmt::skip]
     let cases: &[(&str, &str, &str)] = &[
-        (
-            "--uid=no-such-user-vdiskfs",
-            "uid=no-such-user-vdiskfs",
-            "no such user",
-        ),
-        (
-            "--log-level=chatty",
-            "log_level=chatty",
-            "unknown log level \"chatty\"",
-        ),
+        ("--uid=no-such-user-vdiskfs", "uid=no-such-user-vdiskfs", "no such user"),
+        ("--log-level=chatty", "log_level=chatty", "unknown log level \"chatty\""),
         ("--threads=0", "threads=0", "at least 1"),
         ("--threads=100000", "threads=100000", "at most 256"),
         ("--cache-size=0", "cache_size=0", "at least 1M"),
-        (
-            "--cache-size=10000T",
-            "cache_size=10000T",
-            "machine's memory",
-        ),
+        ("--cache-size=10000T", "cache_size=10000T", "machine's memory"),
         ("--cache-size=1.5X", "cache_size=1.5X", "1.5X"),
     ];
     for (flag, opt, needle) in cases {

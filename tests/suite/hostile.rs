@@ -6,7 +6,6 @@
 use crate::common;
 use common::qemu_img_line;
 
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -213,10 +212,7 @@ fn vmdk_cases(d: &Path) -> Vec<Case> {
     v
 }
 
-fn patch(path: &Path, offset: u64, bytes: &[u8]) {
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(bytes, offset).unwrap();
-}
+use crate::common::damage::patch;
 
 fn be64(path: &Path, offset: u64) -> u64 {
     let b = std::fs::read(path).unwrap();

@@ -128,15 +128,10 @@ fn info_json_matches_qemu_img_key_by_key() {
         "8M",
     ]);
     // A qcow2 with a backing file named without its format.
-    create(&[
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        "noformat.qcow2",
-    ]);
+    let noformat: Vec<&str> = "-f qcow2 -b base.raw -F raw noformat.qcow2"
+        .split_whitespace()
+        .collect();
+    create(&noformat);
     // VMDK: sparse, stream, flat, split, and a sparse child of a sparse parent.
     for sub in [
         "monolithicSparse",
@@ -264,17 +259,9 @@ fn info_text_reads_like_qemu_img() {
         "qemu-io",
         &["-f", "raw", "-c", "write -P 1 1M 64k", "base.raw"],
     );
-    let q2 = [
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        "top.qcow2",
-    ];
+    let q2: Vec<&str> = "create -q -f qcow2 -b base.raw -F raw top.qcow2"
+        .split_whitespace()
+        .collect();
     run_in(d, "qemu-img", &q2);
     // The whole chain, laid out as qemu-img --backing-chain lays it out.
     let ours = run_in(d, bin(), &["info", "top.qcow2"]);

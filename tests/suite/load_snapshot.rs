@@ -18,7 +18,7 @@ use std::process::Command;
 
 use common::fuse::{vdiskfs, Mounted};
 use common::nbd::Served;
-use common::{caches, qemu_img, qemu_io, read_all, require_tool, run, scratch};
+use common::{caches, qemu_img, qemu_img_line, qemu_io, read_all, require_tool, run, scratch};
 use vdiskfs::chain::{Chain, ChainOptions};
 use vdiskfs::format::qcow2::snapshot::SnapshotSel;
 
@@ -140,16 +140,10 @@ fn extended_l2_snapshots_read_byte_exact() {
     require_tool("qemu-img", "qemu-utils");
     let tmp = scratch();
     let img = tmp.path().join("ext.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "extended_l2=on,cluster_size=64k",
-        s(&img),
-        "2M",
-    ]);
+    qemu_img_line(&format!(
+        "create -q -f qcow2 -o extended_l2=on,cluster_size=64k {} 2M",
+        s(&img)
+    ));
     // 2 KiB subclusters: partial clusters, some units zeroed.
     qemu_io(
         "qcow2",

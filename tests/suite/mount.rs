@@ -374,13 +374,7 @@ fn mount_table_shows_image_and_type() {
 fn info_json_describes_the_whole_chain() {
     let d = scratch();
     let top = make_chain(d.path());
-    let out = vdiskfs(&["info", "--json", top.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (v, _) = common::fuse::info_json(&top);
     assert_eq!(v["format"], "qcow2");
     assert_eq!(v["virtual_size"], 8 << 20);
     let chain = v["chain"].as_array().unwrap();

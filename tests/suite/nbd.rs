@@ -5,14 +5,13 @@
 //! (nbd-client cannot be tested: this kernel has no nbd module.)
 
 use crate::common;
-use common::qemu_img_line;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::manifest::Want;
-use common::nbd::Served;
-use common::{qemu_img, qemu_io, qemu_raw, require_tool, run};
+use common::nbd::{nbdinfo_size, Served};
+use common::{qemu_img, qemu_raw, require_tool, run};
 
 fn need_libnbd() {
     require_tool("nbdinfo", "libnbd-bin");
@@ -22,33 +21,21 @@ fn need_libnbd() {
 /// A two-layer qcow2 chain with data in both layers, a zero cluster in
 /// the top, compressed clusters in the base and unallocated ranges.
 fn chain(dir: &Path) -> PathBuf {
-    let base = dir.join("base.qcow2");
-    let top = dir.join("disk.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"]);
-    qemu_io(
-        "qcow2",
-        &base,
+    common::qcow2_pair(
+        dir,
+        "64M",
         &[
             "write -P 0xab 0 1M",
             "write -P 0xcd 8M 512k",
             "write -c -P 0x77 16M 256k",
             "write -P 0x42 63M 1M",
         ],
-    );
-    qemu_img_line(&format!(
-        "create -q -f qcow2 -b base.qcow2 -F qcow2 {}",
-        top.to_str().unwrap()
-    ));
-    qemu_io(
-        "qcow2",
-        &top,
         &[
             "write -P 0x11 512k 1M",
             "write -z 8M 64k",
             "write -P 0x99 40M 100k",
         ],
-    );
-    top
+    )
 }
 
 /// A child process killed when the test ends, passed or failed.
@@ -457,15 +444,16 @@ fn serve_fork_detaches_lists_and_stops_on_sigterm() {
     common::fuse::wait_gone(pid);
     assert!(!sock.exists(), "socket left behind");
     // A failure in the detached server reaches the command that started it.
-    let o = common::fuse::vdiskfs(&[
-        "serve",
-        "--fork",
-        "--listen",
-        "unix:/nonexistent-dir/x.sock",
-        top.to_str().unwrap(),
-    ]);
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("nonexistent-dir"));
+    common::fuse::assert_refused_with(
+        &[
+            "serve",
+            "--fork",
+            "--listen",
+            "unix:/nonexistent-dir/x.sock",
+            top.to_str().unwrap(),
+        ],
+        "nonexistent-dir",
+    );
 }
 
 #[test]
@@ -475,11 +463,7 @@ fn tcp_allow_list_admits_and_refuses_clients() {
     let raw = dir.path().join("plain.img");
     std::fs::write(&raw, vec![7u8; 1 << 20]).unwrap();
     for (allow, admitted) in [("127.0.0.0/8", true), ("10.0.0.0/8", false)] {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::free_port();
         let mut child = KillOnDrop(
             Command::new(common::fuse::bin())
                 .args(["serve", "--listen", &format!("tcp:127.0.0.1:{port}")])
@@ -493,11 +477,7 @@ fn tcp_allow_list_admits_and_refuses_clients() {
             assert!(child.0.try_wait().unwrap().is_none(), "serve exited");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        let o = Command::new("nbdinfo")
-            .arg("--size")
-            .arg(format!("nbd://127.0.0.1:{port}/plain"))
-            .output()
-            .unwrap();
+        let o = nbdinfo_size(format!("nbd://127.0.0.1:{port}/plain"));
         assert_eq!(o.status.success(), admitted, "--allow {allow}");
         if admitted {
             assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "1048576");

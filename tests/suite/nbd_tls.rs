@@ -5,14 +5,14 @@
 //! and, with `--tls-verify-peer`, clients without a certificate of its CA.
 
 use crate::common;
-use common::qemu_img_line;
+use common::free_port;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::nbd::{Raw, Served, Wire};
+use common::nbd::{nbdinfo_size, Raw, Served, Wire};
 use common::{qemu_img, qemu_io, qemu_raw, require_tool, run};
 
 fn need_clients() {
@@ -24,6 +24,22 @@ fn need_clients() {
 
 fn openssl(dir: &Path, args: &[&str]) {
     run(Command::new("openssl").current_dir(dir).args(args));
+}
+
+/// A scratch folder holding a CA and certificates in `pki/`.
+fn scratch_with_pki() -> (tempfile::TempDir, PathBuf) {
+    let dir = common::scratch();
+    let pki = dir.path().join("pki");
+    make_pki(&pki);
+    (dir, pki)
+}
+
+/// [`scratch_with_pki`] and a raw disk `plain.img` of `len` bytes `fill`.
+fn pki_and_plain(fill: u8, len: usize) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let (dir, pki) = scratch_with_pki();
+    let img = dir.path().join("plain.img");
+    std::fs::write(&img, vec![fill; len]).unwrap();
+    (dir, pki, img)
 }
 
 /// A CA, a server certificate for 127.0.0.1/localhost and a client
@@ -96,14 +112,6 @@ fn client_dir(pki: &Path, name: &str, files: &[&str]) -> PathBuf {
         std::fs::copy(pki.join(f), d.join(f)).unwrap();
     }
     d
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `vdiskfs serve` on TCP, stopped with SIGTERM on drop.
@@ -192,32 +200,18 @@ fn fails(o: Output) -> String {
 
 /// A two-layer qcow2 chain with data in both layers and holes.
 fn chain(dir: &Path) -> PathBuf {
-    let base = dir.join("base.qcow2");
-    let top = dir.join("disk.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "48M"]);
-    qemu_io(
-        "qcow2",
-        &base,
+    common::qcow2_pair(
+        dir,
+        "48M",
         &["write -P 0xab 0 5M", "write -c -P 0x77 16M 1M"],
-    );
-    qemu_img_line(&format!(
-        "create -q -f qcow2 -b base.qcow2 -F qcow2 {}",
-        top.to_str().unwrap()
-    ));
-    qemu_io(
-        "qcow2",
-        &top,
         &["write -P 0x11 1M 3M", "write -P 0x99 40M 100k"],
-    );
-    top
+    )
 }
 
 #[test]
 fn tls_clients_read_the_chain_byte_exact_and_plaintext_clients_are_refused() {
     need_clients();
-    let dir = common::scratch();
-    let pki = dir.path().join("pki");
-    make_pki(&pki);
+    let (dir, pki) = scratch_with_pki();
     let top = chain(dir.path());
     let expected = qemu_raw(&top, None);
     let s = TcpServed::new(&top, &["--tls-creds", pki.to_str().unwrap()]);
@@ -260,13 +254,7 @@ fn tls_clients_read_the_chain_byte_exact_and_plaintext_clients_are_refused() {
     let other = dir.path().join("other");
     make_pki(&other);
     let stranger = client_dir(&other, "stranger", &["ca-cert.pem"]);
-    fails(
-        Command::new("nbdinfo")
-            .arg("--size")
-            .arg(s.nbds("disk", &stranger))
-            .output()
-            .unwrap(),
-    );
+    fails(nbdinfo_size(s.nbds("disk", &stranger)));
     // Still serving.
     let size = run(Command::new("nbdinfo")
         .arg("--size")
@@ -279,9 +267,7 @@ fn tls_clients_read_the_chain_byte_exact_and_plaintext_clients_are_refused() {
 fn writes_over_tls_are_verified_and_the_image_checks_clean() {
     need_clients();
     require_tool("qemu-io", "qemu-utils");
-    let dir = common::scratch();
-    let pki = dir.path().join("pki");
-    make_pki(&pki);
+    let (dir, pki) = scratch_with_pki();
     let top = chain(dir.path());
     let s = TcpServed::new(
         &top,
@@ -323,11 +309,7 @@ fn writes_over_tls_are_verified_and_the_image_checks_clean() {
 #[test]
 fn options_before_starttls_get_tls_reqd_and_export_name_hangs_up() {
     need_clients();
-    let dir = common::scratch();
-    let pki = dir.path().join("pki");
-    make_pki(&pki);
-    let img = dir.path().join("plain.img");
-    std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+    let (_dir, pki, img) = pki_and_plain(7u8, 1 << 20);
     // TLS applies to Unix sockets too: the raw client speaks on one.
     let s = Served::new(&[&img], &["--tls-creds", pki.to_str().unwrap()]);
     let mut c = Raw::connect(&s.socket);
@@ -376,23 +358,13 @@ fn options_before_starttls_get_tls_reqd_and_export_name_hangs_up() {
 #[test]
 fn verify_peer_admits_only_clients_with_a_certificate_of_the_ca() {
     need_clients();
-    let dir = common::scratch();
-    let pki = dir.path().join("pki");
-    make_pki(&pki);
-    let img = dir.path().join("plain.img");
-    std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+    let (dir, pki, img) = pki_and_plain(7u8, 1 << 20);
     let s = TcpServed::new(
         &img,
         &["--tls-creds", pki.to_str().unwrap(), "--tls-verify-peer"],
     );
     let anonymous = client_dir(&pki, "anon", &["ca-cert.pem"]);
-    fails(
-        Command::new("nbdinfo")
-            .arg("--size")
-            .arg(s.nbds("plain", &anonymous))
-            .output()
-            .unwrap(),
-    );
+    fails(nbdinfo_size(s.nbds("plain", &anonymous)));
     let full = client_dir(
         &pki,
         "full",
@@ -412,24 +384,14 @@ fn verify_peer_admits_only_clients_with_a_certificate_of_the_ca() {
     make_pki(&other);
     let forged = client_dir(&other, "forged", &["client-cert.pem", "client-key.pem"]);
     std::fs::copy(pki.join("ca-cert.pem"), forged.join("ca-cert.pem")).unwrap();
-    fails(
-        Command::new("nbdinfo")
-            .arg("--size")
-            .arg(s.nbds("plain", &forged))
-            .output()
-            .unwrap(),
-    );
+    fails(nbdinfo_size(s.nbds("plain", &forged)));
     s.stop();
 }
 
 #[test]
 fn bad_tls_files_are_one_line_errors_at_start() {
     require_tool("openssl", "openssl");
-    let dir = common::scratch();
-    let pki = dir.path().join("pki");
-    make_pki(&pki);
-    let img = dir.path().join("plain.img");
-    std::fs::write(&img, vec![7u8; 4096]).unwrap();
+    let (dir, pki, img) = pki_and_plain(7u8, 4096);
     let p = |f: &str| pki.join(f).to_str().unwrap().to_string();
     let empty = dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
@@ -489,38 +451,31 @@ fn bad_tls_files_are_one_line_errors_at_start() {
         assert!(e.contains(names) && e.contains("TLS"), "{args:?}: {e}");
     }
     // Verification without a CA is refused by name.
-    let o = common::fuse::vdiskfs(&[
-        "serve",
-        "--tls-cert",
-        &p("server-cert.pem"),
-        "--tls-key",
-        &p("server-key.pem"),
-        "--tls-verify-peer",
-        img.to_str().unwrap(),
-    ]);
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--tls-ca"));
+    common::fuse::assert_refused_with(
+        &[
+            "serve",
+            "--tls-cert",
+            &p("server-cert.pem"),
+            "--tls-key",
+            &p("server-key.pem"),
+            "--tls-verify-peer",
+            img.to_str().unwrap(),
+        ],
+        "--tls-ca",
+    );
 }
 
 #[test]
 fn mount_nbd_takes_the_allow_list_and_tls() {
     need_clients();
-    let dir = common::scratch();
-    let pki = dir.path().join("pki");
-    make_pki(&pki);
-    let img = dir.path().join("plain.img");
-    std::fs::write(&img, vec![9u8; 1 << 20]).unwrap();
+    let (dir, pki, img) = pki_and_plain(9u8, 1 << 20);
     let uri = |port: u16| format!("nbd://127.0.0.1:{port}/plain");
     // Refused by the allow-list, then admitted.
     for (allow, admitted) in [("10.0.0.0/8", false), ("127.0.0.1", true)] {
         let port = free_port();
         let listen = format!("tcp:127.0.0.1:{port}");
         let m = common::fuse::Mounted::new(&[&img], &["--nbd", &listen, "--allow", allow]);
-        let o = Command::new("nbdinfo")
-            .arg("--size")
-            .arg(uri(port))
-            .output()
-            .unwrap();
+        let o = nbdinfo_size(uri(port));
         assert_eq!(o.status.success(), admitted, "mount --nbd --allow {allow}");
         m.unmount();
     }
@@ -531,13 +486,7 @@ fn mount_nbd_takes_the_allow_list_and_tls() {
         &[&img],
         &["--nbd", &listen, "--tls-creds", pki.to_str().unwrap()],
     );
-    fails(
-        Command::new("nbdinfo")
-            .arg("--size")
-            .arg(uri(port))
-            .output()
-            .unwrap(),
-    );
+    fails(nbdinfo_size(uri(port)));
     let creds = client_dir(&pki, "client", &["ca-cert.pem"]);
     let out = dir.path().join("copy.raw");
     run(Command::new("nbdcopy")
@@ -554,13 +503,14 @@ fn mount_nbd_takes_the_allow_list_and_tls() {
     // --allow and --tls-* without --nbd are refused.
     let mp = dir.path().join("mp");
     std::fs::create_dir(&mp).unwrap();
-    let o = common::fuse::vdiskfs(&[
-        "mount",
-        "--allow",
-        "127.0.0.1",
-        img.to_str().unwrap(),
-        mp.to_str().unwrap(),
-    ]);
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--nbd"));
+    common::fuse::assert_refused_with(
+        &[
+            "mount",
+            "--allow",
+            "127.0.0.1",
+            img.to_str().unwrap(),
+            mp.to_str().unwrap(),
+        ],
+        "--nbd",
+    );
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use common::{caches, qemu_img, qemu_raw, scratch};
+use common::{caches, qemu_img_line, qemu_raw, scratch};
 use vdiskfs::format::qcow2::Qcow2;
 use vdiskfs::format::{Below, Layer, OpenCtx};
 use vdiskfs::host::{HostFile, HostOpen};
@@ -121,17 +121,10 @@ fn case(name: &str, opts: &str, unit: u64) {
         o = format!("{o},{opts}");
     }
     let o = o.replace("DIR", dir.path().to_str().unwrap());
-    let size = SIZE.to_string();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &o,
-        img.to_str().unwrap(),
-        &size,
-    ]);
+    qemu_img_line(&format!(
+        "create -q -f qcow2 -o {o} {} {SIZE}",
+        img.to_str().unwrap()
+    ));
 
     let q = open_rw(&img);
     let gate = Arc::new(Gate::new(A - A % CS..A - A % CS + CS));

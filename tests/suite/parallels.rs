@@ -9,17 +9,13 @@ use common::qemu_img_line;
 
 use std::path::{Path, PathBuf};
 
-use common::fuse::{vdiskfs, Mounted};
+use common::damage::{assert_fails_only_at, mutations_never_panic, patch, Damages, Refusal};
+use common::fuse::{assert_fuse_read_matches_qemu, info_json, Mounted};
 use common::{assert_matches_qemu, qemu_io, qemu_raw, read_all, rng::Rng, scratch};
+use vdiskfs::format::Format;
 use vdiskfs::ErrorKind;
 
 const MIB: u64 = 1 << 20;
-
-fn patch(path: &Path, offset: u64, bytes: &[u8]) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(bytes, offset).unwrap();
-}
 
 fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
@@ -110,16 +106,11 @@ fn parallels_images_match_qemu() {
 fn qcow2_overlay_over_parallels() {
     let d = scratch();
     let base = hds(d.path(), "base.hds", 6 * MIB, "64k", 60, 3);
-    let ov = d.path().join("ov.qcow2");
-    qemu_img_line(&format!(
-        "create -f qcow2 -b base.hds -F parallels {}",
-        ov.to_str().unwrap()
-    ));
-    qemu_io("qcow2", &ov, &["write -P 0x66 100k 700k", "write -z 2M 1M"]);
-    assert_matches_qemu(&ov);
-    let chain = common::open_chain(&ov).unwrap();
-    assert_eq!(chain.layers()[1].format().name(), "parallels");
-    assert_eq!(chain.layers()[1].path(), base.as_path());
+    common::assert_qcow2_overlay_over(
+        &base,
+        "parallels",
+        &["write -P 0x66 100k 700k", "write -z 2M 1M"],
+    );
 }
 
 #[test]
@@ -128,12 +119,9 @@ fn parallels_info_rw_refusal_and_fuse_mount() {
     let p = hds(d.path(), "f.hds", 4 * MIB, "64k", 40, 9);
     // Marked in use (not closed cleanly): still read, reported as dirty.
     patch(&p, 44, &0x746f_6e59u32.to_le_bytes());
-    let out = vdiskfs(&["info", "--json", p.to_str().unwrap()]);
-    assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (v, text) = info_json(&p);
     assert_eq!(v["format"], "parallels");
     assert_eq!(v["virtual_size"], 4 * MIB);
-    let text = v.to_string();
     for key in ["\"dirty\"", "\"cluster_sectors\":128", "\"bat_entries\":64"] {
         assert!(text.contains(key), "info lacks {key}: {text}");
     }
@@ -142,14 +130,7 @@ fn parallels_info_rw_refusal_and_fuse_mount() {
         .expect("--rw must be refused");
     assert!(err.contains("--overlay"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    let m = Mounted::new(&[&p], &[]);
-    let name = vdiskfs::cli::exposed_name(&p).unwrap();
-    let got = std::fs::read(m.file(name.to_str().unwrap())).unwrap();
-    assert!(
-        got == qemu_raw(&p, None),
-        "FUSE read differs from qemu-img convert"
-    );
-    m.unmount();
+    assert_fuse_read_matches_qemu(&p);
 }
 
 /// One storage of a descriptor: start and end sector, type, file.
@@ -263,81 +244,34 @@ fn damaged_parallels_is_refused_or_fails_only_the_damaged_cluster() {
     let d = scratch();
     let base = hds(d.path(), "base.hds", 4 * MIB, "1M", 0, 1);
     qemu_io("parallels", &base, &["write -P 0x44 0 4M"]);
-    let copy = |name: &str| {
-        let p = d.path().join(name);
-        std::fs::copy(&base, &p).unwrap();
-        p
+    use ErrorKind::{Corrupt, Unsupported};
+    let cases = Damages {
+        base: &base,
+        dir: d.path(),
+        format: Some(Format::Parallels),
     };
-    let refused: Vec<(PathBuf, ErrorKind, &str)> = vec![
-        {
-            let p = copy("trunc.hds");
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&p)
-                .unwrap()
-                .set_len(40)
-                .unwrap();
-            (p, ErrorKind::Corrupt, "truncated")
-        },
-        {
-            let p = copy("v3.hds");
-            patch(&p, 16, &3u32.to_le_bytes());
-            // Version 3 is not detected as Parallels; forced, it is refused.
-            (p, ErrorKind::Unsupported, "version 3")
-        },
-        {
-            let p = copy("tracks0.hds");
-            patch(&p, 28, &0u32.to_le_bytes());
-            (p, ErrorKind::Corrupt, "cluster size")
-        },
-        {
-            let p = copy("hugebat.hds");
-            patch(&p, 32, &0xffff_fff0u32.to_le_bytes());
-            (p, ErrorKind::Corrupt, "BAT")
-        },
+    cases.cut("trunc.hds", 40, Corrupt, "truncated");
+    // Version 3 is not detected as Parallels; forced, it is refused.
+    cases.refused_on_open("v3.hds", 16, &3u32.to_le_bytes(), Unsupported, "version 3");
+    #[rustfmt::skip]
+    let rows: [Refusal; 2] = [
+        ("tracks0.hds", 28, &0u32.to_le_bytes(), Corrupt, "cluster size"),
+        ("hugebat.hds", 32, &0xffff_fff0u32.to_le_bytes(), Corrupt, "BAT"),
     ];
-    for (p, kind, words) in &refused {
-        let opts = vdiskfs::chain::ChainOptions {
-            format: Some(vdiskfs::format::Format::Parallels),
-            ..Default::default()
-        };
-        let e = vdiskfs::chain::Chain::open(p, &opts, &common::caches())
-            .err()
-            .unwrap_or_else(|| panic!("{} opened", p.display()));
-        assert_eq!(e.kind(), *kind, "{}: {e}", p.display());
-        let msg = e.to_string();
-        assert!(msg.contains(words) && !msg.contains('\n'), "{msg}");
-        assert_eq!(e.path(), Some(p.as_path()));
-    }
-    for (p, _, _) in refused.iter().filter(|(p, _, _)| !p.ends_with("v3.hds")) {
-        let (code, stderr, _) = common::fuse::info_bounded(p, &[]);
-        assert!(
-            code.is_some() && code != Some(0) && code != Some(124),
-            "{}: {code:?} {stderr}",
-            p.display()
-        );
-        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    }
+    cases.refused(&rows);
+    let dmg = |name: &str, at: u64, bytes: &[u8]| cases.patched(name, at, bytes);
     // A huge disk size over a small BAT opens: clusters past the BAT are zeros.
-    let p = copy("hugesize.hds");
-    patch(&p, 36, &(1u64 << 40).to_le_bytes());
+    let p = dmg("hugesize.hds", 36, &(1u64 << 40).to_le_bytes());
     let chain = common::open_chain(&p).unwrap();
     let mut buf = vec![1u8; 4096];
     chain.read_at(&mut buf, 1 << 38).unwrap();
     assert!(buf.iter().all(|&b| b == 0));
     // A BAT entry past the end of the file: EIO on that cluster only.
-    let p = copy("past.hds");
-    patch(&p, 64 + 2 * 4, &0x00ff_ffffu32.to_le_bytes());
+    let p = dmg("past.hds", 64 + 2 * 4, &0x00ff_ffffu32.to_le_bytes());
     let chain = common::open_chain(&p).unwrap();
-    let e = chain.read_at(&mut buf, 2 * MIB + 4096).expect_err("EIO");
-    assert_eq!(e.kind(), ErrorKind::Corrupt);
-    chain.read_at(&mut buf, MIB).unwrap();
-    assert!(buf.iter().all(|&b| b == 0x44));
-    chain.read_at(&mut buf, 3 * MIB).unwrap();
-    assert!(buf.iter().all(|&b| b == 0x44));
+    assert_fails_only_at(&chain, 2 * MIB + 4096, &[MIB, 3 * MIB], 0x44);
     // A zeroed BAT entry: that cluster is no longer allocated, reads zeros.
-    let p = copy("zeroed.hds");
-    patch(&p, 64 + 4, &0u32.to_le_bytes());
+    let p = dmg("zeroed.hds", 64 + 4, &0u32.to_le_bytes());
     let chain = common::open_chain(&p).unwrap();
     chain.read_at(&mut buf, MIB).unwrap();
     assert!(buf.iter().all(|&b| b == 0), "a zero entry reads as zeros");
@@ -348,20 +282,5 @@ fn random_header_and_bat_mutations_never_panic() {
     let d = scratch();
     let p = hds(d.path(), "seed.hds", 2 * MIB, "64k", 20, 4);
     let seed = std::fs::read(&p).unwrap();
-    let bat_end = 64 + 32 * 4;
-    let mut rng = Rng::new(78);
-    let started = std::time::Instant::now();
-    for i in 0..1500 {
-        let mut blob = seed.clone();
-        for _ in 0..=rng.below(6) {
-            let at = rng.below(bat_end as u64) as usize;
-            blob[at] = rng.below(256) as u8;
-        }
-        if i % 7 == 0 {
-            blob.truncate(rng.below(seed.len() as u64) as usize);
-        }
-        vdiskfs::fuzzing::open_layer(&blob, vdiskfs::format::Format::Parallels);
-        vdiskfs::fuzzing::open_and_read(&blob, None, &blob[..64.min(blob.len())]);
-    }
-    assert!(started.elapsed() < std::time::Duration::from_secs(120));
+    mutations_never_panic(&seed, 64 + 32 * 4, 78, Format::Parallels);
 }

@@ -20,7 +20,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use common::rng::Rng;
-use common::{caches, qemu_img, qemu_io, qemu_raw, read_all, require_tool, scratch};
+use common::{caches, qemu_img, qemu_img_line, qemu_io, qemu_raw, read_all, require_tool, scratch};
 use vdiskfs::chain::{Chain, ChainOptions};
 use vdiskfs::engine::record::{Event, Recorder};
 use vdiskfs::host::{HostFile, HostOpen};
@@ -58,6 +58,86 @@ struct Run {
     ops: Vec<(usize, usize, u64, u64)>,
 }
 
+impl Run {
+    /// A run whose first durability point is the image as it starts,
+    /// holding `model`.
+    fn new(model: &[u8]) -> Run {
+        Run {
+            events: Vec::new(),
+            flushes: vec![Durable {
+                at: 0,
+                seq: 0,
+                model: Arc::new(model.to_vec()),
+            }],
+            ops: Vec::new(),
+        }
+    }
+
+    /// A durability point at log position `at`: `model` is what must
+    /// survive a cut after it.
+    fn durable(&mut self, at: usize, model: Vec<u8>) {
+        self.flushes.push(Durable {
+            at,
+            seq: self.ops.len(),
+            model: Arc::new(model),
+        });
+    }
+}
+
+/// One guest operation of the single-stream workloads.
+enum Op {
+    Flush,
+    /// Zeroes (or discards) a range: offset, length.
+    Zero(u64, u64),
+    /// Writes the data at the offset.
+    Write(u64, Vec<u8>),
+}
+
+/// The next random operation on a disk of `size` bytes: 3 in 20 a flush,
+/// 3 in 20 a discard (whole units or any range), else a write (sector
+/// aligned or not) of up to three `unit`s.
+fn next_op(rng: &mut Rng, case: &Case, size: u64) -> Op {
+    let unit = case.unit.min(256 * K);
+    match rng.below(20) {
+        0..=2 => Op::Flush,
+        3..=5 => {
+            let (off, len) = if rng.below(2) == 0 {
+                let u = case.unit;
+                let off = rng.below(size / u) * u;
+                (off, (u * (1 + rng.below(2))).min(size - off))
+            } else {
+                let off = rng.below(size);
+                (off, (1 + rng.below(2 * unit)).min(size - off))
+            };
+            Op::Zero(off, len)
+        }
+        _ => {
+            let off = if rng.below(2) == 0 {
+                rng.below(size / 512) * 512
+            } else {
+                rng.below(size)
+            };
+            let len = (1 + rng.below(3 * unit)).min(size - off);
+            Op::Write(off, rng.bytes(len as usize))
+        }
+    }
+}
+
+/// Opens `image` writable with its host I/O logged by `rec`.
+fn open_recorded(image: &Path, rec: &Arc<Recorder>) -> Chain {
+    let how = HostOpen {
+        writable: true,
+        ..Default::default()
+    };
+    let file = HostFile::open_with(image, how).unwrap();
+    file.set_recorder(rec.clone());
+    let opts = ChainOptions {
+        writable: true,
+        ..Default::default()
+    };
+    Chain::open_on(file, &opts, &caches()).unwrap()
+}
+
 /// Creates the image of `case` in `dir`; returns the file to write.
 fn create(dir: &Path, case: &Case) -> PathBuf {
     let p = |n: &str| dir.join(n);
@@ -91,17 +171,10 @@ fn create(dir: &Path, case: &Case) -> PathBuf {
                 &["write -P 0x33 0 1M", "write -P 0x44 2M 512k"],
             );
             let top = p("top.qcow2");
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "base.vmdk",
-                "-F",
-                "vmdk",
-                &s(&top),
-            ]);
+            qemu_img_line(&format!(
+                "create -q -f qcow2 -b base.vmdk -F vmdk {}",
+                s(&top)
+            ));
             top
         }
         "qcow" => {
@@ -155,76 +228,33 @@ fn create(dir: &Path, case: &Case) -> PathBuf {
 
 /// Runs the workload on `image` with its host I/O logged by `rec`.
 fn workload(image: &Path, case: &Case, rec: Arc<Recorder>, seed: u64) -> Run {
-    let how = HostOpen {
-        writable: true,
-        ..Default::default()
-    };
-    let file = HostFile::open_with(image, how).unwrap();
-    file.set_recorder(rec.clone());
-    let opts = ChainOptions {
-        writable: true,
-        ..Default::default()
-    };
-    let chain = Chain::open_on(file, &opts, &caches()).unwrap();
+    let chain = open_recorded(image, &rec);
     let mut model = read_all(&chain, 1 << 20).unwrap();
     let size = model.len() as u64;
     let mut rng = Rng::new(seed);
-    let mut run = Run {
-        events: Vec::new(),
-        flushes: vec![Durable {
-            at: 0,
-            seq: 0,
-            model: Arc::new(model.clone()),
-        }],
-        ops: Vec::new(),
-    };
-    let unit = case.unit.min(256 * K);
+    let mut run = Run::new(&model);
     for _ in 0..case.ops {
         let at = rec.len();
-        match rng.below(20) {
-            0..=2 => {
+        match next_op(&mut rng, case, size) {
+            Op::Flush => {
                 chain.flush().unwrap();
-                run.flushes.push(Durable {
-                    at: rec.len(),
-                    seq: run.ops.len(),
-                    model: Arc::new(model.clone()),
-                });
+                run.durable(rec.len(), model.clone());
             }
-            3..=5 => {
-                // Discards: whole units (released) or any range.
-                let (off, len) = if rng.below(2) == 0 {
-                    let u = case.unit;
-                    let off = rng.below(size / u) * u;
-                    (off, (u * (1 + rng.below(2))).min(size - off))
-                } else {
-                    let off = rng.below(size);
-                    (off, (1 + rng.below(2 * unit)).min(size - off))
-                };
+            Op::Zero(off, len) => {
                 chain.write_zeroes(off, len).unwrap();
                 model[off as usize..(off + len) as usize].fill(0);
                 run.ops.push((at, run.ops.len(), off, len));
             }
-            _ => {
-                let off = if rng.below(2) == 0 {
-                    rng.below(size / 512) * 512
-                } else {
-                    rng.below(size)
-                };
-                let len = (1 + rng.below(3 * unit)).min(size - off);
-                let data = rng.bytes(len as usize);
+            Op::Write(off, data) => {
                 chain.write_at(&data, off).unwrap();
-                model[off as usize..(off + len) as usize].copy_from_slice(&data);
-                run.ops.push((at, run.ops.len(), off, len));
+                model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+                run.ops.push((at, run.ops.len(), off, data.len() as u64));
             }
         }
     }
     chain.flush().unwrap();
     drop(chain);
-    run.flushes.push(Durable {
-        at: rec.len(),
-        seq: run.ops.len(),
-        model: Arc::new(model),
-    });
+    run.durable(rec.len(), model);
     run.events = rec.events();
     run
 }
@@ -244,17 +274,7 @@ struct Shared {
 /// acknowledges what completed before it started; operations still
 /// running meanwhile may land or not.
 fn workload_threads(image: &Path, case: &Case, rec: Arc<Recorder>, seed: u64, threads: u64) -> Run {
-    let how = HostOpen {
-        writable: true,
-        ..Default::default()
-    };
-    let file = HostFile::open_with(image, how).unwrap();
-    file.set_recorder(rec.clone());
-    let opts = ChainOptions {
-        writable: true,
-        ..Default::default()
-    };
-    let chain = Chain::open_on(file, &opts, &caches()).unwrap();
+    let chain = open_recorded(image, &rec);
     let model = read_all(&chain, 1 << 20).unwrap();
     let size = model.len() as u64;
     let slice = size / threads / case.unit * case.unit;
@@ -820,17 +840,7 @@ fn checker_catches_a_reordered_write_sequence() {
 fn workload_nbd(image: &Path, case: &Case, rec: Arc<Recorder>, seed: u64) -> Run {
     use std::io::{Read, Write};
     use vdiskfs::nbd::{negotiate::Negotiated, transmit, Export};
-    let how = HostOpen {
-        writable: true,
-        ..Default::default()
-    };
-    let file = HostFile::open_with(image, how).unwrap();
-    file.set_recorder(rec.clone());
-    let opts = ChainOptions {
-        writable: true,
-        ..Default::default()
-    };
-    let chain = Chain::open_on(file, &opts, &caches()).unwrap();
+    let chain = open_recorded(image, &rec);
     let mut model = read_all(&chain, 1 << 20).unwrap();
     let size = model.len() as u64;
     let export = Export {
@@ -870,47 +880,24 @@ fn workload_nbd(image: &Path, case: &Case, rec: Arc<Recorder>, seed: u64) -> Run
     const FUA: u16 = 1;
     let (write, flush, trim, zeroes) = (1u16, 3u16, 4u16, 6u16);
     let mut rng = Rng::new(seed);
-    let mut run = Run {
-        events: Vec::new(),
-        flushes: vec![Durable {
-            at: 0,
-            seq: 0,
-            model: Arc::new(model.clone()),
-        }],
-        ops: Vec::new(),
-    };
-    let unit = case.unit.min(256 * K);
+    let mut run = Run::new(&model);
     for _ in 0..case.ops {
         let at = rec.len();
         let fua = if rng.below(4) == 0 { FUA } else { 0 };
-        let durable = match rng.below(20) {
-            0..=2 => {
+        let durable = match next_op(&mut rng, case, size) {
+            Op::Flush => {
                 request(0, flush, 0, 0, &[]);
                 true
             }
-            3..=5 => {
-                let (off, len) = if rng.below(2) == 0 {
-                    let u = case.unit;
-                    let off = rng.below(size / u) * u;
-                    (off, (u * (1 + rng.below(2))).min(size - off))
-                } else {
-                    let off = rng.below(size);
-                    (off, (1 + rng.below(2 * unit)).min(size - off))
-                };
+            Op::Zero(off, len) => {
                 let kind = if rng.below(2) == 0 { trim } else { zeroes };
                 request(fua, kind, off, len, &[]);
                 model[off as usize..(off + len) as usize].fill(0);
                 run.ops.push((at, run.ops.len(), off, len));
                 fua == FUA
             }
-            _ => {
-                let off = if rng.below(2) == 0 {
-                    rng.below(size / 512) * 512
-                } else {
-                    rng.below(size)
-                };
-                let len = (1 + rng.below(3 * unit)).min(size - off);
-                let data = rng.bytes(len as usize);
+            Op::Write(off, data) => {
+                let len = data.len() as u64;
                 request(fua, write, off, len, &data);
                 model[off as usize..(off + len) as usize].copy_from_slice(&data);
                 run.ops.push((at, run.ops.len(), off, len));
@@ -918,11 +905,7 @@ fn workload_nbd(image: &Path, case: &Case, rec: Arc<Recorder>, seed: u64) -> Run
             }
         };
         if durable {
-            run.flushes.push(Durable {
-                at: rec.len(),
-                seq: run.ops.len(),
-                model: Arc::new(model.clone()),
-            });
+            run.durable(rec.len(), model.clone());
         }
     }
     // NBD_CMD_DISC: the handler answers nothing more, flushes and ends.
@@ -932,11 +915,7 @@ fn workload_nbd(image: &Path, case: &Case, rec: Arc<Recorder>, seed: u64) -> Run
     disc.extend_from_slice(&[0; 20]);
     client.write_all(&disc).unwrap();
     handler.join().unwrap().unwrap();
-    run.flushes.push(Durable {
-        at: rec.len(),
-        seq: run.ops.len(),
-        model: Arc::new(model),
-    });
+    run.durable(rec.len(), model);
     run.events = rec.events();
     run
 }

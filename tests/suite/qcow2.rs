@@ -30,11 +30,7 @@ fn build(dir: &Path, name: &str, opts: &str, size: &str, cmds: &[&str]) -> PathB
     p
 }
 
-fn patch(path: &Path, at: u64, bytes: &[u8]) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(bytes, at).unwrap();
-}
+use crate::common::damage::patch;
 
 fn read_be64(path: &Path, at: u64) -> u64 {
     use std::os::unix::fs::FileExt;
@@ -172,20 +168,11 @@ fn extended_l2_subclusters_over_a_backing_file() {
             &["write -P 0xbb 0 8M"],
         );
         let top = dir.path().join(format!("xt{cs}.qcow2"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
+        qemu_img_line(&format!(
+            "create -q -f qcow2 -b {} -F qcow2 -o extended_l2=on,cluster_size={cs} {} 8M",
             base.to_str().unwrap(),
-            "-F",
-            "qcow2",
-            "-o",
-            &format!("extended_l2=on,cluster_size={cs}"),
-            top.to_str().unwrap(),
-            "8M",
-        ]);
+            top.to_str().unwrap()
+        ));
         qemu_io(
             "qcow2",
             &top,
@@ -340,6 +327,17 @@ fn unknown_backing_format_is_unsupported() {
     assert!(e.to_string().contains("unsupported format 'xyz'"), "{e}");
 }
 
+/// Runs `open` with a read-only open context (default policy, fresh caches).
+fn read_only<R>(open: impl FnOnce(&vdiskfs::format::OpenCtx) -> R) -> R {
+    let caches = common::caches();
+    let policy = vdiskfs::policy::OpenPolicy::default();
+    open(&vdiskfs::format::OpenCtx {
+        caches: &caches,
+        policy: &policy,
+        writable: false,
+    })
+}
+
 fn small_image(dir: &Path, name: &str) -> PathBuf {
     build(
         dir,
@@ -354,64 +352,21 @@ fn small_image(dir: &Path, name: &str) -> PathBuf {
 fn hostile_headers_fail_with_the_right_kind() {
     let dir = scratch();
     let d = dir.path();
+    // One row a damage: kept on one line each, as a table.
+    #[rustfmt::skip]
     let cases: Vec<(&str, u64, Vec<u8>, ErrorKind)> = vec![
         ("cb8", 20, 8u32.to_be_bytes().to_vec(), ErrorKind::Corrupt),
         ("cb22", 20, 22u32.to_be_bytes().to_vec(), ErrorKind::Corrupt),
-        (
-            "l1huge",
-            36,
-            0xffff_fff0u32.to_be_bytes().to_vec(),
-            ErrorKind::Corrupt,
-        ),
-        (
-            "l1eof",
-            40,
-            (1u64 << 40).to_be_bytes().to_vec(),
-            ErrorKind::Corrupt,
-        ),
-        (
-            "l1small",
-            36,
-            0u32.to_be_bytes().to_vec(),
-            ErrorKind::Corrupt,
-        ),
-        (
-            "hugesize",
-            24,
-            (1u64 << 62).to_be_bytes().to_vec(),
-            ErrorKind::Corrupt,
-        ),
-        (
-            "incompat",
-            72,
-            (1u64 << 10).to_be_bytes().to_vec(),
-            ErrorKind::Unsupported,
-        ),
+        ("l1huge", 36, 0xffff_fff0u32.to_be_bytes().to_vec(), ErrorKind::Corrupt),
+        ("l1eof", 40, (1u64 << 40).to_be_bytes().to_vec(), ErrorKind::Corrupt),
+        ("l1small", 36, 0u32.to_be_bytes().to_vec(), ErrorKind::Corrupt),
+        ("hugesize", 24, (1u64 << 62).to_be_bytes().to_vec(), ErrorKind::Corrupt),
+        ("incompat", 72, (1u64 << 10).to_be_bytes().to_vec(), ErrorKind::Unsupported),
         ("aes", 32, 1u32.to_be_bytes().to_vec(), ErrorKind::Encrypted),
-        (
-            "luks",
-            32,
-            2u32.to_be_bytes().to_vec(),
-            ErrorKind::Encrypted,
-        ),
-        (
-            "version4",
-            4,
-            4u32.to_be_bytes().to_vec(),
-            ErrorKind::Unsupported,
-        ),
-        (
-            "refcount7",
-            96,
-            7u32.to_be_bytes().to_vec(),
-            ErrorKind::Corrupt,
-        ),
-        (
-            "hdrlen",
-            100,
-            64u32.to_be_bytes().to_vec(),
-            ErrorKind::Corrupt,
-        ),
+        ("luks", 32, 2u32.to_be_bytes().to_vec(), ErrorKind::Encrypted),
+        ("version4", 4, 4u32.to_be_bytes().to_vec(), ErrorKind::Unsupported),
+        ("refcount7", 96, 7u32.to_be_bytes().to_vec(), ErrorKind::Corrupt),
+        ("hdrlen", 100, 64u32.to_be_bytes().to_vec(), ErrorKind::Corrupt),
     ];
     for (name, at, bytes, kind) in cases {
         let img = small_image(d, &format!("{name}.qcow2"));
@@ -429,14 +384,7 @@ fn hostile_headers_fail_with_the_right_kind() {
         let p = d.join(format!("trunc{len}.qcow2"));
         std::fs::write(&p, &data[..len]).unwrap();
         let f = vdiskfs::host::HostFile::open(&p).unwrap();
-        let caches = common::caches();
-        let policy = vdiskfs::policy::OpenPolicy::default();
-        let ctx = vdiskfs::format::OpenCtx {
-            caches: &caches,
-            policy: &policy,
-            writable: false,
-        };
-        let Err(e) = vdiskfs::format::qcow2::open(f, &ctx) else {
+        let Err(e) = read_only(|ctx| vdiskfs::format::qcow2::open(f, ctx)) else {
             panic!("truncated to {len} bytes opened");
         };
         assert_eq!(e.kind(), ErrorKind::Corrupt, "truncated to {len}: {e}");
@@ -609,14 +557,7 @@ fn refcounts_of_every_width() {
             qemu_img(&["snapshot", "-q", "-c", "s", img.to_str().unwrap()]);
         }
         let f = vdiskfs::host::HostFile::open(&img).unwrap();
-        let caches = common::caches();
-        let policy = vdiskfs::policy::OpenPolicy::default();
-        let ctx = vdiskfs::format::OpenCtx {
-            caches: &caches,
-            policy: &policy,
-            writable: false,
-        };
-        let q = vdiskfs::format::qcow2::Qcow2::open(f, &ctx).unwrap();
+        let q = read_only(|ctx| vdiskfs::format::qcow2::Qcow2::open(f, ctx)).unwrap();
         use vdiskfs::format::Layer;
         assert_eq!(q.refcount(0).unwrap(), 1, "header cluster, {bits} bits");
         let shared = if bits > 1 { 2 } else { 1 };

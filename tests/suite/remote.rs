@@ -6,8 +6,8 @@
 
 use crate::common;
 use crate::common::httpd;
+use common::free_port;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -36,14 +36,6 @@ fn configure() {
             ..Default::default()
         });
     });
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn venv() -> PathBuf {

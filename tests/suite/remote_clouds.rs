@@ -9,8 +9,8 @@
 //! key, so the Azure one gets the server's 403.
 
 use crate::common;
+use common::free_port;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -28,14 +28,6 @@ const BUCKET: &str = "vdiskfs-gcs";
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A tool installed by scripts/setup.sh, or a failure saying so.

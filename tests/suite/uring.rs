@@ -17,7 +17,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use common::fuse::{alive, vdiskfs, wait_gone, Mounted};
-use common::{qemu_img, qemu_io, qemu_raw, scratch};
+use common::{qemu_img, qemu_img_line, qemu_io, qemu_raw, scratch};
 
 const PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
 
@@ -35,6 +35,42 @@ fn enable_uring() {
     std::fs::write(PARAM, "Y").unwrap_or_else(|e| {
         panic!("cannot turn on {PARAM} ({e}): run the tests as root (scripts/setup.sh does)")
     });
+}
+
+/// For a test that needs the ring: shares [`PARAM_LOCK`] and turns the
+/// parameter on; the test holds the guard to its end.
+fn uring_on() -> std::sync::RwLockReadGuard<'static, ()> {
+    let g = PARAM_LOCK.read().unwrap_or_else(|e| e.into_inner());
+    enable_uring();
+    g
+}
+
+/// Options opening a file for O_DIRECT reads (and writes if `write`).
+fn direct_options(write: bool) -> std::fs::OpenOptions {
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true).write(write).custom_flags(libc::O_DIRECT);
+    o
+}
+
+/// Opens `path` with [`direct_options`].
+fn open_direct(path: impl AsRef<Path>, write: bool) -> std::fs::File {
+    direct_options(write).open(path).unwrap()
+}
+
+/// One O_DIRECT read of `len` bytes at `off`: whole, and equal to `expected`.
+fn assert_direct_read(
+    file: &std::fs::File,
+    buf: &mut AlignedBuf,
+    expected: &[u8],
+    off: u64,
+    len: usize,
+) {
+    let n = file.read_at(&mut buf.as_mut()[..len], off).unwrap();
+    assert_eq!(n, len);
+    assert!(
+        buf.as_mut()[..len] == expected[off as usize..off as usize + len],
+        "O_DIRECT read of {len} at {off:#x} differs from qemu-img convert"
+    );
 }
 
 /// The `list --json` entry of a mount.
@@ -67,31 +103,15 @@ fn make_chain(dir: &Path) -> PathBuf {
     let top = dir.join("top.qcow2");
     qemu_img(&["create", "-f", "raw", base.to_str().unwrap(), "5M"]);
     qemu_io("raw", &base, &["write -P 0x11 0 5M"]);
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        mid.to_str().unwrap(),
-        "8M",
-    ]);
+    qemu_img_line(&format!(
+        "create -f qcow2 -o cluster_size=4096 -b base.raw -F raw {} 8M",
+        mid.to_str().unwrap()
+    ));
     qemu_io("qcow2", &mid, &["write -P 0x22 1M 2M", "write -z 2M 4k"]);
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-        "12M",
-    ]);
+    qemu_img_line(&format!(
+        "create -f qcow2 -b mid.qcow2 -F qcow2 {} 12M",
+        top.to_str().unwrap()
+    ));
     qemu_io(
         "qcow2",
         &top,
@@ -106,8 +126,7 @@ fn make_chain(dir: &Path) -> PathBuf {
 
 #[test]
 fn uring_reads_of_a_chain_are_byte_exact() {
-    let _g = PARAM_LOCK.read().unwrap_or_else(|e| e.into_inner());
-    enable_uring();
+    let _g = uring_on();
     let d = scratch();
     let top = make_chain(d.path());
     let expected = qemu_raw(&top, None);
@@ -119,22 +138,13 @@ fn uring_reads_of_a_chain_are_byte_exact() {
         "buffered read differs"
     );
     // Direct I/O of odd sizes, every request straight to the daemon.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&f)
-        .unwrap();
+    let file = open_direct(&f, false);
     let mut buf = AlignedBuf::new(1 << 20);
     let mut rng = common::rng::Rng::new(7);
     for _ in 0..300 {
         let len = 512 * (1 + rng.below(2048) as usize);
         let off = 512 * rng.below((expected.len() as u64 - len as u64) / 512);
-        let n = file.read_at(&mut buf.as_mut()[..len], off).unwrap();
-        assert_eq!(n, len);
-        assert!(
-            buf.as_mut()[..len] == expected[off as usize..off as usize + len],
-            "O_DIRECT read of {len} at {off:#x} differs from qemu-img convert"
-        );
+        assert_direct_read(&file, &mut buf, &expected, off, len);
     }
     // A read past the end is short.
     let n = file
@@ -154,8 +164,7 @@ fn uring_reads_of_a_chain_are_byte_exact() {
 /// flight on one queue), byte-exact against qemu-img convert.
 #[test]
 fn uring_host_reads_of_vmdk_grains_under_qcow2_are_byte_exact_at_depth() {
-    let _g = PARAM_LOCK.read().unwrap_or_else(|e| e.into_inner());
-    enable_uring();
+    let _g = uring_on();
     let d = scratch();
     let base = d.path().join("base.vmdk");
     let top = d.path().join("top.qcow2");
@@ -165,19 +174,10 @@ fn uring_host_reads_of_vmdk_grains_under_qcow2_are_byte_exact_at_depth() {
         &base,
         &["write -P 0x51 0 6M", "write -P 0x52 9M 100k"],
     );
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=16384",
-        "-b",
-        "base.vmdk",
-        "-F",
-        "vmdk",
-        top.to_str().unwrap(),
-        "16M",
-    ]);
+    qemu_img_line(&format!(
+        "create -f qcow2 -o cluster_size=16384 -b base.vmdk -F vmdk {} 16M",
+        top.to_str().unwrap()
+    ));
     qemu_io(
         "qcow2",
         &top,
@@ -196,23 +196,14 @@ fn uring_host_reads_of_vmdk_grains_under_qcow2_are_byte_exact_at_depth() {
         .map(|t| {
             let (f, expected) = (f.clone(), expected.clone());
             std::thread::spawn(move || {
-                let file = std::fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_DIRECT)
-                    .open(&f)
-                    .unwrap();
+                let file = open_direct(&f, false);
                 let mut buf = AlignedBuf::new(1 << 20);
                 let mut rng = common::rng::Rng::new(100 + t);
                 for _ in 0..200 {
                     let pages = if rng.below(4) == 0 { 256 } else { 4 };
                     let len = 4096 * (1 + rng.below(pages) as usize);
                     let off = 4096 * rng.below((expected.len() as u64 - len as u64) / 4096);
-                    let n = file.read_at(&mut buf.as_mut()[..len], off).unwrap();
-                    assert_eq!(n, len);
-                    assert!(
-                        buf.as_mut()[..len] == expected[off as usize..off as usize + len],
-                        "O_DIRECT read of {len} at {off:#x} differs from qemu-img convert"
-                    );
+                    assert_direct_read(&file, &mut buf, &expected, off, len);
                 }
             })
         })
@@ -225,20 +216,14 @@ fn uring_host_reads_of_vmdk_grains_under_qcow2_are_byte_exact_at_depth() {
 
 #[test]
 fn uring_writes_reach_the_image_after_fsync_and_qemu_img_check_passes() {
-    let _g = PARAM_LOCK.read().unwrap_or_else(|e| e.into_inner());
-    enable_uring();
+    let _g = uring_on();
     let d = scratch();
     let img = d.path().join("w.qcow2");
     qemu_img(&["create", "-f", "qcow2", img.to_str().unwrap(), "16M"]);
     qemu_io("qcow2", &img, &["write -P 0x5a 0 3M"]);
     let mut expected = qemu_raw(&img, None);
     let m = mount_uring(&[&img], &["--rw"]);
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(m.file("w.raw"))
-        .unwrap();
+    let f = open_direct(m.file("w.raw"), true);
     let mut rng = common::rng::Rng::new(11);
     let mut buf = AlignedBuf::new(256 << 10);
     for i in 0..64u64 {
@@ -264,19 +249,13 @@ fn uring_writes_reach_the_image_after_fsync_and_qemu_img_check_passes() {
 
 #[test]
 fn uring_fallocate_and_lseek_answer_as_on_the_classic_path() {
-    let _g = PARAM_LOCK.read().unwrap_or_else(|e| e.into_inner());
-    enable_uring();
+    let _g = uring_on();
     let d = scratch();
     let img = d.path().join("s.qcow2");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=65536",
-        img.to_str().unwrap(),
-        "8M",
-    ]);
+    qemu_img_line(&format!(
+        "create -f qcow2 -o cluster_size=65536 {} 8M",
+        img.to_str().unwrap()
+    ));
     qemu_io(
         "qcow2",
         &img,
@@ -358,11 +337,7 @@ impl Readers {
             .map(|i| {
                 let (stop, done, file) = (stop.clone(), done.clone(), file.to_path_buf());
                 std::thread::spawn(move || {
-                    let Ok(f) = std::fs::OpenOptions::new()
-                        .read(true)
-                        .custom_flags(libc::O_DIRECT)
-                        .open(&file)
-                    else {
+                    let Ok(f) = direct_options(false).open(&file) else {
                         return;
                     };
                     let mut buf = AlignedBuf::new(64 << 10);
@@ -422,8 +397,7 @@ fn is_mounted(mp: &Path) -> bool {
 
 #[test]
 fn uring_unmount_with_requests_in_flight_ends_the_daemon() {
-    let _g = PARAM_LOCK.read().unwrap_or_else(|e| e.into_inner());
-    enable_uring();
+    let _g = uring_on();
     let d = scratch();
     let top = make_chain(d.path());
     let m = mount_uring(&[&top], &[]);
@@ -446,8 +420,7 @@ fn uring_unmount_with_requests_in_flight_ends_the_daemon() {
 
 #[test]
 fn uring_daemon_killed_with_requests_queued_leaves_a_clean_mount_point_after_unmount() {
-    let _g = PARAM_LOCK.read().unwrap_or_else(|e| e.into_inner());
-    enable_uring();
+    let _g = uring_on();
     let d = scratch();
     let top = make_chain(d.path());
     let m = mount_uring(&[&top], &[]);

@@ -9,17 +9,15 @@ use common::qemu_img_line;
 
 use std::path::{Path, PathBuf};
 
-use common::fuse::{vdiskfs, Mounted};
+use common::damage::{
+    assert_fails_only_at, copy_of, mutations_never_panic, patch, Damages, Refusal,
+};
+use common::fuse::{assert_fuse_read_matches_qemu, info_json, Mounted};
 use common::{assert_matches_qemu, qemu_img, qemu_io, qemu_raw, read_all, rng::Rng, scratch};
+use vdiskfs::format::Format;
 use vdiskfs::ErrorKind;
 
 const MIB: u64 = 1 << 20;
-
-fn patch(path: &Path, offset: u64, bytes: &[u8]) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(bytes, offset).unwrap();
-}
 
 fn read_le32(path: &Path, offset: usize) -> u32 {
     let b = std::fs::read(path).unwrap();
@@ -153,14 +151,7 @@ fn differencing_vdi_finds_its_parent_by_uuid() {
         "differencing VDI differs from parent+child"
     );
     // info names the parent and its UUID.
-    let out = vdiskfs(&["info", "--json", child.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let text = v.to_string();
+    let (_, text) = info_json(&child);
     assert!(text.contains("\"parent_file\":\"parent.vdi\""), "{text}");
     assert!(text.contains("\"subformat\":\"diff\""), "{text}");
     // The parent gone: refused, naming the UUID, not read as zeros.
@@ -175,32 +166,20 @@ fn differencing_vdi_finds_its_parent_by_uuid() {
 fn qcow2_overlay_over_a_vdi() {
     let d = scratch();
     let base = vdi(d.path(), "base.vdi", 6 * MIB, false, 50, 7);
-    let ov = d.path().join("ov.qcow2");
-    qemu_img_line(&format!(
-        "create -f qcow2 -b base.vdi -F vdi {}",
-        ov.to_str().unwrap()
-    ));
-    qemu_io(
-        "qcow2",
-        &ov,
+    common::assert_qcow2_overlay_over(
+        &base,
+        "vdi",
         &["write -P 0x77 1000k 300k", "write -z 3M 1M"],
     );
-    assert_matches_qemu(&ov);
-    let chain = common::open_chain(&ov).unwrap();
-    assert_eq!(chain.layers()[1].format().name(), "vdi");
-    assert_eq!(chain.layers()[1].path(), base.as_path());
 }
 
 #[test]
 fn vdi_info_and_fuse_mount() {
     let d = scratch();
     let p = vdi(d.path(), "f.vdi", 5 * MIB, false, 30, 11);
-    let out = vdiskfs(&["info", "--json", p.to_str().unwrap()]);
-    assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (v, text) = info_json(&p);
     assert_eq!(v["format"], "vdi");
     assert_eq!(v["virtual_size"], 5 * MIB);
-    let text = v.to_string();
     for key in [
         "\"uuid\"",
         "\"modify_uuid\"",
@@ -211,18 +190,11 @@ fn vdi_info_and_fuse_mount() {
         assert!(text.contains(key), "info lacks {key}: {text}");
     }
     // In-place writes are tested in tests/vhd_vdi_write.rs.
-    let m = Mounted::new(&[&p], &[]);
-    let name = vdiskfs::cli::exposed_name(&p).unwrap();
-    let got = std::fs::read(m.file(name.to_str().unwrap())).unwrap();
-    assert!(
-        got == qemu_raw(&p, None),
-        "FUSE read differs from qemu-img convert"
-    );
-    m.unmount();
+    let name = assert_fuse_read_matches_qemu(&p);
     // --snapshot accepts writes over it and leaves it unchanged.
     let before = common::sha256_file(&p);
     let m = Mounted::new(&[&p], &["--snapshot"]);
-    let f = m.file(name.to_str().unwrap());
+    let f = m.file(&name);
     std::fs::OpenOptions::new()
         .write(true)
         .open(&f)
@@ -242,76 +214,28 @@ fn damaged_vdi_is_refused_or_fails_only_the_damaged_block() {
     let d = scratch();
     let base = vdi(d.path(), "base.vdi", 4 * MIB, false, 0, 1);
     qemu_io("vdi", &base, &["write -P 0x44 0 4M"]);
-    let copy = |name: &str| {
-        let p = d.path().join(name);
-        std::fs::copy(&base, &p).unwrap();
-        p
+    use ErrorKind::{Corrupt, Unsupported};
+    let cases = Damages {
+        base: &base,
+        dir: d.path(),
+        format: None,
     };
-    let refused: Vec<(PathBuf, ErrorKind, &str)> = vec![
-        {
-            let p = copy("trunc.vdi");
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&p)
-                .unwrap()
-                .set_len(0x100)
-                .unwrap();
-            (p, ErrorKind::Corrupt, "truncated")
-        },
-        {
-            let p = copy("v10.vdi");
-            patch(&p, 0x44, &0x0001_0000u32.to_le_bytes());
-            (p, ErrorKind::Unsupported, "1.0")
-        },
-        {
-            let p = copy("bs0.vdi");
-            patch(&p, 0x178, &0u32.to_le_bytes());
-            (p, ErrorKind::Corrupt, "block size")
-        },
-        {
-            let p = copy("hugecount.vdi");
-            patch(&p, 0x180, &0xffff_fff0u32.to_le_bytes());
-            (p, ErrorKind::Corrupt, "block map")
-        },
-        {
-            let p = copy("hugesize.vdi");
-            patch(&p, 0x170, &(1u64 << 60).to_le_bytes());
-            (p, ErrorKind::Corrupt, "too few")
-        },
-        {
-            let p = copy("type9.vdi");
-            patch(&p, 0x4c, &9u32.to_le_bytes());
-            (p, ErrorKind::Corrupt, "image type")
-        },
+    cases.cut("trunc.vdi", 0x100, Corrupt, "truncated");
+    #[rustfmt::skip]
+    let rows: [Refusal; 5] = [
+        ("v10.vdi", 0x44, &0x0001_0000u32.to_le_bytes(), Unsupported, "1.0"),
+        ("bs0.vdi", 0x178, &0u32.to_le_bytes(), Corrupt, "block size"),
+        ("hugecount.vdi", 0x180, &0xffff_fff0u32.to_le_bytes(), Corrupt, "block map"),
+        ("hugesize.vdi", 0x170, &(1u64 << 60).to_le_bytes(), Corrupt, "too few"),
+        ("type9.vdi", 0x4c, &9u32.to_le_bytes(), Corrupt, "image type"),
     ];
-    for (p, kind, words) in &refused {
-        let e = common::open_chain(p)
-            .err()
-            .unwrap_or_else(|| panic!("{} opened", p.display()));
-        assert_eq!(e.kind(), *kind, "{}: {e}", p.display());
-        let msg = e.to_string();
-        assert!(msg.contains(words) && !msg.contains('\n'), "{msg}");
-        assert_eq!(e.path(), Some(p.as_path()));
-        let (code, stderr, _) = common::fuse::info_bounded(p, &[]);
-        assert!(
-            code != Some(0) && code != Some(124) && code.is_some(),
-            "{}: {code:?} {stderr}",
-            p.display()
-        );
-        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    }
+    cases.refused(&rows);
     // A block map entry far past the end: EIO on that block only.
-    let p = copy("past.vdi");
+    let p = copy_of(&base, d.path(), "past.vdi");
     let map = u64::from(read_le32(&p, 0x154));
     patch(&p, map + 2 * 4, &0x00ff_ffffu32.to_le_bytes());
     let chain = common::open_chain(&p).unwrap();
-    let mut buf = vec![0u8; 4096];
-    let e = chain.read_at(&mut buf, 2 * MIB + 4096).expect_err("EIO");
-    assert_eq!(e.kind(), ErrorKind::Corrupt);
-    chain.read_at(&mut buf, MIB).unwrap();
-    assert!(buf.iter().all(|&b| b == 0x44));
-    chain.read_at(&mut buf, 3 * MIB).unwrap();
-    assert!(buf.iter().all(|&b| b == 0x44));
+    assert_fails_only_at(&chain, 2 * MIB + 4096, &[MIB, 3 * MIB], 0x44);
 }
 
 #[test]
@@ -319,20 +243,5 @@ fn random_header_and_map_mutations_never_panic() {
     let d = scratch();
     let p = vdi(d.path(), "seed.vdi", 4 * MIB, false, 20, 4);
     let seed = std::fs::read(&p).unwrap();
-    let map_end = 0x200 + 4 * 4;
-    let mut rng = Rng::new(77);
-    let started = std::time::Instant::now();
-    for i in 0..1500 {
-        let mut blob = seed.clone();
-        for _ in 0..=rng.below(6) {
-            let at = rng.below(map_end as u64) as usize;
-            blob[at] = rng.below(256) as u8;
-        }
-        if i % 7 == 0 {
-            blob.truncate(rng.below(seed.len() as u64) as usize);
-        }
-        vdiskfs::fuzzing::open_layer(&blob, vdiskfs::format::Format::Vdi);
-        vdiskfs::fuzzing::open_and_read(&blob, None, &blob[..64.min(blob.len())]);
-    }
-    assert!(started.elapsed() < std::time::Duration::from_secs(120));
+    mutations_never_panic(&seed, 0x200 + 4 * 4, 77, Format::Vdi);
 }

@@ -399,9 +399,7 @@ fn info_json_describes_a_vhd() {
     let p = d.path().join("i.vhd");
     qemu_img(&["create", "-q", "-f", "vpc", s(&p), "10M"]);
     qemu_io("vpc", &p, &["write -P 1 0 3M"]);
-    let out = vdiskfs(&["info", "--json", s(&p)]);
-    assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (v, _) = common::fuse::info_json(&p);
     assert_eq!(v["format"], "vpc");
     assert_eq!(v["allocated_bytes"], 4 << 20);
     let link = &v["chain"][0];

@@ -15,7 +15,7 @@ use common::{open_err, patched};
 
 use std::path::{Path, PathBuf};
 
-use common::fuse::{vdiskfs, Mounted};
+use common::fuse::Mounted;
 use common::{
     assert_matches_qemu, assert_same, open_chain, qemu_img, qemu_io, qemu_raw, read_all, scratch,
     sha256_hex,
@@ -310,9 +310,7 @@ fn detection_info_and_fuse_mount() {
         "block_size=1M",
         &["write -P 0x44 512 3M", "write -P 0x45 9M 1M"],
     );
-    let out = vdiskfs(&["info", "--json", s(&p)]);
-    assert!(out.status.success());
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (j, _) = common::fuse::info_json(&p);
     assert_eq!(j["format"], "vhdx");
     assert_eq!(j["chain"][0]["subformat"], "dynamic");
     let d = &j["chain"][0]["details"];

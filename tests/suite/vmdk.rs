@@ -2,6 +2,7 @@
 //! testdata manifest, hand-written descriptors and hostile images.
 
 use crate::common;
+use common::damage::assert_fails_only_at;
 use common::manifest;
 use common::qemu_img_line;
 use common::s;
@@ -247,16 +248,10 @@ fn qemu_large_split_images() {
     let dir = scratch();
     for sub in ["twoGbMaxExtentSparse", "twoGbMaxExtentFlat"] {
         let img = dir.path().join(format!("{sub}.vmdk"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            &format!("subformat={sub}"),
-            s(&img),
-            "5G",
-        ]);
+        qemu_img_line(&format!(
+            "create -q -f vmdk -o subformat={sub} {} 5G",
+            s(&img)
+        ));
         qemu_io(
             "vmdk",
             &img,
@@ -365,12 +360,18 @@ fn pattern(len: usize, seed: u32) -> Vec<u8> {
         .collect()
 }
 
+/// Writes `pattern(len, seed)` to `path` and returns it.
+fn pattern_file(path: &Path, len: usize, seed: u32) -> Vec<u8> {
+    let data = pattern(len, seed);
+    fs::write(path, &data).unwrap();
+    data
+}
+
 #[test]
 fn handwritten_mixed_extents() {
     let dir = scratch();
     let d = dir.path();
-    let flat = pattern(3 << 20, 1);
-    fs::write(d.join("flat part.bin"), &flat).unwrap();
+    let flat = pattern_file(&d.join("flat part.bin"), 3 << 20, 1);
     let sp = d.join("sparse part.vmdk");
     qemu_img(&["create", "-q", "-f", "vmdk", s(&sp), "2M"]);
     qemu_io(
@@ -420,8 +421,7 @@ fn handwritten_vmfs_flat() {
     // ESXi-written vmfs image of the manifest is checked against qemu.
     let dir = scratch();
     let d = dir.path();
-    let data = pattern(2 << 20, 9);
-    fs::write(d.join("v-flat.vmdk"), &data).unwrap();
+    let data = pattern_file(&d.join("v-flat.vmdk"), 2 << 20, 9);
     let top = d.join("v.vmdk");
     fs::write(
         &top,
@@ -552,12 +552,7 @@ fn hostile_headers() {
         &d.join("bad-gt.vmdk"),
         &[(rgd, &[0, 0, 0xff, 0][..]), (gd, &[0, 0, 0xff, 0][..])],
     );
-    let c = open_chain(&img).unwrap();
-    let mut buf = vec![0u8; 4096];
-    let err = c.read_at(&mut buf, 0).unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
-    c.read_at(&mut buf, 33 << 20).unwrap();
-    assert!(buf.iter().all(|&x| x == 0x32));
+    assert_fails_only_at(&open_chain(&img).unwrap(), 0, &[33 << 20], 0x32);
 }
 
 #[test]
@@ -598,12 +593,7 @@ fn hostile_stream_files() {
         &d.join("huge-marker.vmdk"),
         &[(first + 8, &[0xff, 0xff, 0xff, 0x7f][..])],
     );
-    let c = open_chain(&img).unwrap();
-    let mut buf = vec![0u8; 4096];
-    let err = c.read_at(&mut buf, 0).unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
-    c.read_at(&mut buf, 1 << 20).unwrap();
-    assert!(buf.iter().all(|&x| x == 0x42));
+    assert_fails_only_at(&open_chain(&img).unwrap(), 0, &[1 << 20], 0x42);
 }
 
 #[test]
@@ -690,20 +680,7 @@ fn handwritten_cowd_delta() {
          createType=\"vmfs\"\n\nRW 2048 VMFS \"p-flat.vmdk\"\n",
     )
     .unwrap();
-    let mut cowd = vec![0u8; 56 * 512];
-    let put = |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-    cowd[0..4].copy_from_slice(b"COWD");
-    put(&mut cowd, 4, 1); // version
-    put(&mut cowd, 8, 3); // flags
-    put(&mut cowd, 12, 2048); // capacity, sectors
-    put(&mut cowd, 16, 8); // grain, sectors
-    put(&mut cowd, 20, 4); // GD sector
-    put(&mut cowd, 24, 1); // GD entries
-    put(&mut cowd, 4 * 512, 5); // GD[0] -> GT at sector 5
-    put(&mut cowd, 5 * 512, 40); // GT[0] -> grain at sector 40
-    put(&mut cowd, 5 * 512 + 12, 48); // GT[3] -> grain at sector 48
-    cowd[40 * 512..48 * 512].fill(0xaa);
-    cowd[48 * 512..56 * 512].fill(0xbb);
+    let cowd = common::cowd_extent(&[(0, 0xaa), (3, 0xbb)]);
     fs::write(d.join("d-delta.vmdk"), &cowd).unwrap();
     let top = d.join("d.vmdk");
     fs::write(

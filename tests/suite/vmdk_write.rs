@@ -453,18 +453,7 @@ fn assert_refused_writable(img: &Path) {
 fn cowd_and_sesparse_are_refused_writable() {
     let dir = scratch();
     let d = dir.path();
-    let mut cowd = vec![0u8; 48 * 512];
-    let put = |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-    cowd[0..4].copy_from_slice(b"COWD");
-    put(&mut cowd, 4, 1); // version
-    put(&mut cowd, 8, 3); // flags
-    put(&mut cowd, 12, 2048); // capacity, sectors
-    put(&mut cowd, 16, 8); // grain, sectors
-    put(&mut cowd, 20, 4); // GD sector
-    put(&mut cowd, 24, 1); // GD entries
-    put(&mut cowd, 4 * 512, 5); // GD[0] -> GT at sector 5
-    put(&mut cowd, 5 * 512, 40); // GT[0] -> grain at sector 40
-    cowd[40 * 512..48 * 512].fill(0xaa);
+    let cowd = common::cowd_extent(&[(0, 0xaa)]);
     let bare = d.join("d-delta.vmdk");
     std::fs::write(&bare, &cowd).unwrap();
     assert_refused_writable(&bare);

@@ -160,3 +160,40 @@ pub fn listed(m: &Mounted) -> serde_json::Value {
 pub fn daemon_pid(m: &Mounted) -> i32 {
     listed(m)["pid"].as_i64().expect("pid") as i32
 }
+
+/// `vdiskfs info --json image`, which must succeed: the JSON, and its text
+/// (for `contains` checks on keys).
+pub fn info_json(image: &Path) -> (serde_json::Value, String) {
+    let out = vdiskfs(&["info", "--json", image.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let text = v.to_string();
+    (v, text)
+}
+
+/// Mounts `image` read-only and checks the exposed file against
+/// `qemu-img convert`; returns the exposed name.
+pub fn assert_fuse_read_matches_qemu(image: &Path) -> String {
+    let m = Mounted::new(&[image], &[]);
+    let name = ::vdiskfs::cli::exposed_name(image).unwrap();
+    let name = name.to_str().unwrap().to_owned();
+    let got = std::fs::read(m.file(&name)).unwrap();
+    assert!(
+        got == super::qemu_raw(image, None),
+        "FUSE read differs from qemu-img convert"
+    );
+    m.unmount();
+    name
+}
+
+/// Runs `vdiskfs args`, which must fail with `words` on stderr.
+pub fn assert_refused_with(args: &[&str], words: &str) {
+    let o = vdiskfs(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{args:?} succeeded");
+    assert!(err.contains(words), "{args:?}: {err}");
+}

@@ -2,6 +2,7 @@
 //! building, and reading through the library.
 #![allow(dead_code)]
 
+pub mod damage;
 pub mod fuse;
 pub mod httpd;
 pub mod manifest;
@@ -316,4 +317,66 @@ pub fn sha256_chain(chain: &Chain) -> vdiskfs::Result<String> {
         pos += n as u64;
     }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A qcow2 overlay `ov.qcow2` in `base`'s folder over `base` (of qemu format
+/// `fmt`), with `writes` by qemu-io: it reads as qemu-img does, and the chain
+/// has `base` as its second layer, detected as `fmt`.
+pub fn assert_qcow2_overlay_over(base: &Path, fmt: &str, writes: &[&str]) {
+    let ov = base.with_file_name("ov.qcow2");
+    let name = base.file_name().unwrap().to_str().unwrap();
+    qemu_img_line(&format!("create -f qcow2 -b {name} -F {fmt} {}", s(&ov)));
+    qemu_io("qcow2", &ov, writes);
+    assert_matches_qemu(&ov);
+    let chain = open_chain(&ov).unwrap();
+    assert_eq!(chain.layers()[1].format().name(), fmt);
+    assert_eq!(chain.layers()[1].path(), base);
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A two-layer qcow2 chain in `dir`: `base.qcow2` of `size` with
+/// `base_writes`, under `disk.qcow2` with `top_writes` (qemu-io commands);
+/// returns the top.
+pub fn qcow2_pair(dir: &Path, size: &str, base_writes: &[&str], top_writes: &[&str]) -> PathBuf {
+    let base = dir.join("base.qcow2");
+    let top = dir.join("disk.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), size]);
+    qemu_io("qcow2", &base, base_writes);
+    qemu_img_line(&format!(
+        "create -q -f qcow2 -b base.qcow2 -F qcow2 {}",
+        s(&top)
+    ));
+    qemu_io("qcow2", &top, top_writes);
+    top
+}
+
+/// A hand-made ESXi COWD (vmfsSparse) extent of 2048 sectors, 8-sector
+/// grains, one grain directory entry at sector 4 pointing at the grain
+/// table at sector 5; `grains` are (grain index, fill byte), stored from
+/// sector 40 on in that order. Returns the file's bytes.
+pub fn cowd_extent(grains: &[(usize, u8)]) -> Vec<u8> {
+    let mut cowd = vec![0u8; (40 + 8 * grains.len()) * 512];
+    let put = |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    cowd[0..4].copy_from_slice(b"COWD");
+    put(&mut cowd, 4, 1); // version
+    put(&mut cowd, 8, 3); // flags
+    put(&mut cowd, 12, 2048); // capacity, sectors
+    put(&mut cowd, 16, 8); // grain, sectors
+    put(&mut cowd, 20, 4); // GD sector
+    put(&mut cowd, 24, 1); // GD entries
+    put(&mut cowd, 4 * 512, 5); // GD[0] -> GT at sector 5
+    for (i, &(grain, fill)) in grains.iter().enumerate() {
+        let sector = 40 + 8 * i;
+        put(&mut cowd, 5 * 512 + 4 * grain, sector as u32); // GT[grain]
+        cowd[sector * 512..(sector + 8) * 512].fill(fill);
+    }
+    cowd
 }

@@ -207,3 +207,13 @@ fn stderr_text(child: &mut std::process::Child) -> String {
     }
     err
 }
+
+/// `nbdinfo --size uri`, run to its end whatever its outcome (the caller
+/// checks success: some tests expect a refusal).
+pub fn nbdinfo_size(uri: impl AsRef<std::ffi::OsStr>) -> std::process::Output {
+    Command::new("nbdinfo")
+        .arg("--size")
+        .arg(uri)
+        .output()
+        .expect("cannot run nbdinfo: install libnbd-bin")
+}

@@ -76,6 +76,26 @@ fn block_host(b: &[u8], i: u64) -> u64 {
     (le64(b, bat_offset(b) + 8 * i) >> 20) << 20
 }
 
+/// The whole of `c`, read in 1 MiB pieces, equals what qemu-img reads from
+/// `qemu_image` (`img` names the image in a failure).
+fn reads_as_qemu_reads(c: &Chain, qemu_image: &Path, img: &Path) {
+    assert_same(
+        &read_all(c, 1 << 20).unwrap(),
+        &qemu_raw(qemu_image, None),
+        img,
+        0,
+    );
+}
+
+/// A 4 MiB VHDX of 1 MiB blocks with block 0 written: its path, its bytes
+/// and block 0's host offset.
+fn one_block_image(dir: &Path, name: &str) -> (PathBuf, Vec<u8>, u64) {
+    let base = created(dir, name, "4M", "block_size=1M", &["write -P 5 0 1M"]);
+    let orig = std::fs::read(&base).unwrap();
+    let b0 = block_host(&orig, 0);
+    (base, orig, b0)
+}
+
 fn page(seed: u8) -> Vec<u8> {
     (0..4096u32)
         .map(|i| (i as u8).wrapping_mul(7) ^ seed)
@@ -165,26 +185,13 @@ fn log_replay_overlays_pages_bat_entries_and_zeros() {
         install_log(b, &entries, false)
     });
     let c = open_chain(&unarmed).unwrap();
-    assert_same(
-        &read_all(&c, 1 << 20).unwrap(),
-        &qemu_raw(&base, None),
-        &unarmed,
-        0,
-    );
+    reads_as_qemu_reads(&c, &base, &unarmed);
 }
 
 #[test]
 fn log_entries_of_another_log_guid_are_ignored() {
     let dir = scratch();
-    let base = created(
-        dir.path(),
-        "g.vhdx",
-        "4M",
-        "block_size=1M",
-        &["write -P 5 0 1M"],
-    );
-    let orig = std::fs::read(&base).unwrap();
-    let b0 = block_host(&orig, 0);
+    let (base, orig, b0) = one_block_image(dir.path(), "g.vhdx");
     let e = log_entry(
         7,
         0,
@@ -196,19 +203,9 @@ fn log_entries_of_another_log_guid_are_ignored() {
         install_log(b, &[(0, e)], true)
     });
     let c = open_chain(&img).unwrap();
-    assert_same(
-        &read_all(&c, 1 << 20).unwrap(),
-        &qemu_raw(&base, None),
-        &img,
-        0,
-    );
+    reads_as_qemu_reads(&c, &base, &img);
     // Read as qemu reads it (nothing to replay), and said so.
-    assert_same(
-        &read_all(&c, 1 << 20).unwrap(),
-        &qemu_raw(&img, None),
-        &img,
-        0,
-    );
+    reads_as_qemu_reads(&c, &img, &img);
     let info = vdiskfs::info::gather(&c).unwrap();
     assert!(
         info.features
@@ -222,15 +219,7 @@ fn log_entries_of_another_log_guid_are_ignored() {
 #[test]
 fn a_log_from_a_longer_file_is_refused() {
     let dir = scratch();
-    let base = created(
-        dir.path(),
-        "t.vhdx",
-        "4M",
-        "block_size=1M",
-        &["write -P 5 0 1M"],
-    );
-    let orig = std::fs::read(&base).unwrap();
-    let b0 = block_host(&orig, 0);
+    let (base, orig, b0) = one_block_image(dir.path(), "t.vhdx");
     // Written when the file was 1 MiB longer than it is now.
     let e = log_entry(
         7,
