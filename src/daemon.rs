@@ -208,8 +208,10 @@ fn live_states() -> Vec<MountState> {
     states
 }
 
-/// True while `pid` runs (a zombie waiting to be reaped counts as gone).
-fn process_alive(pid: u32) -> bool {
+/// True while `pid` runs (a zombie waiting to be reaped counts as gone:
+/// it has closed its files, image locks included, and its /dev/fuse
+/// descriptor).
+pub fn process_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name.
         Ok(stat) => stat

@@ -16,16 +16,9 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_vdiskfs")
 }
 
-/// True while `pid` runs. A zombie counts as gone: it has closed its
-/// files (image locks included) and its /dev/fuse descriptor.
+/// True while `pid` runs (the daemon's own check: a zombie counts as gone).
 pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .map(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
-            .unwrap_or(false),
-        Err(_) => false,
-    }
+    vdiskfs::daemon::process_alive(pid)
 }
 
 /// Waits until the process `pid` is gone (see [`alive`]); panics after 20 s.
