@@ -73,9 +73,7 @@ pub fn plan(fs: &VdiskFs, ino: u64, offset: u64, size: usize, payload: &mut [u8]
     if len > 0 {
         walk(
             chain,
-            0,
             base.checked_add(offset)?,
-            0,
             len,
             &mut plan.segs,
             payload,
@@ -84,43 +82,29 @@ pub fn plan(fs: &VdiskFs, ino: u64, offset: u64, size: usize, payload: &mut [u8]
     Some(plan)
 }
 
-/// Maps `len` guest bytes at `pos`, starting at layer `idx`, into `segs`
-/// (payload position `at` on); zero runs are filled in `payload` here.
+/// Maps `len` guest bytes at `pos` into `segs` (payload position 0 on),
+/// through [`crate::map::locate`], the walk that finds the layer storing
+/// each run; zero and unstored runs are filled in `payload` here.
 fn walk(
     chain: &Chain,
-    idx: usize,
     pos: u64,
-    at: usize,
     len: usize,
     segs: &mut Vec<Seg>,
     payload: &mut [u8],
 ) -> Option<()> {
-    let Some(layer) = chain.layers().get(idx) else {
-        payload[at..at + len].fill(0);
-        return Some(());
-    };
     // A layer that may free clusters pins its tables for the duration of
     // a read; a pin cannot be held across completions without stalling
     // the thread that frees (and this thread behind it).
-    if layer.pin_reads().is_some() {
+    if chain.layers().iter().any(|l| l.pin_reads().is_some()) {
         return None;
     }
-    let size = layer.virtual_size();
     let mut done = 0usize;
     while done < len {
         let p = pos.checked_add(done as u64)?;
-        if p >= size {
-            // A backing layer shorter than the one above reads as zeros.
-            payload[at + done..at + len].fill(0);
-            break;
-        }
-        let want = ((len - done) as u64).min(size - p);
-        let (mapping, n) = layer.map(p, want).ok()?;
-        if n == 0 || n > want {
-            return None;
-        }
-        let (a, n) = (at + done, n as usize);
-        match mapping {
+        // locate's run is at least 1 and at most the length asked for.
+        let run = crate::map::locate(chain, p, (len - done) as u64).ok()?;
+        let n = run.len as usize;
+        match run.mapping {
             Mapping::Data { file, offset } => {
                 let fd = file.plain_read_fd()?;
                 push(
@@ -129,13 +113,13 @@ fn walk(
                         file: Some(file.clone()),
                         fd,
                         host: offset,
-                        at: a,
+                        at: done,
                         len: n,
                     },
                 );
             }
-            Mapping::Zero => payload[a..a + n].fill(0),
-            Mapping::Backing => walk(chain, idx + 1, p, a, n, segs, payload)?,
+            // Backing: no layer stores it (or past a shorter layer's end).
+            Mapping::Zero | Mapping::Backing => payload[done..done + n].fill(0),
             Mapping::Compressed(_) => return None,
         }
         if segs.len() > MAX_SEGS {
