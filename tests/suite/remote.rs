@@ -22,20 +22,18 @@ const BUCKET: &str = "vdiskfs-test";
 const KEY_ID: &str = "AKIDVDISKFSTEST";
 const SECRET: &str = "sEcReT-vdiskfs-do-not-print";
 
-/// Timeouts short enough for tests; set once per test process.
-fn configure() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        vdiskfs::remote::configure(vdiskfs::remote::Settings {
-            chunk: 1 << 20,
-            cache_bytes: 64 << 20,
-            request_timeout: Duration::from_secs(2),
-            connect_timeout: Duration::from_secs(1),
-            max_retries: 2,
-            retry_timeout: Duration::from_secs(6),
-            ..Default::default()
-        });
-    });
+/// The process's remote client for this test (see
+/// [`httpd::remote_client`]), with timeouts short enough for tests.
+fn client() -> std::sync::MutexGuard<'static, ()> {
+    httpd::remote_client(vdiskfs::remote::Settings {
+        chunk: 1 << 20,
+        cache_bytes: 64 << 20,
+        request_timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(1),
+        max_retries: 2,
+        retry_timeout: Duration::from_secs(6),
+        ..Default::default()
+    })
 }
 
 fn venv() -> PathBuf {
@@ -163,8 +161,8 @@ fn chain_dir() -> tempfile::TempDir {
     dir
 }
 
+/// Opens `url` in this process; the caller holds [`client`].
 fn open(url: &str, untrusted: bool) -> vdiskfs::Result<Chain> {
-    configure();
     let opts = ChainOptions {
         policy: OpenPolicy {
             untrusted,
@@ -185,6 +183,7 @@ fn manifest_rows() -> Vec<common::manifest::Row> {
 
 #[test]
 fn every_manifest_image_reads_byte_exact_from_s3() {
+    let _client = client();
     moto();
     let mut failures = Vec::new();
     for row in manifest_rows() {
@@ -212,6 +211,7 @@ fn every_manifest_image_reads_byte_exact_from_s3() {
 
 #[test]
 fn a_chain_across_objects_resolves_relative_to_the_url() {
+    let _client = client();
     moto();
     let local = chain_dir();
     let expected = common::qemu_raw(&local.path().join("top.qcow2"), Some("qcow2"));
@@ -232,6 +232,7 @@ fn a_chain_across_objects_resolves_relative_to_the_url() {
 
 #[test]
 fn untrusted_mode_refuses_a_backing_file_in_another_prefix() {
+    let _client = client();
     moto();
     let dir = common::scratch();
     let top = dir.path().join("escape.qcow2");
@@ -254,6 +255,7 @@ fn untrusted_mode_refuses_a_backing_file_in_another_prefix() {
 
 #[test]
 fn a_replaced_object_fails_reads_with_a_clear_error() {
+    let _client = client();
     let dir = common::scratch();
     let p = dir.path().join("disk.raw");
     std::fs::write(&p, vec![1u8; 8 << 20]).unwrap();
@@ -276,6 +278,7 @@ fn a_replaced_object_fails_reads_with_a_clear_error() {
 
 #[test]
 fn a_dead_server_gives_eio_in_bounded_time_then_recovers() {
+    let _client = client();
     let dir = common::scratch();
     let data: Vec<u8> = (0..16u32 << 20).map(|i| (i % 253) as u8).collect();
     std::fs::write(dir.path().join("d.raw"), &data).unwrap();
@@ -305,6 +308,7 @@ fn a_dead_server_gives_eio_in_bounded_time_then_recovers() {
 
 #[test]
 fn sequential_reads_prefetch_and_random_reads_stay_small() {
+    let _client = client();
     let dir = common::scratch();
     let data: Vec<u8> = (0..32u32 << 20).map(|i| (i % 241) as u8).collect();
     std::fs::write(dir.path().join("s.raw"), &data).unwrap();

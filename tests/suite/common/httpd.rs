@@ -217,3 +217,20 @@ fn respond(
         }
     }
 }
+
+/// Takes the process's remote client for the calling test and sets its
+/// tuning. The client (settings, chunk cache, the limit on requests in
+/// flight, the traffic counters) is one per process, as in the daemon, and
+/// every test of this binary runs in one process: a test that reads remote
+/// files in-process holds the guard for its whole run, so another test's
+/// settings or requests never count in its measurements (a round count, a
+/// request count, bytes sent). Tests that mount run their own daemon and
+/// need none.
+pub fn remote_client(settings: vdiskfs::remote::Settings) -> std::sync::MutexGuard<'static, ()> {
+    static CLIENT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let guard = CLIENT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    vdiskfs::remote::configure(settings);
+    guard
+}
