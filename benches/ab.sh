@@ -7,7 +7,9 @@
 #
 # Workload (env WORKLOAD): seqread (default; fio 1 MiB psync buffered, cold
 # caches, first SIZE, default 1G), seqwrite-buf (fio 1 MiB psync buffered
-# writes + fsync), randwrite-buf (4 KiB buffered random writes + fsync).
+# writes + fsync), randwrite-buf (4 KiB buffered random writes + fsync),
+# randread-qd32 (fio 4 KiB random reads, libaio O_DIRECT, queue depth 32,
+# 5 s over the first SIZE, cold caches; prints IOPS).
 # Writes go to a fresh copy of IMAGE for every run (`--rw`), or with
 # OVERLAY=1 to a fresh `--overlay` file over IMAGE (never written).
 set -uo pipefail
@@ -40,6 +42,9 @@ one() { # BINARY -> prints MiB/s or IOPS
 		--direct=0 --size="$SIZE" --output=/dev/null >/dev/null 2>&1 ;;
 	seqwrite-buf) fio --name=ab --filename="$f" --rw=write --bs=1M --ioengine=psync \
 		--direct=0 --size="$SIZE" --end_fsync=1 --output=/dev/null >/dev/null 2>&1 ;;
+	randread-qd32) fio --name=ab --filename="$f" --readonly --rw=randread --bs=4k --ioengine=libaio \
+		--iodepth=32 --direct=1 --size="$SIZE" --time_based --runtime=5 --randseed=7 \
+		--output-format=json --output="$WORK/fio.json" >/dev/null 2>&1 ;;
 	randwrite-buf) fio --name=ab --filename="$f" --rw=randwrite --bs=4k --ioengine=psync \
 		--direct=0 --io_size="$SIZE" --end_fsync=1 --output=/dev/null >/dev/null 2>&1 ;;
 	esac
@@ -48,7 +53,9 @@ one() { # BINARY -> prints MiB/s or IOPS
 	rm -f "$WORK/copy."* "$WORK/overlay.qcow2"
 	local bytes
 	bytes=$(numfmt --from=iec "$SIZE")
-	if [ "$WORKLOAD" = randwrite-buf ]; then
+	if [ "$WORKLOAD" = randread-qd32 ]; then
+		python3 -c "import json; print(f'{json.load(open(\"$WORK/fio.json\"))[\"jobs\"][0][\"read\"][\"iops\"]:.0f}')"
+	elif [ "$WORKLOAD" = randwrite-buf ]; then
 		python3 -c "print(f'{$bytes / 4096 / ($t1 - $t0):.0f}')"
 	else
 		python3 -c "print(f'{$bytes / 1048576 / ($t1 - $t0):.1f}')"

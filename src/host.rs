@@ -18,6 +18,29 @@ use crate::engine::order::{Queue, Stage};
 use crate::engine::record::{Event, Recorder};
 use crate::error::{Error, ErrorKind, Result};
 
+thread_local! {
+    /// Set while [`without_blocking_reads`] runs on this thread.
+    static NO_READS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with host reads refused on this thread: every read of a
+/// [`HostFile`] fails at once with `EAGAIN` instead of waiting for a disk
+/// or a server. For threads that must never block on image I/O (the
+/// io_uring queue threads): a mapping that needs a table not yet cached
+/// fails, and the caller hands the whole request to a thread that may
+/// block.
+pub fn without_blocking_reads<R>(f: impl FnOnce() -> R) -> R {
+    /// Restores the flag, also when `f` unwinds.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            NO_READS.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(NO_READS.with(|c| c.replace(true)));
+    f()
+}
+
 /// An open host file with positional I/O.
 #[derive(Debug)]
 pub struct HostFile {
@@ -321,6 +344,14 @@ impl HostFile {
 
     /// [`HostFile::read_at_most`] without the queued writes.
     fn read_from_file(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        if NO_READS.with(std::cell::Cell::get) {
+            let would_block = std::io::Error::from(std::io::ErrorKind::WouldBlock);
+            return Err(
+                Error::io("read refused on a thread that must not block", would_block)
+                    .at_host(offset)
+                    .with_path(&self.path),
+            );
+        }
         if let Some(r) = &self.remote {
             return r.read_at_most(buf, offset);
         }

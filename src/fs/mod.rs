@@ -30,7 +30,7 @@ mod errno;
 mod mount;
 pub mod partitions;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod tree;
 pub mod uring;
 pub use disk::{Disk, Seek, Xattr};

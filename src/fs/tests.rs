@@ -12,12 +12,12 @@ use crate::chain::{Chain, ChainOptions};
 use crate::format::qcow2::create::{create, CreateOptions};
 use crate::host::{HostFile, HostOpen};
 
-const MIB: u64 = 1 << 20;
+pub(crate) const MIB: u64 = 1 << 20;
 const CLUSTER: u64 = 64 * 1024;
 const SIZE: u64 = 8 * MIB;
 
 /// A new, empty 8 MiB qcow2 (64 KiB clusters) in `dir`.
-fn new_image(dir: &Path) -> PathBuf {
+pub(crate) fn new_image(dir: &Path) -> PathBuf {
     let path = dir.join("disk.qcow2");
     std::fs::File::create(&path).unwrap();
     let how = HostOpen {
@@ -35,7 +35,7 @@ fn new_image(dir: &Path) -> PathBuf {
     path
 }
 
-fn open(path: &Path, writable: bool) -> Arc<Chain> {
+pub(crate) fn open(path: &Path, writable: bool) -> Arc<Chain> {
     let opts = ChainOptions {
         writable,
         ..Default::default()
@@ -43,7 +43,7 @@ fn open(path: &Path, writable: bool) -> Arc<Chain> {
     Arc::new(Chain::open(path, &opts, &Caches::new(4 * MIB as usize)).unwrap())
 }
 
-fn disk(chain: &Arc<Chain>) -> Disk {
+pub(crate) fn disk(chain: &Arc<Chain>) -> Disk {
     let xattrs = vec![("user.vdiskfs.format".to_string(), b"qcow2".to_vec())];
     Disk::new(OsString::from("disk.raw"), chain.clone(), xattrs)
 }

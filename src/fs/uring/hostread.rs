@@ -12,8 +12,12 @@
 //! non-blocking read first), so a cached read costs one copy and no wakeup;
 //! when other requests are about, the queue asks for hits only and sends a
 //! miss to its pool (`queue.rs`: blocking preads keep the kernel's
-//! readahead, which io_uring's buffered reads mostly skip). Mapping a run may read a layer's metadata table (an L2 table miss):
-//! that read stays synchronous, once per table.
+//! readahead, which io_uring's buffered reads mostly skip). Planning
+//! never reads the disk itself: it runs under
+//! [`crate::host::without_blocking_reads`], so a mapping that needs a
+//! table not in the cache (an L2 table, a grain table, a sector bitmap,
+//! any table of a remote layer) fails and the request goes to the pool,
+//! whose read caches the table for the next plan.
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -102,7 +106,10 @@ fn walk(
     while done < len {
         let p = pos.checked_add(done as u64)?;
         // locate's run is at least 1 and at most the length asked for.
-        let run = crate::map::locate(chain, p, (len - done) as u64).ok()?;
+        let run = crate::host::without_blocking_reads(|| {
+            crate::map::locate(chain, p, (len - done) as u64)
+        })
+        .ok()?;
         let n = run.len as usize;
         match run.mapping {
             Mapping::Data { file, offset } => {
@@ -161,6 +168,32 @@ mod tests {
 
     fn shape(v: &[Seg]) -> Vec<(RawFd, u64, usize, usize)> {
         v.iter().map(|s| (s.fd, s.host, s.at, s.len)).collect()
+    }
+
+    #[test]
+    fn planning_never_reads_a_table_and_plans_once_it_is_cached() {
+        use crate::fs::tests::{disk, new_image, open, MIB};
+        let dir = tempfile::tempdir().unwrap();
+        let path = new_image(dir.path());
+        let d = disk(&open(&path, true));
+        d.write(MIB, &[7; 4096], false).unwrap();
+        d.flush().unwrap();
+        drop(d);
+        let chain = open(&path, false);
+        let (mut payload, mut segs) = (vec![1u8; 8192], Vec::new());
+        // The L2 table is not cached: planning must not read it (the
+        // request goes to the pool) and fills nothing.
+        assert!(walk(&chain, MIB, 8192, &mut segs, &mut payload).is_none());
+        assert!(segs.is_empty() && payload.iter().all(|&b| b == 1));
+        // A read the usual way caches the table: now one host read.
+        chain.read_at(&mut payload, MIB).unwrap();
+        walk(&chain, MIB, 8192, &mut segs, &mut payload).unwrap();
+        assert_eq!(segs.len(), 1);
+        assert_eq!((segs[0].at, segs[0].len), (0, 8192));
+        let mut got = vec![0u8; 8192];
+        let file = segs[0].file.as_ref().unwrap();
+        file.read_exact_at(&mut got, segs[0].host).unwrap();
+        assert!(got[..4096].iter().all(|&b| b == 7) && got[4096..].iter().all(|&b| b == 0));
     }
 
     #[test]
