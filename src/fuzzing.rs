@@ -260,6 +260,7 @@ pub fn nbd_client(data: &[u8]) {
             name: name.into(),
             description: name.into(),
             chain: Arc::new(chain),
+            on_write: None,
         });
     }
     /// The client's bytes in, the server's bytes discarded.

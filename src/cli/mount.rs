@@ -167,11 +167,12 @@ fn serve(cfg: &MountConfig, plan: &MountPlan, notifier: &mut Notifier) -> Result
         .map(|(p, _)| p.display().to_string())
         .collect::<Vec<_>>()
         .join(",");
-    let nbd = crate::nbd::cmd::serve_mount(&cfg.nbd, &cfg.nbd_net, &disks, &plan.images)?;
     let mut fs = VdiskFs::new(disks, plan.single_file, access);
     if cfg.no_passthrough {
         fs = fs.without_passthrough();
     }
+    let fs = std::sync::Arc::new(fs);
+    let nbd = crate::nbd::cmd::serve_mount(&cfg.nbd, &cfg.nbd_net, &fs, &plan.images)?;
     // Before mounting: a failure here must not leave a mount behind.
     let _pid_file = match &cfg.pid_file {
         Some(p) => Some(daemon::PidFile::create(p)?),

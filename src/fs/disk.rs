@@ -101,6 +101,13 @@ impl Disk {
         }
     }
 
+    /// Marks `[offset, offset + len)` of this file as changed in its own
+    /// allocation count only (a write made around the files, see
+    /// [`super::Tree::changed_around`], marks each file itself).
+    pub(super) fn mark(&self, offset: u64, len: u64) {
+        self.blocks.touched(offset, len);
+    }
+
     /// Marks `[offset, offset + len)` of this file as changed, in its own
     /// allocation count and in those of the files it overlaps.
     fn touched(&self, offset: u64, len: u64) {

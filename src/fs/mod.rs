@@ -75,6 +75,8 @@ pub struct VdiskFs {
     uring_agreed: AtomicBool,
     /// The io_uring transport, while it runs.
     ring: parking_lot::Mutex<Option<uring::Ring>>,
+    /// Sends the kernel cache invalidations, once mounted.
+    notifier: std::sync::OnceLock<fuser::Notifier>,
 }
 
 /// The filesystem as fuser holds it: shared with the io_uring transport.
@@ -125,6 +127,31 @@ impl VdiskFs {
             uring_wanted: AtomicBool::new(false),
             uring_agreed: AtomicBool::new(false),
             ring: parking_lot::Mutex::new(None),
+            notifier: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// After `[offset, offset + len)` of `chain` was written around FUSE
+    /// (over NBD, `mount --nbd`): the files showing the range recount their
+    /// blocks, and the kernel drops its cached pages of the range (files
+    /// are opened with `FOPEN_KEEP_CACHE`, so without this a reader of the
+    /// mount would see the old bytes until the page cache let them go).
+    pub fn changed_around(&self, chain: &Arc<crate::chain::Chain>, offset: u64, len: u64) {
+        for (ino, off, n) in self.tree.changed_around(chain, offset, len) {
+            let Some(notifier) = self.notifier.get() else {
+                // Not mounted yet: the kernel caches nothing of it.
+                continue;
+            };
+            let (off, n) = (
+                off.try_into().unwrap_or(i64::MAX),
+                n.try_into().unwrap_or(0),
+            );
+            if let Err(e) = notifier.inval_inode(INodeNo(ino), off, n) {
+                // ENOENT: the kernel holds no such inode (never looked up).
+                if e.raw_os_error() != Some(libc::ENOENT) {
+                    log::warn!("cannot drop the kernel's cached pages of inode {ino}: {e}");
+                }
+            }
         }
     }
 
@@ -260,7 +287,9 @@ impl Filesystem for FuserFs {
             return;
         };
         // Every change goes through this mount (and so through the kernel's
-        // page cache), so the kernel may keep what it read across opens.
+        // page cache) or, over NBD from this daemon, drops the pages it
+        // changed (`changed_around`): the kernel may keep what it read
+        // across opens.
         reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
     }
 

@@ -117,12 +117,11 @@ impl Session {
 /// `fuse.vdiskfs` (fuser's own mount(2) path always says `fuse`); other
 /// users go through fusermount3, which sets the subtype itself.
 pub fn mount(
-    fs: VdiskFs,
+    fs: Arc<VdiskFs>,
     mountpoint: &std::path::Path,
     cfg: &MountConfig,
 ) -> std::io::Result<Session> {
     use MountOption as O;
-    let fs = Arc::new(fs);
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         O::FSName(cfg.fsname.clone()),
@@ -147,10 +146,13 @@ pub fn mount(
         config.n_threads = Some(1);
     }
     if !root {
-        return fuser::Session::new(FuserFs(fs), mountpoint, &config).map(|inner| Session {
-            inner,
-            transport: Transport::Classic,
-            own_mount: None,
+        return fuser::Session::new(FuserFs(fs.clone()), mountpoint, &config).map(|inner| {
+            let _ = fs.notifier.set(inner.notifier());
+            Session {
+                inner,
+                transport: Transport::Classic,
+                own_mount: None,
+            }
         });
     }
     let fd = mount_sys(mountpoint, cfg)?;
@@ -161,6 +163,7 @@ pub fn mount(
     };
     match fuser::Session::from_fd(FuserFs(fs.clone()), fd, config.acl, config) {
         Ok(inner) => {
+            let _ = fs.notifier.set(inner.notifier());
             raise_readahead(mountpoint);
             let transport = match (prepared, ring_fd) {
                 (Some(p), Some(dev)) => start_uring(p, dev, &fs, cfg.threads),

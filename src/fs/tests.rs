@@ -165,6 +165,33 @@ fn windows_clip_reads_and_refuse_writes_past_the_end() {
     assert_eq!(w.seek(0, Seek::Data).unwrap(), MIB - CLUSTER);
 }
 
+#[test]
+fn writes_around_the_tree_mark_every_file_showing_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let chain = open(&new_image(dir.path()), true);
+    let mut disks = vec![disk(&chain), disk(&chain).with_window(MIB, 2 * MIB)];
+    disks[1].name = OsString::from("disk-p1.raw");
+    let tree = Tree::new(disks, false, access());
+    assert_eq!(tree.getattr(2).unwrap().blocks, 0);
+    // As NBD writes: straight into the chain, then reported.
+    chain.write_at(&[1; 4096], 2 * MIB + 8192).unwrap();
+    chain.write_at(&[1; 4096], 5 * MIB).unwrap();
+    assert_eq!(
+        tree.changed_around(&chain, 2 * MIB + 8192, 4096),
+        vec![(2, 2 * MIB + 8192, 4096), (3, MIB + 8192, 4096)]
+    );
+    assert_eq!(
+        tree.changed_around(&chain, 5 * MIB, 4096),
+        vec![(2, 5 * MIB, 4096)]
+    );
+    assert_eq!(tree.getattr(2).unwrap().blocks, 2 * CLUSTER / 512);
+    assert_eq!(tree.getattr(3).unwrap().blocks, CLUSTER / 512);
+    // Another chain's range names no file.
+    let dir2 = tempfile::tempdir().unwrap();
+    let other = open(&new_image(dir2.path()), false);
+    assert!(tree.changed_around(&other, 0, 4096).is_empty());
+}
+
 fn access() -> Access {
     Access {
         uid: 1000,

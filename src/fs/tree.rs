@@ -6,12 +6,14 @@
 //! over it, so a request means the same whichever way it arrived.
 
 use std::ffi::OsStr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use log::{error, info};
 
 use super::disk::{Disk, Seek, Xattr};
 use super::errno::FsError;
+use crate::chain::Chain;
 
 /// How long the kernel may cache entries and attributes of a read-only
 /// mount: nothing about its files ever changes.
@@ -114,6 +116,35 @@ impl Tree {
 
     fn disk_ino(idx: usize) -> u64 {
         ROOT + 1 + idx as u64
+    }
+
+    /// After `[offset, offset + len)` of `chain` was written around this
+    /// tree (over NBD from the same daemon): marks the range in the
+    /// allocation count of every file showing it (the whole disk and its
+    /// partitions), and returns each such file's inode with the range in
+    /// file positions, whose pages the kernel may still cache.
+    pub fn changed_around(
+        &self,
+        chain: &Arc<Chain>,
+        offset: u64,
+        len: u64,
+    ) -> Vec<(u64, u64, u64)> {
+        let end = offset.saturating_add(len);
+        let mut files = Vec::new();
+        for (idx, d) in self.disks.iter().enumerate() {
+            let (s, e) = (offset.max(d.base()), end.min(d.base() + d.size()));
+            if !Arc::ptr_eq(&d.chain, chain) || s >= e {
+                continue;
+            }
+            d.mark(s - d.base(), e - s);
+            let ino = if self.single_file {
+                ROOT
+            } else {
+                Self::disk_ino(idx)
+            };
+            files.push((ino, s - d.base(), e - s));
+        }
+        files
     }
 
     fn file_stat(&self, ino: u64, disk: &Disk) -> Stat {

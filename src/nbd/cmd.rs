@@ -196,6 +196,7 @@ fn open_exports(args: &ServeArgs, disk: &DiskConfig) -> Result<Vec<Export>> {
             name,
             description,
             chain: Arc::new(chain),
+            on_write: None,
         });
     }
     Ok(exports)
@@ -260,11 +261,13 @@ fn serve(args: &ServeArgs, notifier: &mut Notifier) -> Result<()> {
 
 /// For `vdiskfs mount --nbd ADDR`: serves the mount's whole disks (not
 /// its partition files) over NBD from the same daemon, on the same chains
-/// (one cache, one lock set). `None` when no listener was asked for.
+/// (one cache, one lock set); writes over NBD are shown through the
+/// mount's files ([`crate::fs::VdiskFs::changed_around`]). `None` when no
+/// listener was asked for.
 pub fn serve_mount(
     listen: &[Listen],
     net: &NetArgs,
-    disks: &[crate::fs::Disk],
+    fs: &Arc<crate::fs::VdiskFs>,
     images: &[(PathBuf, std::ffi::OsString)],
 ) -> Result<Option<Server>> {
     if listen.is_empty() {
@@ -278,13 +281,17 @@ pub fn serve_mount(
     let tls = net.tls()?;
     let mut exports = Vec::new();
     for (path, file) in images {
-        let Some(d) = disks.iter().find(|d| d.name == *file) else {
+        let Some(d) = fs.tree.disks().iter().find(|d| d.name == *file) else {
             continue;
         };
+        let (mount, chain) = (fs.clone(), d.chain.clone());
         exports.push(Export {
             name: super::export_name(path)?,
             description: format!("{} (mounted as {})", path.display(), file.to_string_lossy()),
             chain: d.chain.clone(),
+            on_write: Some(Arc::new(move |offset, len| {
+                mount.changed_around(&chain, offset, len);
+            })),
         });
     }
     let config = Config {

@@ -32,7 +32,14 @@ pub struct Export {
     pub description: String,
     /// The disk.
     pub chain: Arc<Chain>,
+    /// Called with the range after a write, trim or write-zeroes succeeded
+    /// (`mount --nbd`: the FUSE files showing the disk drop what the kernel
+    /// caches of it and recount their blocks).
+    pub on_write: Option<OnWrite>,
 }
+
+/// What an export calls after a change of `[offset, offset + len)`.
+pub type OnWrite = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
 impl Export {
     /// The export's size in bytes.

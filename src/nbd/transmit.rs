@@ -237,7 +237,12 @@ pub fn execute(export: &Export, neg: &Negotiated, req: &Request, payload: &[u8])
             return fail(EINVAL, "zero-length request");
         }
     }
+    // After a change (even a failed one, which may have changed part of
+    // the range): shown to the mount's files, then flushed if asked (FUA).
     let fua = |r: crate::Result<()>| {
+        if let Some(on_write) = &export.on_write {
+            on_write(req.offset, u64::from(req.len));
+        }
         r.and_then(|()| {
             if req.flags & CMD_FLAG_FUA != 0 {
                 chain.flush()

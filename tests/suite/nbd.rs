@@ -411,6 +411,52 @@ fn mount_nbd_serves_the_mounted_disks_and_list_shows_the_endpoint() {
     assert!(!sock.exists(), "the NBD socket outlived the unmount");
 }
 
+/// Writes that reach a writable mount over NBD are seen through its FUSE
+/// file: the kernel's cached pages of the range are dropped (the file is
+/// opened with FOPEN_KEEP_CACHE) and `st_blocks` counts the new clusters.
+#[test]
+fn nbd_writes_to_a_writable_mount_are_seen_through_its_file() {
+    use std::os::unix::fs::MetadataExt;
+    need_libnbd();
+    let dir = common::scratch();
+    let top = chain(dir.path());
+    let overlay = dir.path().join("over.qcow2");
+    let sock = dir.path().join("w.sock");
+    let listen = format!("unix:{}", sock.display());
+    let m = common::fuse::Mounted::new(
+        &[&top],
+        &["--overlay", overlay.to_str().unwrap(), "--nbd", &listen],
+    );
+    let file = m.file("disk.raw");
+    let uri = format!("nbd+unix:///disk?socket={}", sock.display());
+    // Read (and so cache) the whole file, and count its blocks.
+    let before = std::fs::read(&file).unwrap();
+    let blocks = std::fs::metadata(&file).unwrap().blocks();
+    // 1 MiB into a hole of every layer (32 MiB), 64 KiB over data (0).
+    common::qemu_io(
+        "raw",
+        Path::new(&uri),
+        &["write -P 0x5c 32M 1M", "write -P 0x3a 0 64k"],
+    );
+    let after = std::fs::read(&file).unwrap();
+    let mut want = before.clone();
+    want[32 << 20..33 << 20].fill(0x5c);
+    want[..64 << 10].fill(0x3a);
+    assert!(
+        after == want,
+        "the FUSE file does not show the NBD writes (first difference at {:?})",
+        after.iter().zip(&want).position(|(a, b)| a != b)
+    );
+    let grown = std::fs::metadata(&file).unwrap().blocks();
+    assert!(
+        grown >= blocks + (1 << 20) / 512,
+        "st_blocks {blocks} -> {grown} after 1 MiB written into a hole over NBD"
+    );
+    m.unmount();
+    common::qemu_img(&["check", "-q", overlay.to_str().unwrap()]);
+    assert!(common::qemu_raw(&overlay, Some("qcow2")) == want);
+}
+
 #[test]
 fn serve_fork_detaches_lists_and_stops_on_sigterm() {
     need_libnbd();

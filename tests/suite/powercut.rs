@@ -847,6 +847,7 @@ fn workload_nbd(image: &Path, case: &Case, rec: Arc<Recorder>, seed: u64) -> Run
         name: "disk".into(),
         description: String::new(),
         chain: Arc::new(chain),
+        on_write: None,
     };
     let neg = Negotiated {
         export: 0,

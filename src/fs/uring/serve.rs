@@ -96,7 +96,8 @@ fn dispatch(
             let flags = u32_at(arg, 0) as i32;
             fs.tree
                 .open(ino, flags & libc::O_ACCMODE != libc::O_RDONLY)?;
-            // Every change goes through this mount, so the kernel may keep
+            // Every change goes through this mount or drops the pages it
+            // changed (`VdiskFs::changed_around`), so the kernel may keep
             // what it read across opens (as on the classic path).
             let mut o = Out::new(payload);
             o.u64(0).u32(abi::FOPEN_KEEP_CACHE).u32(0);
