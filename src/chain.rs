@@ -1,7 +1,7 @@
 //! A top image and its backing files, seen as one disk.
 //!
 //! [`Chain::open`] opens the top image, then follows each layer's
-//! [`BackingSpec`] down: names resolved by the [`OpenPolicy`] against the
+//! [`crate::format::BackingSpec`] down: names resolved by the [`OpenPolicy`] against the
 //! naming image's directory, format from the image or detected, loops and
 //! absurd depths refused, VMDK parentCID checked against the parent's CID.
 //!

@@ -4,7 +4,7 @@
 //! The data path, top to bottom (see `docs/architecture.md`):
 //! - [`fs`]: the FUSE layer — files, attributes, reads, writes.
 //! - [`chain`]: a top image and its backing files as one [`chain::Chain`].
-//! - [`format`]: one driver per format, mapping guest ranges to host ranges.
+//! - [`format`](mod@format): one driver per format, mapping guest ranges to host ranges.
 //! - [`cache`]: byte-bounded LRU caches for metadata tables and decoded blocks.
 //! - [`host`]: positional I/O on host files.
 #![warn(missing_docs)]

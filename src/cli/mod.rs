@@ -59,7 +59,7 @@ pub struct Cli {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Mount images: each IMAGE appears in MOUNTPOINT as <name>.raw.
+    /// Mount images: each IMAGE appears in MOUNTPOINT as NAME.raw (its file name, extension dropped).
     #[command(override_usage = "vdiskfs mount [OPTIONS] IMAGE... MOUNTPOINT")]
     Mount(MountArgs),
     /// Flush and unmount a vdiskfs mount; its daemon exits.
@@ -237,7 +237,7 @@ pub struct MountArgs {
     /// Ignore unknown -o options instead of refusing them (mount -s).
     #[arg(long)]
     pub sloppy: bool,
-    /// Also expose each MBR/GPT partition as <name>-pN.raw (a window onto the disk).
+    /// Also expose each MBR/GPT partition as NAME-pN.raw (a window onto the disk).
     #[arg(long)]
     pub partitions: bool,
     /// Bypass caching: no vdiskfs cache, image files opened with O_DIRECT.

@@ -7,7 +7,7 @@
 //! Moving bytes (reads from host files, decompressed-block caching, zero
 //! fill) happens in one place, [`crate::chain::Chain`].
 //!
-//! Format detection ([`detect`]) is by content only, never by file name.
+//! Format detection ([`detect()`]) is by content only, never by file name.
 
 use std::fmt;
 use std::path::Path;

@@ -1,5 +1,5 @@
 //! The VDI driver (VirtualBox): static, dynamic and differencing images;
-//! writes in place are in [`write`].
+//! writes in place are in [`write`](mod@write).
 //!
 //! A VDI file starts with a text preamble, the signature `0xbeda107f` at
 //! 0x40 and a version-1.1 header (all little-endian): image type, the

@@ -14,7 +14,7 @@ use super::{uring, FuserFs, VdiskFs, MAX_REQUEST};
 /// How requests travel between the kernel and us.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Transport {
-    /// io_uring where it measured a win ([`AUTO_URING`]), classic otherwise.
+    /// io_uring where it measured a win (`AUTO_URING`), classic otherwise.
     #[default]
     Auto,
     /// FUSE over io_uring, falling back to classic if the kernel refuses.
@@ -245,7 +245,7 @@ const READAHEAD_KB: u32 = 4 * MAX_REQUEST / 1024;
 
 /// Raises the mount's readahead window from the kernel's 128 KiB to four
 /// full requests, so sequential readers send 1 MiB requests (which
-/// [`Chain::read_at`] can decode in parallel) and several are in flight
+/// [`crate::chain::Chain::read_at`] can decode in parallel) and several are in flight
 /// at once, served by different workers: decoding a compressed stream
 /// overlaps with the reader consuming the previous window (measured on the
 /// benchmark's compressed qcow2: 1 MiB → 4 MiB raised buffered sequential

@@ -213,7 +213,8 @@ struct Shared {
     conns: Mutex<HashMap<u64, Stream>>,
 }
 
-/// A running server; [`Server::stop`] then [`Server::wait`] end it.
+/// A running server; [`Stopper::stop`] (from [`Server::stopper`]) then
+/// [`Server::wait`] end it.
 pub struct Server {
     shared: Arc<Shared>,
     acceptors: Vec<JoinHandle<()>>,

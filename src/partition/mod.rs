@@ -15,7 +15,7 @@
 //! index + 1.
 
 //!
-//! [`mbr`] parses DOS tables and EBR chains, [`gpt`] GUID tables; the
+//! `mbr` parses DOS tables and EBR chains, `gpt` GUID tables; the
 //! exposed partition files are built from a [`Table`] by
 //! `crate::fs::partitions`.
 

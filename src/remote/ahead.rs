@@ -10,7 +10,7 @@
 //! sequential round trips rather than 2N or more.
 //!
 //! [`open_ahead`] spawns the open on the network runtime and files it
-//! under the URL; [`take`], called by [`super::RemoteFile::open`], hands it
+//! under the URL; `take`, called by [`super::RemoteFile::open`], hands it
 //! over. Entries are used once and expire after [`FRESH`] (a file opened
 //! ahead whose chain then failed must not serve a stale size and ETag to a
 //! later open), and at most [`MAX_PENDING`] are kept.

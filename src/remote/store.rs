@@ -235,7 +235,7 @@ pub(crate) fn describe(e: &object_store::Error, what: &str) -> Error {
 }
 
 /// The HTTP status and reason in an object_store error's text ("... status
-/// code: 403 Forbidden: <body>", "... with status 404 Not Found: ...").
+/// code: 403 Forbidden: BODY", "... with status 404 Not Found: ...").
 fn status_of(text: &str) -> Option<String> {
     let mut rest = text;
     while let Some(at) = rest.find("status") {

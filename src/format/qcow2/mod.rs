@@ -4,14 +4,14 @@
 //! - [`tables`]: geometry, the L1 table and L2 entry decoding.
 //! - [`snapshot`]: the internal snapshot table (for `info` and
 //!   `--load-snapshot`).
-//! - [`refcount`]: refcount lookups and entry encoding.
-//! - [`alloc`]: host cluster allocation and refcount updates (writes).
-//! - [`meta`]: L1/L2 table updates and cache coherence (writes).
-//! - [`write`]: the [`WriteLayer`] side: open checks, lock-free in-place
+//! - `refcount`: refcount lookups and entry encoding.
+//! - `alloc`: host cluster allocation and refcount updates (writes).
+//! - `meta`: L1/L2 table updates and cache coherence (writes).
+//! - `write`: the [`WriteLayer`] side: open checks, lock-free in-place
 //!   writes, flush; its module documentation gives the ordering and
-//!   locking rules. [`first_write`] (one cluster) and [`batch`] (whole
-//!   clusters) are the first writes and copy-on-write, [`zero`] zeroing.
-//! - [`guard`]: the map of metadata ranges no data write may touch.
+//!   locking rules. `first_write` (one cluster) and `batch` (whole
+//!   clusters) are the first writes and copy-on-write, `zero` zeroing.
+//! - `guard`: the map of metadata ranges no data write may touch.
 //! - [`create`]: new empty images (overlays).
 //!
 //! Opening reads and validates the header, the extensions, the backing

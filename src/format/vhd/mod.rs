@@ -1,5 +1,5 @@
 //! The VHD driver (Microsoft Virtual Hard Disk, qemu's `vpc`): fixed,
-//! dynamic and differencing disks; writes in place are in [`write`].
+//! dynamic and differencing disks; writes in place are in [`write`](mod@write).
 //!
 //! - Fixed: the disk lies flat from offset 0; the footer ([`footer`]) is
 //!   the last 512 bytes of the file.

@@ -214,7 +214,7 @@ pub fn build_entry(guid: Guid, seq: u64, file_len: u64, pages: &[(u64, Vec<u8>)]
 
 /// Applies a replayed log to the file itself (MS-VHDX: before any write):
 /// pages written, zeroed ranges punched, the file grown to the length the
-/// log expects (at most [`MAX_REPLAY_GROWTH`] more); then a barrier and a
+/// log expects (at most `MAX_REPLAY_GROWTH` more); then a barrier and a
 /// header with a zero log GUID (emptying the log). Returns the new current
 /// header.
 pub fn replay_in_place(src: &Source, headers: &Headers) -> Result<Header> {

@@ -6,7 +6,7 @@
 //! empty ([`log`]); the region table, the metadata ([`metadata`]) and the
 //! BAT ([`bat`]), all read through that overlay. A writable open of a disk
 //! without parent first replays the log in place ([`journal`]), then
-//! writes go through [`write`]; differencing disks are refused by the
+//! writes go through [`write`](mod@write); differencing disks are refused by the
 //! chain with the `--overlay` hint.
 //!
 //! [`Vhdx::map`] answers per payload block: stored blocks map to the host

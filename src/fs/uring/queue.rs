@@ -2,7 +2,7 @@
 //! header buffer and a payload buffer registered with the kernel), serves
 //! the requests that complete on it and commits each reply while fetching
 //! the next request in the same command. Requests that may wait on image
-//! I/O go to the shared [`Pool`] when there is one; the pool hands the
+//! I/O go to the shared pool (`Pool` in `mod.rs`) when there is one; the pool hands the
 //! entry back through a channel and an eventfd the ring also waits on.
 //! READs of plain stored runs are read from the image files on this same
 //! ring ([`super::hostread`]): the reply is committed when the last host

@@ -4,8 +4,8 @@
 //!
 //! Flat extents are written directly at their offset; hosted sparse
 //! extents allocate grains and grain tables at the end of their file
-//! ([`grains`]); before the first write the descriptor gets a new CID
-//! ([`cid`]). [`WriteLayer::flush`] makes everything durable.
+//! (`grains`); before the first write the descriptor gets a new CID
+//! (`cid`). [`WriteLayer::flush`] makes everything durable.
 //!
 //! Refused at open (writable): streamOptimized or otherwise compressed
 //! extents, COWD (vmfsSparse) and seSparse extents, images whose primary
