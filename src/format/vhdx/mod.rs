@@ -63,6 +63,8 @@ pub struct Vhdx {
     /// The parent as resolved from the locator, when differencing.
     parent_name: Option<String>,
     cache_id: u64,
+    /// The shared caches (the sector bitmaps of partial blocks).
+    caches: Arc<crate::cache::Caches>,
     /// The file's length as the log leaves it, grown by allocations.
     end: AtomicU64,
     /// The write state, when opened writable.
@@ -98,6 +100,7 @@ impl Vhdx {
             .transpose()?;
         let mut v = Vhdx {
             cache_id: ctx.caches.new_layer_id(),
+            caches: ctx.caches.clone(),
             end: AtomicU64::new(src.end),
             src,
             creator,
@@ -202,17 +205,12 @@ impl Vhdx {
     ) -> Result<(Mapping, u64)> {
         let sector = self.bat.sector;
         let bs = self.bat.block_size;
-        let bitmap = self.bat.bitmap(block, self.end())?;
+        let (bits, shift) = self.block_bitmap(block)?;
         let block_start = block * bs;
         let s0 = (offset - block_start) / sector;
         let s1 = (limit - block_start).div_ceil(sector);
-        let bit0 = self.bat.bitmap_bit(block) + s0;
-        let first_byte = bit0 / 8;
-        let last_byte = (self.bat.bitmap_bit(block) + s1).div_ceil(8);
-        let mut bits = vec![0u8; (last_byte - first_byte) as usize];
-        self.src.read_at(&mut bits, bitmap + first_byte)?;
         let bit = |s: u64| {
-            let i = self.bat.bitmap_bit(block) + s - first_byte * 8;
+            let i = shift + s;
             bits[(i / 8) as usize] & (1 << (i % 8)) != 0
         };
         let set = bit(s0);
@@ -226,6 +224,27 @@ impl Vhdx {
         } else {
             Ok((Mapping::Backing, n))
         }
+    }
+
+    /// The sector bitmap bits of partial block `block`: the bytes holding
+    /// them and the position of the block's first bit in the first byte.
+    /// Read once and kept in the metadata cache: only a differencing disk
+    /// has partial blocks, and vdiskfs never writes one (writes go to an
+    /// overlay), so the bits never change under a reader.
+    fn block_bitmap(&self, block: u64) -> Result<(Arc<[u8]>, u64)> {
+        let first_bit = self.bat.bitmap_bit(block);
+        let shift = first_bit % 8;
+        let key = (self.cache_id, block);
+        if let Some(b) = self.caches.meta.get(key) {
+            return Ok((b, shift));
+        }
+        let at = self.bat.bitmap(block, self.end())?;
+        let sectors = self.bat.block_size / self.bat.sector;
+        let mut bits = vec![0u8; (shift + sectors).div_ceil(8) as usize];
+        self.src.read_at(&mut bits, at + first_bit / 8)?;
+        let bits: Arc<[u8]> = bits.into();
+        self.caches.meta.insert(key, bits.clone());
+        Ok((bits, shift))
     }
 
     /// Maps `n` guest bytes at `offset` stored at `host`, unless the
