@@ -208,18 +208,24 @@ fn live_states() -> Vec<MountState> {
     states
 }
 
-/// True while `pid` runs (a zombie waiting to be reaped counts as gone:
-/// it has closed its files, image locks included, and its /dev/fuse
-/// descriptor).
+/// True while any thread of process `pid` runs. A zombie waiting to be
+/// reaped counts as gone: it has closed its files, image locks included,
+/// and its /dev/fuse descriptor. A zombie *main thread* does not: when
+/// `main` returns, the main thread can be a zombie while the others are
+/// still exiting (the io_uring queue threads wait for their commands to be
+/// cancelled), and the process's files stay open until the last of them
+/// is gone.
 pub fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .map(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
-            .unwrap_or(false),
-        Err(_) => false,
-    }
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the parenthesised command name.
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+        })
+    })
 }
 
 /// The environment variable naming the readiness pipe of a detached
@@ -666,6 +672,42 @@ fn process_stopped(pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The state letter of `pid`'s main thread.
+    fn main_thread_state(pid: u32) -> char {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let (_, rest) = stat.rsplit_once(')').unwrap();
+        rest.trim_start().chars().next().unwrap()
+    }
+
+    #[test]
+    fn a_process_is_alive_until_its_last_thread_exits() {
+        // The main thread exits at 0.2 s; another thread runs until 1.5 s.
+        let script = "import threading, time, ctypes\n\
+                      threading.Thread(target=time.sleep, args=(1.5,)).start()\n\
+                      time.sleep(0.2)\n\
+                      ctypes.CDLL(None).pthread_exit(None)";
+        let mut child = Command::new("python3")
+            .args(["-c", script])
+            .spawn()
+            .expect("python3 is missing: install it (apt-get install python3)");
+        let pid = child.id();
+        std::thread::sleep(Duration::from_millis(700));
+        assert_eq!(
+            main_thread_state(pid),
+            'Z',
+            "the main thread should have exited"
+        );
+        assert!(
+            process_alive(pid),
+            "a process with a running thread is alive"
+        );
+        std::thread::sleep(Duration::from_millis(1500));
+        // All threads gone, not yet reaped: gone for us.
+        assert!(!process_alive(pid));
+        child.wait().unwrap();
+        assert!(!process_alive(pid));
+    }
 
     #[test]
     fn mountinfo_escapes() {
