@@ -682,9 +682,9 @@ mod tests {
 
     #[test]
     fn a_process_is_alive_until_its_last_thread_exits() {
-        // The main thread exits at 0.2 s; another thread runs until 1.5 s.
+        // The main thread exits at 0.2 s; another thread runs for 3 s.
         let script = "import threading, time, ctypes\n\
-                      threading.Thread(target=time.sleep, args=(1.5,)).start()\n\
+                      threading.Thread(target=time.sleep, args=(3,)).start()\n\
                       time.sleep(0.2)\n\
                       ctypes.CDLL(None).pthread_exit(None)";
         let mut child = Command::new("python3")
@@ -692,19 +692,21 @@ mod tests {
             .spawn()
             .expect("python3 is missing: install it (apt-get install python3)");
         let pid = child.id();
-        std::thread::sleep(Duration::from_millis(700));
-        assert_eq!(
-            main_thread_state(pid),
-            'Z',
-            "the main thread should have exited"
-        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while main_thread_state(pid) != 'Z' {
+            assert!(Instant::now() < deadline, "the main thread did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert!(
             process_alive(pid),
             "a process with a running thread is alive"
         );
-        std::thread::sleep(Duration::from_millis(1500));
         // All threads gone, not yet reaped: gone for us.
-        assert!(!process_alive(pid));
+        while process_alive(pid) {
+            assert!(Instant::now() < deadline, "the process did not end");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(main_thread_state(pid), 'Z', "reaped too early");
         child.wait().unwrap();
         assert!(!process_alive(pid));
     }
