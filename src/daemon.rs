@@ -219,13 +219,18 @@ pub fn process_alive(pid: u32) -> bool {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return false;
     };
-    tasks.flatten().any(|t| {
-        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
-            // The state follows the parenthesised command name.
-            stat.rsplit_once(')')
-                .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
-        })
-    })
+    tasks
+        .flatten()
+        .any(|t| task_state(&t.path().join("stat")).is_some_and(|c| !matches!(c, 'Z' | 'X')))
+}
+
+/// The state letter (`R`, `S`, `D`, `T`, `Z`…) in the `/proc` `stat` file
+/// at `path`, of a process or one of its threads; `None` once it is gone.
+fn task_state(path: &Path) -> Option<char> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    // The state follows the parenthesised command name.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.trim_start().chars().next()
 }
 
 /// The environment variable naming the readiness pipe of a detached
@@ -660,13 +665,7 @@ fn wait_for_daemon(pid: u32, mp: &Path, timeout: Duration) -> Result<()> {
 
 /// True when `pid` is stopped (SIGSTOP, a debugger).
 fn process_stopped(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            stat.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().starts_with(['T', 't']))
-        })
-        .unwrap_or(false)
+    task_state(Path::new(&format!("/proc/{pid}/stat"))).is_some_and(|c| matches!(c, 'T' | 't'))
 }
 
 #[cfg(test)]
@@ -675,9 +674,7 @@ mod tests {
 
     /// The state letter of `pid`'s main thread.
     fn main_thread_state(pid: u32) -> char {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let (_, rest) = stat.rsplit_once(')').unwrap();
-        rest.trim_start().chars().next().unwrap()
+        task_state(Path::new(&format!("/proc/{pid}/stat"))).unwrap()
     }
 
     #[test]
